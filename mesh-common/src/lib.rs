@@ -1,0 +1,249 @@
+//! Types shared by nodemesh's kernel programs and its daemon: map names, keys, values, constants.
+//!
+//! Every map type is `#[repr(C)]`, `Copy`, fixed-width and free of implicit padding, so the byte
+//! layout the verifier sees equals the one user space writes. Flags are `u32`, never `bool`.
+//! The layout tests at the bottom are the contract; change them only with both sides.
+#![no_std]
+
+/// Names of the maps in the kernel object, as user space looks them up.
+pub mod map_names {
+    /// `HashMap<u64 cgroup id, Enrollment>`: pod-level cgroups whose sockets the mesh captures.
+    pub const ENROLLED: &str = "NM_ENROLLED";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: written at connect, moved by sockops.
+    pub const ORIG_BY_COOKIE: &str = "NM_ORIG_BY_COOKIE";
+    /// `LruHashMap<ConnKey, OrigDst>`: what the proxy reads for an accepted connection.
+    pub const ORIG_BY_ADDR: &str = "NM_ORIG_BY_ADDR";
+    /// `Array<ProxyConfig>` with one element: where to redirect, which flags apply.
+    pub const CONFIG: &str = "NM_CONFIG";
+    /// `PerCpuArray<u64>` indexed by [`Counter`](crate::Counter).
+    pub const COUNTERS: &str = "NM_COUNTERS";
+    /// `SockHash<SockKey>`: pod and proxy sockets of this host, for the sk_msg fast path.
+    pub const SOCKHASH: &str = "NM_SOCKHASH";
+}
+
+/// Names of the programs in the kernel object (function names, which differ from the sections).
+pub mod prog_names {
+    pub const CONNECT4: &str = "nm_connect4";
+    pub const CONNECT6: &str = "nm_connect6";
+    pub const GETPEERNAME4: &str = "nm_getpeername4";
+    pub const GETPEERNAME6: &str = "nm_getpeername6";
+    pub const SOCKOPS: &str = "nm_sockops";
+    pub const SK_MSG: &str = "nm_sk_msg";
+}
+
+/// Capacity of the per-connection maps. LRU maps evict the oldest entry instead of failing, so a
+/// burst of connections never blocks a pod; evictions that hit a live record show up as
+/// `Counter::SockopsNoRecord` and as "no record" closes in the proxy.
+pub const ORIG_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of the enrollment map: pods per node, with room to spare (kubelet's default is 110).
+pub const ENROLLED_CAPACITY: u32 = 4_096;
+pub const SOCKHASH_CAPACITY: u32 = 65_536;
+
+/// Deepest cgroup level the hooks search for an enrolled ancestor. Kubelet puts Guaranteed pods
+/// at `kubepods/pod<uid>` and the others one level lower, under whatever slice the node uses;
+/// ten levels covers both with nested test roots on top.
+pub const MAX_CGROUP_LEVEL: u32 = 10;
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// `ProxyConfig::flags`: rewrite enrolled connections to the proxy (otherwise only record them).
+pub const FLAG_REDIRECT: u32 = 1 << 0;
+/// `ProxyConfig::flags`: add pod and proxy sockets to the SOCKHASH (the sk_msg fast path).
+pub const FLAG_SOCKMAP: u32 = 1 << 1;
+
+/// A pod-level cgroup the mesh captures.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Enrollment {
+    /// Index of the workload in the daemon's state; carried into every record.
+    pub workload_id: u32,
+    pub flags: u32,
+}
+
+/// The original destination of a captured connection, and who made it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// The enrolled pod-level cgroup the connecting task belonged to: the source identity.
+    pub cgroup_id: u64,
+    /// Destination address in network byte order; IPv4 uses `ip[0]`.
+    pub ip: [u32; 4],
+    /// Destination port in host byte order.
+    pub port: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    pub workload_id: u32,
+    pub flags: u32,
+}
+
+/// How the proxy finds a record: the client's address as the accepted socket's peer.
+///
+/// `netns_cookie` is zero except for loopback clients, whose addresses repeat in every network
+/// namespace (sidecar mode redirects to 127.0.0.1 inside each pod); there the namespace tells them
+/// apart, and proxy and pod share it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    /// Network byte order; IPv4 uses `ip[0]`.
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u32,
+    pub family: u32,
+}
+
+/// Where and how to redirect; element 0 of the `CONFIG` array. All zero means "not configured":
+/// the hooks then let every connection through untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProxyConfig {
+    /// Outbound listener, IPv4, network byte order.
+    pub proxy_ip4: u32,
+    /// Outbound listener port, host byte order.
+    pub proxy_port: u32,
+    /// Outbound listener, IPv6, network byte order (all zero: IPv6 is not redirected).
+    pub proxy_ip6: [u32; 4],
+    /// `SO_MARK` of the proxy's own sockets: never captured, even inside an enrolled cgroup.
+    pub proxy_mark: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// A socket in the SOCKHASH, by its own 4-tuple (host byte order ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+    pub family: u32,
+    pub _reserved: u32,
+}
+
+/// Per-CPU counters kept by the kernel programs; the daemon sums them for `/metrics`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() calls seen from any cgroup under the attach root.
+    ConnectSeen = 0,
+    /// connect() from an enrolled cgroup (the source identity was found).
+    ConnectEnrolled,
+    /// Enrolled connections rewritten to the proxy.
+    Redirected,
+    /// Enrolled sockets skipped because they carry the proxy's mark.
+    ProxyExempt,
+    /// A record could not be stored (map full or kernel error); the connection was not captured.
+    RecordStoreFailed,
+    /// sockops moved a record to the address key the proxy looks up.
+    SockopsRekeyed,
+    /// An established connection from an enrolled socket had no record (evicted).
+    SockopsNoRecord,
+    /// getpeername() answered with the original destination.
+    PeernameRestored,
+    /// Sockets added to the SOCKHASH.
+    SockhashAdded,
+    /// SOCKHASH update failed (full or unsupported socket).
+    SockhashFailed,
+    /// Messages seen by sk_msg.
+    SkMsgSeen,
+    /// Messages spliced to the peer socket by sk_msg.
+    SkMsgRedirected,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::ConnectSeen,
+        Counter::ConnectEnrolled,
+        Counter::Redirected,
+        Counter::ProxyExempt,
+        Counter::RecordStoreFailed,
+        Counter::SockopsRekeyed,
+        Counter::SockopsNoRecord,
+        Counter::PeernameRestored,
+        Counter::SockhashAdded,
+        Counter::SockhashFailed,
+        Counter::SkMsgSeen,
+        Counter::SkMsgRedirected,
+    ];
+
+    /// Stable snake_case name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::ConnectSeen => "connect_seen",
+            Counter::ConnectEnrolled => "connect_enrolled",
+            Counter::Redirected => "redirected",
+            Counter::ProxyExempt => "proxy_exempt",
+            Counter::RecordStoreFailed => "record_store_failed",
+            Counter::SockopsRekeyed => "sockops_rekeyed",
+            Counter::SockopsNoRecord => "sockops_no_record",
+            Counter::PeernameRestored => "peername_restored",
+            Counter::SockhashAdded => "sockhash_added",
+            Counter::SockhashFailed => "sockhash_failed",
+            Counter::SkMsgSeen => "sk_msg_seen",
+            Counter::SkMsgRedirected => "sk_msg_redirected",
+        }
+    }
+}
+
+/// Is this network-byte-order IPv4 address in 127.0.0.0/8?
+pub const fn is_loopback4(ip_be: u32) -> bool {
+    u32::from_be(ip_be) >> 24 == 127
+}
+
+/// Is this network-byte-order IPv6 address `::1`?
+pub const fn is_loopback6(ip: [u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && u32::from_be(ip[3]) == 1
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is #[repr(C)], Copy, made only of integers, and has no implicit padding
+    // (checked by the layout tests below), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::Enrollment {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProxyConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    // Sizes equal the sum of the fields: no implicit padding anywhere.
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<Enrollment>(), 4 + 4);
+        assert_eq!(size_of::<OrigDst>(), 8 + 16 + 4 + 4 + 4 + 4);
+        assert_eq!(size_of::<ConnKey>(), 8 + 16 + 4 + 4);
+        assert_eq!(size_of::<ProxyConfig>(), 4 + 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4 + 4 + 4);
+        assert_eq!(align_of::<OrigDst>(), 8);
+        assert_eq!(align_of::<ConnKey>(), 8);
+    }
+
+    #[test]
+    fn counters_are_dense_and_named() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "Counter::ALL must be in discriminant order");
+            assert!(!c.name().is_empty());
+        }
+    }
+
+    #[test]
+    fn loopback_checks() {
+        assert!(is_loopback4(u32::from_be_bytes([127, 0, 0, 1]).to_be()));
+        assert!(is_loopback4(u32::from_be_bytes([127, 9, 9, 9]).to_be()));
+        assert!(!is_loopback4(u32::from_be_bytes([10, 0, 0, 1]).to_be()));
+        assert!(is_loopback6([0, 0, 0, 1u32.to_be()]));
+        assert!(!is_loopback6([0, 0, 0, 2u32.to_be()]));
+    }
+}

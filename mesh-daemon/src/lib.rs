@@ -1,0 +1,8 @@
+//! nodemesh's node daemon: loads the kernel hooks, holds the mesh state, and proxies captured
+//! connections. `main.rs` is only the command line over these modules.
+
+pub mod check;
+pub mod ebpf;
+pub mod metrics;
+pub mod proxy;
+pub mod state;

@@ -1,0 +1,71 @@
+//! Every map of the kernel object, and the small helpers the hooks share.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_ancestor_cgroup_id,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+};
+use mesh_common::{
+    ConnKey, Counter, ENROLLED_CAPACITY, Enrollment, MAX_CGROUP_LEVEL, ORIG_MAP_CAPACITY, OrigDst,
+    ProxyConfig, SOCKHASH_CAPACITY, SockKey,
+};
+
+#[map(name = "NM_ENROLLED")]
+pub static ENROLLED: HashMap<u64, Enrollment> = HashMap::with_max_entries(ENROLLED_CAPACITY, 0);
+
+#[map(name = "NM_ORIG_BY_COOKIE")]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(ORIG_MAP_CAPACITY, 0);
+
+#[map(name = "NM_ORIG_BY_ADDR")]
+pub static ORIG_BY_ADDR: LruHashMap<ConnKey, OrigDst> =
+    LruHashMap::with_max_entries(ORIG_MAP_CAPACITY, 0);
+
+#[map(name = "NM_CONFIG")]
+pub static CONFIG: Array<ProxyConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "NM_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "NM_SOCKHASH")]
+pub static SOCKHASH: SockHash<SockKey> = SockHash::with_max_entries(SOCKHASH_CAPACITY, 0);
+
+/// Adds one to a per-CPU counter (no atomics needed: the slot belongs to this CPU).
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: the pointer comes from the kernel's lookup of this CPU's slot and is valid for
+        // the duration of the program; no other CPU writes it.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The proxy configuration, or `None` while the daemon has not written it yet.
+#[inline(always)]
+pub fn config() -> Option<&'static ProxyConfig> {
+    let cfg = CONFIG.get(0)?;
+    (cfg.proxy_port != 0).then_some(cfg)
+}
+
+/// The enrolled pod-level cgroup of the current task, searching ancestor levels from the top.
+///
+/// Pods sit at different depths (kubelet: Guaranteed pods one level higher than the others), so a
+/// bounded range of levels is searched instead of one fixed level; a level deeper than the task's
+/// own cgroup returns 0 and ends the search.
+#[inline(always)]
+pub fn enrolled_ancestor() -> Option<(u64, Enrollment)> {
+    let mut level = 1;
+    while level <= MAX_CGROUP_LEVEL {
+        // SAFETY: a plain helper call with a scalar argument.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            return None;
+        }
+        // SAFETY: the value is copied out before the map could change it.
+        if let Some(e) = unsafe { ENROLLED.get(&id) } {
+            return Some((id, *e));
+        }
+        level += 1;
+    }
+    None
+}

@@ -1,0 +1,101 @@
+//! `sockops`: when a captured connection is established, re-key its record by the client's own
+//! address, which is what the proxy sees as the peer of the accepted socket.
+//!
+//! This callback may run in softirq context (the SYN-ACK arrives there), so "the current task" is
+//! meaningless here; identity was taken at connect time and travels in the record.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use mesh_common::{AF_INET, AF_INET6, ConnKey, Counter, FLAG_SOCKMAP, SockKey, is_loopback4};
+
+use crate::{
+    connect::Skip,
+    maps::{ORIG_BY_ADDR, ORIG_BY_COOKIE, SOCKHASH, config, count},
+};
+
+#[sock_ops]
+pub fn nm_sockops(ctx: SockOpsContext) -> u32 {
+    let _ = try_sockops(&ctx);
+    0
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return Ok(());
+    }
+    let cfg = config().ok_or(Skip)?;
+    let (family, local_ip, remote_ip) = addresses(ctx).ok_or(Skip)?;
+    let local_port = ctx.local_port();
+    let remote_port = u32::from(u16::from_be(ctx.remote_port() as u16));
+    // SAFETY: helper calls on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: copied out at once.
+    let Some(rec) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        // Established to the proxy without a record: it was evicted (or never stored); the proxy
+        // will refuse the connection, and this says why.
+        if family == AF_INET && remote_ip[0] == cfg.proxy_ip4 && remote_port == cfg.proxy_port {
+            count(Counter::SockopsNoRecord);
+        }
+        return Ok(());
+    };
+    let netns_cookie = if family == AF_INET && is_loopback4(local_ip[0]) {
+        // SAFETY: helper call on the program's own context.
+        unsafe { bpf_get_netns_cookie(ctx.ops.cast()) }
+    } else {
+        0
+    };
+    let key = ConnKey {
+        netns_cookie,
+        ip: local_ip,
+        port: local_port,
+        family,
+    };
+    if ORIG_BY_ADDR.insert(&key, &rec, 0).is_err() {
+        count(Counter::RecordStoreFailed);
+        return Err(Skip);
+    }
+    count(Counter::SockopsRekeyed);
+    if cfg.flags & FLAG_SOCKMAP != 0 {
+        let mut skey = SockKey {
+            local_ip,
+            remote_ip,
+            local_port,
+            remote_port,
+            family,
+            _reserved: 0,
+        };
+        // SAFETY: the context pointer is valid for the run; the helper only reads the socket.
+        let ops = unsafe { &mut *ctx.ops };
+        match SOCKHASH.update(&mut skey, ops, u64::from(BPF_ANY)) {
+            Ok(()) => count(Counter::SockhashAdded),
+            Err(_) => count(Counter::SockhashFailed),
+        }
+    }
+    Ok(())
+}
+
+/// (family, local, remote) with v4-mapped IPv6 folded to IPv4, as the proxy's IPv4 listener sees
+/// such a peer.
+#[inline(always)]
+fn addresses(ctx: &SockOpsContext) -> Option<(u32, [u32; 4], [u32; 4])> {
+    match ctx.family() {
+        AF_INET => Some((
+            AF_INET,
+            [ctx.local_ip4(), 0, 0, 0],
+            [ctx.remote_ip4(), 0, 0, 0],
+        )),
+        AF_INET6 => {
+            let (l, r) = (ctx.local_ip6(), ctx.remote_ip6());
+            if l[0] == 0 && l[1] == 0 && l[2] == 0xffffu32.to_be() {
+                Some((AF_INET, [l[3], 0, 0, 0], [r[3], 0, 0, 0]))
+            } else {
+                Some((AF_INET6, l, r))
+            }
+        }
+        _ => None,
+    }
+}
