@@ -124,7 +124,7 @@ pub struct SockKey {
 
 /// Per-CPU counters kept by the kernel programs; the daemon sums them for `/metrics`.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Counter {
     /// connect() calls seen from any cgroup under the attach root.
     ConnectSeen = 0,

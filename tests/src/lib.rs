@@ -1,1 +1,66 @@
-//! tests
+//! Test topology for nodemesh: network namespaces as nodes and pods, cgroups as pods, and the
+//! binaries under test. Every resource is a guard that removes itself on `Drop`, so a panicking
+//! test leaves nothing behind. Used by the privileged suites in `tests/tests/` and by
+//! `cargo xtask demo`.
+//!
+//! Everything here needs root; a setup step that fails panics with the command and its output,
+//! so a test that cannot build its environment fails loudly instead of passing silently.
+
+pub mod cgroup;
+pub mod netns;
+pub mod process;
+
+use std::{path::PathBuf, process::Command};
+
+/// Runs a command and panics with its output when it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e} (is it installed? `cargo xtask setup` installs it)")
+        });
+    if !out.status.success() {
+        panic!(
+            "`{program} {}` failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A binary of this workspace, found next to the running executable (`target/<profile>/`).
+/// `cargo xtask test` builds them all before the suites run.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    for dir in exe.ancestors().skip(1).take(3) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "binary {name} not found near {}; build it first (`cargo build --workspace --bins`, \
+         which `cargo xtask test` does)",
+        exe.display()
+    )
+}
+
+/// Fails loudly unless running as root: these suites create namespaces, cgroups and programs.
+pub fn require_root(suite: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "{suite} needs root (network namespaces, cgroups, eBPF); run `cargo xtask test` as root. \
+         It must fail here rather than be skipped: a skipped privileged test looks like a pass."
+    );
+}
+
+/// A name unique to this process and tag, short enough for interface names.
+pub fn unique(tag: &str) -> String {
+    format!("nm{}{}", tag, std::process::id() % 100_000)
+}

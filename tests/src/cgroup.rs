@@ -1,0 +1,92 @@
+//! cgroup v2 folders for test pods.
+
+use std::path::{Path, PathBuf};
+
+/// A cgroup folder created for a test (under the host's cgroup v2 mount, found from
+/// /proc/mounts) and removed on drop, killing anything still inside.
+pub struct TestCgroup {
+    path: PathBuf,
+    children: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let mount = mesh_daemon::ebpf::cgroup::cgroup2_mount()
+            .unwrap_or_else(|e| panic!("test needs cgroup v2: {e}"));
+        let path = mount.join(name);
+        if path.exists() {
+            // Left over from a killed run: clear it first.
+            drop(Self {
+                path: path.clone(),
+                children: list_children(&path),
+            });
+        }
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", path.display()));
+        Self {
+            path,
+            children: Vec::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A pod-level cgroup below this one (and a container cgroup below that when `container`
+    /// is given, as kubelet lays them out).
+    pub fn child(&mut self, rel: &str) -> PathBuf {
+        let p = self.path.join(rel);
+        std::fs::create_dir_all(&p)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", p.display()));
+        let mut cur = p.clone();
+        while cur != self.path {
+            if !self.children.contains(&cur) {
+                self.children.push(cur.clone());
+            }
+            cur = cur.parent().expect("child is below root").to_path_buf();
+        }
+        p
+    }
+
+    pub fn id_of(path: &Path) -> u64 {
+        mesh_daemon::ebpf::cgroup::cgroup_id(path).expect("cgroup id")
+    }
+}
+
+fn list_children(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(e.path());
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // cgroup.kill (5.14+) ends every process in the subtree; then remove deepest first.
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        let mut all = self.children.clone();
+        all.extend(list_children(&self.path));
+        all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        all.dedup();
+        for p in all.iter().chain(std::iter::once(&self.path)) {
+            for _ in 0..50 {
+                match std::fs::remove_dir(p) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    // EBUSY while killed processes are still exiting.
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
