@@ -101,6 +101,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Check { cgroup_root } => {
@@ -124,6 +125,16 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.sockmap == OnOff::On {
+        // Found by the daemon suite on Linux 6.18: once a pod socket sits in the SOCKHASH with our
+        // pass-through sk_msg attached, the app's blocking socket calls intermittently fail with
+        // EAGAIN (with or without SO_RCVTIMEO). A mode that breaks apps must not be selectable
+        // until the splice is implemented and passes the same suite as `off`.
+        anyhow::bail!(
+            "--sockmap on is not available yet: the sk_msg fast path makes pods' blocking sockets \
+             fail intermittently with EAGAIN on this kernel; run with --sockmap off (the default)"
+        );
+    }
     let cgroup_root = cgroup::resolve_root(args.cgroup_root.as_deref())?;
     info!(?args, cgroup_root = %cgroup_root.display(), "starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -139,7 +150,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             redirect: true,
             sockmap: args.sockmap == OnOff::On,
         };
-        // Bind before attaching: captured connections must find a listener.
+        // Bind before attaching: a port conflict must fail start-up before anything is captured.
+        let listener = Outbound::bind(SocketAddr::V4(args.outbound)).await?;
         let state = Arc::new(State::default());
         let metrics = Arc::new(Metrics::new());
         let mut datapath = Datapath::load(&cfg)?;
@@ -155,7 +167,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             proxy_mark: args.proxy_mark,
         });
-        let outbound = Outbound::new(SocketAddr::V4(args.outbound), inputs).await?;
+        let outbound = Outbound::new(listener, inputs);
         info!(addr = %outbound.local_addr()?, "ready: outbound listener up");
         tokio::select! {
             () = outbound.run() => {}

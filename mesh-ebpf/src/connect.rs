@@ -120,7 +120,7 @@ fn capture(
     };
     // SAFETY: a helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    if ORIG_BY_COOKIE.insert(&cookie, &rec, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(cookie, rec, 0).is_err() {
         // Fail closed: the connection still goes to the proxy, which refuses it for lack of a
         // record and counts it, rather than leaving the mesh unencrypted.
         count(Counter::RecordStoreFailed);

@@ -35,9 +35,7 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<(), Skip> {
     // SAFETY: a helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // SAFETY: copied out at once.
-    let rec = unsafe { ORIG_BY_COOKIE.get(&cookie) }
-        .copied()
-        .ok_or(Skip)?;
+    let rec = unsafe { ORIG_BY_COOKIE.get(cookie) }.copied().ok_or(Skip)?;
     let port_be = u32::from((rec.port as u16).to_be());
     match (v6, rec.family == AF_INET) {
         (false, true) => sa.user_ip4 = rec.ip[0],

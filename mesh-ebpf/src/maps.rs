@@ -62,7 +62,7 @@ pub fn enrolled_ancestor() -> Option<(u64, Enrollment)> {
             return None;
         }
         // SAFETY: the value is copied out before the map could change it.
-        if let Some(e) = unsafe { ENROLLED.get(&id) } {
+        if let Some(e) = unsafe { ENROLLED.get(id) } {
             return Some((id, *e));
         }
         level += 1;

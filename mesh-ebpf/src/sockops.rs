@@ -34,7 +34,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
     // SAFETY: helper calls on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: copied out at once.
-    let Some(rec) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(rec) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         // Established to the proxy without a record: it was evicted (or never stored); the proxy
         // will refuse the connection, and this says why.
         if family == AF_INET && remote_ip[0] == cfg.proxy_ip4 && remote_port == cfg.proxy_port {
@@ -54,7 +54,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
         port: local_port,
         family,
     };
-    if ORIG_BY_ADDR.insert(&key, &rec, 0).is_err() {
+    if ORIG_BY_ADDR.insert(key, rec, 0).is_err() {
         count(Counter::RecordStoreFailed);
         return Err(Skip);
     }

@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod netns;
 pub mod process;
+pub mod scenario;
 
 use std::{path::PathBuf, process::Command};
 

@@ -298,9 +298,12 @@ pub fn describe_program_error(action: &str, name: &str, err: &ProgramError) -> S
     }
 }
 
+/// A program's name and whether this kernel accepted it (the reason when not).
+pub type ProbeResult = (&'static str, Result<(), String>);
+
 /// Loads (without attaching) every program of the object and reports each result: the preflight's
 /// proof that this kernel accepts what the mesh uses.
-pub fn probe_programs() -> Result<Vec<(&'static str, Result<(), String>)>, LoaderError> {
+pub fn probe_programs() -> Result<Vec<ProbeResult>, LoaderError> {
     let mut ebpf = parse()?;
     let mut out = Vec::new();
     for name in SOCK_ADDR_PROGRAMS {

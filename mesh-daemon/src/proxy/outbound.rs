@@ -50,12 +50,16 @@ pub enum Decision {
 }
 
 impl Outbound {
-    /// Binds at once, so a port conflict fails start-up.
-    pub async fn new(addr: SocketAddr, inputs: Arc<Inputs>) -> Result<Self, OutboundError> {
-        let listener = TcpListener::bind(addr)
+    /// Binds the listener. The daemon does this before it attaches anything to the kernel, so a
+    /// port conflict fails start-up without ever capturing a connection.
+    pub async fn bind(addr: SocketAddr) -> Result<TcpListener, OutboundError> {
+        TcpListener::bind(addr)
             .await
-            .map_err(|source| OutboundError::Bind { addr, source })?;
-        Ok(Self { listener, inputs })
+            .map_err(|source| OutboundError::Bind { addr, source })
+    }
+
+    pub fn new(listener: TcpListener, inputs: Arc<Inputs>) -> Self {
+        Self { listener, inputs }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -201,6 +205,18 @@ async fn connect_marked(dst: SocketAddr, mark: u32) -> std::io::Result<TcpStream
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn port_conflict_fails_bind_with_the_fix() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let err = Outbound::bind(addr).await.expect_err("port is taken");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&addr.to_string()) && msg.contains("--outbound"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn key_for_ipv4_peer_has_no_netns() {
