@@ -73,7 +73,16 @@ fn main() {
         ok && out.contains("echo=ok"),
         "the direct connection failed: {out}"
     );
-    println!("→ untouched: the server saw the client's own address");
+    let local = out
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("local=");
+    let seen = s
+        .echo
+        .wait_for(&format!("accepted peer={local}"), Duration::from_secs(5));
+    println!("server: {seen}");
+    println!("→ untouched: the server saw the client's own address, not the proxy's");
 
     step(
         5,
