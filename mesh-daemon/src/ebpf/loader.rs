@@ -305,29 +305,26 @@ pub type ProbeResult = (&'static str, Result<(), String>);
 /// proof that this kernel accepts what the mesh uses.
 pub fn probe_programs() -> Result<Vec<ProbeResult>, LoaderError> {
     let mut ebpf = parse()?;
-    let mut out = Vec::new();
-    for name in SOCK_ADDR_PROGRAMS {
-        let r = program::<CgroupSockAddr>(&mut ebpf, name)
-            .map_err(|e| e.to_string())
-            .and_then(|p| {
-                p.load()
-                    .map_err(|e| describe_program_error("loading", name, &e))
-            });
-        out.push((name, r));
-    }
-    let r = program::<SockOps>(&mut ebpf, prog_names::SOCKOPS)
-        .map_err(|e| e.to_string())
-        .and_then(|p| {
-            p.load()
-                .map_err(|e| describe_program_error("loading", prog_names::SOCKOPS, &e))
-        });
-    out.push((prog_names::SOCKOPS, r));
-    let r = program::<SkMsg>(&mut ebpf, prog_names::SK_MSG)
-        .map_err(|e| e.to_string())
-        .and_then(|p| {
-            p.load()
-                .map_err(|e| describe_program_error("loading", prog_names::SK_MSG, &e))
-        });
-    out.push((prog_names::SK_MSG, r));
+    let mut out: Vec<ProbeResult> = SOCK_ADDR_PROGRAMS
+        .iter()
+        .map(|&name| probe_one(&mut ebpf, name, CgroupSockAddr::load))
+        .collect();
+    out.push(probe_one(&mut ebpf, prog_names::SOCKOPS, SockOps::load));
+    out.push(probe_one(&mut ebpf, prog_names::SK_MSG, SkMsg::load));
     Ok(out)
+}
+
+/// Loads one program of type `P` (aya's program types share no `load` trait, so it is passed in).
+fn probe_one<'a, P: 'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    load: impl FnOnce(&mut P) -> Result<(), ProgramError>,
+) -> ProbeResult
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let r = program::<P>(ebpf, name)
+        .map_err(|e| e.to_string())
+        .and_then(|p| load(p).map_err(|e| describe_program_error("loading", name, &e)));
+    (name, r)
 }

@@ -139,13 +139,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     let key = conn_key(peer, || super::netns_cookie(&client).unwrap_or(0));
     let Some(rec) = inputs.orig.take(&key) else {
         warn!(%peer, "no capture record for this connection: refusing it (the proxy never guesses a destination; a direct connection to the outbound port is not allowed)");
-        inputs
-            .metrics
-            .tcp_failed
-            .with_label_values(&["outbound", "no_record"])
-            .inc();
-        // Reset rather than close, so the client fails at once instead of reading EOF.
-        let _ = client.set_zero_linger();
+        refuse(&inputs, client, "no_record");
         return;
     };
     let (src_name, src_ns) = match inputs.state.workload(rec.workload_id) {
@@ -159,13 +153,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         Ok(s) => s,
         Err(e) => {
             warn!(%dst, error = %e, "upstream connect failed");
-            inputs
-                .metrics
-                .tcp_failed
-                .with_label_values(&["outbound", "connect"])
-                .inc();
-            // Surface the refusal to the client as a reset, not a clean EOF.
-            let _ = client.set_zero_linger();
+            refuse(&inputs, client, "connect");
             return;
         }
     };
@@ -188,6 +176,17 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         Err(e) => debug!(%peer, %dst, error = %e, "connection ended with an error"),
     }
     inputs.metrics.tcp_closed.with_label_values(&labels).inc();
+}
+
+/// Counts a refused connection and resets it, so the client fails at once (a refusal, not an EOF
+/// it might take for a clean end).
+fn refuse(inputs: &Inputs, client: TcpStream, reason: &str) {
+    inputs
+        .metrics
+        .tcp_failed
+        .with_label_values(&["outbound", reason])
+        .inc();
+    let _ = client.set_zero_linger();
 }
 
 async fn connect_marked(dst: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
