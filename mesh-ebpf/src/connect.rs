@@ -67,8 +67,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Skip> {
         return Ok(());
     }
     let cfg = capture(ctx, sa.type_, ip6, AF_INET6, sa.user_port)?;
-    // IPv6 is redirected only when the proxy listens on IPv6; otherwise the record stays (for
-    // observation) and the connection goes direct, which `nodemesh_ebpf_*` makes visible.
+    // IPv6 is redirected only when the proxy listens on IPv6 (`proxy_ip6` set). The daemon does
+    // not set it yet, so native IPv6 from an enrolled pod goes direct: visible only as
+    // `connect_enrolled` exceeding `redirected`. That is fail-open, and the data-path work must
+    // close it (an IPv6 listener, or refusing the connect).
     if cfg.flags & FLAG_REDIRECT != 0 && cfg.proxy_ip6 != [0; 4] {
         write_ip6(sa, cfg.proxy_ip6);
         sa.user_port = u32::from((cfg.proxy_port as u16).to_be());
