@@ -33,8 +33,8 @@ impl TestCgroup {
         &self.path
     }
 
-    /// A pod-level cgroup below this one (and a container cgroup below that when `container`
-    /// is given, as kubelet lays them out).
+    /// A cgroup below this one, at any depth (`"kubepods/burstable/pod-x"`, or a container folder
+    /// below a pod, as kubelet lays them out); every folder made is removed on drop.
     pub fn child(&mut self, rel: &str) -> PathBuf {
         let p = self.path.join(rel);
         std::fs::create_dir_all(&p)

@@ -50,6 +50,26 @@ pub fn bin(name: &str) -> PathBuf {
     )
 }
 
+/// Runs `mesh-app` inside a pod: joined to `cgroup`, then in network namespace `netns`.
+pub fn mesh_app(cgroup: &std::path::Path, netns: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin("mesh-app"))
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args(["--netns", netns])
+        .args(args)
+        .output()
+        .expect("run mesh-app")
+}
+
+/// Names of the mesh's programs (`nm_*`) the kernel still has loaded: empty after a clean detach.
+pub fn loaded_mesh_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .filter(|n| n.starts_with("nm_"))
+        .collect()
+}
+
 /// Fails loudly unless running as root: these suites create namespaces, cgroups and programs.
 pub fn require_root(suite: &str) {
     // SAFETY: geteuid has no preconditions.

@@ -61,13 +61,8 @@ impl Scenario {
 
     /// Runs mesh-app `connect` from a pod cgroup; returns (success, its output line).
     pub fn connect_from(&self, pod: &std::path::Path, addr: &str, send: usize) -> (bool, String) {
-        let out = Command::new(bin("mesh-app"))
-            .arg("--cgroup")
-            .arg(pod)
-            .args(["--netns", self.ns.name(), "connect", addr, "--send"])
-            .arg(send.to_string())
-            .output()
-            .expect("run mesh-app");
+        let send = send.to_string();
+        let out = crate::mesh_app(pod, self.ns.name(), &["connect", addr, "--send", &send]);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).trim().to_string(),

@@ -2,29 +2,22 @@
 //! from an enrolled pod cgroup and leave a non-enrolled one alone.
 
 use std::{
+    io::Read as _,
     net::{SocketAddr, SocketAddrV4, TcpListener},
-    process::Command,
     time::Duration,
 };
 
-use io::Read as _;
 use mesh_common::Counter;
 use mesh_daemon::{
     ebpf::loader::{Datapath, DatapathConfig},
     proxy::outbound::{conn_key, orig_dst_addr},
 };
-use nodemesh_tests::{bin, cgroup::TestCgroup, netns::Netns, require_root, unique};
-use std::io;
+use nodemesh_tests::{
+    cgroup::TestCgroup, loaded_mesh_programs, mesh_app, netns::Netns, require_root, unique,
+};
 
 fn app(cg: &std::path::Path, ns: &Netns, args: &[&str]) -> String {
-    let out = Command::new(bin("mesh-app"))
-        .arg("--cgroup")
-        .arg(cg)
-        .args(["--netns", ns.name()])
-        .args(args)
-        .output()
-        .expect("run mesh-app");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&mesh_app(cg, ns.name(), args).stdout).into_owned()
 }
 
 #[test]
@@ -120,10 +113,6 @@ fn kernel_capture_records_destination_and_cgroup() {
     // Clean detach: no program of ours stays loaded once the datapath is dropped.
     drop(dp);
     std::thread::sleep(Duration::from_millis(100));
-    let ours: Vec<String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_string))
-        .filter(|n| n.starts_with("nm_"))
-        .collect();
+    let ours = loaded_mesh_programs();
     assert!(ours.is_empty(), "programs left after detach: {ours:?}");
 }

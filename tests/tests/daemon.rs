@@ -5,17 +5,9 @@
 use std::time::Duration;
 
 use nodemesh_tests::{
-    require_root,
+    loaded_mesh_programs, require_root,
     scenario::{ECHO_PORT, NODE_IP, OUTBOUND_PORT, Scenario},
 };
-
-fn programs_of_ours() -> Vec<String> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_string))
-        .filter(|n| n.starts_with("nm_"))
-        .collect()
-}
 
 #[test]
 fn daemon_proxies_and_detaches() {
@@ -124,9 +116,9 @@ fn daemon_proxies_and_detaches() {
     );
     std::thread::sleep(Duration::from_millis(200));
     assert!(
-        programs_of_ours().is_empty(),
+        loaded_mesh_programs().is_empty(),
         "left attached: {:?}",
-        programs_of_ours()
+        loaded_mesh_programs()
     );
     println!("daemon exited cleanly; no nm_* program remains loaded");
 }

@@ -32,10 +32,7 @@ pub fn all() -> anyhow::Result<()> {
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    which(cmd).is_ok()
 }
 
 fn apt_packages() -> anyhow::Result<()> {
