@@ -29,6 +29,7 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "nm_getpeername6";
     pub const SOCKOPS: &str = "nm_sockops";
     pub const SK_MSG: &str = "nm_sk_msg";
+    pub const INGRESS: &str = "nm_ingress";
 }
 
 /// Capacity of the per-connection maps. LRU maps evict the oldest entry instead of failing, so a
@@ -52,13 +53,22 @@ pub const FLAG_REDIRECT: u32 = 1 << 0;
 /// `ProxyConfig::flags`: add pod and proxy sockets to the SOCKHASH (the sk_msg fast path).
 pub const FLAG_SOCKMAP: u32 = 1 << 1;
 
+/// `Enrollment::flags`: inbound STRICT — the pod accepts TCP only from the node proxy's mesh source
+/// address and on its probe ports; other SYNs are dropped and counted.
+pub const ENROLL_STRICT: u32 = 1 << 0;
+/// Probe ports per pod that stay reachable from outside the mesh in STRICT mode (kubelet probes).
+pub const MAX_PROBE_PORTS: usize = 4;
+
 /// A pod-level cgroup the mesh captures.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Enrollment {
     /// Index of the workload in the daemon's state; carried into every record.
     pub workload_id: u32,
+    /// `ENROLL_*` bits.
     pub flags: u32,
+    /// Host byte order; 0 = unused slot.
+    pub probe_ports: [u16; MAX_PROBE_PORTS],
 }
 
 /// The original destination of a captured connection, and who made it.
@@ -75,6 +85,10 @@ pub struct OrigDst {
     pub family: u32,
     pub workload_id: u32,
     pub flags: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when sockops re-keyed the record; the proxy refuses
+    /// records older than a few seconds, so a leftover record can never lend its identity to a
+    /// later connection that reuses the address and port.
+    pub established_ns: u64,
 }
 
 /// How the proxy finds a record: the client's address as the accepted socket's peer.
@@ -108,6 +122,10 @@ pub struct ProxyConfig {
     pub proxy_mark: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// The node proxy's dedicated source address toward local pods (IPv4, network byte order):
+    /// the only source STRICT pods accept TCP from, besides their probe ports.
+    pub mesh_source4: u32,
+    pub _reserved: u32,
 }
 
 /// A socket in the SOCKHASH, by its own 4-tuple (host byte order ports).
@@ -150,10 +168,17 @@ pub enum Counter {
     SkMsgSeen,
     /// Messages spliced to the peer socket by sk_msg.
     SkMsgRedirected,
+    /// Native IPv6 connect() from an enrolled pod refused (EPERM): the proxy has no IPv6 listener,
+    /// and going direct would leave the mesh unencrypted (fail closed).
+    Ipv6Refused,
+    /// TCP SYNs to enrolled pods from outside the mesh, accepted (PERMISSIVE, or a probe port).
+    InboundPlaintext,
+    /// TCP SYNs to STRICT pods from outside the mesh, dropped.
+    InboundDenied,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectEnrolled,
@@ -167,6 +192,9 @@ impl Counter {
         Counter::SockhashFailed,
         Counter::SkMsgSeen,
         Counter::SkMsgRedirected,
+        Counter::Ipv6Refused,
+        Counter::InboundPlaintext,
+        Counter::InboundDenied,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -184,6 +212,9 @@ impl Counter {
             Counter::SockhashFailed => "sockhash_failed",
             Counter::SkMsgSeen => "sk_msg_seen",
             Counter::SkMsgRedirected => "sk_msg_redirected",
+            Counter::Ipv6Refused => "ipv6_refused",
+            Counter::InboundPlaintext => "inbound_plaintext",
+            Counter::InboundDenied => "inbound_denied",
         }
     }
 }
@@ -221,10 +252,10 @@ mod tests {
     // Sizes equal the sum of the fields: no implicit padding anywhere.
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(size_of::<Enrollment>(), 4 + 4);
-        assert_eq!(size_of::<OrigDst>(), 8 + 16 + 4 + 4 + 4 + 4);
+        assert_eq!(size_of::<Enrollment>(), 4 + 4 + 2 * MAX_PROBE_PORTS);
+        assert_eq!(size_of::<OrigDst>(), 8 + 16 + 4 + 4 + 4 + 4 + 8);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 4 + 4);
-        assert_eq!(size_of::<ProxyConfig>(), 4 + 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<ProxyConfig>(), 4 + 4 + 16 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4 + 4 + 4);
         assert_eq!(align_of::<OrigDst>(), 8);
         assert_eq!(align_of::<ConnKey>(), 8);

@@ -2,7 +2,9 @@
 //! connections. `main.rs` is only the command line over these modules.
 
 pub mod check;
+pub mod control;
 pub mod ebpf;
+pub mod meshfile;
 pub mod metrics;
 pub mod proxy;
 pub mod state;

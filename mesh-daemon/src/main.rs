@@ -1,25 +1,31 @@
-//! `mesh-daemon`: the node daemon (`run`) and its preflight (`check`).
+//! `mesh-daemon`: the node daemon (`run`), its preflight (`check`) and `uninstall`.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     process::ExitCode,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mesh_common::Counter;
 use mesh_daemon::{
     check,
+    control::{self, Control},
     ebpf::{
         cgroup,
-        loader::{Datapath, DatapathConfig},
+        loader::{self, Datapath, DatapathConfig},
     },
-    metrics::Metrics,
-    proxy::outbound::{Inputs, Outbound},
-    state::{State, Workload},
+    meshfile,
+    metrics::{self, Metrics},
+    proxy::{Inputs, balance::Balancer, hbone, inbound::Inbound, outbound::Outbound},
+    state::State,
 };
 use tracing::{info, warn};
+
+/// Default folder for pinned links (one sub-folder per node name).
+const PIN_ROOT: &str = "/sys/fs/bpf/nodemesh";
 
 #[derive(Parser)]
 #[command(
@@ -43,21 +49,47 @@ enum Command {
         #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
         cgroup_root: Option<PathBuf>,
     },
+    /// Remove every program, link and map the mesh left pinned (after a crash, or to take a
+    /// fail-closed node out of the mesh while no daemon runs).
+    Uninstall {
+        /// Pinned-link folder to clear (default: every node's, under /sys/fs/bpf/nodemesh).
+        #[arg(long, env = "NODEMESH_PIN_DIR", default_value = PIN_ROOT)]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
+    /// This node's name in the mesh file.
+    #[arg(long, env = "NODEMESH_NODE")]
+    node: String,
+    /// The mesh file (nodes, workloads, services); reloaded when it changes.
+    #[arg(long, env = "NODEMESH_MESH_FILE")]
+    mesh_file: PathBuf,
     /// cgroup v2 folder to attach the hooks under; every enrolled pod cgroup must be below it.
     /// Default: the cgroup v2 mount found in /proc/mounts.
     #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
-    /// Outbound capture listener, as pods reach it (node mode: the node's address on the pod
-    /// network; sidecar mode: 127.0.0.1).
-    #[arg(long, env = "NODEMESH_OUTBOUND", default_value = "127.0.0.1:15001")]
-    outbound: SocketAddrV4,
-    /// A pod to mesh: CGROUP_PATH=NAMESPACE/NAME[/SERVICE_ACCOUNT]. Repeatable.
-    #[arg(long = "enroll", value_parser = parse_enroll)]
-    enroll: Vec<Workload>,
+    /// Outbound capture listener, as pods reach it. Default: the node's address, port 15001.
+    #[arg(long, env = "NODEMESH_OUTBOUND")]
+    outbound: Option<SocketAddrV4>,
+    /// HBONE listener for other nodes. Default: the node's address, port 15008.
+    #[arg(long, env = "NODEMESH_HBONE")]
+    hbone: Option<SocketAddr>,
+    /// Prometheus endpoint (`/metrics`).
+    #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15020")]
+    metrics: SocketAddr,
+    /// Inbound enforcement for enrolled pods: `strict` accepts TCP only from the mesh (plus each
+    /// pod's probePorts); `permissive` also accepts plaintext, and counts it.
+    #[arg(long, env = "NODEMESH_INBOUND", value_enum, default_value = "permissive")]
+    inbound: InboundMode,
+    /// Let enrolled pods' connections go direct (unmeshed) while the daemon is down, instead of
+    /// failing them.
+    #[arg(long, env = "NODEMESH_FAIL_OPEN")]
+    fail_open: bool,
+    /// Where the fail-closed links are pinned. Default: /sys/fs/bpf/nodemesh/<node>.
+    #[arg(long, env = "NODEMESH_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
     /// SO_MARK put on the proxy's own sockets so the hooks never capture them.
     #[arg(long, env = "NODEMESH_PROXY_MARK", default_value_t = 0x4e4d)]
     proxy_mark: u32,
@@ -72,25 +104,10 @@ enum OnOff {
     Off,
 }
 
-fn parse_enroll(s: &str) -> Result<Workload, String> {
-    let (path, id) = s
-        .split_once('=')
-        .ok_or("expected CGROUP_PATH=NAMESPACE/NAME[/SERVICE_ACCOUNT]")?;
-    let parts: Vec<&str> = id.split('/').collect();
-    let (namespace, name, sa) = match parts.as_slice() {
-        [ns, name] => (*ns, *name, "default"),
-        [ns, name, sa] => (*ns, *name, *sa),
-        _ => return Err(format!("{id:?}: expected NAMESPACE/NAME[/SERVICE_ACCOUNT]")),
-    };
-    if path.is_empty() || namespace.is_empty() || name.is_empty() || sa.is_empty() {
-        return Err(format!("{s:?}: no part may be empty"));
-    }
-    Ok(Workload {
-        namespace: namespace.into(),
-        name: name.into(),
-        service_account: sa.into(),
-        cgroup: PathBuf::from(path),
-    })
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum InboundMode {
+    Strict,
+    Permissive,
 }
 
 fn main() -> ExitCode {
@@ -114,6 +131,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::Uninstall { pin_dir } => match loader::uninstall(&pin_dir) {
+            Ok(removed) => {
+                for p in &removed {
+                    println!("removed {}", p.display());
+                }
+                println!(
+                    "uninstalled: {} pinned link(s) removed; the kernel frees their programs and \
+                     maps once no daemon holds them",
+                    removed.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-daemon uninstall: cannot clear {}: {e}", pin_dir.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -124,18 +158,46 @@ fn main() -> ExitCode {
     }
 }
 
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.sockmap == OnOff::On {
-        // Found by the daemon suite on Linux 6.18: once a pod socket sits in the SOCKHASH with our
-        // pass-through sk_msg attached, the app's blocking socket calls intermittently fail with
-        // EAGAIN (with or without SO_RCVTIMEO). A mode that breaks apps must not be selectable
-        // until the splice is implemented and passes the same suite as `off`.
+        // Linux's tcp_bpf_recvmsg (used by every socket in a sockmap/sockhash) waits for data once
+        // and returns -EAGAIN when that wait is woken without data — e.g. by a write-space wakeup
+        // from the same socket's writer — so a blocking app sees EAGAIN from read(). The daemon
+        // suite hit it in 3 of 5 runs of a 1 MiB echo on 6.18. A mode that breaks apps is not
+        // offered until the splice keeps pod sockets out of the map.
         anyhow::bail!(
-            "--sockmap on is not available yet: the sk_msg fast path makes pods' blocking sockets \
-             fail intermittently with EAGAIN on this kernel; run with --sockmap off (the default)"
+            "--sockmap on is not available: with a pod's socket in the SOCKHASH, Linux's \
+             tcp_bpf_recvmsg returns EAGAIN to blocking readers on spurious wake-ups, which breaks \
+             applications; run with --sockmap off (the default)"
         );
     }
     let cgroup_root = cgroup::resolve_root(args.cgroup_root.as_deref())?;
+    // The mesh file must be good at start: there is no earlier state to fall back on.
+    let file = meshfile::load(&args.mesh_file)?;
+    let me = file
+        .nodes
+        .iter()
+        .find(|n| n.name == args.node)
+        .cloned()
+        .with_context(|| {
+            format!(
+                "node {:?} is not in {}; pass --node with a name from its `nodes`",
+                args.node,
+                args.mesh_file.display()
+            )
+        })?;
+    let outbound_addr = args
+        .outbound
+        .unwrap_or(SocketAddrV4::new(me.address, 15001));
+    let hbone_addr = args
+        .hbone
+        .unwrap_or(SocketAddr::new(IpAddr::V4(me.address), hbone::PORT));
+    let pin_dir = (!args.fail_open).then(|| {
+        args.pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(PIN_ROOT).join(&args.node))
+    });
     info!(?args, cgroup_root = %cgroup_root.display(), "starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -143,46 +205,133 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the data-plane runtime")?;
     rt.block_on(async move {
+        // Bind everything before attaching: a port conflict must fail start-up before anything
+        // is captured.
+        let out_listener = Outbound::bind(SocketAddr::V4(outbound_addr)).await?;
+        let in_listener = Inbound::bind(hbone_addr).await?;
+        let metrics_listener = std::net::TcpListener::bind(args.metrics).with_context(|| {
+            format!(
+                "cannot listen on {} for /metrics; free the port or pass --metrics",
+                args.metrics
+            )
+        })?;
+        // The mesh source must be an address of this node, or no local pod could be reached.
+        std::net::TcpListener::bind((me.mesh_source, 0)).with_context(|| {
+            format!(
+                "meshSource {} of node {} is not an address of this node; add it (e.g. `ip addr \
+                 add {}/32 dev lo`) or fix the mesh file",
+                me.mesh_source, me.name, me.mesh_source
+            )
+        })?;
         let cfg = DatapathConfig {
-            cgroup_root,
-            proxy_addr: args.outbound,
+            cgroup_root: cgroup_root.clone(),
+            proxy_addr: outbound_addr,
             proxy_mark: args.proxy_mark,
             redirect: true,
             sockmap: args.sockmap == OnOff::On,
+            mesh_source: me.mesh_source,
+            pin_dir: pin_dir.clone(),
         };
-        // Bind before attaching: a port conflict must fail start-up before anything is captured.
-        let listener = Outbound::bind(SocketAddr::V4(args.outbound)).await?;
-        let state = Arc::new(State::default());
         let metrics = Arc::new(Metrics::new());
-        let mut datapath = Datapath::load(&cfg)?;
-        info!(programs = ?datapath.program_names(), "eBPF programs attached");
-        for w in &args.enroll {
-            let id = state.add_workload(w.clone());
-            let cg = datapath.enroll(&w.cgroup, id)?;
-            info!(workload = %format!("{}/{}", w.namespace, w.name), cgroup = %w.cgroup.display(), cgroup_id = cg, "enrolled");
-        }
+        let datapath = Datapath::load(&cfg)?;
+        info!(programs = ?datapath.program_names(), fail_closed = pin_dir.is_some(), pin_dir = ?pin_dir, "eBPF programs attached");
+        let orig = datapath.orig_dst_table();
+        let datapath = Arc::new(Mutex::new(datapath));
+        let state = Arc::new(State::default());
+        let mut control = Control::new(
+            &args.mesh_file,
+            &args.node,
+            &cgroup_root,
+            args.inbound == InboundMode::Strict,
+            state.clone(),
+            datapath.clone(),
+            metrics.clone(),
+        );
+        control.load_initial().map_err(anyhow::Error::msg)?;
         let inputs = Arc::new(Inputs {
-            orig: datapath.orig_dst_table(),
+            orig,
             state,
             metrics: metrics.clone(),
             proxy_mark: args.proxy_mark,
+            balancer: Balancer::default(),
+            hbone: hbone::Client::new(args.proxy_mark),
         });
-        let outbound = Outbound::new(listener, inputs);
-        info!(addr = %outbound.local_addr()?, "ready: outbound listener up");
+        metrics::serve(metrics_listener, metrics.clone());
+        let outbound = Outbound::new(out_listener, inputs.clone());
+        let inbound = Inbound::new(in_listener, inputs);
+        info!(outbound = %outbound.local_addr()?, hbone = %hbone_addr, metrics = %args.metrics, inbound = ?args.inbound, "ready");
+        let ticks = {
+            let datapath = datapath.clone();
+            let metrics = metrics.clone();
+            async move {
+                let mut last = vec![0u64; Counter::ALL.len()];
+                loop {
+                    tokio::time::sleep(control::POLL).await;
+                    control.poll();
+                    let now = datapath
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .counters();
+                    kernel_counters_tick(&metrics, &mut last, &now);
+                }
+            }
+        };
         tokio::select! {
             () = outbound.run() => {}
+            () = inbound.run() => {}
+            () = ticks => {}
             () = shutdown_signal() => info!("shutting down"),
         }
-        let counters: Vec<String> =
-            datapath.counters().iter().map(|(c, v)| format!("{}={v}", c.name())).collect();
+        let datapath = Arc::try_unwrap(datapath)
+            .ok()
+            .context("datapath still shared at exit")?
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        let counters: Vec<String> = datapath
+            .counters()
+            .iter()
+            .map(|(c, v)| format!("{}={v}", c.name()))
+            .collect();
         info!(counters = %counters.join(" "), "kernel counters");
         for line in metrics.encode().lines().filter(|l| !l.starts_with('#')) {
             info!("metric {line}");
         }
-        drop(datapath);
+        datapath
+            .uninstall()
+            .context("cannot remove the pinned links; run `mesh-daemon uninstall`")?;
         info!("eBPF programs detached");
         anyhow::Ok(())
     })
+}
+
+/// Publishes the kernel's counters as `nodemesh_ebpf_events_total` and logs when a failure
+/// counter moves (map full, record lost), so those conditions are never silent.
+fn kernel_counters_tick(metrics: &Metrics, last: &mut [u64], now: &[(Counter, u64)]) {
+    for (i, (c, v)) in now.iter().enumerate() {
+        let delta = v.saturating_sub(last[i]);
+        if delta == 0 {
+            continue;
+        }
+        metrics
+            .ebpf_events
+            .with_label_values(&[c.name()])
+            .inc_by(delta);
+        match c {
+            Counter::RecordStoreFailed => warn!(
+                new = delta,
+                "the kernel could not store capture records (map full?); the proxy refuses those \
+                 connections"
+            ),
+            Counter::SockopsNoRecord => warn!(
+                new = delta,
+                "captured connections reached the proxy without a record (evicted from a full LRU \
+                 map?); they are refused"
+            ),
+            Counter::SockhashFailed => warn!(new = delta, "SOCKHASH updates failed (map full?)"),
+            _ => {}
+        }
+        last[i] = *v;
+    }
 }
 
 async fn shutdown_signal() {

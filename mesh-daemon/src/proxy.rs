@@ -1,8 +1,35 @@
-//! The proxy's listeners: outbound (captured connections from local pods).
+//! The proxy: outbound (connections the kernel captured from local pods), inbound (HBONE from
+//! other nodes), and what both share — marked sockets, connecting to a local pod from the mesh
+//! source address, and relaying bytes with half-close and reset carried end to end.
 
+pub mod balance;
+pub mod hbone;
+pub mod inbound;
 pub mod outbound;
 
-use std::os::fd::AsRawFd;
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpSocket, TcpStream},
+};
+
+/// What the proxy's tasks share.
+pub struct Inputs {
+    pub orig: std::sync::Arc<crate::ebpf::loader::OrigDstTable>,
+    pub state: std::sync::Arc<crate::state::State>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub proxy_mark: u32,
+    pub balancer: balance::Balancer,
+    pub hbone: hbone::Client,
+}
+
+/// How long a connection attempt to a pod or a node may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `SO_NETNS_COOKIE` (linux/socket.h); not yet in every libc release.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -47,5 +74,51 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
         Ok(v)
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Connects with the proxy's mark (never captured), optionally from a given source address.
+pub async fn connect_marked(
+    dst: SocketAddr,
+    mark: u32,
+    source: Option<IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let sock = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    set_mark(&sock, mark)?;
+    if let Some(ip) = source {
+        sock.bind(SocketAddr::new(ip, 0)).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot use {ip} as source address ({e}); the node's meshSource must be an \
+                     address of this node"
+                ),
+            )
+        })?;
+    }
+    sock.set_nodelay(true)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Relays between a pod-side TCP socket and the other half (TCP or an HBONE stream) until both
+/// directions end. A half-close is passed on as a half-close; an error on either side (a reset)
+/// resets the TCP socket, so the pod sees a reset rather than a clean end.
+/// Returns (bytes pod→other, bytes other→pod).
+pub async fn relay<O>(pod: &mut TcpStream, other: &mut O) -> Result<(u64, u64), std::io::Error>
+where
+    O: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    match tokio::io::copy_bidirectional(pod, other).await {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            let _ = pod.set_zero_linger();
+            Err(e)
+        }
     }
 }

@@ -1,34 +1,257 @@
-//! The daemon's one in-memory picture of the mesh. Today it is fed by command-line enrollment; the
-//! mesh file and Kubernetes discovery feed the same structure.
+//! The daemon's one in-memory picture of the mesh, fed by the mesh file today and by Kubernetes
+//! discovery later: both produce a [`Snapshot`], and the proxy reads whichever is current.
+//!
+//! Snapshots are immutable; a reload builds a new one and swaps it in, so a connection task holds
+//! one consistent view for its whole decision.
 
-use std::{path::PathBuf, sync::RwLock};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+};
 
-/// A meshed workload instance (a pod) on this node.
+use crate::meshfile::{MeshFile, NodeSpec};
+
+/// A meshed workload instance (a pod).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
+    /// The id the kernel carries in its records; stable for (namespace, name) while the daemon
+    /// runs and never reused for another workload.
+    pub id: u32,
     pub namespace: String,
     pub name: String,
     pub service_account: String,
-    /// The pod-level cgroup whose sockets are this workload's.
+    pub node: String,
+    pub ip: Ipv4Addr,
+    /// The pod-level cgroup whose sockets are this workload's (resolved against the cgroup root).
     pub cgroup: PathBuf,
+    pub probe_ports: Vec<u16>,
 }
 
-/// Workloads by the id the kernel carries in its records (an index; ids are never reused while
-/// the daemon runs, so a stale record can never name a different workload).
+impl Workload {
+    /// `namespace/name`, as logs and errors show it.
+    pub fn display(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A service port: its VIP and port, and the endpoints behind it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub workload: Arc<Workload>,
+}
+
+/// One consistent view of the mesh.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// This daemon's node (absent in an empty state).
+    pub node: Option<NodeSpec>,
+    pub nodes: HashMap<String, NodeSpec>,
+    pub workloads_by_id: HashMap<u32, Arc<Workload>>,
+    pub workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Keyed by VIP and service port.
+    pub services: HashMap<SocketAddr, Arc<Service>>,
+}
+
+impl Snapshot {
+    pub fn workload(&self, id: u32) -> Option<&Arc<Workload>> {
+        self.workloads_by_id.get(&id)
+    }
+
+    /// Workloads scheduled on this daemon's node.
+    pub fn local_workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        let me = self.node.as_ref().map(|n| n.name.as_str());
+        self.workloads_by_id
+            .values()
+            .filter(move |w| Some(w.node.as_str()) == me)
+    }
+
+    pub fn is_local(&self, w: &Workload) -> bool {
+        self.node.as_ref().is_some_and(|n| n.name == w.node)
+    }
+}
+
+/// The current snapshot plus the id allocator that outlives snapshots.
 #[derive(Default)]
 pub struct State {
-    workloads: RwLock<Vec<Workload>>,
+    current: RwLock<Arc<Snapshot>>,
+    ids: Mutex<HashMap<(String, String), u32>>,
 }
 
 impl State {
-    pub fn add_workload(&self, w: Workload) -> u32 {
-        let mut ws = self.workloads.write().unwrap_or_else(|p| p.into_inner());
-        ws.push(w);
-        (ws.len() - 1) as u32
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    pub fn workload(&self, id: u32) -> Option<Workload> {
-        let ws = self.workloads.read().unwrap_or_else(|p| p.into_inner());
-        ws.get(id as usize).cloned()
+    pub fn replace(&self, snap: Snapshot) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+    }
+
+    fn id_for(&self, namespace: &str, name: &str) -> u32 {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let next = ids.len() as u32;
+        *ids.entry((namespace.to_string(), name.to_string()))
+            .or_insert(next)
+    }
+
+    /// Builds the snapshot a (validated) mesh file describes, from the view of node `me`.
+    /// Relative cgroup paths are resolved against `cgroup_root`.
+    pub fn build(
+        &self,
+        file: &MeshFile,
+        me: &str,
+        cgroup_root: &std::path::Path,
+    ) -> Result<Snapshot, String> {
+        let nodes: HashMap<String, NodeSpec> = file
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.clone()))
+            .collect();
+        let node = nodes.get(me).cloned().ok_or_else(|| {
+            format!(
+                "this node ({me:?}) is not in the mesh file's `nodes`; add it or pass --node with \
+                 one of: {}",
+                file.nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let mut snap = Snapshot {
+            node: Some(node),
+            nodes,
+            ..Snapshot::default()
+        };
+        for w in &file.workloads {
+            let cgroup = if w.cgroup.is_absolute() {
+                w.cgroup.clone()
+            } else {
+                cgroup_root.join(&w.cgroup)
+            };
+            let wl = Arc::new(Workload {
+                id: self.id_for(&w.namespace, &w.name),
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                service_account: w.service_account.clone(),
+                node: w.node.clone(),
+                ip: w.ip,
+                cgroup,
+                probe_ports: w.probe_ports.clone(),
+            });
+            snap.workloads_by_ip.insert(IpAddr::V4(w.ip), wl.clone());
+            snap.workloads_by_id.insert(wl.id, wl);
+        }
+        for s in &file.services {
+            let selected: Vec<(&crate::meshfile::WorkloadSpec, Arc<Workload>)> = file
+                .workloads
+                .iter()
+                .filter(|w| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                .filter_map(|w| {
+                    snap.workloads_by_ip
+                        .get(&IpAddr::V4(w.ip))
+                        .map(|wl| (w, wl.clone()))
+                })
+                .collect();
+            for p in &s.ports {
+                let endpoints = selected
+                    .iter()
+                    .map(|(spec, wl)| Endpoint {
+                        addr: SocketAddr::new(IpAddr::V4(spec.ip), p.target()),
+                        workload: wl.clone(),
+                    })
+                    .collect();
+                snap.services.insert(
+                    SocketAddr::new(IpAddr::V4(s.vip), p.port),
+                    Arc::new(Service {
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                        endpoints,
+                    }),
+                );
+            }
+        }
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meshfile::parse;
+
+    const FILE: &str = "\
+nodes:
+  - { name: n1, address: 10.0.0.1, meshSource: 10.1.1.254 }
+  - { name: n2, address: 10.0.0.2, meshSource: 10.1.2.254 }
+workloads:
+  - { name: a, namespace: x, node: n1, ip: 10.1.1.2, cgroup: pa, labels: { app: a } }
+  - { name: b1, namespace: x, node: n2, ip: 10.1.2.2, cgroup: /cg/pb1, labels: { app: b } }
+  - { name: b2, namespace: x, node: n1, ip: 10.1.1.3, cgroup: pb2, labels: { app: b } }
+services:
+  - { name: b, namespace: x, vip: 10.96.0.1, ports: [{ port: 80, targetPort: 8080 }], selector: { app: b } }
+";
+
+    #[test]
+    fn snapshot_resolves_services_cgroups_and_locality() {
+        let f = parse(std::path::Path::new("t"), FILE).expect("parse");
+        let st = State::default();
+        let snap = st.build(&f, "n1", std::path::Path::new("/root")).expect("build");
+        let svc = snap.services[&"10.96.0.1:80".parse().expect("addr")].clone();
+        let mut eps: Vec<String> = svc.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        eps.sort();
+        assert_eq!(eps, ["10.1.1.3:8080", "10.1.2.2:8080"]);
+        let a = &snap.workloads_by_ip[&"10.1.1.2".parse::<IpAddr>().expect("ip")];
+        assert_eq!(a.cgroup, PathBuf::from("/root/pa"));
+        let local: Vec<&str> = {
+            let mut v: Vec<&str> = snap.local_workloads().map(|w| w.name.as_str()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(local, ["a", "b2"]);
+    }
+
+    #[test]
+    fn ids_are_stable_across_reloads_and_never_reused() {
+        let f = parse(std::path::Path::new("t"), FILE).expect("parse");
+        let st = State::default();
+        let s1 = st.build(&f, "n1", std::path::Path::new("/")).expect("build");
+        let id_b2 = s1.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].id;
+        let mut f2 = f.clone();
+        f2.workloads.retain(|w| w.name != "a");
+        let s2 = st.build(&f2, "n1", std::path::Path::new("/")).expect("build");
+        assert_eq!(
+            s2.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].id,
+            id_b2
+        );
+        let mut f3 = f2.clone();
+        let mut c = f.workloads[0].clone();
+        c.name = "c".into();
+        f3.workloads.push(c);
+        let s3 = st.build(&f3, "n1", std::path::Path::new("/")).expect("build");
+        let ids: std::collections::HashSet<u32> = s1.workloads_by_id.keys().copied().collect();
+        let c_id = s3.workloads_by_ip[&"10.1.1.2".parse::<IpAddr>().expect("ip")].id;
+        assert!(!ids.contains(&c_id), "a new workload gets a new id");
+    }
+
+    #[test]
+    fn unknown_self_node_is_explained() {
+        let f = parse(std::path::Path::new("t"), FILE).expect("parse");
+        let e = State::default()
+            .build(&f, "n9", std::path::Path::new("/"))
+            .expect_err("unknown node");
+        assert!(e.contains("n9") && e.contains("n1, n2"), "{e}");
     }
 }

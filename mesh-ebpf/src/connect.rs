@@ -19,9 +19,10 @@ use mesh_common::{
 use crate::maps::{ORIG_BY_COOKIE, config, count, enrolled_ancestor};
 
 const SOCK_STREAM: u32 = 1;
-/// Allow the connect() to proceed (a cgroup/connect hook's only other answer, 0, fails it with
-/// EPERM; capture never needs that).
+/// Allow the connect() to proceed.
 const ALLOW: i32 = 1;
+/// Fail the connect() with EPERM: only for traffic the mesh must carry but cannot (fail closed).
+const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn nm_connect4(ctx: SockAddrContext) -> i32 {
@@ -32,8 +33,7 @@ pub fn nm_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn nm_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect6(&ctx);
-    ALLOW
+    try_connect6(&ctx).unwrap_or(ALLOW)
 }
 
 /// Why a connection was left alone; only used to end `try_*` early.
@@ -52,7 +52,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), Skip> {
     Ok(())
 }
 
-fn try_connect6(ctx: &SockAddrContext) -> Result<(), Skip> {
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Skip> {
     count(Counter::ConnectSeen);
     // SAFETY: as in try_connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -64,19 +64,22 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Skip> {
             sa.user_port = u32::from((cfg.proxy_port as u16).to_be());
             count(Counter::Redirected);
         }
-        return Ok(());
+        return Ok(ALLOW);
     }
     let cfg = capture(ctx, sa.type_, ip6, AF_INET6, sa.user_port)?;
-    // IPv6 is redirected only when the proxy listens on IPv6 (`proxy_ip6` set). The daemon does
-    // not set it yet, so native IPv6 from an enrolled pod goes direct: visible only as
-    // `connect_enrolled` exceeding `redirected`. That is fail-open, and the data-path work must
-    // close it (an IPv6 listener, or refusing the connect).
-    if cfg.flags & FLAG_REDIRECT != 0 && cfg.proxy_ip6 != [0; 4] {
-        write_ip6(sa, cfg.proxy_ip6);
-        sa.user_port = u32::from((cfg.proxy_port as u16).to_be());
-        count(Counter::Redirected);
+    if cfg.flags & FLAG_REDIRECT == 0 {
+        return Ok(ALLOW);
     }
-    Ok(())
+    // IPv6 is redirected only when the proxy listens on IPv6 (`proxy_ip6` set). Without that
+    // listener the connection is refused rather than left to go out unencrypted (fail closed).
+    if cfg.proxy_ip6 == [0; 4] {
+        count(Counter::Ipv6Refused);
+        return Ok(REFUSE);
+    }
+    write_ip6(sa, cfg.proxy_ip6);
+    sa.user_port = u32::from((cfg.proxy_port as u16).to_be());
+    count(Counter::Redirected);
+    Ok(ALLOW)
 }
 
 /// The shared decision: is this an enrolled pod's TCP connection that the mesh takes? If so the
@@ -119,6 +122,7 @@ fn capture(
         family,
         workload_id: enrollment.workload_id,
         flags: 0,
+        established_ns: 0,
     };
     // SAFETY: a helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };

@@ -8,6 +8,7 @@
 
 mod connect;
 mod getpeername;
+mod ingress;
 mod maps;
 mod sk_msg;
 mod sockops;

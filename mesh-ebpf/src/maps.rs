@@ -48,16 +48,22 @@ pub fn config() -> Option<&'static ProxyConfig> {
 }
 
 /// The enrolled pod-level cgroup of the current task, searching ancestor levels from the top.
-///
-/// Pods sit at different depths (kubelet: Guaranteed pods one level higher than the others), so a
-/// bounded range of levels is searched instead of one fixed level; a level deeper than the task's
-/// own cgroup returns 0 and ends the search.
 #[inline(always)]
 pub fn enrolled_ancestor() -> Option<(u64, Enrollment)> {
+    // SAFETY: a plain helper call with a scalar argument.
+    enrolled_ancestor_by(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// The first enrolled cgroup among the ancestors `id_at(level)` names, levels 1..=MAX_CGROUP_LEVEL.
+///
+/// Pods sit at different depths (kubelet: Guaranteed pods one level higher than the others), so a
+/// bounded range of levels is searched instead of one fixed level; a level deeper than the
+/// cgroup itself returns 0 and ends the search.
+#[inline(always)]
+pub fn enrolled_ancestor_by(id_at: impl Fn(i32) -> u64) -> Option<(u64, Enrollment)> {
     let mut level = 1;
     while level <= MAX_CGROUP_LEVEL {
-        // SAFETY: a plain helper call with a scalar argument.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let id = id_at(level as i32);
         if id == 0 {
             return None;
         }

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -34,7 +34,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
     // SAFETY: helper calls on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: copied out at once.
-    let Some(rec) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
+    let Some(mut rec) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         // Established to the proxy without a record: it was evicted (or never stored); the proxy
         // will refuse the connection, and this says why.
         if family == AF_INET && remote_ip[0] == cfg.proxy_ip4 && remote_port == cfg.proxy_port {
@@ -54,6 +54,8 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
         port: local_port,
         family,
     };
+    // SAFETY: a helper without arguments.
+    rec.established_ns = unsafe { bpf_ktime_get_ns() };
     if ORIG_BY_ADDR.insert(key, rec, 0).is_err() {
         count(Counter::RecordStoreFailed);
         return Err(Skip);

@@ -9,7 +9,7 @@
 pub mod cgroup;
 pub mod netns;
 pub mod process;
-pub mod scenario;
+pub mod topology;
 
 use std::{path::PathBuf, process::Command};
 

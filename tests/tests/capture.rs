@@ -38,9 +38,20 @@ fn kernel_capture_records_destination_and_cgroup() {
         proxy_mark: 0x4e4d,
         redirect: true,
         sockmap: false,
+        mesh_source: std::net::Ipv4Addr::UNSPECIFIED,
+        pin_dir: None,
     })
     .expect("load and attach the eBPF programs");
-    let pod_id = dp.enroll(&pod, 7).expect("enroll");
+    let pod_id = dp
+        .enroll(
+            &pod,
+            &mesh_daemon::ebpf::loader::EnrollSpec {
+                workload_id: 7,
+                strict: false,
+                probe_ports: vec![],
+            },
+        )
+        .expect("enroll");
     println!(
         "attached {:?} to cgroup {} (multi-attach links); enrolled pod cgroup id {pod_id}",
         dp.program_names(),

@@ -1,10 +1,15 @@
 //! Loads the embedded kernel object, attaches its programs under the cgroup root, and owns the
-//! maps the daemon reads and writes. Dropping the [`Datapath`] detaches every program (aya's
-//! links are owned by the programs), which is the clean-exit half of uninstall.
+//! maps the daemon reads and writes.
+//!
+//! Fail closed (the default): the capture and inbound-enforcement links are pinned on bpffs, so
+//! they outlive the daemon — while it is down, enrolled pods' connections go to a port nobody
+//! listens on and are refused at once. [`Datapath::uninstall`] (clean exit) and [`uninstall`]
+//! (`mesh-daemon uninstall`) remove the pins; the kernel then frees programs and maps. Fail open:
+//! nothing is pinned and everything detaches when the daemon ends.
 
 use std::{
     fs::File,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -12,11 +17,15 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+        SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use mesh_common::{
-    ConnKey, Counter, Enrollment, FLAG_REDIRECT, FLAG_SOCKMAP, OrigDst, ProxyConfig, SockKey,
-    map_names, prog_names,
+    ConnKey, Counter, ENROLL_STRICT, Enrollment, FLAG_REDIRECT, FLAG_SOCKMAP, MAX_PROBE_PORTS,
+    OrigDst, ProxyConfig, SockKey, map_names, prog_names,
 };
 
 use super::{OBJECT, cgroup, explain_os_error};
@@ -49,6 +58,11 @@ pub enum LoaderError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cannot pin the mesh's links under {path} ({reason}); fail-closed needs a bpffs there: \
+         `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does it), or run with --fail-open"
+    )]
+    Pin { path: PathBuf, reason: String },
 }
 
 /// What the kernel side needs to know.
@@ -64,6 +78,19 @@ pub struct DatapathConfig {
     pub redirect: bool,
     /// Put sockets in the SOCKHASH for the sk_msg fast path.
     pub sockmap: bool,
+    /// The proxy's source address toward local pods (what STRICT pods accept).
+    pub mesh_source: Ipv4Addr,
+    /// Fail closed: pin the capture links here so they outlive the daemon (connections from
+    /// enrolled pods are then refused while it is down). `None`: fail open, links die with it.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// How the daemon enrolls one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrollSpec {
+    pub workload_id: u32,
+    pub strict: bool,
+    pub probe_ports: Vec<u16>,
 }
 
 /// Records the kernel wrote for connections the proxy is about to accept, shared by the proxy's
@@ -92,6 +119,11 @@ pub struct Datapath {
     orig: Arc<OrigDstTable>,
     cgroup_root: PathBuf,
     program_names: Vec<&'static str>,
+    /// Links that outlive the daemon (fail closed), in this generation's pin folder.
+    pinned: Vec<PinnedLink>,
+    pin_generation: Option<PathBuf>,
+    /// Fail open: links owned by the daemon alone, detached when it ends however it ends.
+    _owned_links: Vec<FdLink>,
 }
 
 /// The cgroup/sock_addr programs and where each attaches.
@@ -127,6 +159,8 @@ impl Datapath {
             proxy_ip6: [0; 4],
             proxy_mark: cfg.proxy_mark,
             flags,
+            mesh_source4: u32::from(cfg.mesh_source).to_be(),
+            _reserved: 0,
         };
         config.set(0, pc, 0).map_err(|source| LoaderError::Map {
             name: map_names::CONFIG,
@@ -134,14 +168,38 @@ impl Datapath {
         })?;
 
         let mut names = Vec::new();
+        // Links that must survive the daemon to keep it fail-closed: capture and inbound
+        // enforcement. (sockops and sk_msg only serve a running proxy.)
+        let mut keep: Vec<(&'static str, FdLink)> = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|e| program_error("loading", name, &e))?;
-            prog.attach(&cgroup_file, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| program_error("attaching", name, &e))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| program_error("owning the link of", name, &e))?;
+            keep.push((name, link_to_fd(name, link)?));
             names.push(name);
         }
+        let ingress: &mut CgroupSkb = program(&mut ebpf, prog_names::INGRESS)?;
+        ingress
+            .load()
+            .map_err(|e| program_error("loading", prog_names::INGRESS, &e))?;
+        let id = ingress
+            .attach(
+                &cgroup_file,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|e| program_error("attaching", prog_names::INGRESS, &e))?;
+        let link = ingress
+            .take_link(id)
+            .map_err(|e| program_error("owning the link of", prog_names::INGRESS, &e))?;
+        keep.push((prog_names::INGRESS, link_to_fd(prog_names::INGRESS, link)?));
+        names.push(prog_names::INGRESS);
         let sockops: &mut SockOps = program(&mut ebpf, prog_names::SOCKOPS)?;
         sockops
             .load()
@@ -161,6 +219,18 @@ impl Datapath {
             .map_err(|e| program_error("attaching", prog_names::SK_MSG, &e))?;
         names.push(prog_names::SK_MSG);
 
+        let (pinned, pin_generation, owned_links) = match &cfg.pin_dir {
+            Some(dir) => {
+                let (p, g) = pin_links(dir, keep)?;
+                (p, Some(g), Vec::new())
+            }
+            // Fail open: the links stay owned here and detach when the daemon ends.
+            None => (
+                Vec::new(),
+                None,
+                keep.into_iter().map(|(_, l)| l).collect(),
+            ),
+        };
         Ok(Self {
             enrolled: take_map(&mut ebpf, map_names::ENROLLED)?,
             counters: take_map(&mut ebpf, map_names::COUNTERS)?,
@@ -170,11 +240,30 @@ impl Datapath {
             _ebpf: ebpf,
             cgroup_root: cfg.cgroup_root.clone(),
             program_names: names,
+            pinned,
+            pin_generation,
+            _owned_links: owned_links,
         })
     }
 
+    /// Clean exit: removes this daemon's pins, so every program, link and map goes away when the
+    /// [`Datapath`] drops.
+    pub fn uninstall(mut self) -> Result<(), std::io::Error> {
+        for link in self.pinned.drain(..) {
+            drop(link.unpin()?);
+        }
+        if let Some(g) = self.pin_generation.take() {
+            remove_dir_quiet(&g);
+            if let Some(parent) = g.parent() {
+                // Only when empty: another generation may still be in use.
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+        Ok(())
+    }
+
     /// Captures connections from this pod-level cgroup (and everything below it) as `workload_id`.
-    pub fn enroll(&mut self, cgroup_path: &Path, workload_id: u32) -> Result<u64, LoaderError> {
+    pub fn enroll(&mut self, cgroup_path: &Path, spec: &EnrollSpec) -> Result<u64, LoaderError> {
         if !cgroup_path.starts_with(&self.cgroup_root) {
             return Err(LoaderError::Program(format!(
                 "cgroup {} is not under the attach root {}; the hooks would never see it \
@@ -184,9 +273,14 @@ impl Datapath {
             )));
         }
         let id = cgroup::cgroup_id(cgroup_path)?;
+        let mut probe_ports = [0u16; MAX_PROBE_PORTS];
+        for (slot, p) in probe_ports.iter_mut().zip(&spec.probe_ports) {
+            *slot = *p;
+        }
         let e = Enrollment {
-            workload_id,
-            flags: 0,
+            workload_id: spec.workload_id,
+            flags: if spec.strict { ENROLL_STRICT } else { 0 },
+            probe_ports,
         };
         self.enrolled
             .insert(id, e, 0)
@@ -229,6 +323,113 @@ impl Datapath {
             })
             .collect()
     }
+}
+
+/// The owned link of a program, as a plain link fd that can be pinned.
+fn link_to_fd<L>(name: &'static str, link: L) -> Result<FdLink, LoaderError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|e| {
+        LoaderError::Program(format!(
+            "eBPF program {name} is not attached with a bpf_link ({e}); this kernel is too old \
+             for nodemesh"
+        ))
+    })
+}
+
+/// The magic number of a bpffs (linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Pins `links` in a new generation folder below `dir`, then removes older generations (links a
+/// crashed or replaced daemon left pinned); the new links are attached before the old ones go, so
+/// the cgroups are never without capture.
+fn pin_links(
+    dir: &Path,
+    links: Vec<(&'static str, FdLink)>,
+) -> Result<(Vec<PinnedLink>, PathBuf), LoaderError> {
+    let pin_err = |reason: String| LoaderError::Pin {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| pin_err(e.to_string()))?;
+    let cdir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| pin_err(e.to_string()))?;
+    // SAFETY: statfs writes into a zeroed local; the path is a valid C string.
+    let magic = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::statfs(cdir.as_ptr(), &mut st) != 0 {
+            return Err(pin_err(std::io::Error::last_os_error().to_string()));
+        }
+        st.f_type as i64
+    };
+    if magic != BPF_FS_MAGIC {
+        return Err(pin_err("it is not on a bpf filesystem".into()));
+    }
+    let old: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| pin_err(e.to_string()))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let generation = dir.join(format!(
+        "gen-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir(&generation).map_err(|e| pin_err(e.to_string()))?;
+    let mut pinned = Vec::new();
+    for (name, link) in links {
+        match link.pin(generation.join(name)) {
+            Ok(p) => pinned.push(p),
+            Err(e) => {
+                for p in pinned {
+                    let _ = p.unpin();
+                }
+                remove_dir_quiet(&generation);
+                return Err(pin_err(format!("pinning {name}: {e}")));
+            }
+        }
+    }
+    for o in old {
+        tracing::info!(path = %o.display(), "removing links left pinned by an earlier daemon");
+        remove_dir_quiet(&o);
+    }
+    Ok((pinned, generation))
+}
+
+fn remove_dir_quiet(p: &Path) {
+    let _ = std::fs::remove_dir_all(p);
+}
+
+/// `mesh-daemon uninstall`: removes every link the mesh pinned under `dir` (all generations), so
+/// the kernel detaches and frees the programs and maps once no daemon holds them. Returns the
+/// pins removed.
+pub fn uninstall(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    let mut dirs = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else {
+                std::fs::remove_file(&p)?;
+                removed.push(p);
+            }
+        }
+        dirs.push(d);
+    }
+    for d in dirs.iter().rev() {
+        std::fs::remove_dir(d)?;
+    }
+    Ok(removed)
 }
 
 fn parse() -> Result<Ebpf, LoaderError> {
@@ -311,6 +512,7 @@ pub fn probe_programs() -> Result<Vec<ProbeResult>, LoaderError> {
         .collect();
     out.push(probe_one(&mut ebpf, prog_names::SOCKOPS, SockOps::load));
     out.push(probe_one(&mut ebpf, prog_names::SK_MSG, SkMsg::load));
+    out.push(probe_one(&mut ebpf, prog_names::INGRESS, CgroupSkb::load));
     Ok(out)
 }
 

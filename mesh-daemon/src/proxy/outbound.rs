@@ -1,9 +1,10 @@
 //! Outbound: connections the kernel captured from local pods arrive here. The kernel's record
 //! (original destination and source workload, keyed by the client's address) decides everything;
-//! without a record the connection is refused, never guessed.
+//! without a fresh record the connection is refused, never guessed.
 //!
-//! Today a captured connection is carried straight to its original destination (the same-node
-//! case); routing to services and HBONE to other nodes branch off `decide`.
+//! [`decide`] is the branch point: a service VIP resolves to an endpoint (P2C), a pod on this node
+//! is served in-process, a pod on another node goes through HBONE, anything outside the mesh goes
+//! direct. Protocol detection and L7 routing branch off here later.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -12,18 +13,16 @@ use std::{
 };
 
 use mesh_common::{AF_INET, ConnKey, OrigDst};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::{ebpf::loader::OrigDstTable, metrics::Metrics, state::State};
+use super::{Inputs, balance::Outstanding, hbone, inbound};
+use crate::state::{Snapshot, Workload};
 
-/// What outbound needs, shared by every connection task.
-pub struct Inputs {
-    pub orig: Arc<OrigDstTable>,
-    pub state: Arc<State>,
-    pub metrics: Arc<Metrics>,
-    pub proxy_mark: u32,
-}
+/// A record older than this is refused: sockops writes it when the connection is established and
+/// the proxy accepts within milliseconds, so an old one belongs to a connection that never reached
+/// the proxy, and must not lend its identity to a later one from the same address and port.
+pub const RECORD_MAX_AGE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -43,10 +42,23 @@ pub struct Outbound {
 }
 
 /// Where a captured connection goes.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Decision {
-    /// Straight to this address (same node, or a destination outside the mesh).
-    Direct(SocketAddr),
+    /// A meshed pod on this node: served in-process, no network hop.
+    Local {
+        target: SocketAddr,
+        workload: Arc<Workload>,
+    },
+    /// A meshed pod on another node: an HBONE tunnel to that node.
+    Remote {
+        node: SocketAddr,
+        target: SocketAddr,
+        workload: Arc<Workload>,
+    },
+    /// Not a mesh destination: straight to it.
+    Passthrough(SocketAddr),
+    /// Nowhere to send it (a service without endpoints).
+    Refuse(&'static str),
 }
 
 impl Outbound {
@@ -130,9 +142,49 @@ pub fn orig_dst_addr(rec: &OrigDst) -> SocketAddr {
     }
 }
 
-/// Pure routing decision for a captured connection.
-pub fn decide(_state: &State, rec: &OrigDst) -> Decision {
-    Decision::Direct(orig_dst_addr(rec))
+/// Pure routing decision for a captured connection's original destination. A VIP's endpoint is
+/// picked here; the returned guard counts the connection as outstanding on it.
+pub fn decide(
+    snap: &Snapshot,
+    balancer: &super::balance::Balancer,
+    dst: SocketAddr,
+) -> (Decision, Option<(SocketAddr, Outstanding)>) {
+    let (target, picked) = match snap.services.get(&dst) {
+        Some(svc) => match balancer.pick(&svc.endpoints) {
+            Some((ep, guard)) => (ep.addr, Some((ep.addr, guard))),
+            None => return (Decision::Refuse("no_endpoints"), None),
+        },
+        None => (dst, None),
+    };
+    let Some(workload) = snap.workloads_by_ip.get(&target.ip()).cloned() else {
+        return (Decision::Passthrough(target), picked);
+    };
+    if snap.is_local(&workload) {
+        return (Decision::Local { target, workload }, picked);
+    }
+    match snap.nodes.get(&workload.node) {
+        Some(n) => (
+            Decision::Remote {
+                node: SocketAddr::new(IpAddr::V4(n.address), hbone::PORT),
+                target,
+                workload,
+            },
+            picked,
+        ),
+        // The mesh file is validated, so every workload's node exists; refuse rather than guess.
+        None => (Decision::Refuse("unknown_node"), picked),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
@@ -142,40 +194,124 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         refuse(&inputs, client, "no_record");
         return;
     };
-    let (src_name, src_ns) = match inputs.state.workload(rec.workload_id) {
-        Some(w) => (w.name, w.namespace),
-        None => ("unknown".to_string(), "unknown".to_string()),
+    let age = Duration::from_nanos(monotonic_ns().saturating_sub(rec.established_ns));
+    if age > RECORD_MAX_AGE {
+        warn!(%peer, ?age, "capture record is stale: refusing the connection rather than trusting an old identity");
+        refuse(&inputs, client, "stale_record");
+        return;
+    }
+    let snap = inputs.state.snapshot();
+    let Some(src) = snap.workload(rec.workload_id).cloned() else {
+        warn!(%peer, workload_id = rec.workload_id, "the kernel attributed this connection to a workload no longer in the mesh: refusing it");
+        refuse(&inputs, client, "unknown_source");
+        return;
     };
-    let labels = ["outbound", src_name.as_str(), src_ns.as_str()];
-    let Decision::Direct(dst) = decide(&inputs.state, &rec);
-    info!(%peer, %dst, workload = %format!("{src_ns}/{src_name}"), cgroup_id = rec.cgroup_id, "captured connection");
-    let upstream = match connect_marked(dst, inputs.proxy_mark).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(%dst, error = %e, "upstream connect failed");
-            refuse(&inputs, client, "connect");
+    let _ = client.set_nodelay(true);
+    let orig = orig_dst_addr(&rec);
+    let (decision, picked) = decide(&snap, &inputs.balancer, orig);
+    info!(%peer, dst = %orig, workload = %src.display(), cgroup_id = rec.cgroup_id, route = ?RouteLog(&decision), "captured connection");
+    let (dst_name, dst_ns) = match &decision {
+        Decision::Local { workload, .. } | Decision::Remote { workload, .. } => {
+            (workload.name.clone(), workload.namespace.clone())
+        }
+        _ => ("unknown".into(), "unknown".into()),
+    };
+    let labels = [
+        "outbound".to_string(),
+        src.name.clone(),
+        src.namespace.clone(),
+        dst_name,
+        dst_ns,
+    ];
+    let mut client = client;
+    let result = match decision {
+        Decision::Refuse(reason) => {
+            warn!(%peer, dst = %orig, reason, "no route for captured connection");
+            refuse(&inputs, client, reason);
             return;
         }
-    };
-    inputs.metrics.tcp_opened.with_label_values(&labels).inc();
-    let (mut c, mut u) = (client, upstream);
-    match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-        Ok((sent, received)) => {
-            inputs
-                .metrics
-                .tcp_sent_bytes
-                .with_label_values(&labels)
-                .inc_by(sent);
-            inputs
-                .metrics
-                .tcp_received_bytes
-                .with_label_values(&labels)
-                .inc_by(received);
-            debug!(%peer, %dst, sent, received, "connection closed");
+        Decision::Local { target, .. } => {
+            match inbound::connect_local_pod(&inputs, &snap, target).await {
+                Ok(mut pod) => {
+                    mark_endpoint(&inputs, &picked, true);
+                    inputs.metrics.opened(&labels);
+                    let r = super::relay(&mut client, &mut pod).await;
+                    if r.is_err() {
+                        let _ = pod.set_zero_linger();
+                    }
+                    r
+                }
+                Err(e) => {
+                    warn!(%target, error = %e, "local pod refused the connection");
+                    mark_endpoint(&inputs, &picked, false);
+                    refuse(&inputs, client, "upstream_refused");
+                    return;
+                }
+            }
         }
-        Err(e) => debug!(%peer, %dst, error = %e, "connection ended with an error"),
+        Decision::Remote { node, target, .. } => {
+            match inputs.hbone.connect(node, target, &src.display()).await {
+                Ok(mut tunnel) => {
+                    mark_endpoint(&inputs, &picked, true);
+                    inputs.metrics.opened(&labels);
+                    super::relay(&mut client, &mut tunnel).await
+                }
+                Err(e) => {
+                    warn!(%target, error = %e, "HBONE tunnel failed");
+                    mark_endpoint(&inputs, &picked, false);
+                    refuse(&inputs, client, e.reason());
+                    return;
+                }
+            }
+        }
+        Decision::Passthrough(dst) => {
+            match super::connect_marked(dst, inputs.proxy_mark, None).await {
+                Ok(mut up) => {
+                    inputs.metrics.opened(&labels);
+                    let r = super::relay(&mut client, &mut up).await;
+                    if r.is_err() {
+                        let _ = up.set_zero_linger();
+                    }
+                    r
+                }
+                Err(e) => {
+                    warn!(%dst, error = %e, "upstream connect failed");
+                    refuse(&inputs, client, "upstream_refused");
+                    return;
+                }
+            }
+        }
+    };
+    match &result {
+        Ok((sent, received)) => debug!(%peer, sent, received, "connection closed"),
+        Err(e) => debug!(%peer, error = %e, "connection ended with an error (reset passed on)"),
     }
-    inputs.metrics.tcp_closed.with_label_values(&labels).inc();
+    inputs.metrics.finished(&labels, &result);
+    drop(picked);
+}
+
+/// The decision without the workload details, for one log field.
+struct RouteLog<'a>(&'a Decision);
+
+impl std::fmt::Debug for RouteLog<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Decision::Local { target, .. } => write!(f, "local {target}"),
+            Decision::Remote { node, target, .. } => write!(f, "hbone {target} via {node}"),
+            Decision::Passthrough(a) => write!(f, "passthrough {a}"),
+            Decision::Refuse(r) => write!(f, "refuse {r}"),
+        }
+    }
+}
+
+fn mark_endpoint(inputs: &Inputs, picked: &Option<(SocketAddr, Outstanding)>, ok: bool) {
+    if let Some((addr, _)) = picked {
+        if ok {
+            inputs.balancer.succeeded(*addr);
+        } else {
+            inputs.balancer.failed(*addr);
+        }
+    }
 }
 
 /// Counts a refused connection and resets it, so the client fails at once (a refusal, not an EOF
@@ -187,18 +323,6 @@ fn refuse(inputs: &Inputs, client: TcpStream, reason: &str) {
         .with_label_values(&["outbound", reason])
         .inc();
     let _ = client.set_zero_linger();
-}
-
-async fn connect_marked(dst: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
-    let sock = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    super::set_mark(&sock, mark)?;
-    tokio::time::timeout(Duration::from_secs(5), sock.connect(dst))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 #[cfg(test)]
@@ -257,16 +381,41 @@ mod tests {
     }
 
     #[test]
-    fn decision_is_direct_to_original_destination() {
-        let rec = OrigDst {
-            ip: [u32::from(Ipv4Addr::new(10, 0, 0, 2)).to_be(), 0, 0, 0],
-            port: 8080,
-            family: AF_INET,
-            ..Default::default()
-        };
-        assert_eq!(
-            decide(&State::default(), &rec),
-            Decision::Direct("10.0.0.2:8080".parse().expect("addr"))
+    fn decisions_follow_the_mesh() {
+        let f = crate::meshfile::parse(
+            std::path::Path::new("t"),
+            "\
+nodes:
+  - { name: n1, address: 10.0.0.1, meshSource: 10.1.1.254 }
+  - { name: n2, address: 10.0.0.2, meshSource: 10.1.2.254 }
+workloads:
+  - { name: a, namespace: x, node: n1, ip: 10.1.1.2, cgroup: a, labels: { app: a } }
+  - { name: b, namespace: x, node: n2, ip: 10.1.2.2, cgroup: b, labels: { app: b } }
+services:
+  - { name: b, namespace: x, vip: 10.96.0.1, ports: [{ port: 80, targetPort: 8080 }], selector: { app: b } }
+  - { name: none, namespace: x, vip: 10.96.0.2, ports: [{ port: 80 }], selector: { app: zzz } }
+",
+        )
+        .expect("parse");
+        let snap = crate::state::State::default()
+            .build(&f, "n1", std::path::Path::new("/"))
+            .expect("build");
+        let b = crate::proxy::balance::Balancer::default();
+        let d = |s: &str| decide(&snap, &b, s.parse().expect("addr")).0;
+        assert!(
+            matches!(d("10.1.1.2:9"), Decision::Local { target, .. } if target.to_string() == "10.1.1.2:9")
         );
+        assert!(
+            matches!(d("10.1.2.2:9"), Decision::Remote { node, .. } if node.to_string() == "10.0.0.2:15008")
+        );
+        assert!(
+            matches!(d("10.96.0.1:80"), Decision::Remote { target, .. } if target.to_string() == "10.1.2.2:8080")
+        );
+        assert!(matches!(d("10.96.0.2:80"), Decision::Refuse("no_endpoints")));
+        assert!(
+            matches!(d("192.0.2.1:443"), Decision::Passthrough(a) if a.to_string() == "192.0.2.1:443")
+        );
+        // A VIP on a port the service does not declare is not the service.
+        assert!(matches!(d("10.96.0.1:81"), Decision::Passthrough(_)));
     }
 }

@@ -31,9 +31,24 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value_t = 0)]
         send: usize,
+        #[arg(long, default_value_t = 5000)]
+        connect_timeout_ms: u64,
+        /// Source address to bind first (an address the pod added to its interface).
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
+        /// Print what the server answers as text instead of comparing it with what was sent.
+        #[arg(long)]
+        reply: bool,
+        /// Send the bytes, then abort the connection with a reset instead of a half-close.
+        #[arg(long)]
+        rst: bool,
     },
     /// Echo every connection back until EOF; prints each peer.
     EchoServer { addr: SocketAddr },
+    /// Read each connection to EOF (the client's half-close), then answer `received=N` and close.
+    CountServer { addr: SocketAddr },
+    /// Read a little from each connection, then reset it.
+    RstServer { addr: SocketAddr },
 }
 
 fn main() -> ExitCode {
@@ -49,7 +64,21 @@ fn main() -> ExitCode {
         nodemesh_tests::netns::enter(&PathBuf::from("/run/netns").join(ns));
     }
     match cli.cmd {
-        Cmd::Connect { addr, send } => match connect(addr, send) {
+        Cmd::Connect {
+            addr,
+            send,
+            connect_timeout_ms,
+            bind,
+            reply,
+            rst,
+        } => match connect(&ConnectOpts {
+            addr,
+            send,
+            timeout: Duration::from_millis(connect_timeout_ms),
+            bind,
+            reply,
+            rst,
+        }) {
             Ok(line) => {
                 println!("{line}");
                 ExitCode::SUCCESS
@@ -59,7 +88,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::EchoServer { addr } => match serve(addr) {
+        Cmd::EchoServer { addr } | Cmd::CountServer { addr } | Cmd::RstServer { addr } => match serve(
+            addr,
+            match cli.cmd {
+                Cmd::EchoServer { .. } => Mode::Echo,
+                Cmd::CountServer { .. } => Mode::Count,
+                _ => Mode::Rst,
+            },
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 println!("error={:?} {e}", e.kind());
@@ -76,11 +112,87 @@ fn pattern(n: usize) -> Vec<u8> {
         .collect()
 }
 
-fn connect(addr: SocketAddr, send: usize) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+struct ConnectOpts {
+    addr: SocketAddr,
+    send: usize,
+    timeout: Duration,
+    bind: Option<std::net::IpAddr>,
+    reply: bool,
+    rst: bool,
+}
+
+fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads a live local of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn open(o: &ConnectOpts) -> std::io::Result<TcpStream> {
+    let Some(ip) = o.bind else {
+        return TcpStream::connect_timeout(&o.addr, o.timeout);
+    };
+    // std has no bind-then-connect; a blocking libc socket keeps this small.
+    // SAFETY: plain socket calls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let (std::net::IpAddr::V4(src), SocketAddr::V4(dst)) = (ip, o.addr) else {
+            return Err(std::io::Error::other("--bind supports IPv4 only"));
+        };
+        let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let a = sin(src, 0);
+        if libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let b = sin(*dst.ip(), dst.port());
+        if libc::connect(fd, (&b as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+}
+
+fn connect(o: &ConnectOpts) -> std::io::Result<String> {
+    let (addr, send) = (o.addr, o.send);
+    let mut s = open(o)?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let local = s.local_addr()?;
     let peer = s.peer_addr()?;
+    let _ = addr;
+    if o.rst {
+        s.write_all(&pattern(send))?;
+        std::thread::sleep(Duration::from_millis(300));
+        set_linger_zero(&s)?;
+        drop(s);
+        return Ok(format!("local={local} peer={peer} sent={send} reset=sent"));
+    }
     let data = pattern(send);
     let writer = {
         let mut w = s.try_clone()?;
@@ -94,6 +206,12 @@ fn connect(addr: SocketAddr, send: usize) -> std::io::Result<String> {
     writer
         .join()
         .map_err(|_| std::io::Error::other("writer panicked"))??;
+    if o.reply {
+        return Ok(format!(
+            "local={local} peer={peer} sent={send} reply={}",
+            String::from_utf8_lossy(&got).trim()
+        ));
+    }
     let echo = if send == 0 {
         "none"
     } else if got == pattern(send) {
@@ -107,7 +225,14 @@ fn connect(addr: SocketAddr, send: usize) -> std::io::Result<String> {
     ))
 }
 
-fn serve(addr: SocketAddr) -> std::io::Result<()> {
+#[derive(Clone, Copy)]
+enum Mode {
+    Echo,
+    Count,
+    Rst,
+}
+
+fn serve(addr: SocketAddr, mode: Mode) -> std::io::Result<()> {
     let l = TcpListener::bind(addr)?;
     println!("listening {}", l.local_addr()?);
     for s in l.incoming() {
@@ -119,9 +244,33 @@ fn serve(addr: SocketAddr) -> std::io::Result<()> {
                 Ok(r) => r,
                 Err(_) => return,
             };
-            let n = std::io::copy(&mut r, &mut s).unwrap_or(0);
-            let _ = s.shutdown(Shutdown::Write);
-            println!("closed peer={peer} bytes={n}");
+            match mode {
+                Mode::Echo => match std::io::copy(&mut r, &mut s) {
+                    Ok(n) => {
+                        let _ = s.shutdown(Shutdown::Write);
+                        println!("closed peer={peer} bytes={n}");
+                    }
+                    Err(e) => println!("closed peer={peer} error={:?}", e.kind()),
+                },
+                Mode::Count => {
+                    let mut buf = Vec::new();
+                    match r.read_to_end(&mut buf) {
+                        Ok(n) => {
+                            // The client's half-close arrived; this direction is still open.
+                            let _ = writeln!(s, "received={n}");
+                            let _ = s.shutdown(Shutdown::Write);
+                            println!("closed peer={peer} bytes={n} half-close=seen");
+                        }
+                        Err(e) => println!("closed peer={peer} error={:?}", e.kind()),
+                    }
+                }
+                Mode::Rst => {
+                    let mut buf = [0u8; 16];
+                    let _ = r.read(&mut buf);
+                    let _ = set_linger_zero(&s);
+                    println!("reset peer={peer}");
+                }
+            }
         });
     }
     Ok(())

@@ -1,15 +1,16 @@
 //! `cargo xtask demo`: nodemesh's main job on the embedded default, step by step.
 //!
-//! One network namespace is the node; cgroups under a fresh root are its pods. The real daemon
-//! attaches the real kernel hooks, an enrolled pod's connection is captured in the kernel and
-//! carried by the proxy, a pod that is not enrolled goes direct, and on exit nothing stays
-//! attached. Everything is removed at the end, also on failure.
+//! Two network namespaces are the nodes, more namespaces and cgroups are their pods, a mesh file
+//! describes them, and the real daemon runs on each node with the real kernel hooks. A client pod
+//! on node 1 calls a server pod on node 2 through a service VIP: the kernel captures the
+//! connection, node 1's proxy carries it over HBONE to node 2's proxy, and the bytes arrive
+//! intact. Everything is removed at the end, also on failure.
 
 use std::{process::Command, time::Duration};
 
 use nodemesh_tests::{
-    require_root,
-    scenario::{ECHO_PORT, NODE_IP, OUTBOUND_PORT, Scenario},
+    loaded_mesh_programs, require_root,
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, sample},
 };
 
 fn step(n: u32, what: &str) {
@@ -23,116 +24,109 @@ fn bpftool(args: &[&str]) -> String {
     }
 }
 
+fn edge_counters(t: &Topology, node: usize, reporter: &str) -> String {
+    let m = t.scrape(node);
+    let l = [
+        ("reporter", reporter),
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+    ];
+    format!(
+        "{reporter}: connections opened={} closed={} bytes from client={} to client={}",
+        sample(&m, "nodemesh_tcp_connections_opened_total", &l),
+        sample(&m, "nodemesh_tcp_connections_closed_total", &l),
+        sample(&m, "nodemesh_tcp_sent_bytes_total", &l),
+        sample(&m, "nodemesh_tcp_received_bytes_total", &l),
+    )
+}
+
 fn main() {
     require_root("nodemesh-demo");
     step(
         1,
-        "build the node: a network namespace, a pod cgroup tree, an echo server, the daemon",
+        "build two nodes and their pods (network namespaces, veth, routes, cgroups) and a mesh file",
     );
-    let mut s = Scenario::start("demo", false);
-    println!(
-        "node namespace {} with {NODE_IP}; cgroup root {}",
-        s.ns.name(),
-        s.cgroups.path().display()
-    );
-    println!("enrolled pod cgroup: {}", s.client_pod.display());
-    println!("not enrolled:        {}", s.stranger_pod.display());
-
-    step(
-        2,
-        "the daemon's kernel hooks, attached to the cgroup root (bpftool cgroup show)",
-    );
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::plain("outsider", 0),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let services = [ServiceSpec {
+        name: "echo".into(),
+        vip: "10.96.0.10".into(),
+        port: 80,
+        target_port: 7000,
+        app: "echo".into(),
+    }];
+    let mut t = Topology::build("demo", 2, &pods, &services);
     print!(
         "{}",
-        bpftool(&["cgroup", "show", &s.cgroups.path().display().to_string()])
+        std::fs::read_to_string(&t.mesh_file).unwrap_or_default()
     );
 
-    let echo = format!("{NODE_IP}:{ECHO_PORT}");
+    step(2, "start the daemon on each node (nsenter into the node's namespace)");
+    t.start(DaemonOpts::default());
+    for i in 0..2 {
+        let ready = t.daemon(i).wait_for("ready", Duration::from_secs(1));
+        println!("{}: {}", t.nodes[i].name, ready.trim());
+    }
+    println!(
+        "node-1's hooks on its pods' cgroup root (bpftool cgroup show):\n{}",
+        bpftool(&["cgroup", "show", &t.node_cgroup_root(0).display().to_string()])
+    );
+
+    let srv = t.serve("server", "echo-server", 7000);
     step(
         3,
-        &format!("the enrolled pod connects to {echo} and sends 256 KiB"),
+        "client pod (node-1) → service VIP 10.96.0.10:80 → server pod (node-2), 1 MiB each way",
     );
-    let (ok, out) = s.connect_from(&s.client_pod.clone(), &echo, 256 * 1024);
+    let (ok, out) = t.connect("client", "10.96.0.10:80", &["--send", &(1 << 20).to_string()]);
     println!("client: {out}");
-    let line = s
-        .daemon
+    let line = t
+        .daemon(0)
         .wait_for("captured connection", Duration::from_secs(5));
-    println!("daemon: {}", line.trim());
+    println!("node-1: {}", line.trim());
+    let inb = t.daemon(1).wait_for("inbound tunnel", Duration::from_secs(5));
+    println!("node-2: {}", inb.trim());
+    let seen = t.servers[srv].wait_for("accepted peer=", Duration::from_secs(5));
+    println!("server: {seen}  (node-2's mesh source address)");
     assert!(
         ok && out.contains("echo=ok"),
         "the meshed connection failed: {out}"
     );
-    println!(
-        "→ the kernel redirected it to the proxy on :{OUTBOUND_PORT}; getpeername() still shows {echo}"
-    );
+    println!("→ bytes intact; the app still sees the VIP as its peer (getpeername)");
 
-    step(4, "a pod that is not enrolled connects to the same server");
-    let (ok, out) = s.connect_from(&s.stranger_pod.clone(), &echo, 1024);
-    println!("client: {out}");
-    assert!(
-        ok && out.contains("echo=ok"),
-        "the direct connection failed: {out}"
-    );
-    let local = out
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .trim_start_matches("local=");
-    let seen = s
-        .echo
-        .wait_for(&format!("accepted peer={local}"), Duration::from_secs(5));
-    println!("server: {seen}");
-    println!("→ untouched: the server saw the client's own address, not the proxy's");
+    step(4, "both daemons' counters for the client → server edge (/metrics)");
+    println!("node-1 {}", edge_counters(&t, 0, "outbound"));
+    println!("node-2 {}", edge_counters(&t, 1, "inbound"));
 
-    step(
-        5,
-        "bad input: a connection straight to the outbound port (no kernel record)",
-    );
-    let (_, out) = s.connect_from(
-        &s.stranger_pod.clone(),
-        &format!("{NODE_IP}:{OUTBOUND_PORT}"),
-        16,
-    );
-    println!("client: {out}");
-    let line = s
-        .daemon
-        .wait_for("no capture record", Duration::from_secs(5));
-    println!("daemon: {}", line.trim());
+    step(5, "a pod outside the mesh calls the server directly");
+    let server = format!("{}:7000", t.pod("server").ip);
+    let (ok, out) = t.connect("outsider", &server, &["--send", "1024"]);
+    println!("outsider: {out}");
+    assert!(ok && out.contains("echo=ok"), "direct connection failed: {out}");
+    println!("→ untouched: the server saw the outsider's own address");
 
-    step(6, "stop the daemon: counters, then a clean detach");
-    let st = s.daemon.terminate(Duration::from_secs(10));
-    for l in s.daemon.lines() {
-        if l.contains("kernel counters") || l.contains("metric ") || l.contains("detached") {
-            println!("daemon: {}", l.trim());
+    step(6, "stop the daemons: counters, then a clean detach");
+    for i in 0..2 {
+        let st = t.daemon(i).terminate(Duration::from_secs(10));
+        for l in t.daemon(i).lines() {
+            if l.contains("kernel counters") || l.contains("detached") {
+                println!("{}: {}", t.nodes[i].name, l.trim());
+            }
         }
+        assert!(st.success(), "daemon exited with {st}");
     }
-    assert!(st.success(), "daemon exited with {st}");
-    std::thread::sleep(Duration::from_millis(200));
-    let left = bpftool(&["cgroup", "show", &s.cgroups.path().display().to_string()]);
-    let progs: Vec<String> = bpftool(&["prog", "show"])
-        .lines()
-        .filter(|l| l.contains("nm_"))
-        .map(str::to_string)
-        .collect();
-    println!(
-        "bpftool cgroup show after exit: {}",
-        if left.trim().is_empty() {
-            "(nothing attached)"
-        } else {
-            left.trim()
-        }
-    );
+    std::thread::sleep(Duration::from_millis(300));
+    let left = loaded_mesh_programs();
     println!(
         "nm_* programs still loaded: {}",
-        if progs.is_empty() {
+        if left.is_empty() {
             "none".into()
         } else {
-            progs.join("\n")
+            left.join(", ")
         }
     );
-    assert!(
-        left.trim().is_empty() && progs.is_empty(),
-        "programs left behind"
-    );
-    println!("\ndemo complete: namespace and cgroups are removed now.");
+    assert!(left.is_empty(), "programs left behind");
+    println!("\ndemo complete: namespaces, cgroups and pins are removed now.");
 }

@@ -1,0 +1,417 @@
+//! The mesh file: the embedded default control input (demo, tests, hosts without Kubernetes).
+//!
+//! It holds what Kubernetes discovery will later feed: nodes, workloads (pods) and services, and
+//! it is turned into the same [`Snapshot`](crate::state::Snapshot). A bad file never replaces a
+//! good state: [`parse`] either returns a fully validated file or an error naming the line and
+//! what to change.
+//!
+//! ```yaml
+//! nodes:
+//!   - name: node-1
+//!     address: 10.203.0.1       # node-to-node (HBONE :15008) and the outbound listener (:15001)
+//!     meshSource: 10.210.1.254  # the proxy's source address toward local pods
+//! workloads:
+//!   - name: client
+//!     namespace: demo
+//!     serviceAccount: client-sa # default: "default"
+//!     node: node-1
+//!     ip: 10.210.1.2
+//!     cgroup: /sys/fs/cgroup/kubepods/pod1234   # pod-level cgroup v2 folder
+//!     labels: { app: client }
+//!     probePorts: [8081]        # reachable from the node in STRICT mode (at most 4)
+//! services:
+//!   - name: echo
+//!     namespace: demo
+//!     vip: 10.96.0.10
+//!     ports: [{ port: 80, targetPort: 7000 }]
+//!     selector: { app: echo }
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use mesh_common::MAX_PROBE_PORTS;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshFile {
+    #[serde(default)]
+    pub nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeSpec {
+    pub name: String,
+    /// Where other nodes reach this node's HBONE listener, and where local pods reach its outbound
+    /// listener.
+    pub address: Ipv4Addr,
+    /// The proxy's dedicated source address toward local pods: STRICT pods accept TCP only from it.
+    pub mesh_source: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    /// Pod-level cgroup v2 folder: absolute, or relative to the daemon's `--cgroup-root`.
+    pub cgroup: PathBuf,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub probe_ports: Vec<u16>,
+}
+
+fn default_sa() -> String {
+    "default".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    /// Port on the endpoints; default: `port`.
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// A mesh file that cannot be used, with the line to fix (1-based) when it is known.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("mesh file {}{}: {message}", path.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
+pub struct MeshFileError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// Reads and validates a mesh file.
+pub fn load(path: &Path) -> Result<MeshFile, MeshFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| MeshFileError {
+        path: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read it: {e}; pass --mesh-file with a readable file"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates mesh file text; `path` only names the file in errors.
+pub fn parse(path: &Path, text: &str) -> Result<MeshFile, MeshFileError> {
+    let err = |line: Option<usize>, message: String| MeshFileError {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let file: MeshFile = if text.trim().is_empty() {
+        MeshFile::default()
+    } else {
+        serde_norway::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            // The parser's message already names the field and what it expected.
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            err(line, msg)
+        })?
+    };
+    validate(&file).map_err(|(section, needle, message)| {
+        err(line_of(text, section, &needle), message)
+    })?;
+    Ok(file)
+}
+
+/// Checks what the YAML schema cannot: references and uniqueness. An error is
+/// (section, text to find its line by, message).
+fn validate(f: &MeshFile) -> Result<(), (&'static str, String, String)> {
+    let mut node_names = HashSet::new();
+    let mut addrs = HashSet::new();
+    for n in &f.nodes {
+        name_ok("node", &n.name).map_err(|m| ("nodes", n.name.clone(), m))?;
+        if !node_names.insert(n.name.as_str()) {
+            return Err((
+                "nodes",
+                n.name.clone(),
+                format!("node {:?} is declared twice; node names must be unique", n.name),
+            ));
+        }
+        for (what, ip) in [("address", n.address), ("meshSource", n.mesh_source)] {
+            if !addrs.insert(IpAddr::V4(ip)) {
+                return Err((
+                    "nodes",
+                    ip.to_string(),
+                    format!("node {:?}: {what} {ip} is already used by another node", n.name),
+                ));
+            }
+        }
+    }
+    let mut pods = HashSet::new();
+    for w in &f.workloads {
+        let id = format!("{}/{}", w.namespace, w.name);
+        name_ok("workload", &w.name).map_err(|m| ("workloads", w.name.clone(), m))?;
+        name_ok("namespace", &w.namespace).map_err(|m| ("workloads", w.name.clone(), m))?;
+        if !node_names.contains(w.node.as_str()) {
+            return Err((
+                "workloads",
+                w.node.clone(),
+                format!(
+                    "workload {id}: node {:?} is not in `nodes`; add it there or fix the name",
+                    w.node
+                ),
+            ));
+        }
+        if !pods.insert(id.clone()) {
+            return Err((
+                "workloads",
+                w.name.clone(),
+                format!("workload {id} is declared twice"),
+            ));
+        }
+        if !addrs.insert(IpAddr::V4(w.ip)) {
+            return Err((
+                "workloads",
+                w.ip.to_string(),
+                format!(
+                    "workload {id}: ip {} is already used by a node or another workload",
+                    w.ip
+                ),
+            ));
+        }
+        if w.cgroup.as_os_str().is_empty() {
+            return Err((
+                "workloads",
+                w.name.clone(),
+                format!("workload {id}: cgroup is empty; give the pod-level cgroup v2 folder"),
+            ));
+        }
+        if w.probe_ports.len() > MAX_PROBE_PORTS || w.probe_ports.contains(&0) {
+            return Err((
+                "workloads",
+                "probePorts".into(),
+                format!(
+                    "workload {id}: probePorts takes 1 to {MAX_PROBE_PORTS} non-zero ports, got {:?}",
+                    w.probe_ports
+                ),
+            ));
+        }
+    }
+    let mut svcs = HashSet::new();
+    let mut vips: HashMap<(Ipv4Addr, u16), String> = HashMap::new();
+    for s in &f.services {
+        let id = format!("{}/{}", s.namespace, s.name);
+        name_ok("service", &s.name).map_err(|m| ("services", s.name.clone(), m))?;
+        if !svcs.insert(id.clone()) {
+            return Err((
+                "services",
+                s.name.clone(),
+                format!("service {id} is declared twice"),
+            ));
+        }
+        if addrs.contains(&IpAddr::V4(s.vip)) {
+            return Err((
+                "services",
+                s.vip.to_string(),
+                format!(
+                    "service {id}: vip {} is the address of a node or workload",
+                    s.vip
+                ),
+            ));
+        }
+        if s.ports.is_empty() {
+            return Err((
+                "services",
+                s.name.clone(),
+                format!("service {id}: ports is empty; a service needs at least one port"),
+            ));
+        }
+        if s.selector.is_empty() {
+            return Err((
+                "services",
+                s.name.clone(),
+                format!(
+                    "service {id}: selector is empty; it would select every workload — give labels"
+                ),
+            ));
+        }
+        for p in &s.ports {
+            if p.port == 0 || p.target_port == Some(0) {
+                return Err((
+                    "services",
+                    "port".into(),
+                    format!("service {id}: port 0 is not a port"),
+                ));
+            }
+            if let Some(other) = vips.insert((s.vip, p.port), id.clone()) {
+                return Err((
+                    "services",
+                    s.vip.to_string(),
+                    format!("service {id}: {}:{} is also service {other}", s.vip, p.port),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn name_ok(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?} is not a Kubernetes name (lowercase letters, digits, '-', '.')"
+        ))
+    }
+}
+
+/// The 1-based line of the first occurrence of `needle` inside top-level `section`.
+fn line_of(text: &str, section: &str, needle: &str) -> Option<usize> {
+    let header = format!("{section}:");
+    let mut inside = false;
+    for (i, line) in text.lines().enumerate() {
+        if !line.starts_with(' ') && !line.starts_with('-') && !line.trim().is_empty() {
+            inside = line.starts_with(&header);
+            if inside && line.contains(needle) && line.trim() != header {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if inside && line.contains(needle) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+nodes:
+  - name: node-1
+    address: 10.203.0.1
+    meshSource: 10.210.1.254
+  - name: node-2
+    address: 10.203.0.2
+    meshSource: 10.210.2.254
+workloads:
+  - name: client
+    namespace: demo
+    serviceAccount: client-sa
+    node: node-1
+    ip: 10.210.1.2
+    cgroup: kubepods/pod-client
+    labels: { app: client }
+  - name: echo-1
+    namespace: demo
+    node: node-2
+    ip: 10.210.2.2
+    cgroup: /sys/fs/cgroup/pod-echo
+    labels: { app: echo }
+    probePorts: [8081]
+services:
+  - name: echo
+    namespace: demo
+    vip: 10.96.0.10
+    ports: [{ port: 80, targetPort: 7000 }]
+    selector: { app: echo }
+";
+
+    fn p(text: &str) -> Result<MeshFile, MeshFileError> {
+        parse(Path::new("mesh.yaml"), text)
+    }
+
+    #[test]
+    fn good_file_parses() {
+        let f = p(GOOD).expect("good");
+        assert_eq!(f.nodes.len(), 2);
+        assert_eq!(f.workloads[1].service_account, "default");
+        assert_eq!(f.workloads[1].probe_ports, vec![8081]);
+        assert_eq!(f.services[0].ports[0].target(), 7000);
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_mesh() {
+        assert_eq!(p("").expect("empty"), MeshFile::default());
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let bad = GOOD.replace("    ip: 10.210.2.2", "    ip: [10.210.2.2");
+        let e = p(&bad).expect_err("bad yaml");
+        assert!(e.line.is_some_and(|l| (18..=21).contains(&l)), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_the_line_and_field() {
+        let bad = GOOD.replace("ip: 10.210.2.2", "ip: 10.210.2.300");
+        let e = p(&bad).expect_err("bad ip");
+        assert_eq!(e.line, Some(19), "{e}");
+        assert!(e.to_string().contains("mesh.yaml line 19"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let bad = GOOD.replace("serviceAccount: client-sa", "serviceAcount: client-sa");
+        let e = p(&bad).expect_err("typo");
+        assert!(e.message.contains("serviceAcount"), "{e}");
+        assert_eq!(e.line, Some(11), "{e}");
+    }
+
+    #[test]
+    fn unknown_node_names_the_line() {
+        let bad = GOOD.replace("node: node-2", "node: node-9");
+        let e = p(&bad).expect_err("unknown node");
+        assert_eq!(e.line, Some(18), "{e}");
+        assert!(e.message.contains("node-9") && e.message.contains("nodes"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_ip_and_vip_clash_are_refused() {
+        let bad = GOOD.replace("ip: 10.210.2.2", "ip: 10.210.1.2");
+        let e = p(&bad).expect_err("dup ip");
+        assert!(e.message.contains("already used"), "{e}");
+        let bad = GOOD.replace("vip: 10.96.0.10", "vip: 10.210.1.2");
+        let e = p(&bad).expect_err("vip clash");
+        assert!(e.message.contains("vip"), "{e}");
+        assert_eq!(e.line, Some(27), "{e}");
+    }
+
+    #[test]
+    fn empty_selector_and_too_many_probe_ports_are_refused() {
+        let bad = GOOD.replace("selector: { app: echo }", "selector: {}");
+        assert!(p(&bad).expect_err("selector").message.contains("selector"));
+        let bad = GOOD.replace("probePorts: [8081]", "probePorts: [1, 2, 3, 4, 5]");
+        assert!(p(&bad).expect_err("probes").message.contains("probePorts"));
+    }
+}

@@ -1,0 +1,78 @@
+//! `cgroup_skb/ingress`: inbound enforcement for enrolled pods.
+//!
+//! A TCP SYN to an enrolled pod from any source other than the node proxy's mesh source address is
+//! plaintext from outside the mesh. PERMISSIVE pods accept it (counted); STRICT pods drop it unless
+//! it targets one of their declared probe ports (kubelet probes come from the node, not the mesh).
+//! Only connection attempts are judged: packets of established connections pass untouched, so
+//! replies to the pod's own outbound connections are never affected.
+
+use aya_ebpf::{helpers::bpf_skb_ancestor_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};
+use mesh_common::{Counter, ENROLL_STRICT, Enrollment, MAX_PROBE_PORTS};
+
+use crate::maps::{config, count, enrolled_ancestor_by};
+
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+const ETH_P_IP: u32 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+#[cgroup_skb(ingress)]
+pub fn nm_ingress(ctx: SkBuffContext) -> i32 {
+    // A packet this program cannot parse is not a SYN it needs to judge.
+    try_ingress(&ctx).unwrap_or(PASS)
+}
+
+fn try_ingress(ctx: &SkBuffContext) -> Option<i32> {
+    // The context's protocol is the L3 ethertype in network byte order. IPv6 pods are refused
+    // outbound by connect6 and not judged here yet.
+    if u16::from_be(ctx.skb.protocol() as u16) as u32 != ETH_P_IP {
+        return None;
+    }
+    let cfg = config()?;
+    // cgroup_skb data starts at the IP header.
+    let vihl: u8 = ctx.load(0).ok()?;
+    if ctx.load::<u8>(9).ok()? != IPPROTO_TCP {
+        return None;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let flags: u8 = ctx.load(ihl + 13).ok()?;
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        return None;
+    }
+    let (_, enrollment) = enrolled_ancestor_of_skb(ctx)?;
+    let saddr: u32 = ctx.load(12).ok()?;
+    if cfg.mesh_source4 != 0 && saddr == cfg.mesh_source4 {
+        return None;
+    }
+    let dport = u16::from_be(ctx.load::<u16>(ihl + 2).ok()?);
+    if enrollment.flags & ENROLL_STRICT != 0 && !is_probe_port(&enrollment, dport) {
+        count(Counter::InboundDenied);
+        return Some(DROP);
+    }
+    count(Counter::InboundPlaintext);
+    None
+}
+
+#[inline(always)]
+fn is_probe_port(e: &Enrollment, port: u16) -> bool {
+    let mut i = 0;
+    while i < MAX_PROBE_PORTS {
+        if e.probe_ports[i] != 0 && e.probe_ports[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The enrolled pod-level cgroup of the socket receiving this packet.
+#[inline(always)]
+fn enrolled_ancestor_of_skb(ctx: &SkBuffContext) -> Option<(u64, Enrollment)> {
+    // SAFETY: a helper call on the program's own context.
+    enrolled_ancestor_by(|level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb.cast(), level) })
+}

@@ -1,0 +1,439 @@
+//! N nodes and M pods on one machine: a network namespace per node and per pod, a bridge between
+//! the nodes, a veth pair and a cgroup per pod, routes between the nodes' pod ranges, a mesh file
+//! describing it all, and the real daemon running inside each node's namespace.
+//!
+//! Addresses: node `i` (1-based) is `10.203.0.i` on the node network and routes `10.210.i.0/24`
+//! to its pods; its pods reach it through the gateway `10.210.i.1`, and its proxy talks to them
+//! from its mesh source `10.210.i.254`. Service VIPs are `10.96.0.x`.
+//!
+//! Everything is a guard: dropping the [`Topology`] (also while a test panics) stops the
+//! processes, removes the pinned links, the cgroups and every namespace.
+
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use crate::{bin, cgroup::TestCgroup, netns::Netns, process::Proc, sh, unique};
+
+/// A pod to create.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    /// 0-based node index.
+    pub node: usize,
+    /// In the mesh file (captured and served by the mesh) or not.
+    pub meshed: bool,
+    pub labels: Vec<(String, String)>,
+    pub probe_ports: Vec<u16>,
+}
+
+impl PodSpec {
+    pub fn meshed(name: &str, node: usize, app: &str) -> Self {
+        Self {
+            name: name.into(),
+            node,
+            meshed: true,
+            labels: vec![("app".into(), app.into())],
+            probe_ports: vec![],
+        }
+    }
+
+    pub fn plain(name: &str, node: usize) -> Self {
+        Self {
+            name: name.into(),
+            node,
+            meshed: false,
+            labels: vec![],
+            probe_ports: vec![],
+        }
+    }
+
+    pub fn probes(mut self, ports: &[u16]) -> Self {
+        self.probe_ports = ports.to_vec();
+        self
+    }
+}
+
+/// A service to declare: VIP, (port, target port), selected app label.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub target_port: u16,
+    pub app: String,
+}
+
+pub struct Pod {
+    pub name: String,
+    pub node: usize,
+    pub ip: String,
+    pub cgroup: PathBuf,
+    pub ns: Netns,
+    pub meshed: bool,
+}
+
+pub struct Node {
+    pub name: String,
+    pub ip: String,
+    pub mesh_source: String,
+    pub ns: Netns,
+}
+
+/// How each node's daemon runs.
+#[derive(Clone, Debug)]
+pub struct DaemonOpts {
+    pub inbound: &'static str,
+    pub fail_open: bool,
+    pub sockmap: bool,
+}
+
+impl Default for DaemonOpts {
+    fn default() -> Self {
+        Self {
+            inbound: "permissive",
+            fail_open: false,
+            sockmap: false,
+        }
+    }
+}
+
+pub struct Topology {
+    // Drop order matters: processes first, then pins, cgroups, namespaces.
+    pub daemons: Vec<Option<Proc>>,
+    pub servers: Vec<Proc>,
+    pins: PinGuard,
+    pub pods: Vec<Pod>,
+    pub cgroups: TestCgroup,
+    pub nodes: Vec<Node>,
+    _fabric: Netns,
+    pub mesh_file: PathBuf,
+    pub opts: DaemonOpts,
+    _dir: TempDir,
+}
+
+struct PinGuard(PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let _ = mesh_daemon::ebpf::loader::uninstall(&self.0);
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub const GATEWAY_HOST: u8 = 1;
+pub const MESH_SOURCE_HOST: u8 = 254;
+
+impl Topology {
+    /// Builds `nodes` nodes, the pods and the mesh file; daemons are started by [`Self::start`].
+    pub fn build(tag: &str, nodes: usize, pods: &[PodSpec], services: &[ServiceSpec]) -> Self {
+        let base = unique(tag);
+        let dir = std::env::temp_dir().join(format!("{base}-topology"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = TempDir(dir);
+        let fabric = Netns::new(&format!("{base}f"));
+        fabric.ip(&["link", "add", "br0", "type", "bridge"]);
+        fabric.ip(&["link", "set", "br0", "up"]);
+        let mut node_list = Vec::new();
+        for i in 1..=nodes {
+            let ns = Netns::new(&format!("{base}n{i}"));
+            let ip = format!("10.203.0.{i}");
+            let f_if = format!("f{i}");
+            let tmp = format!("t{i}");
+            fabric.ip(&["link", "add", &f_if, "type", "veth", "peer", "name", &tmp]);
+            fabric.ip(&["link", "set", &tmp, "netns", ns.name()]);
+            ns.ip(&["link", "set", &tmp, "name", "eth0"]);
+            fabric.ip(&["link", "set", &f_if, "master", "br0", "up"]);
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+            let mesh_source = format!("10.210.{i}.{MESH_SOURCE_HOST}");
+            ns.ip(&["addr", "add", &format!("{mesh_source}/32"), "dev", "lo"]);
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns.name(),
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ],
+            );
+            node_list.push(Node {
+                name: format!("node-{i}"),
+                ip,
+                mesh_source,
+                ns,
+            });
+        }
+        for (i, n) in node_list.iter().enumerate() {
+            for j in 1..=nodes {
+                if j != i + 1 {
+                    n.ns.ip(&[
+                        "route",
+                        "add",
+                        &format!("10.210.{j}.0/24"),
+                        "via",
+                        &format!("10.203.0.{j}"),
+                    ]);
+                }
+            }
+        }
+        let mut cgroups = TestCgroup::new(&format!("{base}cg"));
+        for i in 1..=nodes {
+            cgroups.child(&format!("node-{i}"));
+        }
+        let mut pod_list = Vec::new();
+        let mut next_host = vec![2u8; nodes];
+        for (k, spec) in pods.iter().enumerate() {
+            let n = &node_list[spec.node];
+            let host = next_host[spec.node];
+            next_host[spec.node] += 1;
+            let ip = format!("10.210.{}.{host}", spec.node + 1);
+            let gw = format!("10.210.{}.{GATEWAY_HOST}", spec.node + 1);
+            let ns = Netns::new(&format!("{base}p{k}"));
+            let v = format!("v{k}");
+            let tmp = format!("p{k}");
+            n.ns.ip(&["link", "add", &v, "type", "veth", "peer", "name", &tmp]);
+            n.ns.ip(&["link", "set", &tmp, "netns", ns.name()]);
+            ns.ip(&["link", "set", &tmp, "name", "eth0"]);
+            n.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &v]);
+            n.ns.ip(&["link", "set", &v, "up"]);
+            n.ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &v]);
+            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+            ns.ip(&["route", "add", &gw, "dev", "eth0"]);
+            ns.ip(&["route", "add", "default", "via", &gw]);
+            // Each node has its own cgroup subtree, as each machine has its own hierarchy.
+            let cgroup = cgroups.child(&format!(
+                "node-{}/kubepods/burstable/pod-{}",
+                spec.node + 1,
+                spec.name
+            ));
+            pod_list.push(Pod {
+                name: spec.name.clone(),
+                node: spec.node,
+                ip,
+                cgroup,
+                ns,
+                meshed: spec.meshed,
+            });
+        }
+        let mesh_file = dir.0.join("mesh.yaml");
+        let topo = Self {
+            daemons: (0..nodes).map(|_| None).collect(),
+            servers: Vec::new(),
+            pins: PinGuard(PathBuf::from("/sys/fs/bpf").join(format!("{base}-pins"))),
+            pods: pod_list,
+            cgroups,
+            nodes: node_list,
+            _fabric: fabric,
+            mesh_file,
+            opts: DaemonOpts::default(),
+            _dir: dir,
+        };
+        std::fs::write(&topo.mesh_file, topo.mesh_yaml(pods, services)).expect("write mesh file");
+        topo
+    }
+
+    /// The mesh file for this topology.
+    pub fn mesh_yaml(&self, pods: &[PodSpec], services: &[ServiceSpec]) -> String {
+        let mut y = String::from("# written by nodemesh-tests' topology helper\nnodes:\n");
+        for n in &self.nodes {
+            let _ = writeln!(
+                y,
+                "  - name: {}\n    address: {}\n    meshSource: {}",
+                n.name, n.ip, n.mesh_source
+            );
+        }
+        y.push_str("workloads:\n");
+        for (p, spec) in self.pods.iter().zip(pods).filter(|(p, _)| p.meshed) {
+            let labels: Vec<String> = spec
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let _ = writeln!(
+                y,
+                "  - name: {}\n    namespace: demo\n    serviceAccount: {}-sa\n    node: {}\n    \
+                 ip: {}\n    cgroup: {}\n    labels: {{ {} }}\n    probePorts: {:?}",
+                p.name,
+                p.name,
+                self.nodes[p.node].name,
+                p.ip,
+                p.cgroup.display(),
+                labels.join(", "),
+                spec.probe_ports
+            );
+        }
+        y.push_str("services:\n");
+        for s in services {
+            let _ = writeln!(
+                y,
+                "  - name: {}\n    namespace: demo\n    vip: {}\n    ports: [{{ port: {}, targetPort: {} }}]\n    selector: {{ app: {} }}",
+                s.name, s.vip, s.port, s.target_port, s.app
+            );
+        }
+        y
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Node `i`'s cgroup subtree: its daemon attaches there.
+    pub fn node_cgroup_root(&self, i: usize) -> PathBuf {
+        self.cgroups.path().join(&self.nodes[i].name)
+    }
+
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        self.pins.0.join(&self.nodes[node].name)
+    }
+
+    /// The daemon command for node `i`, as `start` runs it (tests add or change flags).
+    pub fn daemon_command(&self, i: usize) -> Command {
+        let n = &self.nodes[i];
+        let mut d = Command::new("nsenter");
+        // nsenter --net changes only the network namespace, so /sys (cgroup v2, bpffs) stays.
+        d.arg(format!("--net={}", n.ns.path().display()))
+            .arg(bin("mesh-daemon"))
+            .arg("run")
+            .args(["--node", &n.name])
+            .arg("--mesh-file")
+            .arg(&self.mesh_file)
+            .arg("--cgroup-root")
+            .arg(self.node_cgroup_root(i))
+            .arg("--pin-dir")
+            .arg(self.pin_dir(i))
+            .args(["--metrics", &format!("{}:15020", n.ip)])
+            .args(["--inbound", self.opts.inbound])
+            .args(["--sockmap", if self.opts.sockmap { "on" } else { "off" }])
+            .env("NODEMESH_LOG", "info");
+        if self.opts.fail_open {
+            d.arg("--fail-open");
+        }
+        d
+    }
+
+    /// Starts every node's daemon and waits until each is ready.
+    pub fn start(&mut self, opts: DaemonOpts) {
+        self.opts = opts;
+        for i in 0..self.nodes.len() {
+            self.start_daemon(i);
+        }
+    }
+
+    pub fn start_daemon(&mut self, i: usize) {
+        let mut p = Proc::spawn(&format!("mesh-daemon {}", self.nodes[i].name), self.daemon_command(i));
+        p.wait_for("ready", Duration::from_secs(30));
+        self.daemons[i] = Some(p);
+    }
+
+    pub fn daemon(&mut self, i: usize) -> &mut Proc {
+        self.daemons[i].as_mut().expect("daemon running")
+    }
+
+    /// Kills node `i`'s daemon with SIGKILL (a crash: nothing is cleaned up).
+    pub fn crash_daemon(&mut self, i: usize) {
+        if let Some(mut p) = self.daemons[i].take() {
+            // SAFETY: kill on a child pid we own.
+            unsafe { libc::kill(p.pid() as i32, libc::SIGKILL) };
+            p.terminate(Duration::from_secs(5));
+        }
+    }
+
+    /// Starts a mesh-app server (`echo-server`, `count-server`, `rst-server`) in a pod.
+    pub fn serve(&mut self, pod: &str, kind: &str, port: u16) -> usize {
+        let p = self.pod(pod);
+        let mut cmd = Command::new(bin("mesh-app"));
+        cmd.arg("--cgroup")
+            .arg(&p.cgroup)
+            .args(["--netns", p.ns.name(), kind])
+            .arg(format!("{}:{port}", p.ip));
+        let mut proc = Proc::spawn(&format!("{kind} in {pod}"), cmd);
+        proc.wait_for("listening", Duration::from_secs(5));
+        self.servers.push(proc);
+        self.servers.len() - 1
+    }
+
+    /// Runs `mesh-app connect <addr> <args>` in a pod; returns (success, output line).
+    pub fn connect(&self, pod: &str, addr: &str, args: &[&str]) -> (bool, String) {
+        let p = self.pod(pod);
+        let mut a = vec!["connect", addr];
+        a.extend_from_slice(args);
+        let out = crate::mesh_app(&p.cgroup, p.ns.name(), &a);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    }
+
+    /// node `i`'s `/metrics`, fetched from inside its namespace.
+    pub fn scrape(&self, i: usize) -> String {
+        let addr = format!("{}:15020", self.nodes[i].ip);
+        self.nodes[i]
+            .ns
+            .run(move || {
+                let mut s = std::net::TcpStream::connect(&addr).expect("connect to /metrics");
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .expect("request");
+                let mut body = String::new();
+                s.read_to_string(&mut body).expect("response");
+                body
+            })
+            .join()
+            .expect("scrape thread")
+    }
+
+    /// The value of one sample in node `i`'s metrics (0 when absent): `name` plus every
+    /// `label="value"` in `labels` must match.
+    pub fn metric(&self, i: usize, name: &str, labels: &[(&str, &str)]) -> u64 {
+        sample(&self.scrape(i), name, labels)
+    }
+
+    pub fn rewrite_mesh_file(&self, text: &str) {
+        // Write then rename, as a config management tool would, so the daemon never reads half.
+        let tmp = self.mesh_file.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write mesh file");
+        std::fs::rename(&tmp, &self.mesh_file).expect("rename mesh file");
+    }
+
+    pub fn mesh_file_path(&self) -> &Path {
+        &self.mesh_file
+    }
+}
+
+/// Sums the samples of family `name` whose labels include all of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split(['{', ' '])
+                .next()
+                .is_some_and(|n| n == name)
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}

@@ -1,0 +1,433 @@
+//! Privileged: the L4 data path across two nodes, with the real daemons and kernel hooks.
+//!
+//! Node 1 holds the client pod, a pod outside the mesh, a pod that will spoof an address, and a
+//! local server; node 2 holds the server behind the `echo` service VIP. Every test builds its own
+//! topology and removes it on drop (also on panic).
+//!
+//! `--sockmap on` is refused by the daemon (see `sockmap_on_is_refused_with_the_kernel_reason`),
+//! so these suites run with `--sockmap off` only.
+
+use std::time::{Duration, Instant};
+
+use nodemesh_tests::{
+    bin, loaded_mesh_programs, require_root,
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology},
+};
+
+const VIP: &str = "10.96.0.10:80";
+const MIB: usize = 1 << 20;
+
+fn two_nodes(tag: &str, opts: DaemonOpts) -> Topology {
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::plain("stranger", 0),
+        PodSpec::meshed("spoofer", 0, "spoofer"),
+        PodSpec::meshed("local", 0, "local"),
+        PodSpec::meshed("server", 1, "echo").probes(&[8081]),
+    ];
+    let services = [ServiceSpec {
+        name: "echo".into(),
+        vip: "10.96.0.10".into(),
+        port: 80,
+        target_port: 7000,
+        app: "echo".into(),
+    }];
+    let mut t = Topology::build(tag, 2, &pods, &services);
+    t.start(opts);
+    t
+}
+
+/// The `local=` address a mesh-app line reports.
+fn local_of(line: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("local="))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched() {
+    require_root("pod_to_pod_across_nodes");
+    let mut t = two_nodes("dp", DaemonOpts::default());
+    let server_ip = t.pod("server").ip.clone();
+    let srv = t.serve("server", "echo-server", 7000);
+    let local_srv = t.serve("local", "echo-server", 7000);
+    let server = format!("{server_ip}:7000");
+
+    // By pod IP: 1 MiB each way, byte-exact; the app still sees the address it dialled.
+    let (ok, out) = t.connect("client", &server, &["--send", &MIB.to_string()]);
+    assert!(
+        ok && out.contains("echo=ok") && out.contains(&format!("peer={server}")),
+        "{out}\n{}",
+        t.daemon(0).output()
+    );
+    println!("client → server by pod IP: {out}");
+    // The server sees the connection from the mesh: node 2's mesh source, not the client.
+    let seen = t.servers[srv].wait_for("accepted peer=10.210.2.254:", Duration::from_secs(5));
+    println!("  server: {seen}");
+    let line = t.daemon(0).wait_for("captured connection", Duration::from_secs(5));
+    assert!(line.contains("workload=demo/client") && line.contains("hbone"), "{line}");
+    println!("  node-1: {line}");
+
+    // By service VIP: same bytes, through the load balancer.
+    let (ok, out) = t.connect("client", VIP, &["--send", &MIB.to_string()]);
+    assert!(ok && out.contains("echo=ok") && out.contains(&format!("peer={VIP}")), "{out}");
+    println!("client → server by VIP: {out}");
+
+    // Both daemons counted both connections, with the right workloads on the edge.
+    let edge = [("source_workload", "client"), ("destination_workload", "server")];
+    let out_open = t.metric(
+        0,
+        "nodemesh_tcp_connections_opened_total",
+        &[&[("reporter", "outbound")], &edge[..]].concat(),
+    );
+    let in_open = t.metric(
+        1,
+        "nodemesh_tcp_connections_opened_total",
+        &[&[("reporter", "inbound")], &edge[..]].concat(),
+    );
+    let in_bytes = t.metric(
+        1,
+        "nodemesh_tcp_sent_bytes_total",
+        &[&[("reporter", "inbound")], &edge[..]].concat(),
+    );
+    let out_bytes = t.metric(
+        0,
+        "nodemesh_tcp_sent_bytes_total",
+        &[&[("reporter", "outbound")], &edge[..]].concat(),
+    );
+    println!(
+        "counters: node-1 outbound opened={out_open} sent={out_bytes}; node-2 inbound opened={in_open} sent={in_bytes}"
+    );
+    assert_eq!(out_open, 2, "node-1 outbound connections");
+    assert_eq!(in_open, 2, "node-2 inbound connections");
+    assert_eq!(out_bytes, 2 * MIB as u64, "bytes the client sent, seen by node-1");
+    assert_eq!(in_bytes, 2 * MIB as u64, "bytes the client sent, seen by node-2");
+
+    // Same node: through the proxy, in-process; the local server sees node 1's mesh source.
+    let local = format!("{}:7000", t.pod("local").ip);
+    let (ok, out) = t.connect("client", &local, &["--send", "65536"]);
+    assert!(ok && out.contains("echo=ok"), "{out}");
+    t.servers[local_srv].wait_for("accepted peer=10.210.1.254:", Duration::from_secs(5));
+    let line = t.daemon(0).wait_for("route=local", Duration::from_secs(5));
+    println!("same node: {out}\n  node-1: {line}");
+
+    // Not in the mesh: untouched; the server sees the stranger's own address.
+    let (ok, out) = t.connect("stranger", &server, &["--send", "1000"]);
+    assert!(ok && out.contains("echo=ok"), "{out}");
+    let own = local_of(&out);
+    t.servers[srv].wait_for(&format!("accepted peer={own}"), Duration::from_secs(5));
+    println!("non-meshed pod went direct: {out}");
+    // PERMISSIVE inbound lets plaintext in and counts it.
+    assert!(
+        t.metric(1, "nodemesh_ebpf_events_total", &[("event", "inbound_plaintext")]) >= 1,
+        "plaintext inbound counted"
+    );
+
+    // Bad input: a connection straight to the outbound port has no kernel record. It is reset
+    // and counted, and the daemon keeps serving.
+    let (ok, out) = t.connect("stranger", "10.203.0.1:15001", &["--send", "10"]);
+    assert!(!ok || !out.contains("echo=ok"), "a recordless connection must not be proxied: {out}");
+    t.daemon(0).wait_for("no capture record", Duration::from_secs(5));
+    assert!(
+        t.metric(0, "nodemesh_tcp_connections_failed_total", &[("reason", "no_record")]) >= 1
+    );
+
+    // A second daemon for the same node fails start-up with the cause; the first keeps serving.
+    let second = t.daemon_command(0).output().expect("run a second daemon");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("cannot listen on"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+    assert!(ok && out.contains("echo=ok"), "first daemon must keep serving: {out}");
+
+    // A clean exit prints the counters and leaves nothing attached.
+    for i in 0..2 {
+        let st = t.daemon(i).terminate(Duration::from_secs(10));
+        let log = t.daemon(i).output();
+        assert!(st.success() && log.contains("eBPF programs detached"), "{log}");
+        let counters = log
+            .lines()
+            .find(|l| l.contains("kernel counters"))
+            .unwrap_or_default()
+            .to_string();
+        println!("node-{} at exit: {counters}", i + 1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(loaded_mesh_programs(), Vec::<String>::new(), "left attached");
+}
+
+#[test]
+fn half_close_reset_and_refused_port_pass_end_to_end() {
+    require_root("half_close_reset_and_refused_port");
+    let mut t = two_nodes("hc", DaemonOpts::default());
+    let ip = t.pod("server").ip.clone();
+    let echo = t.serve("server", "echo-server", 7000);
+    let count = t.serve("server", "count-server", 7001);
+    t.serve("server", "rst-server", 7002);
+
+    // Half-close: the server answers only after it saw the client's FIN, on the still-open
+    // direction.
+    let (ok, out) = t.connect("client", &format!("{ip}:7001"), &["--send", "100000", "--reply"]);
+    assert!(ok && out.contains("reply=received=100000"), "{out}");
+    t.servers[count].wait_for("half-close=seen", Duration::from_secs(5));
+    println!("half-close: {out}");
+
+    // Reset from the server reaches the client as a reset, promptly.
+    let start = Instant::now();
+    let (ok, out) = t.connect("client", &format!("{ip}:7002"), &["--send", "10"]);
+    let took = start.elapsed();
+    assert!(!ok && out.contains("ConnectionReset"), "{out}");
+    assert!(took < Duration::from_secs(1), "server reset took {took:?}");
+    println!("server reset → client: {out} ({took:?})");
+
+    // Reset from the client reaches the server as a reset.
+    let (ok, out) = t.connect("client", &format!("{ip}:7000"), &["--send", "1000", "--rst"]);
+    assert!(ok, "{out}");
+    let line = t.servers[echo].wait_for("error=ConnectionReset", Duration::from_secs(5));
+    println!("client reset → server: {line}");
+
+    // A closed port on the remote pod: a reset within a second, not a hang; counted.
+    let start = Instant::now();
+    let (ok, out) = t.connect("client", &format!("{ip}:7999"), &["--send", "10"]);
+    let took = start.elapsed();
+    assert!(!ok && out.contains("ConnectionReset"), "{out}");
+    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+    println!("closed remote port: {out} ({took:?})");
+    assert!(
+        t.metric(
+            0,
+            "nodemesh_tcp_connections_failed_total",
+            &[("reason", "upstream_refused")]
+        ) >= 1
+    );
+    assert!(
+        t.metric(1, "nodemesh_tcp_connections_failed_total", &[("reporter", "inbound"), ("reason", "upstream_refused")]) >= 1
+    );
+}
+
+#[test]
+fn strict_inbound_admits_only_the_mesh_and_probe_ports() {
+    require_root("strict_inbound");
+    let mut t = two_nodes(
+        "st",
+        DaemonOpts {
+            inbound: "strict",
+            ..DaemonOpts::default()
+        },
+    );
+    let ip = t.pod("server").ip.clone();
+    t.serve("server", "echo-server", 7000);
+    t.serve("server", "echo-server", 8081);
+
+    let (ok, out) = t.connect("client", &format!("{ip}:7000"), &["--send", "4096"]);
+    assert!(ok && out.contains("echo=ok"), "meshed client: {out}");
+    let (ok, out) = t.connect(
+        "stranger",
+        &format!("{ip}:7000"),
+        &["--send", "10", "--connect-timeout-ms", "1500"],
+    );
+    assert!(!ok, "plaintext to a STRICT pod must not connect: {out}");
+    println!("stranger → strict pod: {out}");
+    let (ok, out) = t.connect("stranger", &format!("{ip}:8081"), &["--send", "10"]);
+    assert!(ok && out.contains("echo=ok"), "declared probe port: {out}");
+    let denied = t.metric(1, "nodemesh_ebpf_events_total", &[("event", "inbound_denied")]);
+    println!("stranger → probe port: {out}; node-2 inbound_denied={denied}");
+    assert!(denied >= 1);
+}
+
+#[test]
+fn spoofed_address_is_identified_by_cgroup() {
+    require_root("spoofed_address");
+    let mut t = two_nodes("sp", DaemonOpts::default());
+    let ip = t.pod("server").ip.clone();
+    t.serve("server", "echo-server", 7000);
+    let victim = t.pod("client").ip.clone();
+    let spoofer = t.pod("spoofer");
+    // The spoofer claims the client's address. For its packets to get answers, node 1 must send
+    // that address to the spoofer: the test grants it what winning an ARP race on a shared L2
+    // segment would.
+    spoofer
+        .ns
+        .ip(&["addr", "add", &format!("{victim}/32"), "dev", "eth0"]);
+    let v_if = format!("v{}", t.pods.iter().position(|p| p.name == "spoofer").expect("pod"));
+    t.nodes[0]
+        .ns
+        .ip(&["route", "replace", &format!("{victim}/32"), "dev", &v_if]);
+    let (ok, out) = t.connect(
+        "spoofer",
+        &format!("{ip}:7000"),
+        &["--send", "1000", "--bind", &victim],
+    );
+    assert!(ok && out.contains(&format!("local={victim}:")), "{out}");
+    let line = t.daemon(0).wait_for(&format!("peer={victim}:"), Duration::from_secs(5));
+    println!("spoofer using {victim}: {out}\n  node-1: {line}");
+    assert!(
+        line.contains("workload=demo/spoofer"),
+        "identity must come from the cgroup, not the address: {line}"
+    );
+}
+
+#[test]
+fn fail_closed_while_down_then_uninstall_leaves_nothing() {
+    require_root("fail_closed");
+    let mut t = two_nodes("fc", DaemonOpts::default());
+    let server = format!("{}:7000", t.pod("server").ip);
+    t.serve("server", "echo-server", 7000);
+    let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
+    assert!(ok, "{out}");
+
+    t.crash_daemon(0);
+    let start = Instant::now();
+    let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
+    let took = start.elapsed();
+    assert!(!ok && out.contains("ConnectionRefused"), "daemon down must fail closed: {out}");
+    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+    println!("daemon crashed: meshed client refused at once: {out} ({took:?})");
+    let (ok, out) = t.connect("stranger", &server, &["--send", "1000"]);
+    assert!(ok, "pods outside the mesh are unaffected: {out}");
+
+    // A new daemon takes over the pinned hooks.
+    t.start_daemon(0);
+    let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
+    assert!(ok && out.contains("echo=ok"), "after restart: {out}");
+    let taken = t.daemon(0).wait_for("removing links left pinned", Duration::from_secs(5));
+    println!("restarted: {taken}");
+
+    // Crash both, then `mesh-daemon uninstall` removes every program, link and map.
+    t.crash_daemon(0);
+    t.crash_daemon(1);
+    assert!(!loaded_mesh_programs().is_empty(), "pinned hooks outlive a crash");
+    let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
+    let out = std::process::Command::new(bin("mesh-daemon"))
+        .args(["uninstall", "--pin-dir"])
+        .arg(&root)
+        .output()
+        .expect("run uninstall");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success() && text.contains("uninstalled"), "{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(loaded_mesh_programs(), Vec::<String>::new(), "programs left");
+    let maps = nodemesh_tests::sh("bpftool", &["map", "show"]);
+    assert!(!maps.contains("NM_"), "maps left:\n{maps}");
+    println!("after uninstall: no nm_* program and no NM_* map (bpftool prog/map show)");
+    let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
+    assert!(ok && out.contains("echo=ok"), "uninstalled: direct again: {out}");
+}
+
+#[test]
+fn fail_open_goes_direct_while_down_and_clean_exit_detaches() {
+    require_root("fail_open");
+    let mut t = two_nodes(
+        "fo",
+        DaemonOpts {
+            fail_open: true,
+            ..DaemonOpts::default()
+        },
+    );
+    let server = format!("{}:7000", t.pod("server").ip);
+    let srv = t.serve("server", "echo-server", 7000);
+    t.crash_daemon(0);
+    let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
+    assert!(ok && out.contains("echo=ok"), "--fail-open goes direct: {out}");
+    t.servers[srv].wait_for(&format!("accepted peer={}", local_of(&out)), Duration::from_secs(5));
+    println!("fail-open, daemon down: {out}");
+    let st = t.daemon(1).terminate(Duration::from_secs(10));
+    assert!(st.success(), "{}", t.daemon(1).output());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(loaded_mesh_programs(), Vec::<String>::new());
+}
+
+#[test]
+fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state() {
+    require_root("mesh_file_reload");
+    let mut t = two_nodes("mf", DaemonOpts::default());
+    t.serve("server", "echo-server", 7000);
+    let good = std::fs::read_to_string(&t.mesh_file).expect("mesh file");
+
+    let bad = good.replacen("meshSource: 10.210.2.254", "meshSource: [10.210.2.254", 1);
+    t.rewrite_mesh_file(&bad);
+    let line = t.daemon(0).wait_for("mesh file rejected", Duration::from_secs(5));
+    println!("bad file: {line}");
+    assert!(line.contains("line "), "the error names the line: {line}");
+    let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+    assert!(ok && out.contains("echo=ok"), "last good state still serves: {out}");
+    assert!(t.metric(0, "nodemesh_config_reloads_total", &[("result", "error")]) >= 1);
+
+    // A good change applies: the service is gone, so its VIP no longer leads anywhere.
+    let cut = good.find("services:").expect("services section");
+    t.rewrite_mesh_file(&format!("{}services: []\n", &good[..cut]));
+    t.daemon(0).wait_for("service_ports=0", Duration::from_secs(5));
+    let (ok, out) = t.connect("client", VIP, &["--send", "10", "--connect-timeout-ms", "2000"]);
+    assert!(!ok, "a removed service is not served: {out}");
+    println!("service removed by reload: {out}");
+}
+
+#[test]
+fn hbone_refuses_targets_that_are_not_local_pods_and_survives_garbage() {
+    require_root("hbone_refusals");
+    let mut t = two_nodes("hb", DaemonOpts::default());
+    let server = format!("{}:7000", t.pod("server").ip);
+    t.serve("server", "echo-server", 7000);
+    let client_pod = format!("{}:7000", t.pod("client").ip);
+    let node2 = "10.203.0.2:15008".parse().expect("addr");
+    let results = t.nodes[0]
+        .ns
+        .run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let c = mesh_daemon::proxy::hbone::Client::new(0);
+                let mut out = Vec::new();
+                for target in ["10.203.0.2:15020", "127.0.0.1:15000", "10.210.2.254:7000", &client_pod] {
+                    let r = c
+                        .connect(node2, target.parse().expect("addr"), "demo/client")
+                        .await;
+                    out.push((target.to_string(), r.map(|_| ()).map_err(|e| e.to_string())));
+                }
+                // Garbage on the HBONE port.
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::TcpStream::connect(node2).await.expect("connect");
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01garbage").await;
+                let mut buf = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+                out
+            })
+        })
+        .join()
+        .expect("hbone thread");
+    for (target, r) in &results {
+        println!("CONNECT {target}: {r:?}");
+        let e = r.as_ref().expect_err("must be refused");
+        assert!(e.contains("403") && e.contains("not a meshed pod on this node"), "{e}");
+    }
+    t.daemon(1).wait_for("did not speak HTTP/2 HBONE", Duration::from_secs(5));
+    let (ok, out) = t.connect("client", &server, &["--send", "4096"]);
+    assert!(ok && out.contains("echo=ok"), "legitimate traffic unaffected: {out}");
+    assert!(
+        t.metric(1, "nodemesh_tcp_connections_failed_total", &[("reason", "not_local_pod")]) >= 4
+    );
+}
+
+/// `--sockmap on` is refused, with the kernel's reason, until the fast path passes this same
+/// suite (see `run` in mesh-daemon's main.rs): an app-visible EAGAIN is not a mode to offer.
+#[test]
+fn sockmap_on_is_refused_with_the_kernel_reason() {
+    require_root("sockmap_on_is_refused");
+    let out = std::process::Command::new(bin("mesh-daemon"))
+        .args(["run", "--node", "n", "--mesh-file", "/nonexistent", "--sockmap", "on"])
+        .output()
+        .expect("run mesh-daemon");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--sockmap on is not available")
+            && err.contains("tcp_bpf_recvmsg")
+            && err.contains("--sockmap off"),
+        "{err}"
+    );
+    assert!(!err.contains("attached"), "it must refuse before touching the kernel: {err}");
+}
