@@ -81,7 +81,12 @@ struct RunArgs {
     metrics: SocketAddr,
     /// Inbound enforcement for enrolled pods: `strict` accepts TCP only from the mesh (plus each
     /// pod's probePorts); `permissive` also accepts plaintext, and counts it.
-    #[arg(long, env = "NODEMESH_INBOUND", value_enum, default_value = "permissive")]
+    #[arg(
+        long,
+        env = "NODEMESH_INBOUND",
+        value_enum,
+        default_value = "permissive"
+    )]
     inbound: InboundMode,
     /// Let enrolled pods' connections go direct (unmeshed) while the daemon is down, instead of
     /// failing them.
@@ -144,7 +149,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("mesh-daemon uninstall: cannot clear {}: {e}", pin_dir.display());
+                eprintln!(
+                    "mesh-daemon uninstall: cannot clear {}: {e}",
+                    pin_dir.display()
+                );
                 ExitCode::FAILURE
             }
         },
@@ -157,7 +165,6 @@ fn main() -> ExitCode {
         },
     }
 }
-
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.sockmap == OnOff::On {

@@ -140,9 +140,8 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshFile, MeshFileError> {
             err(line, msg)
         })?
     };
-    validate(&file).map_err(|(section, needle, message)| {
-        err(line_of(text, section, &needle), message)
-    })?;
+    validate(&file)
+        .map_err(|(section, needle, message)| err(line_of(text, section, &needle), message))?;
     Ok(file)
 }
 
@@ -157,7 +156,10 @@ fn validate(f: &MeshFile) -> Result<(), (&'static str, String, String)> {
             return Err((
                 "nodes",
                 n.name.clone(),
-                format!("node {:?} is declared twice; node names must be unique", n.name),
+                format!(
+                    "node {:?} is declared twice; node names must be unique",
+                    n.name
+                ),
             ));
         }
         for (what, ip) in [("address", n.address), ("meshSource", n.mesh_source)] {
@@ -165,7 +167,10 @@ fn validate(f: &MeshFile) -> Result<(), (&'static str, String, String)> {
                 return Err((
                     "nodes",
                     ip.to_string(),
-                    format!("node {:?}: {what} {ip} is already used by another node", n.name),
+                    format!(
+                        "node {:?}: {what} {ip} is already used by another node",
+                        n.name
+                    ),
                 ));
             }
         }
@@ -393,7 +398,10 @@ services:
         let bad = GOOD.replace("node: node-2", "node: node-9");
         let e = p(&bad).expect_err("unknown node");
         assert_eq!(e.line, Some(18), "{e}");
-        assert!(e.message.contains("node-9") && e.message.contains("nodes"), "{e}");
+        assert!(
+            e.message.contains("node-9") && e.message.contains("nodes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -75,8 +75,11 @@ impl Metrics {
                 &["reason"],
             ),
             enrolled: {
-                let g = IntGauge::new("enrolled_workloads", "Pods of this node the kernel captures")
-                    .expect("static metric definitions are valid");
+                let g = IntGauge::new(
+                    "enrolled_workloads",
+                    "Pods of this node the kernel captures",
+                )
+                .expect("static metric definitions are valid");
                 registry
                     .register(Box::new(g.clone()))
                     .expect("each family is registered once");
@@ -102,7 +105,9 @@ impl Metrics {
         let l: Vec<&str> = labels.iter().map(String::as_str).collect();
         if let Ok((sent, received)) = result {
             self.tcp_sent_bytes.with_label_values(&l).inc_by(*sent);
-            self.tcp_received_bytes.with_label_values(&l).inc_by(*received);
+            self.tcp_received_bytes
+                .with_label_values(&l)
+                .inc_by(*received);
         }
         self.tcp_closed.with_label_values(&l).inc();
     }

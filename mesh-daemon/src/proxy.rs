@@ -106,8 +106,7 @@ pub async fn connect_marked(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-/// Relays between a pod-side TCP socket and the other half (TCP or an HBONE stream) until both
-/// directions end. A half-close is passed on as a half-close; an error on either side (a reset)
+/// Relays between a pod-side TCP socket and another TCP socket until both directions end. A half-close is passed on as a half-close; an error on either side (a reset)
 /// resets the TCP socket, so the pod sees a reset rather than a clean end.
 /// Returns (bytes pod→other, bytes other→pod).
 pub async fn relay<O>(pod: &mut TcpStream, other: &mut O) -> Result<(u64, u64), std::io::Error>

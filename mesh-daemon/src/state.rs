@@ -208,7 +208,9 @@ services:
     fn snapshot_resolves_services_cgroups_and_locality() {
         let f = parse(std::path::Path::new("t"), FILE).expect("parse");
         let st = State::default();
-        let snap = st.build(&f, "n1", std::path::Path::new("/root")).expect("build");
+        let snap = st
+            .build(&f, "n1", std::path::Path::new("/root"))
+            .expect("build");
         let svc = snap.services[&"10.96.0.1:80".parse().expect("addr")].clone();
         let mut eps: Vec<String> = svc.endpoints.iter().map(|e| e.addr.to_string()).collect();
         eps.sort();
@@ -227,11 +229,15 @@ services:
     fn ids_are_stable_across_reloads_and_never_reused() {
         let f = parse(std::path::Path::new("t"), FILE).expect("parse");
         let st = State::default();
-        let s1 = st.build(&f, "n1", std::path::Path::new("/")).expect("build");
+        let s1 = st
+            .build(&f, "n1", std::path::Path::new("/"))
+            .expect("build");
         let id_b2 = s1.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].id;
         let mut f2 = f.clone();
         f2.workloads.retain(|w| w.name != "a");
-        let s2 = st.build(&f2, "n1", std::path::Path::new("/")).expect("build");
+        let s2 = st
+            .build(&f2, "n1", std::path::Path::new("/"))
+            .expect("build");
         assert_eq!(
             s2.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].id,
             id_b2
@@ -240,7 +246,9 @@ services:
         let mut c = f.workloads[0].clone();
         c.name = "c".into();
         f3.workloads.push(c);
-        let s3 = st.build(&f3, "n1", std::path::Path::new("/")).expect("build");
+        let s3 = st
+            .build(&f3, "n1", std::path::Path::new("/"))
+            .expect("build");
         let ids: std::collections::HashSet<u32> = s1.workloads_by_id.keys().copied().collect();
         let c_id = s3.workloads_by_ip[&"10.1.1.2".parse::<IpAddr>().expect("ip")].id;
         assert!(!ids.contains(&c_id), "a new workload gets a new id");

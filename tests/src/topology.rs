@@ -323,7 +323,10 @@ impl Topology {
             .args(["--metrics", &format!("{}:15020", n.ip)])
             .args(["--inbound", self.opts.inbound])
             .args(["--sockmap", if self.opts.sockmap { "on" } else { "off" }])
-            .env("NODEMESH_LOG", "info");
+            .env(
+                "NODEMESH_LOG",
+                std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
+            );
         if self.opts.fail_open {
             d.arg("--fail-open");
         }
@@ -339,7 +342,10 @@ impl Topology {
     }
 
     pub fn start_daemon(&mut self, i: usize) {
-        let mut p = Proc::spawn(&format!("mesh-daemon {}", self.nodes[i].name), self.daemon_command(i));
+        let mut p = Proc::spawn(
+            &format!("mesh-daemon {}", self.nodes[i].name),
+            self.daemon_command(i),
+        );
         p.wait_for("ready", Duration::from_secs(30));
         self.daemons[i] = Some(p);
     }
@@ -407,6 +413,19 @@ impl Topology {
         sample(&self.scrape(i), name, labels)
     }
 
+    /// Waits (up to 5 s) until a sample reaches `at_least` — kernel counters are published once a
+    /// second and a connection's bytes when it ends — and returns its last value.
+    pub fn wait_metric(&self, i: usize, name: &str, labels: &[(&str, &str)], at_least: u64) -> u64 {
+        let start = std::time::Instant::now();
+        loop {
+            let v = self.metric(i, name, labels);
+            if v >= at_least || start.elapsed() > Duration::from_secs(5) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn rewrite_mesh_file(&self, text: &str) {
         // Write then rename, as a config management tool would, so the daemon never reads half.
         let tmp = self.mesh_file.with_extension("tmp");
@@ -423,11 +442,7 @@ impl Topology {
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.split(['{', ' '])
-                .next()
-                .is_some_and(|n| n == name)
-        })
+        .filter(|l| l.split(['{', ' ']).next().is_some_and(|n| n == name))
         .filter(|l| {
             labels
                 .iter()

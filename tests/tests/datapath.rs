@@ -65,44 +65,50 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched() {
     // The server sees the connection from the mesh: node 2's mesh source, not the client.
     let seen = t.servers[srv].wait_for("accepted peer=10.210.2.254:", Duration::from_secs(5));
     println!("  server: {seen}");
-    let line = t.daemon(0).wait_for("captured connection", Duration::from_secs(5));
-    assert!(line.contains("workload=demo/client") && line.contains("hbone"), "{line}");
+    let line = t
+        .daemon(0)
+        .wait_for("captured connection", Duration::from_secs(5));
+    assert!(
+        line.contains("workload=demo/client") && line.contains("hbone"),
+        "{line}"
+    );
     println!("  node-1: {line}");
 
     // By service VIP: same bytes, through the load balancer.
     let (ok, out) = t.connect("client", VIP, &["--send", &MIB.to_string()]);
-    assert!(ok && out.contains("echo=ok") && out.contains(&format!("peer={VIP}")), "{out}");
+    assert!(
+        ok && out.contains("echo=ok") && out.contains(&format!("peer={VIP}")),
+        "{out}"
+    );
     println!("client → server by VIP: {out}");
 
     // Both daemons counted both connections, with the right workloads on the edge.
-    let edge = [("source_workload", "client"), ("destination_workload", "server")];
-    let out_open = t.metric(
-        0,
-        "nodemesh_tcp_connections_opened_total",
-        &[&[("reporter", "outbound")], &edge[..]].concat(),
-    );
-    let in_open = t.metric(
-        1,
-        "nodemesh_tcp_connections_opened_total",
-        &[&[("reporter", "inbound")], &edge[..]].concat(),
-    );
-    let in_bytes = t.metric(
-        1,
-        "nodemesh_tcp_sent_bytes_total",
-        &[&[("reporter", "inbound")], &edge[..]].concat(),
-    );
-    let out_bytes = t.metric(
-        0,
-        "nodemesh_tcp_sent_bytes_total",
-        &[&[("reporter", "outbound")], &edge[..]].concat(),
-    );
+    let edge = [
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+    ];
+    let outbound = [&[("reporter", "outbound")], &edge[..]].concat();
+    let inbound = [&[("reporter", "inbound")], &edge[..]].concat();
+    let bytes = 2 * MIB as u64;
+    let out_open = t.wait_metric(0, "nodemesh_tcp_connections_opened_total", &outbound, 2);
+    let in_open = t.wait_metric(1, "nodemesh_tcp_connections_opened_total", &inbound, 2);
+    let out_bytes = t.wait_metric(0, "nodemesh_tcp_sent_bytes_total", &outbound, bytes);
+    let in_bytes = t.wait_metric(1, "nodemesh_tcp_sent_bytes_total", &inbound, bytes);
     println!(
         "counters: node-1 outbound opened={out_open} sent={out_bytes}; node-2 inbound opened={in_open} sent={in_bytes}"
     );
     assert_eq!(out_open, 2, "node-1 outbound connections");
     assert_eq!(in_open, 2, "node-2 inbound connections");
-    assert_eq!(out_bytes, 2 * MIB as u64, "bytes the client sent, seen by node-1");
-    assert_eq!(in_bytes, 2 * MIB as u64, "bytes the client sent, seen by node-2");
+    assert_eq!(
+        out_bytes,
+        2 * MIB as u64,
+        "bytes the client sent, seen by node-1"
+    );
+    assert_eq!(
+        in_bytes,
+        2 * MIB as u64,
+        "bytes the client sent, seen by node-2"
+    );
 
     // Same node: through the proxy, in-process; the local server sees node 1's mesh source.
     let local = format!("{}:7000", t.pod("local").ip);
@@ -120,32 +126,55 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched() {
     println!("non-meshed pod went direct: {out}");
     // PERMISSIVE inbound lets plaintext in and counts it.
     assert!(
-        t.metric(1, "nodemesh_ebpf_events_total", &[("event", "inbound_plaintext")]) >= 1,
+        t.wait_metric(
+            1,
+            "nodemesh_ebpf_events_total",
+            &[("event", "inbound_plaintext")],
+            1
+        ) >= 1,
         "plaintext inbound counted"
     );
 
     // Bad input: a connection straight to the outbound port has no kernel record. It is reset
     // and counted, and the daemon keeps serving.
     let (ok, out) = t.connect("stranger", "10.203.0.1:15001", &["--send", "10"]);
-    assert!(!ok || !out.contains("echo=ok"), "a recordless connection must not be proxied: {out}");
-    t.daemon(0).wait_for("no capture record", Duration::from_secs(5));
     assert!(
-        t.metric(0, "nodemesh_tcp_connections_failed_total", &[("reason", "no_record")]) >= 1
+        !ok || !out.contains("echo=ok"),
+        "a recordless connection must not be proxied: {out}"
+    );
+    t.daemon(0)
+        .wait_for("no capture record", Duration::from_secs(5));
+    assert!(
+        t.wait_metric(
+            0,
+            "nodemesh_tcp_connections_failed_total",
+            &[("reason", "no_record")],
+            1
+        ) >= 1
     );
 
     // A second daemon for the same node fails start-up with the cause; the first keeps serving.
     let second = t.daemon_command(0).output().expect("run a second daemon");
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(!second.status.success() && err.contains("cannot listen on"), "{err}");
+    assert!(
+        !second.status.success() && err.contains("cannot listen on"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
-    assert!(ok && out.contains("echo=ok"), "first daemon must keep serving: {out}");
+    assert!(
+        ok && out.contains("echo=ok"),
+        "first daemon must keep serving: {out}"
+    );
 
     // A clean exit prints the counters and leaves nothing attached.
     for i in 0..2 {
         let st = t.daemon(i).terminate(Duration::from_secs(10));
         let log = t.daemon(i).output();
-        assert!(st.success() && log.contains("eBPF programs detached"), "{log}");
+        assert!(
+            st.success() && log.contains("eBPF programs detached"),
+            "{log}"
+        );
         let counters = log
             .lines()
             .find(|l| l.contains("kernel counters"))
@@ -154,7 +183,11 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched() {
         println!("node-{} at exit: {counters}", i + 1);
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(loaded_mesh_programs(), Vec::<String>::new(), "left attached");
+    assert_eq!(
+        loaded_mesh_programs(),
+        Vec::<String>::new(),
+        "left attached"
+    );
 }
 
 #[test]
@@ -168,7 +201,11 @@ fn half_close_reset_and_refused_port_pass_end_to_end() {
 
     // Half-close: the server answers only after it saw the client's FIN, on the still-open
     // direction.
-    let (ok, out) = t.connect("client", &format!("{ip}:7001"), &["--send", "100000", "--reply"]);
+    let (ok, out) = t.connect(
+        "client",
+        &format!("{ip}:7001"),
+        &["--send", "100000", "--reply"],
+    );
     assert!(ok && out.contains("reply=received=100000"), "{out}");
     t.servers[count].wait_for("half-close=seen", Duration::from_secs(5));
     println!("half-close: {out}");
@@ -177,12 +214,21 @@ fn half_close_reset_and_refused_port_pass_end_to_end() {
     let start = Instant::now();
     let (ok, out) = t.connect("client", &format!("{ip}:7002"), &["--send", "10"]);
     let took = start.elapsed();
-    assert!(!ok && out.contains("ConnectionReset"), "{out}");
+    assert!(
+        !ok && out.contains("ConnectionReset"),
+        "{out}\n--- node-1:\n{}\n--- node-2:\n{}",
+        t.daemon(0).output(),
+        t.daemon(1).output()
+    );
     assert!(took < Duration::from_secs(1), "server reset took {took:?}");
     println!("server reset → client: {out} ({took:?})");
 
     // Reset from the client reaches the server as a reset.
-    let (ok, out) = t.connect("client", &format!("{ip}:7000"), &["--send", "1000", "--rst"]);
+    let (ok, out) = t.connect(
+        "client",
+        &format!("{ip}:7000"),
+        &["--send", "1000", "--rst"],
+    );
     assert!(ok, "{out}");
     let line = t.servers[echo].wait_for("error=ConnectionReset", Duration::from_secs(5));
     println!("client reset → server: {line}");
@@ -195,14 +241,20 @@ fn half_close_reset_and_refused_port_pass_end_to_end() {
     assert!(took < Duration::from_secs(1), "refusal took {took:?}");
     println!("closed remote port: {out} ({took:?})");
     assert!(
-        t.metric(
+        t.wait_metric(
             0,
             "nodemesh_tcp_connections_failed_total",
-            &[("reason", "upstream_refused")]
+            &[("reason", "upstream_refused")],
+            1
         ) >= 1
     );
     assert!(
-        t.metric(1, "nodemesh_tcp_connections_failed_total", &[("reporter", "inbound"), ("reason", "upstream_refused")]) >= 1
+        t.wait_metric(
+            1,
+            "nodemesh_tcp_connections_failed_total",
+            &[("reporter", "inbound"), ("reason", "upstream_refused")],
+            1
+        ) >= 1
     );
 }
 
@@ -231,7 +283,12 @@ fn strict_inbound_admits_only_the_mesh_and_probe_ports() {
     println!("stranger → strict pod: {out}");
     let (ok, out) = t.connect("stranger", &format!("{ip}:8081"), &["--send", "10"]);
     assert!(ok && out.contains("echo=ok"), "declared probe port: {out}");
-    let denied = t.metric(1, "nodemesh_ebpf_events_total", &[("event", "inbound_denied")]);
+    let denied = t.wait_metric(
+        1,
+        "nodemesh_ebpf_events_total",
+        &[("event", "inbound_denied")],
+        1,
+    );
     println!("stranger → probe port: {out}; node-2 inbound_denied={denied}");
     assert!(denied >= 1);
 }
@@ -250,7 +307,13 @@ fn spoofed_address_is_identified_by_cgroup() {
     spoofer
         .ns
         .ip(&["addr", "add", &format!("{victim}/32"), "dev", "eth0"]);
-    let v_if = format!("v{}", t.pods.iter().position(|p| p.name == "spoofer").expect("pod"));
+    let v_if = format!(
+        "v{}",
+        t.pods
+            .iter()
+            .position(|p| p.name == "spoofer")
+            .expect("pod")
+    );
     t.nodes[0]
         .ns
         .ip(&["route", "replace", &format!("{victim}/32"), "dev", &v_if]);
@@ -260,7 +323,9 @@ fn spoofed_address_is_identified_by_cgroup() {
         &["--send", "1000", "--bind", &victim],
     );
     assert!(ok && out.contains(&format!("local={victim}:")), "{out}");
-    let line = t.daemon(0).wait_for(&format!("peer={victim}:"), Duration::from_secs(5));
+    let line = t
+        .daemon(0)
+        .wait_for(&format!("peer={victim}:"), Duration::from_secs(5));
     println!("spoofer using {victim}: {out}\n  node-1: {line}");
     assert!(
         line.contains("workload=demo/spoofer"),
@@ -281,7 +346,10 @@ fn fail_closed_while_down_then_uninstall_leaves_nothing() {
     let start = Instant::now();
     let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
     let took = start.elapsed();
-    assert!(!ok && out.contains("ConnectionRefused"), "daemon down must fail closed: {out}");
+    assert!(
+        !ok && out.contains("ConnectionRefused"),
+        "daemon down must fail closed: {out}"
+    );
     assert!(took < Duration::from_secs(1), "refusal took {took:?}");
     println!("daemon crashed: meshed client refused at once: {out} ({took:?})");
     let (ok, out) = t.connect("stranger", &server, &["--send", "1000"]);
@@ -291,13 +359,18 @@ fn fail_closed_while_down_then_uninstall_leaves_nothing() {
     t.start_daemon(0);
     let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
     assert!(ok && out.contains("echo=ok"), "after restart: {out}");
-    let taken = t.daemon(0).wait_for("removing links left pinned", Duration::from_secs(5));
+    let taken = t
+        .daemon(0)
+        .wait_for("removing links left pinned", Duration::from_secs(5));
     println!("restarted: {taken}");
 
     // Crash both, then `mesh-daemon uninstall` removes every program, link and map.
     t.crash_daemon(0);
     t.crash_daemon(1);
-    assert!(!loaded_mesh_programs().is_empty(), "pinned hooks outlive a crash");
+    assert!(
+        !loaded_mesh_programs().is_empty(),
+        "pinned hooks outlive a crash"
+    );
     let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
     let out = std::process::Command::new(bin("mesh-daemon"))
         .args(["uninstall", "--pin-dir"])
@@ -306,14 +379,24 @@ fn fail_closed_while_down_then_uninstall_leaves_nothing() {
         .expect("run uninstall");
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
-    assert!(out.status.success() && text.contains("uninstalled"), "{text}");
+    assert!(
+        out.status.success() && text.contains("uninstalled"),
+        "{text}"
+    );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(loaded_mesh_programs(), Vec::<String>::new(), "programs left");
+    assert_eq!(
+        loaded_mesh_programs(),
+        Vec::<String>::new(),
+        "programs left"
+    );
     let maps = nodemesh_tests::sh("bpftool", &["map", "show"]);
     assert!(!maps.contains("NM_"), "maps left:\n{maps}");
     println!("after uninstall: no nm_* program and no NM_* map (bpftool prog/map show)");
     let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
-    assert!(ok && out.contains("echo=ok"), "uninstalled: direct again: {out}");
+    assert!(
+        ok && out.contains("echo=ok"),
+        "uninstalled: direct again: {out}"
+    );
 }
 
 #[test]
@@ -330,8 +413,14 @@ fn fail_open_goes_direct_while_down_and_clean_exit_detaches() {
     let srv = t.serve("server", "echo-server", 7000);
     t.crash_daemon(0);
     let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
-    assert!(ok && out.contains("echo=ok"), "--fail-open goes direct: {out}");
-    t.servers[srv].wait_for(&format!("accepted peer={}", local_of(&out)), Duration::from_secs(5));
+    assert!(
+        ok && out.contains("echo=ok"),
+        "--fail-open goes direct: {out}"
+    );
+    t.servers[srv].wait_for(
+        &format!("accepted peer={}", local_of(&out)),
+        Duration::from_secs(5),
+    );
     println!("fail-open, daemon down: {out}");
     let st = t.daemon(1).terminate(Duration::from_secs(10));
     assert!(st.success(), "{}", t.daemon(1).output());
@@ -348,18 +437,35 @@ fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state() {
 
     let bad = good.replacen("meshSource: 10.210.2.254", "meshSource: [10.210.2.254", 1);
     t.rewrite_mesh_file(&bad);
-    let line = t.daemon(0).wait_for("mesh file rejected", Duration::from_secs(5));
+    let line = t
+        .daemon(0)
+        .wait_for("mesh file rejected", Duration::from_secs(5));
     println!("bad file: {line}");
     assert!(line.contains("line "), "the error names the line: {line}");
     let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
-    assert!(ok && out.contains("echo=ok"), "last good state still serves: {out}");
-    assert!(t.metric(0, "nodemesh_config_reloads_total", &[("result", "error")]) >= 1);
+    assert!(
+        ok && out.contains("echo=ok"),
+        "last good state still serves: {out}"
+    );
+    assert!(
+        t.wait_metric(
+            0,
+            "nodemesh_config_reloads_total",
+            &[("result", "error")],
+            1
+        ) >= 1
+    );
 
     // A good change applies: the service is gone, so its VIP no longer leads anywhere.
     let cut = good.find("services:").expect("services section");
     t.rewrite_mesh_file(&format!("{}services: []\n", &good[..cut]));
-    t.daemon(0).wait_for("service_ports=0", Duration::from_secs(5));
-    let (ok, out) = t.connect("client", VIP, &["--send", "10", "--connect-timeout-ms", "2000"]);
+    t.daemon(0)
+        .wait_for("service_ports=0", Duration::from_secs(5));
+    let (ok, out) = t.connect(
+        "client",
+        VIP,
+        &["--send", "10", "--connect-timeout-ms", "2000"],
+    );
     assert!(!ok, "a removed service is not served: {out}");
     println!("service removed by reload: {out}");
 }
@@ -382,7 +488,12 @@ fn hbone_refuses_targets_that_are_not_local_pods_and_survives_garbage() {
             rt.block_on(async move {
                 let c = mesh_daemon::proxy::hbone::Client::new(0);
                 let mut out = Vec::new();
-                for target in ["10.203.0.2:15020", "127.0.0.1:15000", "10.210.2.254:7000", &client_pod] {
+                for target in [
+                    "10.203.0.2:15020",
+                    "127.0.0.1:15000",
+                    "10.210.2.254:7000",
+                    &client_pod,
+                ] {
                     let r = c
                         .connect(node2, target.parse().expect("addr"), "demo/client")
                         .await;
@@ -390,8 +501,12 @@ fn hbone_refuses_targets_that_are_not_local_pods_and_survives_garbage() {
                 }
                 // Garbage on the HBONE port.
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut s = tokio::net::TcpStream::connect(node2).await.expect("connect");
-                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01garbage").await;
+                let mut s = tokio::net::TcpStream::connect(node2)
+                    .await
+                    .expect("connect");
+                let _ = s
+                    .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01garbage")
+                    .await;
                 let mut buf = Vec::new();
                 let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
                 out
@@ -402,13 +517,25 @@ fn hbone_refuses_targets_that_are_not_local_pods_and_survives_garbage() {
     for (target, r) in &results {
         println!("CONNECT {target}: {r:?}");
         let e = r.as_ref().expect_err("must be refused");
-        assert!(e.contains("403") && e.contains("not a meshed pod on this node"), "{e}");
+        assert!(
+            e.contains("403") && e.contains("not a meshed pod on this node"),
+            "{e}"
+        );
     }
-    t.daemon(1).wait_for("did not speak HTTP/2 HBONE", Duration::from_secs(5));
+    t.daemon(1)
+        .wait_for("did not speak HTTP/2 HBONE", Duration::from_secs(5));
     let (ok, out) = t.connect("client", &server, &["--send", "4096"]);
-    assert!(ok && out.contains("echo=ok"), "legitimate traffic unaffected: {out}");
     assert!(
-        t.metric(1, "nodemesh_tcp_connections_failed_total", &[("reason", "not_local_pod")]) >= 4
+        ok && out.contains("echo=ok"),
+        "legitimate traffic unaffected: {out}"
+    );
+    assert!(
+        t.wait_metric(
+            1,
+            "nodemesh_tcp_connections_failed_total",
+            &[("reason", "not_local_pod")],
+            4
+        ) >= 4
     );
 }
 
@@ -418,7 +545,15 @@ fn hbone_refuses_targets_that_are_not_local_pods_and_survives_garbage() {
 fn sockmap_on_is_refused_with_the_kernel_reason() {
     require_root("sockmap_on_is_refused");
     let out = std::process::Command::new(bin("mesh-daemon"))
-        .args(["run", "--node", "n", "--mesh-file", "/nonexistent", "--sockmap", "on"])
+        .args([
+            "run",
+            "--node",
+            "n",
+            "--mesh-file",
+            "/nonexistent",
+            "--sockmap",
+            "on",
+        ])
         .output()
         .expect("run mesh-daemon");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -429,5 +564,8 @@ fn sockmap_on_is_refused_with_the_kernel_reason() {
             && err.contains("--sockmap off"),
         "{err}"
     );
-    assert!(!err.contains("attached"), "it must refuse before touching the kernel: {err}");
+    assert!(
+        !err.contains("attached"),
+        "it must refuse before touching the kernel: {err}"
+    );
 }

@@ -18,8 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
-        SkMsg, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkMsg,
+        SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -225,11 +225,7 @@ impl Datapath {
                 (p, Some(g), Vec::new())
             }
             // Fail open: the links stay owned here and detach when the daemon ends.
-            None => (
-                Vec::new(),
-                None,
-                keep.into_iter().map(|(_, l)| l).collect(),
-            ),
+            None => (Vec::new(), None, keep.into_iter().map(|(_, l)| l).collect()),
         };
         Ok(Self {
             enrolled: take_map(&mut ebpf, map_names::ENROLLED)?,

@@ -84,10 +84,8 @@ impl Balancer {
     /// better than refusing outright).
     pub fn pick<'a>(&self, endpoints: &'a [Endpoint]) -> Option<(&'a Endpoint, Outstanding)> {
         let now = Instant::now();
-        let all: Vec<(&Endpoint, Arc<Stats>)> = endpoints
-            .iter()
-            .map(|e| (e, self.stats(e.addr)))
-            .collect();
+        let all: Vec<(&Endpoint, Arc<Stats>)> =
+            endpoints.iter().map(|e| (e, self.stats(e.addr))).collect();
         let healthy: Vec<&(&Endpoint, Arc<Stats>)> =
             all.iter().filter(|(_, s)| s.healthy(now)).collect();
         let pool: Vec<&(&Endpoint, Arc<Stats>)> = if healthy.is_empty() {

@@ -5,15 +5,13 @@
 //! addresses or ports, loopback, or a pod elsewhere (no confused deputy). The proxy connects to
 //! the pod from the node's mesh source address, the one source STRICT pods accept.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{Inputs, hbone};
 use crate::state::{Snapshot, Workload};
@@ -64,54 +62,80 @@ impl Inbound {
 
 async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let svc_inputs = inputs.clone();
-    let svc = service_fn(move |req| {
-        let inputs = svc_inputs.clone();
-        async move { Ok::<_, Infallible>(tunnel(inputs, req).await) }
-    });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(hbone::STREAM_WINDOW)
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(hbone::STREAM_WINDOW)
         .initial_connection_window_size(hbone::CONNECTION_WINDOW)
         .max_concurrent_streams(10_000)
-        .serve_connection(TokioIo::new(stream), svc);
-    if let Err(e) = conn.await {
-        // Garbage, a TLS hello, or HTTP/1 on the HBONE port: that peer is told nothing more, and
-        // everyone else is unaffected.
+        .handshake::<_, Bytes>(stream);
+    let bad_peer = |e: &h2::Error| {
+        // Garbage, a TLS hello, or HTTP/1 on the HBONE port: that peer is dropped, everyone else
+        // is unaffected.
         warn!(%peer, error = %e, "HBONE connection failed: the peer did not speak HTTP/2 HBONE");
         inputs
             .metrics
             .tcp_failed
             .with_label_values(&["inbound", "hbone_protocol"])
             .inc();
+    };
+    let mut conn = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return bad_peer(&e),
+        Err(_) => {
+            warn!(%peer, "HBONE connection closed: no HTTP/2 preface within 10 s");
+            return;
+        }
+    };
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((req, respond)) => {
+                let inputs = inputs.clone();
+                tokio::spawn(async move { tunnel(inputs, req, respond).await });
+            }
+            Err(e) => {
+                if !e.is_go_away() && !e.is_io() {
+                    bad_peer(&e);
+                }
+                break;
+            }
+        }
     }
 }
 
-fn reply(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+/// Answers a CONNECT with an error status and the reason, and counts it.
+fn refuse(
+    inputs: &Inputs,
+    mut respond: SendResponse<Bytes>,
+    status: StatusCode,
+    label: &str,
+    reason: String,
+) {
+    warn!(reason = %reason, "HBONE tunnel refused");
+    inputs
+        .metrics
+        .tcp_failed
+        .with_label_values(&["inbound", label])
+        .inc();
+    let mut r = Response::new(());
     *r.status_mut() = status;
-    if let Ok(v) = http::HeaderValue::from_str(reason) {
+    if let Ok(v) = http::HeaderValue::from_str(&reason) {
         r.headers_mut().insert(hbone::ERROR_HEADER, v);
     }
-    r
+    let _ = respond.send_response(r, true);
 }
 
 /// Handles one CONNECT stream.
-async fn tunnel(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Empty<Bytes>> {
-    let refuse = |status: StatusCode, label: &str, reason: String| {
-        warn!(reason = %reason, "HBONE tunnel refused");
-        inputs
-            .metrics
-            .tcp_failed
-            .with_label_values(&["inbound", label])
-            .inc();
-        reply(status, &reason)
-    };
+async fn tunnel(inputs: Arc<Inputs>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
     if req.method() != Method::CONNECT {
+        let reason = format!(
+            "{} is not CONNECT; HBONE carries only CONNECT",
+            req.method()
+        );
         return refuse(
+            &inputs,
+            respond,
             StatusCode::METHOD_NOT_ALLOWED,
             "hbone_bad_request",
-            format!("{} is not CONNECT; HBONE carries only CONNECT", req.method()),
+            reason,
         );
     }
     let Some(target) = req
@@ -119,18 +143,24 @@ async fn tunnel(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Emp
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
+        let reason = format!("authority {:?} is not ip:port", req.uri().to_string());
         return refuse(
+            &inputs,
+            respond,
             StatusCode::BAD_REQUEST,
             "hbone_bad_request",
-            format!("authority {:?} is not ip:port", req.uri().to_string()),
+            reason,
         );
     };
     let snap = inputs.state.snapshot();
     let Some(dst) = local_target(&snap, target) else {
+        let reason = format!("{target} is not a meshed pod on this node");
         return refuse(
+            &inputs,
+            respond,
             StatusCode::FORBIDDEN,
             "not_local_pod",
-            format!("{target} is not a meshed pod on this node"),
+            reason,
         );
     };
     let source = req
@@ -139,17 +169,27 @@ async fn tunnel(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Emp
         .and_then(|v| v.to_str().ok())
         .and_then(|s| known_workload(&snap, s))
         .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-    let mut pod = match connect_local_pod(&inputs, &snap, target).await {
+    let pod = match connect_local_pod(&inputs, &snap, target).await {
         Ok(s) => s,
         Err(e) => {
+            let reason = format!("connect to {target}: {e}");
             return refuse(
+                &inputs,
+                respond,
                 StatusCode::BAD_GATEWAY,
                 "upstream_refused",
-                format!("connect to {target}: {e}"),
+                reason,
             );
         }
     };
-    let upgrade = hyper::upgrade::on(&mut req);
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%target, error = %e, "HBONE stream ended before the tunnel opened");
+            let _ = pod.set_zero_linger();
+            return;
+        }
+    };
     let labels = [
         "inbound".to_string(),
         source.1,
@@ -157,22 +197,17 @@ async fn tunnel(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Emp
         dst.name.clone(),
         dst.namespace.clone(),
     ];
-    tokio::spawn(async move {
-        let mut tunnel = match upgrade.await {
-            Ok(u) => TokioIo::new(u),
-            Err(e) => {
-                debug!(%target, error = %e, "HBONE stream ended before the upgrade");
-                let _ = pod.set_zero_linger();
-                return;
-            }
-        };
-        info!(%target, workload = %dst.display(), source = %format!("{}/{}", labels[2], labels[1]), "inbound tunnel");
-        inputs.metrics.opened(&labels);
-        // Counted from the source's side: what it sent arrived through the tunnel.
-        let r = super::relay(&mut pod, &mut tunnel).await.map(|(to_src, from_src)| (from_src, to_src));
-        inputs.metrics.finished(&labels, &r);
-    });
-    reply(StatusCode::OK, "")
+    info!(%target, workload = %dst.display(), source = %format!("{}/{}", labels[2], labels[1]), "inbound tunnel");
+    inputs.metrics.opened(&labels);
+    let tunnel = hbone::Tunnel {
+        send,
+        recv: req.into_body(),
+    };
+    // Counted from the source's side: what it sent arrived through the tunnel.
+    let r = hbone::relay(pod, tunnel)
+        .await
+        .map(|(to_src, from_src)| (from_src, to_src));
+    inputs.metrics.finished(&labels, &r);
 }
 
 /// The meshed pod on this node that `target` names, if any.

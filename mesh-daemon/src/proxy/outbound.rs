@@ -251,10 +251,10 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         }
         Decision::Remote { node, target, .. } => {
             match inputs.hbone.connect(node, target, &src.display()).await {
-                Ok(mut tunnel) => {
+                Ok(tunnel) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
-                    super::relay(&mut client, &mut tunnel).await
+                    hbone::relay(client, tunnel).await
                 }
                 Err(e) => {
                     warn!(%target, error = %e, "HBONE tunnel failed");
@@ -411,7 +411,10 @@ services:
         assert!(
             matches!(d("10.96.0.1:80"), Decision::Remote { target, .. } if target.to_string() == "10.1.2.2:8080")
         );
-        assert!(matches!(d("10.96.0.2:80"), Decision::Refuse("no_endpoints")));
+        assert!(matches!(
+            d("10.96.0.2:80"),
+            Decision::Refuse("no_endpoints")
+        ));
         assert!(
             matches!(d("192.0.2.1:443"), Decision::Passthrough(a) if a.to_string() == "192.0.2.1:443")
         );

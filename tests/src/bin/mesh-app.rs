@@ -88,20 +88,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::EchoServer { addr } | Cmd::CountServer { addr } | Cmd::RstServer { addr } => match serve(
-            addr,
-            match cli.cmd {
-                Cmd::EchoServer { .. } => Mode::Echo,
-                Cmd::CountServer { .. } => Mode::Count,
-                _ => Mode::Rst,
-            },
-        ) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                println!("error={:?} {e}", e.kind());
-                ExitCode::FAILURE
+        Cmd::EchoServer { addr } | Cmd::CountServer { addr } | Cmd::RstServer { addr } => {
+            match serve(
+                addr,
+                match cli.cmd {
+                    Cmd::EchoServer { .. } => Mode::Echo,
+                    Cmd::CountServer { .. } => Mode::Count,
+                    _ => Mode::Rst,
+                },
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    println!("error={:?} {e}", e.kind());
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }
 

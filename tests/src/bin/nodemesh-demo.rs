@@ -64,7 +64,10 @@ fn main() {
         std::fs::read_to_string(&t.mesh_file).unwrap_or_default()
     );
 
-    step(2, "start the daemon on each node (nsenter into the node's namespace)");
+    step(
+        2,
+        "start the daemon on each node (nsenter into the node's namespace)",
+    );
     t.start(DaemonOpts::default());
     for i in 0..2 {
         let ready = t.daemon(i).wait_for("ready", Duration::from_secs(1));
@@ -72,7 +75,11 @@ fn main() {
     }
     println!(
         "node-1's hooks on its pods' cgroup root (bpftool cgroup show):\n{}",
-        bpftool(&["cgroup", "show", &t.node_cgroup_root(0).display().to_string()])
+        bpftool(&[
+            "cgroup",
+            "show",
+            &t.node_cgroup_root(0).display().to_string()
+        ])
     );
 
     let srv = t.serve("server", "echo-server", 7000);
@@ -80,13 +87,19 @@ fn main() {
         3,
         "client pod (node-1) → service VIP 10.96.0.10:80 → server pod (node-2), 1 MiB each way",
     );
-    let (ok, out) = t.connect("client", "10.96.0.10:80", &["--send", &(1 << 20).to_string()]);
+    let (ok, out) = t.connect(
+        "client",
+        "10.96.0.10:80",
+        &["--send", &(1 << 20).to_string()],
+    );
     println!("client: {out}");
     let line = t
         .daemon(0)
         .wait_for("captured connection", Duration::from_secs(5));
     println!("node-1: {}", line.trim());
-    let inb = t.daemon(1).wait_for("inbound tunnel", Duration::from_secs(5));
+    let inb = t
+        .daemon(1)
+        .wait_for("inbound tunnel", Duration::from_secs(5));
     println!("node-2: {}", inb.trim());
     let seen = t.servers[srv].wait_for("accepted peer=", Duration::from_secs(5));
     println!("server: {seen}  (node-2's mesh source address)");
@@ -96,7 +109,10 @@ fn main() {
     );
     println!("→ bytes intact; the app still sees the VIP as its peer (getpeername)");
 
-    step(4, "both daemons' counters for the client → server edge (/metrics)");
+    step(
+        4,
+        "both daemons' counters for the client → server edge (/metrics)",
+    );
     println!("node-1 {}", edge_counters(&t, 0, "outbound"));
     println!("node-2 {}", edge_counters(&t, 1, "inbound"));
 
@@ -104,7 +120,10 @@ fn main() {
     let server = format!("{}:7000", t.pod("server").ip);
     let (ok, out) = t.connect("outsider", &server, &["--send", "1024"]);
     println!("outsider: {out}");
-    assert!(ok && out.contains("echo=ok"), "direct connection failed: {out}");
+    assert!(
+        ok && out.contains("echo=ok"),
+        "direct connection failed: {out}"
+    );
     println!("→ untouched: the server saw the outsider's own address");
 
     step(6, "stop the daemons: counters, then a clean detach");
