@@ -412,7 +412,7 @@ services:
         let bad = GOOD.replace("vip: 10.96.0.10", "vip: 10.210.1.2");
         let e = p(&bad).expect_err("vip clash");
         assert!(e.message.contains("vip"), "{e}");
-        assert_eq!(e.line, Some(27), "{e}");
+        assert_eq!(e.line, Some(26), "{e}");
     }
 
     #[test]
