@@ -1,7 +1,7 @@
-//! `sk_msg` on the SOCKHASH: the optional same-host fast path. Messages a pod socket sends are
-//! passed to the kernel's normal path for now and counted; splicing them straight into the peer
-//! socket (`bpf_msg_redirect_hash`) is enabled by the data-path work behind `--sockmap on`, once
-//! the proxy-side sockets are in the map.
+//! `sk_msg` on the SOCKHASH: the optional same-host fast path's hook. It counts and passes; nothing
+//! is spliced. `--sockmap on` (which puts pod sockets in the map) is refused by the daemon: on this
+//! kernel a socket in a sockhash gets `tcp_bpf_recvmsg`, which returns EAGAIN to blocking readers
+//! on spurious wake-ups (see ARCHITECTURE.md). A working splice must keep pod sockets out of the map.
 
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_msg, programs::SkMsgContext};
 use mesh_common::Counter;
