@@ -169,7 +169,10 @@ async fn tunnel(inputs: Arc<Inputs>, req: Request<RecvStream>, mut respond: Send
         .and_then(|v| v.to_str().ok())
         .and_then(|s| known_workload(&snap, s))
         .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-    let pod = match connect_local_pod(&inputs, &snap, target).await {
+    let source_ip = mesh_source(&snap);
+    // A tunnel may live for hours; it must not pin this snapshot in memory.
+    drop(snap);
+    let pod = match connect_local_pod(&inputs, source_ip, target).await {
         Ok(s) => s,
         Err(e) => {
             let reason = format!("connect to {target}: {e}");
@@ -226,15 +229,18 @@ fn known_workload(snap: &Snapshot, s: &str) -> Option<(String, String)> {
         .map(|w| (w.namespace.clone(), w.name.clone()))
 }
 
+/// The node's mesh source address: where the proxy connects to local pods from.
+pub fn mesh_source(snap: &Snapshot) -> Option<std::net::IpAddr> {
+    snap.node
+        .as_ref()
+        .map(|n| std::net::IpAddr::V4(n.mesh_source))
+}
+
 /// Connects to a local pod from the node's mesh source address.
 pub async fn connect_local_pod(
     inputs: &Inputs,
-    snap: &Snapshot,
+    source: Option<std::net::IpAddr>,
     target: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    let source = snap
-        .node
-        .as_ref()
-        .map(|n| std::net::IpAddr::V4(n.mesh_source));
     super::connect_marked(target, inputs.proxy_mark, source).await
 }

@@ -223,6 +223,9 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         dst_name,
         dst_ns,
     ];
+    let source_ip = inbound::mesh_source(&snap);
+    // A connection may live for hours; it must not pin this snapshot in memory.
+    drop(snap);
     let mut client = client;
     let result = match decision {
         Decision::Refuse(reason) => {
@@ -231,7 +234,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             return;
         }
         Decision::Local { target, .. } => {
-            match inbound::connect_local_pod(&inputs, &snap, target).await {
+            match inbound::connect_local_pod(&inputs, source_ip, target).await {
                 Ok(mut pod) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
