@@ -10,19 +10,17 @@ pub mod outbound;
 use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
+    sync::Arc,
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpSocket, TcpStream},
-};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// What the proxy's tasks share.
 pub struct Inputs {
-    pub orig: std::sync::Arc<crate::ebpf::loader::OrigDstTable>,
-    pub state: std::sync::Arc<crate::state::State>,
-    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub orig: Arc<crate::ebpf::loader::OrigDstTable>,
+    pub state: Arc<crate::state::State>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub proxy_mark: u32,
     pub balancer: balance::Balancer,
     pub hbone: hbone::Client,
@@ -106,18 +104,38 @@ pub async fn connect_marked(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-/// Relays between a pod-side TCP socket and another TCP socket until both directions end. A half-close is passed on as a half-close; an error on either side (a reset)
-/// resets the TCP socket, so the pod sees a reset rather than a clean end.
-/// Returns (bytes pod→other, bytes other→pod).
-pub async fn relay<O>(pod: &mut TcpStream, other: &mut O) -> Result<(u64, u64), std::io::Error>
-where
-    O: AsyncRead + AsyncWrite + Unpin + ?Sized,
+/// Relays between two TCP sockets until both directions end; returns (bytes a→b, bytes b→a).
+/// A half-close is passed on as a half-close. An error on either side (a reset) resets both
+/// sockets, so each peer sees a reset rather than a clean end.
+pub async fn relay_tcp(a: &mut TcpStream, b: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+    let r = tokio::io::copy_bidirectional(a, b).await;
+    if r.is_err() {
+        let _ = a.set_zero_linger();
+        let _ = b.set_zero_linger();
+    }
+    r
+}
+
+/// Accepts connections forever, one task per connection. Accept errors (EMFILE, ECONNABORTED)
+/// concern one connection: they are logged and the listener keeps serving.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    inputs: Arc<Inputs>,
+    handle: F,
+) where
+    F: Fn(Arc<Inputs>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
 {
-    match tokio::io::copy_bidirectional(pod, other).await {
-        Ok(n) => Ok(n),
-        Err(e) => {
-            let _ = pod.set_zero_linger();
-            Err(e)
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(inputs.clone(), stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 }

@@ -45,18 +45,7 @@ impl Inbound {
     }
 
     pub async fn run(self) {
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, peer)) => {
-                    let inputs = self.inputs.clone();
-                    tokio::spawn(async move { serve_connection(inputs, stream, peer).await });
-                }
-                Err(e) => {
-                    warn!(error = %e, "HBONE accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
+        super::accept_loop(self.listener, "hbone", self.inputs, serve_connection).await
     }
 }
 
@@ -172,7 +161,7 @@ async fn tunnel(inputs: Arc<Inputs>, req: Request<RecvStream>, mut respond: Send
     let source_ip = mesh_source(&snap);
     // A tunnel may live for hours; it must not pin this snapshot in memory.
     drop(snap);
-    let pod = match connect_local_pod(&inputs, source_ip, target).await {
+    let pod = match super::connect_marked(target, inputs.proxy_mark, source_ip).await {
         Ok(s) => s,
         Err(e) => {
             let reason = format!("connect to {target}: {e}");
@@ -234,13 +223,4 @@ pub fn mesh_source(snap: &Snapshot) -> Option<std::net::IpAddr> {
     snap.node
         .as_ref()
         .map(|n| std::net::IpAddr::V4(n.mesh_source))
-}
-
-/// Connects to a local pod from the node's mesh source address.
-pub async fn connect_local_pod(
-    inputs: &Inputs,
-    source: Option<std::net::IpAddr>,
-    target: SocketAddr,
-) -> std::io::Result<TcpStream> {
-    super::connect_marked(target, inputs.proxy_mark, source).await
 }

@@ -79,19 +79,7 @@ impl Outbound {
     }
 
     pub async fn run(self) {
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, peer)) => {
-                    let inputs = self.inputs.clone();
-                    tokio::spawn(async move { handle(inputs, stream, peer).await });
-                }
-                // Accept errors (EMFILE, ECONNABORTED) concern one connection; keep serving.
-                Err(e) => {
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
+        super::accept_loop(self.listener, "outbound", self.inputs, handle).await
     }
 }
 
@@ -226,6 +214,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     let source_ip = inbound::mesh_source(&snap);
     // A connection may live for hours; it must not pin this snapshot in memory.
     drop(snap);
+    let local = matches!(decision, Decision::Local { .. });
     let mut client = client;
     let result = match decision {
         Decision::Refuse(reason) => {
@@ -233,19 +222,18 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             refuse(&inputs, client, reason);
             return;
         }
-        Decision::Local { target, .. } => {
-            match inbound::connect_local_pod(&inputs, source_ip, target).await {
-                Ok(mut pod) => {
+        // Same node, or outside the mesh: one TCP hop. Local pods are reached from the mesh
+        // source (what STRICT pods accept); other destinations from the node's own address.
+        Decision::Local { target, .. } | Decision::Passthrough(target) => {
+            let source = if local { source_ip } else { None };
+            match super::connect_marked(target, inputs.proxy_mark, source).await {
+                Ok(mut upstream) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
-                    let r = super::relay(&mut client, &mut pod).await;
-                    if r.is_err() {
-                        let _ = pod.set_zero_linger();
-                    }
-                    r
+                    super::relay_tcp(&mut client, &mut upstream).await
                 }
                 Err(e) => {
-                    warn!(%target, error = %e, "local pod refused the connection");
+                    warn!(%target, error = %e, "upstream refused the connection");
                     mark_endpoint(&inputs, &picked, false);
                     refuse(&inputs, client, "upstream_refused");
                     return;
@@ -263,23 +251,6 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                     warn!(%target, error = %e, "HBONE tunnel failed");
                     mark_endpoint(&inputs, &picked, false);
                     refuse(&inputs, client, e.reason());
-                    return;
-                }
-            }
-        }
-        Decision::Passthrough(dst) => {
-            match super::connect_marked(dst, inputs.proxy_mark, None).await {
-                Ok(mut up) => {
-                    inputs.metrics.opened(&labels);
-                    let r = super::relay(&mut client, &mut up).await;
-                    if r.is_err() {
-                        let _ = up.set_zero_linger();
-                    }
-                    r
-                }
-                Err(e) => {
-                    warn!(%dst, error = %e, "upstream connect failed");
-                    refuse(&inputs, client, "upstream_refused");
                     return;
                 }
             }
