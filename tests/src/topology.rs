@@ -68,6 +68,18 @@ pub struct ServiceSpec {
     pub app: String,
 }
 
+impl ServiceSpec {
+    pub fn new(name: &str, vip: &str, port: u16, target_port: u16, app: &str) -> Self {
+        Self {
+            name: name.into(),
+            vip: vip.into(),
+            port,
+            target_port,
+            app: app.into(),
+        }
+    }
+}
+
 pub struct Pod {
     pub name: String,
     pub node: usize,

@@ -25,13 +25,7 @@ fn two_nodes(tag: &str, opts: DaemonOpts) -> Topology {
         PodSpec::meshed("local", 0, "local"),
         PodSpec::meshed("server", 1, "echo").probes(&[8081]),
     ];
-    let services = [ServiceSpec {
-        name: "echo".into(),
-        vip: "10.96.0.10".into(),
-        port: 80,
-        target_port: 7000,
-        app: "echo".into(),
-    }];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo")];
     let mut t = Topology::build(tag, 2, &pods, &services);
     t.start(opts);
     t

@@ -51,13 +51,7 @@ fn main() {
         PodSpec::plain("outsider", 0),
         PodSpec::meshed("server", 1, "echo"),
     ];
-    let services = [ServiceSpec {
-        name: "echo".into(),
-        vip: "10.96.0.10".into(),
-        port: 80,
-        target_port: 7000,
-        app: "echo".into(),
-    }];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo")];
     let mut t = Topology::build("demo", 2, &pods, &services);
     print!(
         "{}",
