@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::{
     ebpf::loader::{Datapath, EnrollSpec},
+    identity::manager::Manager,
     meshfile,
     metrics::Metrics,
     state::State,
@@ -20,6 +21,18 @@ use crate::{
 
 /// How often the mesh file is checked for changes.
 pub const POLL: Duration = Duration::from_secs(1);
+
+/// What the control loop reads and how it enrolls.
+pub struct ControlConfig {
+    /// The mesh file.
+    pub path: PathBuf,
+    /// This node's name in it.
+    pub node: String,
+    /// Relative workload cgroups are resolved against it.
+    pub cgroup_root: PathBuf,
+    /// STRICT inbound enforcement for every enrolled pod.
+    pub strict: bool,
+}
 
 pub struct Control {
     path: PathBuf,
@@ -29,6 +42,7 @@ pub struct Control {
     state: Arc<State>,
     datapath: Arc<Mutex<Datapath>>,
     metrics: Arc<Metrics>,
+    identity: Arc<Manager>,
     /// Text of the last file seen (good or bad), to notice changes.
     last_text: Option<String>,
     /// What the kernel's enrollment map holds: workload id → (cgroup id, spec).
@@ -39,22 +53,21 @@ pub struct Control {
 
 impl Control {
     pub fn new(
-        path: &Path,
-        node: &str,
-        cgroup_root: &Path,
-        strict: bool,
+        cfg: ControlConfig,
         state: Arc<State>,
         datapath: Arc<Mutex<Datapath>>,
         metrics: Arc<Metrics>,
+        identity: Arc<Manager>,
     ) -> Self {
         Self {
-            path: path.to_path_buf(),
-            node: node.to_string(),
-            cgroup_root: cgroup_root.to_path_buf(),
-            strict,
+            path: cfg.path,
+            node: cfg.node,
+            cgroup_root: cfg.cgroup_root,
+            strict: cfg.strict,
             state,
             datapath,
             metrics,
+            identity,
             last_text: None,
             enrolled: HashMap::new(),
             failed: HashMap::new(),
@@ -110,6 +123,11 @@ impl Control {
             }
         };
         let (w, s) = (snap.workloads_by_id.len(), snap.services.len());
+        // Certificates follow placement: an identity with a pod here gets an SVID, one whose last
+        // pod left loses it.
+        let td = self.identity.trust_domain().to_string();
+        self.identity
+            .set_wanted(snap.local_workloads().map(|w| w.identity(&td)));
         self.state.replace(snap);
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         info!(path = %self.path.display(), workloads = w, service_ports = s, "mesh file loaded");

@@ -1,9 +1,11 @@
 //! nodemesh's node daemon: loads the kernel hooks, holds the mesh state, and proxies captured
 //! connections. `main.rs` is only the command line over these modules.
 
+pub mod authz;
 pub mod check;
 pub mod control;
 pub mod ebpf;
+pub mod identity;
 pub mod meshfile;
 pub mod metrics;
 pub mod proxy;

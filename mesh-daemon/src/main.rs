@@ -1,4 +1,5 @@
-//! `mesh-daemon`: the node daemon (`run`), its preflight (`check`) and `uninstall`.
+//! `mesh-daemon`: the node daemon (`run`), the CA (`ca serve`, `ca rotate`), the preflight
+//! (`check`) and `uninstall`.
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},
@@ -12,10 +13,15 @@ use clap::{Parser, Subcommand};
 use mesh_common::Counter;
 use mesh_daemon::{
     check,
-    control::{self, Control},
+    control::{self, Control, ControlConfig},
     ebpf::{
         cgroup,
         loader::{self, Datapath, DatapathConfig},
+    },
+    identity::{
+        self,
+        ca::{self, Ca, CaConfig, RotateStep},
+        manager::{Manager, ManagerConfig},
     },
     meshfile,
     metrics::{self, Metrics},
@@ -49,6 +55,11 @@ enum Command {
         #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
         cgroup_root: Option<PathBuf>,
     },
+    /// The mesh's certificate authority: issues workload SVIDs to node daemons.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Remove every program, link and map the mesh left pinned (after a crash, or to take a
     /// fail-closed node out of the mesh while no daemon runs).
     Uninstall {
@@ -56,6 +67,52 @@ enum Command {
         #[arg(long, env = "NODEMESH_PIN_DIR", default_value = PIN_ROOT)]
         pin_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Serve SVID signing over HTTPS. Generates a root, signer and bundle in --dir at first start.
+    Serve(CaArgs),
+    /// One step of a root rotation (add-root, then activate, then retire), on --dir; a running CA
+    /// picks each step up within a second.
+    Rotate {
+        /// The CA's key folder.
+        #[arg(long, env = "NODEMESH_CA_DIR")]
+        dir: PathBuf,
+        /// Trust domain of the new root's SVIDs.
+        #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        #[arg(value_enum)]
+        step: RotateStep,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct CaArgs {
+    /// Folder of the CA's keys and bundle (root.pem/key, signer.pem/key, bundle.pem).
+    #[arg(long, env = "NODEMESH_CA_DIR")]
+    dir: PathBuf,
+    /// HTTPS listener for signing requests.
+    #[arg(long, env = "NODEMESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// YAML map of node name to bootstrap token; a node may only get SVIDs for its own pods.
+    #[arg(long, env = "NODEMESH_CA_TOKENS")]
+    tokens: PathBuf,
+    /// The mesh file: which workload runs on which node.
+    #[arg(long, env = "NODEMESH_MESH_FILE")]
+    mesh_file: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// SVID lifetime (e.g. 24h, 1m); nodes renew at half of it.
+    #[arg(long, env = "NODEMESH_SVID_LIFETIME", default_value = "24h", value_parser = identity::parse_duration)]
+    lifetime: std::time::Duration,
+    /// Extra DNS names or IPs for the CA's serving certificate (the --listen IP is always in it).
+    #[arg(long = "san", env = "NODEMESH_CA_SANS", value_delimiter = ',')]
+    sans: Vec<String>,
+    /// Prometheus endpoint of the CA (`nodemesh_ca_requests_total`).
+    #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15014")]
+    metrics: SocketAddr,
 }
 
 #[derive(clap::Args, Debug)]
@@ -98,6 +155,23 @@ struct RunArgs {
     /// SO_MARK put on the proxy's own sockets so the hooks never capture them.
     #[arg(long, env = "NODEMESH_PROXY_MARK", default_value_t = 0x4e4d)]
     proxy_mark: u32,
+    /// The CA, as `https://<ip>[:port]`. Every inter-node connection is mTLS with SVIDs from it.
+    #[arg(long, env = "NODEMESH_CA")]
+    ca: String,
+    /// Roots to trust the CA with at start (the CA's bundle.pem); the CA's own bundle replaces
+    /// them once it answers.
+    #[arg(long, env = "NODEMESH_CA_BUNDLE")]
+    ca_bundle: PathBuf,
+    /// File holding this node's bootstrap token for the CA.
+    #[arg(long, env = "NODEMESH_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// How often the trust bundle is refreshed from the CA (a root rotation reaches this node
+    /// within it).
+    #[arg(long, env = "NODEMESH_BUNDLE_REFRESH", default_value = "5s", value_parser = identity::parse_duration)]
+    bundle_refresh: std::time::Duration,
     /// Same-host fast path (sockops + sk_msg on a SOCKHASH).
     #[arg(long, env = "NODEMESH_SOCKMAP", value_enum, default_value = "off")]
     sockmap: OnOff,
@@ -156,6 +230,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Ca {
+            command:
+                CaCommand::Rotate {
+                    dir,
+                    trust_domain,
+                    step,
+                },
+        } => match ca::rotate(&dir, &trust_domain, step) {
+            Ok(next) => {
+                println!("{next}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-daemon ca rotate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ca {
+            command: CaCommand::Serve(args),
+        } => match serve_ca(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-daemon ca: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -164,6 +264,45 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
+    info!(?args, "starting the CA");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("ca")
+        .build()
+        .context("cannot start the CA runtime")?;
+    rt.block_on(async move {
+        let metrics_listener = std::net::TcpListener::bind(args.metrics).with_context(|| {
+            format!(
+                "cannot listen on {} for /metrics; free the port or pass --metrics",
+                args.metrics
+            )
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        let ca = Ca::new(
+            CaConfig {
+                dir: args.dir,
+                listen: args.listen,
+                trust_domain: args.trust_domain,
+                tokens: args.tokens,
+                mesh_file: args.mesh_file,
+                lifetime: args.lifetime,
+                sans: args.sans,
+            },
+            &metrics.registry,
+        )
+        .await?;
+        metrics::serve(metrics_listener, metrics);
+        info!(listen = %ca.local_addr()?, "CA ready");
+        tokio::select! {
+            () = ca.run() => {}
+            () = shutdown_signal() => info!("CA shutting down"),
+        }
+        anyhow::Ok(())
+    })
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -240,19 +379,39 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             pin_dir: pin_dir.clone(),
         };
         let metrics = Arc::new(Metrics::new());
+        // Identity before the kernel: bad CA settings fail start-up before anything is captured.
+        let identity = Manager::new(
+            ManagerConfig {
+                ca_url: args.ca.clone(),
+                ca_bundle: args.ca_bundle.clone(),
+                token_file: args.token_file.clone(),
+                trust_domain: args.trust_domain.clone(),
+                refresh: args.bundle_refresh,
+                mark: args.proxy_mark,
+            },
+            metrics.clone(),
+        )?;
+        identity.start();
+        let tls = tokio_rustls::TlsAcceptor::from(
+            identity::tls::server_config(identity.clone())
+                .context("cannot build the HBONE TLS configuration")?,
+        );
         let datapath = Datapath::load(&cfg)?;
         info!(programs = ?datapath.program_names(), fail_closed = pin_dir.is_some(), pin_dir = ?pin_dir, "eBPF programs attached");
         let orig = datapath.orig_dst_table();
         let datapath = Arc::new(Mutex::new(datapath));
         let state = Arc::new(State::default());
         let mut control = Control::new(
-            &args.mesh_file,
-            &args.node,
-            &cgroup_root,
-            args.inbound == InboundMode::Strict,
+            ControlConfig {
+                path: args.mesh_file.clone(),
+                node: args.node.clone(),
+                cgroup_root: cgroup_root.clone(),
+                strict: args.inbound == InboundMode::Strict,
+            },
             state.clone(),
             datapath.clone(),
             metrics.clone(),
+            identity.clone(),
         );
         control.load_initial().map_err(anyhow::Error::msg)?;
         let inputs = Arc::new(Inputs {
@@ -261,7 +420,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             proxy_mark: args.proxy_mark,
             balancer: Balancer::default(),
-            hbone: hbone::Client::new(args.proxy_mark),
+            hbone: hbone::Client::new(args.proxy_mark, identity.clone(), metrics.clone()),
+            identity,
+            tls,
         });
         metrics::serve(metrics_listener, metrics.clone());
         let outbound = Outbound::new(out_listener, inputs.clone());

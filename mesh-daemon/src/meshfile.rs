@@ -25,6 +25,15 @@
 //!     vip: 10.96.0.10
 //!     ports: [{ port: 80, targetPort: 7000 }]
 //!     selector: { app: echo }
+//! authorizationPolicies:        # L4, enforced where the destination pod runs; default: allow
+//!   - name: echo-callers
+//!     namespace: demo           # applies to workloads of this namespace ...
+//!     selector: { app: echo }   # ... with these labels (empty: all of the namespace)
+//!     action: ALLOW             # ALLOW or DENY; DENY wins; with any ALLOW, one must match
+//!     from:                     # any entry matches; within one, every given list must match
+//!       - principals: [spiffe://cluster.local/ns/demo/sa/client-sa]
+//!       - namespaces: [monitoring]
+//!     ports: [7000]             # destination ports (empty: all)
 //! ```
 
 use std::{
@@ -45,6 +54,8 @@ pub struct MeshFile {
     pub workloads: Vec<WorkloadSpec>,
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub authorization_policies: Vec<PolicySpec>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -101,6 +112,39 @@ impl ServicePort {
     pub fn target(&self) -> u16 {
         self.target_port.unwrap_or(self.port)
     }
+}
+
+/// An L4 authorization policy (the project's AuthorizationPolicy CRD will carry the same).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicySpec {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    pub action: PolicyAction,
+    #[serde(default)]
+    pub from: Vec<PolicySource>,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum PolicyAction {
+    #[serde(rename = "ALLOW")]
+    Allow,
+    #[serde(rename = "DENY")]
+    Deny,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicySource {
+    /// SPIFFE IDs.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
 }
 
 /// A mesh file that cannot be used, with the line to fix (1-based) when it is known.
@@ -278,6 +322,48 @@ fn validate(f: &MeshFile) -> Result<(), (&'static str, String, String)> {
                     format!("service {id}: {}:{} is also service {other}", s.vip, p.port),
                 ));
             }
+        }
+    }
+    let mut policies = HashSet::new();
+    for p in &f.authorization_policies {
+        let id = format!("{}/{}", p.namespace, p.name);
+        name_ok("policy", &p.name).map_err(|m| ("authorizationPolicies", p.name.clone(), m))?;
+        name_ok("namespace", &p.namespace)
+            .map_err(|m| ("authorizationPolicies", p.name.clone(), m))?;
+        if !policies.insert(id.clone()) {
+            return Err((
+                "authorizationPolicies",
+                p.name.clone(),
+                format!("policy {id} is declared twice"),
+            ));
+        }
+        for src in &p.from {
+            if src.principals.is_empty() && src.namespaces.is_empty() {
+                return Err((
+                    "authorizationPolicies",
+                    "from".into(),
+                    format!(
+                        "policy {id}: a `from` entry names neither principals nor namespaces; \
+                         omit `from` to match every source"
+                    ),
+                ));
+            }
+            for pr in &src.principals {
+                crate::identity::Identity::parse(pr).map_err(|e| {
+                    (
+                        "authorizationPolicies",
+                        pr.clone(),
+                        format!("policy {id}: {e}"),
+                    )
+                })?;
+            }
+        }
+        if p.ports.contains(&0) {
+            return Err((
+                "authorizationPolicies",
+                "ports".into(),
+                format!("policy {id}: port 0 is not a port"),
+            ));
         }
     }
     Ok(())

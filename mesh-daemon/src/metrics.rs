@@ -1,7 +1,7 @@
 //! Prometheus families of the node daemon (prefix `nodemesh_`). Label sets are bounded: workloads
 //! and reasons, never addresses or ports.
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -14,17 +14,26 @@ pub struct Metrics {
     pub enroll_failures: IntCounterVec,
     pub enrolled: IntGauge,
     pub ebpf_events: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub authz: IntCounterVec,
+    pub svid_expiry: GaugeVec,
+    pub svid_fetches: IntCounterVec,
 }
 
-/// Labels of the per-edge TCP families, in this order.
-pub const EDGE_LABELS: [&str; 5] = [
+/// Labels of the per-edge TCP families, in this order. Principals are SPIFFE IDs: the source's
+/// as the kernel attributed it (outbound) or as its client certificate proved it (inbound).
+pub const EDGE_LABELS: [&str; 7] = [
     "reporter",
     "source_workload",
     "source_namespace",
+    "source_principal",
     "destination_workload",
     "destination_namespace",
+    "destination_principal",
 ];
-const WL_LABELS: [&str; 5] = EDGE_LABELS;
+const WL_LABELS: [&str; 7] = EDGE_LABELS;
+/// One edge's label values, in [`EDGE_LABELS`] order.
+pub type Edge = [String; 7];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -90,18 +99,47 @@ impl Metrics {
                 "Kernel program events (summed per-CPU counters), by event",
                 &["event"],
             ),
+            tls_handshakes: vec(
+                "tls_handshakes_total",
+                "mTLS handshakes on HBONE, by direction and result (ok, or why it failed)",
+                &["direction", "result"],
+            ),
+            authz: vec(
+                "authorization_decisions_total",
+                "L4 authorization decisions at the destination, by result and deciding policy",
+                &["result", "policy"],
+            ),
+            svid_expiry: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "svid_expiry_timestamp_seconds",
+                        "When the SVID this node holds for an identity expires (Unix time)",
+                    ),
+                    &["identity"],
+                )
+                .expect("static metric definitions are valid");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("each family is registered once");
+                g
+            },
+            svid_fetches: vec(
+                "svid_fetches_total",
+                "SVID requests to the CA, by result (issued, renewed, failed)",
+                &["result"],
+            ),
             registry,
         }
     }
 
     /// A proxied connection was established on this edge.
-    pub fn opened(&self, labels: &[String; 5]) {
+    pub fn opened(&self, labels: &Edge) {
         let l: Vec<&str> = labels.iter().map(String::as_str).collect();
         self.tcp_opened.with_label_values(&l).inc();
     }
 
     /// A proxied connection ended: bytes (from source, to source) and the close.
-    pub fn finished(&self, labels: &[String; 5], result: &std::io::Result<(u64, u64)>) {
+    pub fn finished(&self, labels: &Edge, result: &std::io::Result<(u64, u64)>) {
         let l: Vec<&str> = labels.iter().map(String::as_str).collect();
         if let Ok((sent, received)) = result {
             self.tcp_sent_bytes.with_label_values(&l).inc_by(*sent);

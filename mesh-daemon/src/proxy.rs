@@ -24,6 +24,10 @@ pub struct Inputs {
     pub proxy_mark: u32,
     pub balancer: balance::Balancer,
     pub hbone: hbone::Client,
+    /// SVIDs and the trust bundle.
+    pub identity: Arc<crate::identity::manager::Manager>,
+    /// The HBONE listener's mTLS acceptor.
+    pub tls: tokio_rustls::TlsAcceptor,
 }
 
 /// How long a connection attempt to a pod or a node may take.

@@ -11,7 +11,7 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use crate::meshfile::{MeshFile, NodeSpec};
+use crate::meshfile::{MeshFile, NodeSpec, PolicySpec};
 
 /// A meshed workload instance (a pod).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,9 +27,16 @@ pub struct Workload {
     /// The pod-level cgroup whose sockets are this workload's (resolved against the cgroup root).
     pub cgroup: PathBuf,
     pub probe_ports: Vec<u16>,
+    /// Selected by services and authorization policies.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Workload {
+    /// The workload's SPIFFE identity in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> crate::identity::Identity {
+        crate::identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
     /// `namespace/name`, as logs and errors show it.
     pub fn display(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -60,6 +67,8 @@ pub struct Snapshot {
     pub workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// Keyed by VIP and service port.
     pub services: HashMap<SocketAddr, Arc<Service>>,
+    /// L4 authorization policies, enforced where the destination runs.
+    pub policies: Vec<PolicySpec>,
 }
 
 impl Snapshot {
@@ -133,6 +142,7 @@ impl State {
         let mut snap = Snapshot {
             node: Some(node),
             nodes,
+            policies: file.authorization_policies.clone(),
             ..Snapshot::default()
         };
         for w in &file.workloads {
@@ -150,6 +160,7 @@ impl State {
                 ip: w.ip,
                 cgroup,
                 probe_ports: w.probe_ports.clone(),
+                labels: w.labels.clone(),
             });
             snap.workloads_by_ip.insert(IpAddr::V4(w.ip), wl.clone());
             snap.workloads_by_id.insert(wl.id, wl);

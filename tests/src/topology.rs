@@ -102,6 +102,8 @@ pub struct DaemonOpts {
     pub inbound: &'static str,
     pub fail_open: bool,
     pub sockmap: bool,
+    /// SVID lifetime the CA issues (`--lifetime`).
+    pub svid_lifetime: &'static str,
 }
 
 impl Default for DaemonOpts {
@@ -110,22 +112,27 @@ impl Default for DaemonOpts {
             inbound: "permissive",
             fail_open: false,
             sockmap: false,
+            svid_lifetime: "24h",
         }
     }
 }
 
+/// Where the CA listens, on the fabric (the "control plane" network every node reaches).
+pub const CA_IP: &str = "10.203.0.250";
+
 pub struct Topology {
     // Drop order matters: processes first, then pins, cgroups, namespaces.
     pub daemons: Vec<Option<Proc>>,
+    pub ca: Option<Proc>,
     pub servers: Vec<Proc>,
     pins: PinGuard,
     pub pods: Vec<Pod>,
     pub cgroups: TestCgroup,
     pub nodes: Vec<Node>,
-    _fabric: Netns,
+    pub fabric: Netns,
     pub mesh_file: PathBuf,
     pub opts: DaemonOpts,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 struct PinGuard(PathBuf);
@@ -158,6 +165,7 @@ impl Topology {
         let fabric = Netns::new(&format!("{base}f"));
         fabric.ip(&["link", "add", "br0", "type", "bridge"]);
         fabric.ip(&["link", "set", "br0", "up"]);
+        fabric.ip(&["addr", "add", &format!("{CA_IP}/24"), "dev", "br0"]);
         let mut node_list = Vec::new();
         for i in 1..=nodes {
             let ns = Netns::new(&format!("{base}n{i}"));
@@ -246,17 +254,30 @@ impl Topology {
         let mesh_file = dir.0.join("mesh.yaml");
         let topo = Self {
             daemons: (0..nodes).map(|_| None).collect(),
+            ca: None,
             servers: Vec::new(),
             pins: PinGuard(PathBuf::from("/sys/fs/bpf").join(format!("{base}-pins"))),
             pods: pod_list,
             cgroups,
             nodes: node_list,
-            _fabric: fabric,
+            fabric,
             mesh_file,
             opts: DaemonOpts::default(),
-            _dir: dir,
+            dir,
         };
         std::fs::write(&topo.mesh_file, topo.mesh_yaml(pods, services)).expect("write mesh file");
+        // One bootstrap token per node, as an operator would hand them out.
+        let mut tokens = String::new();
+        for (i, n) in topo.nodes.iter().enumerate() {
+            let token = format!(
+                "{base}-{}-{:x}",
+                n.name,
+                std::process::id() as u64 * 7919 + i as u64
+            );
+            std::fs::write(topo.token_file(i), &token).expect("write token");
+            let _ = writeln!(tokens, "{}: {token}", n.name);
+        }
+        std::fs::write(topo.dir.0.join("tokens.yaml"), tokens).expect("write tokens");
         topo
     }
 
@@ -317,6 +338,57 @@ impl Topology {
         self.pins.0.join(&self.nodes[node].name)
     }
 
+    /// The CA's key folder (root, signer, bundle).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.0.join("ca")
+    }
+
+    /// Node `i`'s bootstrap token file.
+    pub fn token_file(&self, i: usize) -> PathBuf {
+        self.dir.0.join(format!("node-{}.token", i + 1))
+    }
+
+    /// The CA's URL as nodes reach it.
+    pub fn ca_url(&self) -> String {
+        format!("https://{CA_IP}:15012")
+    }
+
+    /// The CA command, as `start` runs it.
+    pub fn ca_command(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.fabric.path().display()))
+            .arg(bin("mesh-daemon"))
+            .args(["ca", "serve", "--dir"])
+            .arg(self.ca_dir())
+            .args(["--listen", &format!("{CA_IP}:15012")])
+            .args(["--metrics", &format!("{CA_IP}:15014")])
+            .arg("--tokens")
+            .arg(self.dir.0.join("tokens.yaml"))
+            .arg("--mesh-file")
+            .arg(&self.mesh_file)
+            .args(["--lifetime", self.opts.svid_lifetime])
+            .env(
+                "NODEMESH_LOG",
+                std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        c
+    }
+
+    /// Starts the CA (once) and waits until it serves.
+    pub fn start_ca(&mut self) {
+        if self.ca.is_some() {
+            return;
+        }
+        let mut p = Proc::spawn("mesh-daemon ca", self.ca_command());
+        p.wait_for("CA ready", Duration::from_secs(30));
+        self.ca = Some(p);
+    }
+
+    /// The CA's `/metrics`.
+    pub fn scrape_ca(&self) -> String {
+        http_get(&self.fabric, &format!("{CA_IP}:15014"), "/metrics")
+    }
+
     /// The daemon command for node `i`, as `start` runs it (tests add or change flags).
     pub fn daemon_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];
@@ -335,6 +407,12 @@ impl Topology {
             .args(["--metrics", &format!("{}:15020", n.ip)])
             .args(["--inbound", self.opts.inbound])
             .args(["--sockmap", if self.opts.sockmap { "on" } else { "off" }])
+            .args(["--ca", &self.ca_url()])
+            .arg("--ca-bundle")
+            .arg(self.ca_dir().join("bundle.pem"))
+            .arg("--token-file")
+            .arg(self.token_file(i))
+            .args(["--bundle-refresh", "1s"])
             .env(
                 "NODEMESH_LOG",
                 std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
@@ -345,9 +423,10 @@ impl Topology {
         d
     }
 
-    /// Starts every node's daemon and waits until each is ready.
+    /// Starts the CA and every node's daemon, and waits until each is ready.
     pub fn start(&mut self, opts: DaemonOpts) {
         self.opts = opts;
+        self.start_ca();
         for i in 0..self.nodes.len() {
             self.start_daemon(i);
         }
@@ -360,6 +439,19 @@ impl Topology {
         );
         p.wait_for("ready", Duration::from_secs(30));
         self.daemons[i] = Some(p);
+        // Ready to serve means holding an SVID for every identity with a pod on the node (one
+        // per meshed pod here: each has its own service account).
+        let pods = self.pods.iter().filter(|p| p.meshed && p.node == i).count() as u64;
+        let got = self.wait_metric(
+            i,
+            "nodemesh_svid_fetches_total",
+            &[("result", "issued")],
+            pods,
+        );
+        assert!(
+            got >= pods,
+            "node {i} holds {got} SVIDs after 5 s, expected {pods}"
+        );
     }
 
     pub fn daemon(&mut self, i: usize) -> &mut Proc {
@@ -403,20 +495,11 @@ impl Topology {
 
     /// node `i`'s `/metrics`, fetched from inside its namespace.
     pub fn scrape(&self, i: usize) -> String {
-        let addr = format!("{}:15020", self.nodes[i].ip);
-        self.nodes[i]
-            .ns
-            .run(move || {
-                let mut s = std::net::TcpStream::connect(&addr).expect("connect to /metrics");
-                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-                    .expect("request");
-                let mut body = String::new();
-                s.read_to_string(&mut body).expect("response");
-                body
-            })
-            .join()
-            .expect("scrape thread")
+        http_get(
+            &self.nodes[i].ns,
+            &format!("{}:15020", self.nodes[i].ip),
+            "/metrics",
+        )
     }
 
     /// The value of one sample in node `i`'s metrics (0 when absent): `name` plus every
@@ -448,6 +531,22 @@ impl Topology {
     pub fn mesh_file_path(&self) -> &Path {
         &self.mesh_file
     }
+}
+
+/// A plain HTTP/1.0 GET from inside a namespace; returns the whole response.
+pub fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
+    let addr = addr.to_string();
+    let req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+    ns.run(move || {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect for HTTP GET");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        s.write_all(req.as_bytes()).expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("response");
+        body
+    })
+    .join()
+    .expect("HTTP GET thread")
 }
 
 /// Sums the samples of family `name` whose labels include all of `labels`.

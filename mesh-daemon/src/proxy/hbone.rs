@@ -1,12 +1,22 @@
-//! HBONE, the node-to-node transport: one HTTP/2 connection per destination node carries many
-//! `CONNECT` streams, each a tunnelled TCP connection to `:authority` = the target pod's
-//! `ip:port`. The mTLS issue wraps these connections in TLS with workload identities (and keys
-//! the pool by source identity as well); until then they are plaintext between nodes.
+//! HBONE, the node-to-node transport: HTTP/2 over mutual TLS 1.3, where each `CONNECT` stream is
+//! a tunnelled TCP connection to `:authority` = the target pod's `ip:port`.
+//!
+//! The client presents the source workload's SVID and asks for the destination workload's (see
+//! [`crate::identity::tls`]), so connections are pooled per (source identity, destination
+//! identity, destination node): the source/destination node pair of DESIGN.md plus the
+//! destination identity, because the server presents one workload's certificate per connection.
+//! There is no plaintext mode.
 //!
 //! A tunnel mirrors TCP: a half-close is END_STREAM, and a reset is RST_STREAM(CONNECT_ERROR)
 //! (RFC 9113 §8.5), turned back into a TCP reset on the other side.
 
-use std::{collections::HashMap, future::poll_fn, net::SocketAddr, sync::Mutex};
+use std::{
+    collections::HashMap,
+    future::poll_fn,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream, client::SendRequest};
@@ -20,11 +30,16 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
+use crate::{
+    identity::{Identity, manager::Manager, tls},
+    metrics::Metrics,
+};
+
 /// The HBONE port on every node.
 pub const PORT: u16 = 15008;
-/// Header naming the source workload (`namespace/name`). Plaintext HBONE cannot prove it, so the
-/// destination uses it only for metric labels, and only when it names a known workload; the mTLS
-/// work replaces it with the client certificate's identity.
+/// Header naming the source workload (`namespace/name`). The client certificate proves only the
+/// identity (namespace + service account), so the destination uses this for its workload label,
+/// and only when it names a known workload with exactly the proven identity.
 pub const SOURCE_HEADER: &str = "x-nodemesh-source-workload";
 /// Header carrying the destination proxy's reason for a refused CONNECT.
 pub const ERROR_HEADER: &str = "x-nodemesh-error";
@@ -39,6 +54,12 @@ pub enum HboneError {
     #[error("cannot reach node {node}: {source}")]
     Connect {
         node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("mTLS handshake with node {node} failed: {source}")]
+    Tls {
+        node: SocketAddr,
+        label: &'static str,
         source: std::io::Error,
     },
     #[error("HTTP/2 with node {node} failed: {source}")]
@@ -59,9 +80,13 @@ impl HboneError {
     pub fn reason(&self) -> &'static str {
         match self {
             HboneError::Connect { .. } => "node_unreachable",
+            HboneError::Tls { .. } => "tls_handshake_failed",
             HboneError::Http { .. } => "hbone_protocol",
             HboneError::Refused { status, .. } if *status == StatusCode::BAD_GATEWAY => {
                 "upstream_refused"
+            }
+            HboneError::Refused { status, .. } if *status == StatusCode::FORBIDDEN => {
+                "hbone_forbidden"
             }
             HboneError::Refused { .. } => "hbone_refused",
         }
@@ -74,17 +99,45 @@ pub struct Tunnel {
     pub recv: RecvStream,
 }
 
-/// Pooled HTTP/2 connections to other nodes' HBONE listeners.
+/// How long a TLS handshake with another node may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who a pooled connection speaks for and to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: Identity,
+    destination: Identity,
+    node: SocketAddr,
+}
+
+/// Pooled mTLS HTTP/2 connections to other nodes' HBONE listeners.
 pub struct Client {
     mark: u32,
-    pool: Mutex<HashMap<SocketAddr, SendRequest<Bytes>>>,
+    identity: Arc<Manager>,
+    metrics: Arc<Metrics>,
+    pool: Mutex<HashMap<PoolKey, SendRequest<Bytes>>>,
+    /// One client configuration per source identity (its certificate resolver follows renewals).
+    configs: Mutex<HashMap<Identity, Arc<rustls::ClientConfig>>>,
+}
+
+/// The two ends of a tunnel, as the client knows them.
+pub struct Ends<'a> {
+    /// The source workload's identity (what the kernel attributed the connection to).
+    pub source: &'a Identity,
+    /// `namespace/name` of the source workload, for the destination's labels.
+    pub source_workload: &'a str,
+    /// The identity the destination pod must prove.
+    pub destination: &'a Identity,
 }
 
 impl Client {
-    pub fn new(mark: u32) -> Self {
+    pub fn new(mark: u32, identity: Arc<Manager>, metrics: Arc<Metrics>) -> Self {
         Self {
             mark,
+            identity,
+            metrics,
             pool: Mutex::default(),
+            configs: Mutex::default(),
         }
     }
 
@@ -93,15 +146,20 @@ impl Client {
         &self,
         node: SocketAddr,
         target: SocketAddr,
-        source: &str,
+        ends: Ends<'_>,
     ) -> Result<Tunnel, HboneError> {
+        let key = PoolKey {
+            source: ends.source.clone(),
+            destination: ends.destination.clone(),
+            node,
+        };
         // A pooled connection may have died since its last use; one fresh attempt follows.
         for fresh in [false, true] {
-            let sender = self.sender(node, fresh).await?;
+            let sender = self.sender(&key, fresh).await?;
             let req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
-                .header(SOURCE_HEADER, source)
+                .header(SOURCE_HEADER, ends.source_workload)
                 .body(())
                 .expect("a CONNECT request to a socket address is valid");
             let sent = match sender.ready().await {
@@ -112,7 +170,7 @@ impl Client {
                 Ok(x) => x,
                 Err(e) if !fresh => {
                     debug!(%node, error = %e, "pooled HBONE connection failed; reconnecting");
-                    self.forget(node);
+                    self.forget(&key);
                     continue;
                 }
                 Err(source) => return Err(HboneError::Http { node, source }),
@@ -142,34 +200,68 @@ impl Client {
         unreachable!("the loop returns on its second pass")
     }
 
-    fn forget(&self, node: SocketAddr) {
+    fn forget(&self, key: &PoolKey) {
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&node);
+            .remove(key);
     }
 
-    async fn sender(
-        &self,
-        node: SocketAddr,
-        fresh: bool,
-    ) -> Result<SendRequest<Bytes>, HboneError> {
-        if !fresh
-            && let Some(s) = self
-                .pool
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&node)
-        {
+    fn config(&self, source: &Identity) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = configs.get(source) {
+            return Ok(c.clone());
+        }
+        let c = tls::client_config(self.identity.clone(), source.clone())?;
+        configs.insert(source.clone(), c.clone());
+        Ok(c)
+    }
+
+    async fn sender(&self, key: &PoolKey, fresh: bool) -> Result<SendRequest<Bytes>, HboneError> {
+        let node = key.node;
+        if !fresh && let Some(s) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
             return Ok(s.clone());
         }
         let tcp = super::connect_marked(node, self.mark, None)
             .await
             .map_err(|source| HboneError::Connect { node, source })?;
+        let tls_err = |label: &'static str, source: std::io::Error| HboneError::Tls {
+            node,
+            label,
+            source,
+        };
+        let config = self
+            .config(&key.source)
+            .map_err(|e| tls_err("error", std::io::Error::other(e)))?;
+        let server_name = rustls::pki_types::ServerName::try_from(key.destination.server_name())
+            .map_err(|e| tls_err("error", std::io::Error::other(e)))?;
+        let handshake = tokio_rustls::TlsConnector::from(config).connect(server_name, tcp);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let label = tls::failure_label(&e);
+                self.metrics
+                    .tls_handshakes
+                    .with_label_values(&["outbound", label])
+                    .inc();
+                return Err(tls_err(label, e));
+            }
+            Err(_) => {
+                self.metrics
+                    .tls_handshakes
+                    .with_label_values(&["outbound", "timeout"])
+                    .inc();
+                return Err(tls_err("timeout", std::io::ErrorKind::TimedOut.into()));
+            }
+        };
+        self.metrics
+            .tls_handshakes
+            .with_label_values(&["outbound", "ok"])
+            .inc();
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::Http { node, source })?;
         tokio::spawn(async move {
@@ -180,7 +272,7 @@ impl Client {
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node, sender.clone());
+            .insert(key.clone(), sender.clone());
         Ok(sender)
     }
 }

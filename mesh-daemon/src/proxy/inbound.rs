@@ -1,9 +1,15 @@
-//! Inbound: the HBONE listener (:15008) that other nodes' proxies tunnel to, and the last hop to a
-//! local pod shared with same-node traffic.
+//! Inbound: the HBONE listener (:15008) that other nodes' proxies tunnel to over mutual TLS, and
+//! the last hop to a local pod shared with same-node traffic.
 //!
-//! A tunnel is accepted only to a meshed pod scheduled on this node: never to the node's own
-//! addresses or ports, loopback, or a pod elsewhere (no confused deputy). The proxy connects to
-//! the pod from the node's mesh source address, the one source STRICT pods accept.
+//! A connection must complete a TLS 1.3 handshake with a client SVID that chains to the bundle;
+//! the source principal is that certificate's SPIFFE ID. A tunnel is then accepted only:
+//! - to a meshed pod scheduled on this node: never to the node's own addresses or ports,
+//!   loopback, or a pod elsewhere (no confused deputy);
+//! - whose identity is the one the client asked for (and got a certificate of);
+//! - when the authorization policies allow the source principal on that pod and port.
+//!
+//! The proxy connects to the pod from the node's mesh source address, the one source STRICT pods
+//! accept.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -14,7 +20,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::{Inputs, hbone};
-use crate::state::{Snapshot, Workload};
+use crate::{
+    authz,
+    identity::{Identity, tls},
+    state::{Snapshot, Workload},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -33,6 +43,15 @@ pub struct Inbound {
     inputs: Arc<Inputs>,
 }
 
+/// What the handshake proved about one HBONE connection.
+struct Peer {
+    addr: SocketAddr,
+    /// The client certificate's SPIFFE ID.
+    source: Identity,
+    /// The server name the client asked for: the destination identity it expects.
+    server_name: String,
+}
+
 impl Inbound {
     pub async fn bind(addr: SocketAddr) -> Result<TcpListener, InboundError> {
         TcpListener::bind(addr)
@@ -49,17 +68,52 @@ impl Inbound {
     }
 }
 
-async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, peer: SocketAddr) {
+async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let handshake_failed = |label: &str, reason: &dyn std::fmt::Display| {
+        // Plaintext, garbage, an untrusted or expired certificate, TLS 1.2: that peer is dropped
+        // and counted; everyone else is unaffected.
+        warn!(peer = %addr, result = label, error = %reason, "HBONE mTLS handshake refused");
+        inputs
+            .metrics
+            .tls_handshakes
+            .with_label_values(&["inbound", label])
+            .inc();
+    };
+    let accept = inputs.tls.accept(stream);
+    let tls = match tokio::time::timeout(hbone::HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return handshake_failed(tls::failure_label(&e), &e),
+        Err(_) => return handshake_failed("timeout", &"no TLS handshake within 10 s"),
+    };
+    let (_, conn) = tls.get_ref();
+    let source = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| Identity::from_cert(c));
+    let (source, server_name) = match (source, conn.server_name()) {
+        (Some(Ok(id)), Some(name)) => (id, name.to_string()),
+        // The verifier already required both; this is defence in depth, not a path.
+        _ => return handshake_failed("bad_identity", &"no client identity or server name"),
+    };
+    inputs
+        .metrics
+        .tls_handshakes
+        .with_label_values(&["inbound", "ok"])
+        .inc();
+    info!(peer = %addr, source = %source, "HBONE mTLS connection");
+    let peer = Arc::new(Peer {
+        addr,
+        source,
+        server_name,
+    });
     let handshake = h2::server::Builder::new()
         .initial_window_size(hbone::STREAM_WINDOW)
         .initial_connection_window_size(hbone::CONNECTION_WINDOW)
         .max_concurrent_streams(10_000)
-        .handshake::<_, Bytes>(stream);
+        .handshake::<_, Bytes>(tls);
     let bad_peer = |e: &h2::Error| {
-        // Garbage, a TLS hello, or HTTP/1 on the HBONE port: that peer is dropped, everyone else
-        // is unaffected.
-        warn!(%peer, error = %e, "HBONE connection failed: the peer did not speak HTTP/2 HBONE");
+        warn!(peer = %addr, error = %e, "HBONE connection failed: the peer did not speak HTTP/2 HBONE");
         inputs
             .metrics
             .tcp_failed
@@ -70,7 +124,7 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, peer: SocketAd
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return bad_peer(&e),
         Err(_) => {
-            warn!(%peer, "HBONE connection closed: no HTTP/2 preface within 10 s");
+            warn!(peer = %addr, "HBONE connection closed: no HTTP/2 preface within 10 s");
             return;
         }
     };
@@ -78,7 +132,8 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, peer: SocketAd
         match next {
             Ok((req, respond)) => {
                 let inputs = inputs.clone();
-                tokio::spawn(async move { tunnel(inputs, req, respond).await });
+                let peer = peer.clone();
+                tokio::spawn(async move { tunnel(inputs, peer, req, respond).await });
             }
             Err(e) => {
                 if !e.is_go_away() && !e.is_io() {
@@ -113,7 +168,12 @@ fn refuse(
 }
 
 /// Handles one CONNECT stream.
-async fn tunnel(inputs: Arc<Inputs>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+async fn tunnel(
+    inputs: Arc<Inputs>,
+    peer: Arc<Peer>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     if req.method() != Method::CONNECT {
         let reason = format!(
             "{} is not CONNECT; HBONE carries only CONNECT",
@@ -152,12 +212,45 @@ async fn tunnel(inputs: Arc<Inputs>, req: Request<RecvStream>, mut respond: Send
             reason,
         );
     };
-    let source = req
+    let td = inputs.identity.trust_domain();
+    let dst_id = dst.identity(td);
+    if dst_id.server_name() != peer.server_name {
+        let reason = format!(
+            "{target} is {dst_id}, but the client asked for (and verified) another identity; \
+             connect with the destination's own identity"
+        );
+        return refuse(
+            &inputs,
+            respond,
+            StatusCode::FORBIDDEN,
+            "identity_mismatch",
+            reason,
+        );
+    }
+    let verdict = authz::authorize(&snap.policies, &peer.source, &dst, target.port());
+    inputs
+        .metrics
+        .authz
+        .with_label_values(&[verdict.result(), verdict.policy()])
+        .inc();
+    if !verdict.allowed() {
+        let reason = format!(
+            "{} may not connect to {}:{} (policy {})",
+            peer.source,
+            dst.display(),
+            target.port(),
+            verdict.policy()
+        );
+        return refuse(&inputs, respond, StatusCode::FORBIDDEN, "denied", reason);
+    }
+    // The workload name is a claim; it is believed only when it names a workload with exactly
+    // the identity the certificate proved.
+    let source_name = req
         .headers()
         .get(hbone::SOURCE_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|s| known_workload(&snap, s))
-        .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+        .and_then(|s| known_workload(&snap, s, &peer.source, td))
+        .unwrap_or_else(|| "unknown".into());
     let source_ip = mesh_source(&snap);
     // A tunnel may live for hours; it must not pin this snapshot in memory.
     drop(snap);
@@ -184,12 +277,14 @@ async fn tunnel(inputs: Arc<Inputs>, req: Request<RecvStream>, mut respond: Send
     };
     let labels = [
         "inbound".to_string(),
-        source.1,
-        source.0,
+        source_name,
+        peer.source.namespace.clone(),
+        peer.source.to_string(),
         dst.name.clone(),
         dst.namespace.clone(),
+        dst_id.to_string(),
     ];
-    info!(%target, workload = %dst.display(), source = %format!("{}/{}", labels[2], labels[1]), "inbound tunnel");
+    info!(peer = %peer.addr, %target, workload = %dst.display(), source_principal = %peer.source, source_workload = %labels[1], policy = verdict.policy(), "inbound tunnel");
     inputs.metrics.opened(&labels);
     let tunnel = hbone::Tunnel {
         send,
@@ -210,12 +305,12 @@ pub fn local_target(snap: &Snapshot, target: SocketAddr) -> Option<Arc<Workload>
         .cloned()
 }
 
-fn known_workload(snap: &Snapshot, s: &str) -> Option<(String, String)> {
+fn known_workload(snap: &Snapshot, s: &str, proven: &Identity, td: &str) -> Option<String> {
     let (ns, name) = s.split_once('/')?;
     snap.workloads_by_id
         .values()
-        .find(|w| w.namespace == ns && w.name == name)
-        .map(|w| (w.namespace.clone(), w.name.clone()))
+        .find(|w| w.namespace == ns && w.name == name && w.identity(td) == *proven)
+        .map(|w| w.name.clone())
 }
 
 /// The node's mesh source address: where the proxy connects to local pods from.

@@ -23,6 +23,8 @@ use crate::state::{Snapshot, Workload};
 /// the proxy accepts within milliseconds, so an old one belongs to a connection that never reached
 /// the proxy, and must not lend its identity to a later one from the same address and port.
 pub const RECORD_MAX_AGE: Duration = Duration::from_secs(10);
+/// How long a connection waits for its source workload's first SVID.
+const SVID_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -198,19 +200,43 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     let orig = orig_dst_addr(&rec);
     let (decision, picked) = decide(&snap, &inputs.balancer, orig);
     info!(%peer, dst = %orig, workload = %src.display(), cgroup_id = rec.cgroup_id, route = ?RouteLog(&decision), "captured connection");
-    let (dst_name, dst_ns) = match &decision {
+    let td = inputs.identity.trust_domain().to_string();
+    let src_id = src.identity(&td);
+    let dst_workload = match &decision {
         Decision::Local { workload, .. } | Decision::Remote { workload, .. } => {
-            (workload.name.clone(), workload.namespace.clone())
+            Some(workload.clone())
         }
-        _ => ("unknown".into(), "unknown".into()),
+        _ => None,
     };
+    let dst_id = dst_workload.as_ref().map(|w| w.identity(&td));
     let labels = [
         "outbound".to_string(),
         src.name.clone(),
         src.namespace.clone(),
-        dst_name,
-        dst_ns,
+        src_id.to_string(),
+        dst_workload
+            .as_ref()
+            .map_or("unknown".into(), |w| w.name.clone()),
+        dst_workload
+            .as_ref()
+            .map_or("unknown".into(), |w| w.namespace.clone()),
+        dst_id.as_ref().map_or("unknown".into(), |i| i.to_string()),
     ];
+    // Same node: no HBONE hop, so this proxy is also the destination's and enforces its policies
+    // here, with the identity the kernel attributed.
+    if let Decision::Local { target, workload } = &decision {
+        let verdict = crate::authz::authorize(&snap.policies, &src_id, workload, target.port());
+        inputs
+            .metrics
+            .authz
+            .with_label_values(&[verdict.result(), verdict.policy()])
+            .inc();
+        if !verdict.allowed() {
+            warn!(%peer, source = %src_id, dst = %workload.display(), port = target.port(), policy = verdict.policy(), "connection denied by authorization policy");
+            refuse(&inputs, client, "denied");
+            return;
+        }
+    }
     let source_ip = inbound::mesh_source(&snap);
     // A connection may live for hours; it must not pin this snapshot in memory.
     drop(snap);
@@ -240,8 +266,25 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 }
             }
         }
-        Decision::Remote { node, target, .. } => {
-            match inputs.hbone.connect(node, target, &src.display()).await {
+        Decision::Remote {
+            node,
+            target,
+            workload,
+        } => {
+            // The tunnel speaks as the source workload; a pod's first connection may arrive before
+            // its first certificate, so wait briefly rather than refuse.
+            if inputs.identity.wait_for(&src_id, SVID_WAIT).await.is_none() {
+                warn!(%peer, source = %src_id, "no SVID for the source workload yet (is the CA reachable?): refusing rather than sending plaintext");
+                refuse(&inputs, client, "no_certificate");
+                return;
+            }
+            let dst_id = workload.identity(&td);
+            let ends = hbone::Ends {
+                source: &src_id,
+                source_workload: &src.display(),
+                destination: &dst_id,
+            };
+            match inputs.hbone.connect(node, target, ends).await {
                 Ok(tunnel) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);

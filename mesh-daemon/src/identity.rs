@@ -1,0 +1,199 @@
+//! Workload identity: SPIFFE IDs, the certificates (SVIDs) that carry them, the CA that issues
+//! them ([`ca`]), the node's certificate manager ([`manager`]) and the TLS configurations HBONE
+//! uses ([`tls`]).
+//!
+//! An identity is per workload (namespace + service account), never per node: the node proxy
+//! holds one SVID for each identity with a pod on its node and presents the one the kernel
+//! attributed a connection to.
+
+pub mod ca;
+pub mod manager;
+pub mod tls;
+
+use std::{fmt, sync::Arc};
+
+use rustls::crypto::CryptoProvider;
+
+/// The trust domain when none is configured (Kubernetes' default cluster domain, as Istio uses).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// The rustls crypto provider for every TLS connection the mesh makes. Chosen by measurement
+/// (`cargo xtask bench tls`, numbers in ARCHITECTURE.md); one place to change it.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("{0:?} is not a SPIFFE ID of the form spiffe://<trust-domain>/ns/<namespace>/sa/<sa>")]
+    Malformed(String),
+    #[error("the certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+    #[error("the certificate names no SPIFFE ID (no spiffe:// URI SAN)")]
+    NoSpiffeId,
+    #[error("the certificate names {0} SPIFFE IDs; an SVID names exactly one")]
+    SeveralSpiffeIds(usize),
+}
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Identity {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    pub fn parse(uri: &str) -> Result<Self, IdentityError> {
+        let bad = || IdentityError::Malformed(uri.to_string());
+        let rest = uri.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [td, "ns", ns, "sa", sa] if [td, ns, sa].iter().all(|p| valid_segment(p)) => {
+                Ok(Self::new(td, ns, sa))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The TLS server name a client asks for to reach this identity, and the name the server
+    /// picks its certificate by: one HBONE listener serves every workload on its node, so the
+    /// client must say whose certificate it expects (Linkerd names identities the same way).
+    /// Kubernetes names are DNS labels (service accounts may hold dots), so this is a DNS name.
+    pub fn server_name(&self) -> String {
+        format!(
+            "{}.{}.sa.{}",
+            self.service_account, self.namespace, self.trust_domain
+        )
+    }
+
+    /// The SPIFFE ID of a DER certificate's single `spiffe://` URI SAN.
+    pub fn from_cert(der: &[u8]) -> Result<Self, IdentityError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let uris: Vec<&str> = san
+            .map(|ext| {
+                ext.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u)
+                            if u.starts_with("spiffe://") =>
+                        {
+                            Some(*u)
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        match uris.as_slice() {
+            [] => Err(IdentityError::NoSpiffeId),
+            [one] => Self::parse(one),
+            many => Err(IdentityError::SeveralSpiffeIds(many.len())),
+        }
+    }
+}
+
+fn valid_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+/// Parses durations as operators write them: `90s`, `1m`, `24h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit; write e.g. 90s, 1m, 24h"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a number; write e.g. 90s, 1m, 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err(format!("{s:?} is zero; give a positive duration"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_round_trip_and_bad_ones_are_refused() {
+        let id = Identity::parse("spiffe://cluster.local/ns/prod/sa/web").expect("valid ID");
+        assert_eq!(id, Identity::new("cluster.local", "prod", "web"));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/prod/sa/web");
+        assert_eq!(id.server_name(), "web.prod.sa.cluster.local");
+        for bad in [
+            "https://cluster.local/ns/prod/sa/web",
+            "spiffe://cluster.local/ns/prod/sa/",
+            "spiffe://cluster.local/ns/prod/web",
+            "spiffe://cluster.local/ns/prod/sa/web/extra",
+            "spiffe://cluster.local/ns/Prod/sa/web",
+            "spiffe:///ns/prod/sa/web",
+            "spiffe://cluster.local/ns/pr od/sa/web",
+        ] {
+            assert!(Identity::parse(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("90s"),
+            Ok(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(parse_duration("1m"), Ok(std::time::Duration::from_secs(60)));
+        assert_eq!(
+            parse_duration("24h"),
+            Ok(std::time::Duration::from_secs(86400))
+        );
+        for bad in ["", "10", "h", "0s", "5w", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn garbage_certificates_are_errors_not_panics() {
+        assert!(matches!(
+            Identity::from_cert(b"not a certificate"),
+            Err(IdentityError::BadCertificate(_))
+        ));
+        assert!(matches!(
+            Identity::from_cert(&[]),
+            Err(IdentityError::BadCertificate(_))
+        ));
+    }
+}

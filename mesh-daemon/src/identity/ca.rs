@@ -1,0 +1,955 @@
+//! The CA (`mesh-daemon ca serve`): issues SVIDs over HTTPS to node daemons, each of which may
+//! only obtain identities of workloads scheduled on its own node.
+//!
+//! Key material lives in one folder (a Kubernetes Secret in a cluster; generated at first start
+//! for the demo): `root.pem`/`root.key` (the active trust anchor), `signer.pem`/`signer.key` (the
+//! intermediate that signs SVIDs) and `bundle.pem` (every root nodes must trust). Roots rotate in
+//! three steps (`mesh-daemon ca rotate add-root | activate | retire`) so that every node trusts
+//! the new root before anything is signed under it, and keeps trusting the old one until every
+//! SVID has been re-issued.
+//!
+//! API (JSON over HTTPS/1.1):
+//! - `POST /v1/svid` with `Authorization: Bearer <node token>` and `{"csr": "<PEM>"}`; the CSR's
+//!   single URI SAN names the identity. Answers `{"chain": [leaf, signer], "bundle": [...],
+//!   "signer": "<fingerprint>"}`.
+//! - `GET /v1/bundle`: `{"bundle": [...], "signer": "<fingerprint>"}` (roots are public).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus::{IntCounterVec, Opts};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::{
+    pki_types::{CertificateDer, pem::PemObject},
+    server::ResolvesServerCert,
+    sign::CertifiedKey,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use super::Identity;
+use crate::meshfile;
+
+/// The CA's port (Istio's istiod serves certificates on the same one).
+pub const PORT: u16 = 15012;
+/// Default SVID lifetime.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Largest request body the CA reads (a P-256 CSR is well under 1 KiB).
+const MAX_BODY: usize = 16 << 10;
+/// Validity of generated roots and intermediates.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86400);
+const SIGNER_LIFETIME: Duration = Duration::from_secs(2 * 365 * 86400);
+/// Certificates start this long before "now", so a node whose clock is slightly behind accepts
+/// them.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{0}")]
+    Rotate(String),
+    #[error("cannot listen on {addr} for the CA: {source}; free the port or pass --listen")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// Writes a file atomically (temp + rename), private when it holds a key.
+fn write(path: &Path, text: &str, secret: bool) -> Result<(), CaError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if secret {
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// A short, stable name for a certificate: the first 8 bytes of its SHA-256, in hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    let provider = super::provider();
+    let hash = provider
+        .cipher_suites
+        .iter()
+        .find_map(|s| s.tls13())
+        .map(|s| s.common.hash_provider.hash(der))
+        .expect("every crypto provider has a TLS 1.3 suite");
+    hash.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn ca_params(
+    cn: &str,
+    trust_domain: &str,
+    lifetime: Duration,
+    path_len: Option<u8>,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = match path_len {
+        Some(n) => IsCa::Ca(BasicConstraints::Constrained(n)),
+        None => IsCa::Ca(BasicConstraints::Unconstrained),
+    };
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = now() - BACKDATE;
+    p.not_after = now() + lifetime;
+    p.use_authority_key_identifier_extension = true;
+    p
+}
+
+/// A freshly generated root and the intermediate it signed, as PEM.
+struct Generated {
+    root_pem: String,
+    root_key: String,
+    signer_pem: String,
+    signer_key: String,
+}
+
+fn generate(trust_domain: &str) -> Result<Generated, CaError> {
+    let stamp = now().unix_timestamp();
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let root_params = ca_params(
+        &format!("nodemesh root {stamp}"),
+        trust_domain,
+        ROOT_LIFETIME,
+        None,
+    );
+    let root = root_params.self_signed(&root_key)?;
+    let signer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let signer_params = ca_params(
+        &format!("nodemesh signer {stamp}"),
+        trust_domain,
+        SIGNER_LIFETIME,
+        Some(0),
+    );
+    let issuer = Issuer::from_params(&root_params, &root_key);
+    let signer = signer_params.signed_by(&signer_key, &issuer)?;
+    Ok(Generated {
+        root_pem: root.pem(),
+        root_key: root_key.serialize_pem(),
+        signer_pem: signer.pem(),
+        signer_key: signer_key.serialize_pem(),
+    })
+}
+
+fn write_generated(dir: &Path, g: &Generated) -> Result<(), CaError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    write(&dir.join("root.key"), &g.root_key, true)?;
+    write(&dir.join("signer.key"), &g.signer_key, true)?;
+    write(&dir.join("root.pem"), &g.root_pem, false)?;
+    write(&dir.join("signer.pem"), &g.signer_pem, false)
+}
+
+fn pem_certs(path: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(text.as_bytes()).collect();
+    let certs = certs.map_err(|e| CaError::BadFile {
+        path: path.to_path_buf(),
+        message: format!("not PEM certificates: {e}"),
+    })?;
+    if certs.is_empty() {
+        return Err(CaError::BadFile {
+            path: path.to_path_buf(),
+            message: "holds no certificate".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn to_pem(der: &CertificateDer<'_>) -> String {
+    let b64 = base64_encode(der.as_ref());
+    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        s.push('\n');
+    }
+    s.push_str("-----END CERTIFICATE-----\n");
+    s
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+// === impl Authority ===
+
+/// The CA's key material as loaded from its folder.
+pub struct Authority {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    signer_pem: String,
+    /// Every trusted root, PEM.
+    bundle: Vec<String>,
+    /// Fingerprint of the signer (intermediate) certificate: nodes re-issue when it changes.
+    pub signer: String,
+}
+
+/// What the CA hands back for a CSR.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Issued {
+    /// Leaf first, then the signer.
+    pub chain: Vec<String>,
+    pub bundle: Vec<String>,
+    pub signer: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BundleReply {
+    pub bundle: Vec<String>,
+    pub signer: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignRequest {
+    pub csr: String,
+}
+
+/// Why a signing request was refused: the HTTP status and a reason for the node's log.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub label: &'static str,
+    pub reason: String,
+}
+
+fn refusal(status: StatusCode, label: &'static str, reason: String) -> Refusal {
+    Refusal {
+        status,
+        label,
+        reason,
+    }
+}
+
+impl Authority {
+    /// Loads the folder, generating a root, signer and bundle when it holds none (first start).
+    pub fn init_or_load(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        if !dir.join("signer.pem").exists() && !dir.join("bundle.pem").exists() {
+            let g = generate(trust_domain)?;
+            write_generated(dir, &g)?;
+            write(&dir.join("bundle.pem"), &g.root_pem, false)?;
+            info!(dir = %dir.display(), "generated a new root and signer (first start)");
+        }
+        Self::load(dir, trust_domain)
+    }
+
+    pub fn load(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let signer_path = dir.join("signer.pem");
+        let signer_pem = read(&signer_path)?;
+        let key_path = dir.join("signer.key");
+        let key = KeyPair::from_pem(&read(&key_path)?).map_err(|e| CaError::BadFile {
+            path: key_path.clone(),
+            message: format!("not a PEM private key: {e}"),
+        })?;
+        let signer_der = pem_certs(&signer_path, &signer_pem)?.remove(0);
+        let issuer = Issuer::from_ca_cert_der(&signer_der, key).map_err(|e| CaError::BadFile {
+            path: signer_path.clone(),
+            message: format!("not a CA certificate matching signer.key: {e}"),
+        })?;
+        let bundle_path = dir.join("bundle.pem");
+        let bundle_text = read(&bundle_path)?;
+        let bundle: Vec<String> = pem_certs(&bundle_path, &bundle_text)?
+            .iter()
+            .map(to_pem)
+            .collect();
+        let root_path = dir.join("root.pem");
+        let root = pem_certs(&root_path, &read(&root_path)?)?.remove(0);
+        if !bundle.contains(&to_pem(&root)) {
+            return Err(CaError::BadFile {
+                path: bundle_path,
+                message: "does not hold the active root (root.pem); nodes would refuse every new \
+                          SVID. Add it back, or finish a rotation with `mesh-daemon ca rotate`"
+                    .into(),
+            });
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            issuer,
+            signer: fingerprint(&signer_der),
+            signer_pem: to_pem(&signer_der),
+            bundle,
+        })
+    }
+
+    pub fn bundle(&self) -> BundleReply {
+        BundleReply {
+            bundle: self.bundle.clone(),
+            signer: self.signer.clone(),
+        }
+    }
+
+    /// Signs a leaf for `id` over `public_key` (never trusting anything else the CSR asked for).
+    pub fn issue_for(
+        &self,
+        id: &Identity,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<Issued, rcgen::Error> {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = now() - BACKDATE;
+        p.not_after = now() + lifetime;
+        p.use_authority_key_identifier_extension = true;
+        let leaf = p.signed_by(public_key, &self.issuer)?;
+        Ok(Issued {
+            chain: vec![leaf.pem(), self.signer_pem.clone()],
+            bundle: self.bundle.clone(),
+            signer: self.signer.clone(),
+        })
+    }
+
+    /// Checks and signs a node's CSR. `on_node` says whether the identity has a workload on the
+    /// requesting node.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        on_node: impl Fn(&Identity) -> bool,
+        lifetime: Duration,
+    ) -> Result<(Identity, Issued), Refusal> {
+        let bad = |reason: String| refusal(StatusCode::BAD_REQUEST, "bad_csr", reason);
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            bad(format!(
+                "the CSR cannot be parsed or its signature is wrong: {e}"
+            ))
+        })?;
+        let uris: Vec<&str> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| match s {
+                SanType::URI(u) => Some(u.as_str()),
+                _ => None,
+            })
+            .collect();
+        let [uri] = uris.as_slice() else {
+            return Err(bad(format!(
+                "the CSR must name exactly one SPIFFE ID as URI SAN, it names {}",
+                uris.len()
+            )));
+        };
+        let id = Identity::parse(uri).map_err(|e| bad(e.to_string()))?;
+        if id.trust_domain != self.trust_domain {
+            return Err(refusal(
+                StatusCode::FORBIDDEN,
+                "wrong_trust_domain",
+                format!(
+                    "{id} is outside this CA's trust domain {:?}",
+                    self.trust_domain
+                ),
+            ));
+        }
+        if !on_node(&id) {
+            return Err(refusal(
+                StatusCode::FORBIDDEN,
+                "not_on_node",
+                format!("no workload with identity {id} is scheduled on the requesting node"),
+            ));
+        }
+        let issued = self
+            .issue_for(&id, &csr.public_key, lifetime)
+            .map_err(|e| refusal(StatusCode::INTERNAL_SERVER_ERROR, "error", e.to_string()))?;
+        Ok((id, issued))
+    }
+
+    /// A serving certificate for the CA's own HTTPS listener, signed by the current signer.
+    fn serving_key(&self, sans: &[String]) -> Result<Arc<CertifiedKey>, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut p = CertificateParams::new(sans.to_vec())?;
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, "nodemesh CA");
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.not_before = now() - BACKDATE;
+        p.not_after = now() + SIGNER_LIFETIME;
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.issuer)?;
+        let chain = vec![
+            cert.der().clone(),
+            pem_certs(Path::new("signer.pem"), &self.signer_pem)?.remove(0),
+        ];
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let ck = CertifiedKey::from_der(chain, der, &super::provider()).map_err(|e| {
+            CaError::BadFile {
+                path: PathBuf::from("signer.pem"),
+                message: format!("cannot build the CA's serving key: {e}"),
+            }
+        })?;
+        Ok(Arc::new(ck))
+    }
+}
+
+// === rotation ===
+
+/// A step of a root rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RotateStep {
+    /// Generate the next root and signer into `next/` and add the root to the bundle. Nodes pick
+    /// the bundle up within their refresh interval; wait for that before `activate`.
+    AddRoot,
+    /// Sign under the next root from now on; nodes re-issue their SVIDs when they see the new
+    /// signer. The old root stays trusted.
+    Activate,
+    /// Drop every root but the active one from the bundle, once all SVIDs are re-issued.
+    Retire,
+}
+
+/// Carries out one rotation step on the CA folder; returns what to do next.
+pub fn rotate(dir: &Path, trust_domain: &str, step: RotateStep) -> Result<String, CaError> {
+    let next = dir.join("next");
+    let previous = dir.join("previous");
+    let bundle_path = dir.join("bundle.pem");
+    match step {
+        RotateStep::AddRoot => {
+            if next.exists() {
+                return Err(CaError::Rotate(format!(
+                    "{} already holds a next root; run `activate`, or remove it to start over",
+                    next.display()
+                )));
+            }
+            let g = generate(trust_domain)?;
+            write_generated(&next, &g)?;
+            let mut bundle = read(&bundle_path)?;
+            if !bundle.ends_with('\n') {
+                bundle.push('\n');
+            }
+            bundle.push_str(&g.root_pem);
+            write(&bundle_path, &bundle, false)?;
+            Ok(
+                "added the next root to bundle.pem; once every node has refreshed its bundle, run \
+                `rotate activate`"
+                    .into(),
+            )
+        }
+        RotateStep::Activate => {
+            if !next.exists() {
+                return Err(CaError::Rotate(
+                    "no next root to activate; run `rotate add-root` first".into(),
+                ));
+            }
+            std::fs::create_dir_all(&previous).map_err(io_err(&previous))?;
+            for f in ["root.pem", "root.key", "signer.pem", "signer.key"] {
+                std::fs::copy(dir.join(f), previous.join(f)).map_err(io_err(&dir.join(f)))?;
+            }
+            for f in ["root.key", "signer.key", "root.pem", "signer.pem"] {
+                std::fs::rename(next.join(f), dir.join(f)).map_err(io_err(&next.join(f)))?;
+            }
+            std::fs::remove_dir_all(&next).map_err(io_err(&next))?;
+            Ok("the CA now signs under the new root; nodes re-issue their SVIDs when they see the \
+                new signer. Once they all have, run `rotate retire`"
+                .into())
+        }
+        RotateStep::Retire => {
+            if next.exists() {
+                return Err(CaError::Rotate(
+                    "a next root is staged but not active; run `rotate activate` first".into(),
+                ));
+            }
+            let root = read(&dir.join("root.pem"))?;
+            write(&bundle_path, &root, false)?;
+            if previous.exists() {
+                std::fs::remove_dir_all(&previous).map_err(io_err(&previous))?;
+            }
+            Ok(
+                "bundle.pem now holds only the active root; nodes drop the old root at their next \
+                bundle refresh"
+                    .into(),
+            )
+        }
+    }
+}
+
+// === the server ===
+
+/// Node name → bootstrap token, from a YAML map (`node-1: <token>`).
+pub fn load_tokens(path: &Path) -> Result<BTreeMap<String, String>, CaError> {
+    let text = read(path)?;
+    serde_norway::from_str(&text).map_err(|e| CaError::BadFile {
+        path: path.to_path_buf(),
+        message: format!("expected a map of node name to token: {e}"),
+    })
+}
+
+/// Compares in time independent of where the strings differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+pub struct CaConfig {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub tokens: PathBuf,
+    pub mesh_file: PathBuf,
+    pub lifetime: Duration,
+    /// Extra names for the serving certificate (the listen IP is always in it).
+    pub sans: Vec<String>,
+}
+
+struct Shared {
+    cfg: CaConfig,
+    authority: RwLock<Arc<Authority>>,
+    serving: RwLock<Arc<CertifiedKey>>,
+    requests: IntCounterVec,
+}
+
+#[derive(Debug)]
+struct ServingResolver(Arc<Shared>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaShared")
+    }
+}
+
+impl ResolvesServerCert for ServingResolver {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.0
+                .serving
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+pub struct Ca {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
+impl Ca {
+    /// Loads (or generates) the key material, checks the token file and binds the listener.
+    pub async fn new(cfg: CaConfig, registry: &prometheus::Registry) -> Result<Self, CaError> {
+        let authority = Authority::init_or_load(&cfg.dir, &cfg.trust_domain)?;
+        load_tokens(&cfg.tokens)?;
+        meshfile::load(&cfg.mesh_file).map_err(|e| CaError::BadFile {
+            path: cfg.mesh_file.clone(),
+            message: e.to_string(),
+        })?;
+        let mut sans = cfg.sans.clone();
+        if !cfg.listen.ip().is_unspecified() {
+            sans.push(cfg.listen.ip().to_string());
+        }
+        let serving = authority.serving_key(&sans)?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| CaError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "ca_requests_total",
+                "SVID signing requests, by result (issued, or why refused)",
+            ),
+            &["result"],
+        )
+        .expect("static metric definitions are valid");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("registered once");
+        let shared = Arc::new(Shared {
+            cfg,
+            authority: RwLock::new(Arc::new(authority)),
+            serving: RwLock::new(serving),
+            requests,
+        });
+        let server = rustls::ServerConfig::builder_with_provider(super::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| CaError::Rotate(format!("TLS configuration: {e}")))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(ServingResolver(shared.clone())));
+        Ok(Self {
+            listener,
+            shared,
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run(self) {
+        let shared = self.shared.clone();
+        tokio::spawn(reload_loop(shared.clone()));
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "CA accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let tls = self.tls.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            warn!(%peer, error = %e, "CA: TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                let svc = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&shared, peer, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+}
+
+/// Picks up rotations: reloads the folder every second and re-issues the serving certificate
+/// when the signer changed.
+async fn reload_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let current = shared
+            .authority
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match Authority::load(&shared.cfg.dir, &shared.cfg.trust_domain) {
+            Ok(a) => {
+                if a.signer != current.signer || a.bundle != current.bundle {
+                    info!(signer = %a.signer, roots = a.bundle.len(), "CA key material changed");
+                    let mut sans = shared.cfg.sans.clone();
+                    if !shared.cfg.listen.ip().is_unspecified() {
+                        sans.push(shared.cfg.listen.ip().to_string());
+                    }
+                    match a.serving_key(&sans) {
+                        Ok(k) => *shared.serving.write().unwrap_or_else(|p| p.into_inner()) = k,
+                        Err(e) => warn!(error = %e, "cannot re-issue the CA's serving certificate"),
+                    }
+                    *shared.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(a);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "CA folder unreadable; still signing with the last good key material")
+            }
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error_response(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    json_response(status, serde_json::json!({ "error": reason }).to_string())
+}
+
+async fn handle(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let authority = shared
+        .authority
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/v1/bundle") => json_response(
+            StatusCode::OK,
+            serde_json::to_string(&authority.bundle()).unwrap_or_default(),
+        ),
+        ("POST", "/v1/svid") => {
+            let (status, label, body) = sign_request(shared, &authority, peer, req).await;
+            shared.requests.with_label_values(&[label]).inc();
+            json_response(status, body)
+        }
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "unknown path; the CA serves POST /v1/svid and GET /v1/bundle",
+        ),
+    }
+}
+
+async fn sign_request(
+    shared: &Shared,
+    authority: &Authority,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> (StatusCode, &'static str, String) {
+    let err = |status: StatusCode, label: &'static str, reason: String| {
+        warn!(%peer, reason = %reason, "CA refused a signing request");
+        (
+            status,
+            label,
+            serde_json::json!({ "error": reason }).to_string(),
+        )
+    };
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let tokens = match load_tokens(&shared.cfg.tokens) {
+        Ok(t) => t,
+        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "error", e.to_string()),
+    };
+    let Some(node) = token.and_then(|t| {
+        tokens
+            .iter()
+            .find(|(_, v)| same_secret(v, &t))
+            .map(|(k, _)| k.clone())
+    }) else {
+        return err(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "no valid node token (Authorization: Bearer <token from the node's token file>)".into(),
+        );
+    };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "bad_csr",
+                format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
+            );
+        }
+    };
+    let sign: SignRequest = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "bad_csr",
+                format!("the body must be {{\"csr\": \"<PEM>\"}}: {e}"),
+            );
+        }
+    };
+    // Who runs where comes from the same control input the nodes read (the mesh file here; the
+    // Pods' nodeName in Kubernetes), read per request so the CA never signs on stale placement.
+    let mesh = match meshfile::load(&shared.cfg.mesh_file) {
+        Ok(m) => m,
+        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "error", e.to_string()),
+    };
+    let on_node = |id: &Identity| {
+        mesh.workloads.iter().any(|w| {
+            w.node == node && w.namespace == id.namespace && w.service_account == id.service_account
+        })
+    };
+    match authority.sign(&sign.csr, on_node, shared.cfg.lifetime) {
+        Ok((id, issued)) => {
+            info!(%node, identity = %id, lifetime = ?shared.cfg.lifetime, "issued SVID");
+            (
+                StatusCode::OK,
+                "issued",
+                serde_json::to_string(&issued).unwrap_or_default(),
+            )
+        }
+        Err(r) => err(r.status, r.label, format!("node {node}: {}", r.reason)),
+    }
+}
+
+/// The address a CA URL names (`https://host:port`, host an IP address).
+pub fn parse_url(
+    url: &str,
+) -> Result<(SocketAddr, rustls::pki_types::ServerName<'static>), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("CA URL {url:?} must start with https://"))?
+        .trim_end_matches('/');
+    let addr: SocketAddr = rest
+        .parse()
+        .or_else(|_| rest.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, PORT)))
+        .map_err(|_| format!("CA URL {url:?} must be https://<ip>[:port]"))?;
+    Ok((
+        addr,
+        rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr_for(uri: &str) -> (KeyPair, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().expect("ascii"))];
+        let csr = p.serialize_request(&key).expect("csr").pem().expect("pem");
+        (key, csr)
+    }
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64_encode(b""), "");
+        assert_eq!(base64_encode(b"f"), "Zg==");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(base64_encode(b"foo"), "Zm9v");
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn signs_only_identities_on_the_node_and_in_the_trust_domain() {
+        let dir = std::env::temp_dir().join(format!("nm-ca-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = Authority::init_or_load(&dir, "cluster.local").expect("generated");
+        let mine = Identity::new("cluster.local", "default", "client");
+        let (_, csr) = csr_for(&mine.to_string());
+        let (id, issued) = ca
+            .sign(&csr, |id| *id == mine, Duration::from_secs(60))
+            .expect("signed");
+        assert_eq!(id, mine);
+        let leaf = pem_certs(Path::new("leaf"), &issued.chain[0])
+            .expect("pem")
+            .remove(0);
+        assert_eq!(Identity::from_cert(&leaf).expect("spiffe id"), mine);
+        assert_eq!(issued.bundle.len(), 1);
+
+        let (_, other) = csr_for("spiffe://cluster.local/ns/default/sa/server");
+        let r = ca.sign(&other, |id| *id == mine, Duration::from_secs(60));
+        assert_eq!(r.expect_err("not on node").label, "not_on_node");
+        let (_, foreign) = csr_for("spiffe://evil.example/ns/default/sa/client");
+        let r = ca.sign(&foreign, |_| true, Duration::from_secs(60));
+        assert_eq!(r.expect_err("foreign").label, "wrong_trust_domain");
+        let r = ca.sign("garbage", |_| true, Duration::from_secs(60));
+        assert_eq!(r.expect_err("garbage").label, "bad_csr");
+        let (_, no_uri) = {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+            let p = CertificateParams::new(vec!["a.example".to_string()]).expect("params");
+            let csr = p.serialize_request(&key).expect("csr").pem().expect("pem");
+            (key, csr)
+        };
+        let r = ca.sign(&no_uri, |_| true, Duration::from_secs(60));
+        assert_eq!(r.expect_err("no uri").label, "bad_csr");
+
+        // Rotation: the bundle grows, the signer changes, then the bundle shrinks again.
+        let before = ca.signer.clone();
+        rotate(&dir, "cluster.local", RotateStep::AddRoot).expect("add-root");
+        assert!(rotate(&dir, "cluster.local", RotateStep::AddRoot).is_err());
+        let staged = Authority::load(&dir, "cluster.local").expect("loads");
+        assert_eq!(
+            (staged.bundle.len(), staged.signer.clone()),
+            (2, before.clone())
+        );
+        rotate(&dir, "cluster.local", RotateStep::Activate).expect("activate");
+        let active = Authority::load(&dir, "cluster.local").expect("loads");
+        assert_ne!(active.signer, before);
+        assert_eq!(active.bundle.len(), 2);
+        rotate(&dir, "cluster.local", RotateStep::Retire).expect("retire");
+        let retired = Authority::load(&dir, "cluster.local").expect("loads");
+        assert_eq!(retired.bundle.len(), 1);
+        assert_eq!(retired.signer, active.signer);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "abcd"));
+    }
+
+    #[test]
+    fn ca_urls() {
+        assert!(parse_url("https://10.0.0.1:15012").is_ok());
+        assert_eq!(
+            parse_url("https://10.0.0.1")
+                .expect("default port")
+                .0
+                .port(),
+            PORT
+        );
+        assert!(parse_url("http://10.0.0.1:15012").is_err());
+        assert!(parse_url("https://ca.example:15012").is_err());
+    }
+}

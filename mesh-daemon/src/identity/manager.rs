@@ -1,0 +1,480 @@
+//! The node's certificate manager: one SVID per identity that has a pod on this node.
+//!
+//! - An identity's SVID is fetched from the CA when its first pod enrolls ([`Manager::set_wanted`])
+//!   and dropped when its last pod leaves.
+//! - Each is renewed at half its lifetime, with a fresh key. A failed renewal keeps the current
+//!   SVID and retries with backoff; it is logged and counted.
+//! - The trust bundle is refreshed from the CA periodically. When the CA's signer changes (a root
+//!   rotation), every SVID is re-issued at once instead of waiting for its half-life.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    sign::CertifiedKey,
+};
+use tokio::{sync::watch, task::AbortHandle};
+use tracing::{info, warn};
+
+use super::{
+    Identity,
+    ca::{BundleReply, Issued, SignRequest},
+    tls::Bundle,
+};
+use crate::metrics::Metrics;
+
+/// How long one call to the CA may take.
+const CA_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retry bounds after a failed fetch or renewal.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const MAX_RESPONSE: usize = 256 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("cannot read {path}: {source}; pass the file the CA's operator gave this node")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot reach the CA at {addr}: {reason}")]
+    Unreachable { addr: SocketAddr, reason: String },
+    #[error("the CA refused: {status} {reason}")]
+    Refused { status: u16, reason: String },
+    #[error("the CA's answer is unusable: {0}")]
+    BadAnswer(String),
+}
+
+pub struct ManagerConfig {
+    /// `https://<ip>:<port>`.
+    pub ca_url: String,
+    /// Roots to trust the CA (and peers) with until the CA's own bundle arrives.
+    pub ca_bundle: PathBuf,
+    /// This node's bootstrap token.
+    pub token_file: PathBuf,
+    pub trust_domain: String,
+    /// How often the trust bundle is refreshed from the CA.
+    pub refresh: Duration,
+    /// SO_MARK for the connection to the CA, so no hook ever captures it.
+    pub mark: u32,
+}
+
+/// A workload certificate in hand.
+#[derive(Debug)]
+pub struct Svid {
+    pub identity: Identity,
+    pub key: Arc<CertifiedKey>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Fingerprint of the signer that issued it.
+    pub signer: String,
+}
+
+pub struct Manager {
+    ca_addr: SocketAddr,
+    ca_name: ServerName<'static>,
+    token: String,
+    trust_domain: String,
+    refresh: Duration,
+    mark: u32,
+    svids: RwLock<HashMap<Identity, Arc<Svid>>>,
+    workers: Mutex<HashMap<Identity, AbortHandle>>,
+    bundle: RwLock<Arc<Bundle>>,
+    /// The CA's current signer, as last seen; workers re-issue when it moves.
+    signer: watch::Sender<String>,
+    /// Bumped whenever an SVID is stored, for [`Manager::wait_for`].
+    stored: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("ca", &self.ca_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Reads the bootstrap files; nothing is fetched until [`Manager::start`].
+    pub fn new(cfg: ManagerConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, ManagerError> {
+        let (ca_addr, ca_name) = super::ca::parse_url(&cfg.ca_url).map_err(ManagerError::Config)?;
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).map_err(|source| ManagerError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
+        let token = read(&cfg.token_file)?.trim().to_string();
+        if token.is_empty() {
+            return Err(ManagerError::Config(format!(
+                "{} is empty; it must hold this node's bootstrap token",
+                cfg.token_file.display()
+            )));
+        }
+        let roots = read(&cfg.ca_bundle)?;
+        let bundle = Bundle::new(vec![roots], String::new())
+            .map_err(|e| ManagerError::Config(format!("{}: {e}", cfg.ca_bundle.display())))?;
+        Ok(Arc::new(Self {
+            ca_addr,
+            ca_name,
+            token,
+            trust_domain: cfg.trust_domain,
+            refresh: cfg.refresh,
+            mark: cfg.mark,
+            svids: RwLock::default(),
+            workers: Mutex::default(),
+            bundle: RwLock::new(Arc::new(bundle)),
+            signer: watch::Sender::new(String::new()),
+            stored: watch::Sender::new(0),
+            metrics,
+        }))
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn svid(&self, id: &Identity) -> Option<Arc<Svid>> {
+        self.svids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every SVID held, for `/config_dump` and `meshctl identity`.
+    pub fn svids(&self) -> Vec<Arc<Svid>> {
+        let mut v: Vec<_> = self
+            .svids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.identity.cmp(&b.identity));
+        v
+    }
+
+    pub fn svid_by_server_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.svids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|s| s.identity.server_name() == name)
+            .map(|s| s.key.clone())
+    }
+
+    /// Waits up to `timeout` for an SVID of `id` (a pod's first connection may come before its
+    /// first certificate).
+    pub async fn wait_for(&self, id: &Identity, timeout: Duration) -> Option<Arc<Svid>> {
+        let mut rx = self.stored.subscribe();
+        let wait = async {
+            loop {
+                if let Some(s) = self.svid(id) {
+                    return s;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok()
+    }
+
+    /// Starts the bundle refresher. Call from within the runtime.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.refresh_bundle().await });
+    }
+
+    /// The identities with a pod on this node now: new ones get an SVID, gone ones lose theirs.
+    pub fn set_wanted(self: &Arc<Self>, wanted: impl IntoIterator<Item = Identity>) {
+        let wanted: std::collections::HashSet<Identity> = wanted.into_iter().collect();
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|id, task| {
+            let keep = wanted.contains(id);
+            if !keep {
+                task.abort();
+                self.svids
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                let _ = self
+                    .metrics
+                    .svid_expiry
+                    .remove_label_values(&[&id.to_string()]);
+                info!(identity = %id, "no pod with this identity left on the node: SVID dropped");
+            }
+            keep
+        });
+        for id in wanted {
+            if workers.contains_key(&id) {
+                continue;
+            }
+            let me = self.clone();
+            let task = tokio::spawn({
+                let id = id.clone();
+                async move { me.keep_fresh(id).await }
+            });
+            workers.insert(id, task.abort_handle());
+        }
+    }
+
+    /// Fetches, then renews `id`'s SVID for as long as it is wanted.
+    async fn keep_fresh(self: Arc<Self>, id: Identity) {
+        let mut signer = self.signer.subscribe();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let renewal = self.svid(&id).is_some();
+            match self.fetch(&id).await {
+                Ok(svid) => {
+                    backoff = BACKOFF_MIN;
+                    let expiry = svid
+                        .not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs_f64();
+                    self.metrics
+                        .svid_expiry
+                        .with_label_values(&[&id.to_string()])
+                        .set(expiry);
+                    self.metrics
+                        .svid_fetches
+                        .with_label_values(&[if renewal { "renewed" } else { "issued" }])
+                        .inc();
+                    let lifetime = svid
+                        .not_after
+                        .duration_since(svid.not_before)
+                        .unwrap_or_default();
+                    info!(identity = %id, ?lifetime, signer = %svid.signer, renewal, "SVID in hand");
+                    // Renew at half-life, counted from when the certificate starts (it is
+                    // backdated a little for clock skew).
+                    let renew_at = svid.not_before + lifetime / 2;
+                    let svid_signer = svid.signer.clone();
+                    self.svids
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), Arc::new(svid));
+                    self.stored.send_modify(|n| *n += 1);
+                    let wait = renew_at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    signer.mark_unchanged();
+                    let rotated = async {
+                        loop {
+                            if signer.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                            let now = signer.borrow_and_update().clone();
+                            if !now.is_empty() && now != svid_signer {
+                                return now;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        new = rotated => {
+                            info!(identity = %id, signer = %new, "the CA has a new signer: re-issuing");
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .svid_fetches
+                        .with_label_values(&["failed"])
+                        .inc();
+                    let held = self.svid(&id);
+                    let remaining = held
+                        .as_ref()
+                        .and_then(|s| s.not_after.duration_since(SystemTime::now()).ok());
+                    warn!(identity = %id, error = %e, retry_in = ?backoff, still_valid_for = ?remaining,
+                        "cannot get an SVID from the CA; keeping the current one if any");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// One signing request: a fresh P-256 key, a CSR naming `id`, the CA's answer checked.
+    async fn fetch(&self, id: &Identity) -> Result<Svid, ManagerError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| ManagerError::Config(format!("key generation: {e}")))?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            id.to_string()
+                .try_into()
+                .map_err(|e| ManagerError::Config(format!("{id}: {e}")))?,
+        )];
+        let csr = params
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+            .map_err(|e| ManagerError::Config(format!("CSR: {e}")))?;
+        let body = serde_json::to_string(&SignRequest { csr }).unwrap_or_default();
+        let answer = self.call("POST", "/v1/svid", Some(body)).await?;
+        let issued: Issued = serde_json::from_slice(&answer)
+            .map_err(|e| ManagerError::BadAnswer(format!("not a signing answer: {e}")))?;
+        self.install_bundle(issued.bundle.clone(), issued.signer.clone());
+        let chain: Vec<CertificateDer<'static>> = issued
+            .chain
+            .iter()
+            .map(|p| CertificateDer::from_pem_slice(p.as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ManagerError::BadAnswer(format!("chain is not PEM: {e}")))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| ManagerError::BadAnswer("empty chain".into()))?;
+        let got = Identity::from_cert(leaf).map_err(|e| ManagerError::BadAnswer(e.to_string()))?;
+        if &got != id {
+            return Err(ManagerError::BadAnswer(format!(
+                "asked for {id}, the certificate names {got}"
+            )));
+        }
+        let (not_before, not_after) = validity(leaf)?;
+        let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let ck = CertifiedKey::from_der(chain, der, &super::provider()).map_err(|e| {
+            ManagerError::BadAnswer(format!("certificate and key do not match: {e}"))
+        })?;
+        Ok(Svid {
+            identity: got,
+            key: Arc::new(ck),
+            not_before,
+            not_after,
+            signer: issued.signer,
+        })
+    }
+
+    fn install_bundle(&self, pems: Vec<String>, signer: String) {
+        let current = self.bundle();
+        if current.pems == pems && current.signer == signer {
+            return;
+        }
+        match Bundle::new(pems, signer.clone()) {
+            Ok(b) => {
+                if current.pems != b.pems {
+                    info!(roots = b.pems.len(), "trust bundle updated");
+                }
+                *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(b);
+                self.signer.send_if_modified(|s| {
+                    let changed = *s != signer;
+                    *s = signer;
+                    changed
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "the CA sent an unusable trust bundle; keeping the current one")
+            }
+        }
+    }
+
+    async fn refresh_bundle(self: Arc<Self>) {
+        loop {
+            match self.call("GET", "/v1/bundle", None).await {
+                Ok(body) => match serde_json::from_slice::<BundleReply>(&body) {
+                    Ok(b) => self.install_bundle(b.bundle, b.signer),
+                    Err(e) => warn!(error = %e, "the CA's bundle answer is not JSON"),
+                },
+                Err(e) => {
+                    warn!(error = %e, "cannot refresh the trust bundle; keeping the current one")
+                }
+            }
+            tokio::time::sleep(self.refresh).await;
+        }
+    }
+
+    /// One HTTPS/1.1 request to the CA; returns the body of a 200 answer.
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Bytes, ManagerError> {
+        let unreachable = |reason: String| ManagerError::Unreachable {
+            addr: self.ca_addr,
+            reason,
+        };
+        let cfg =
+            super::tls::ca_client_config(&self.bundle()).map_err(|e| unreachable(e.to_string()))?;
+        let attempt = async {
+            let tcp = crate::proxy::connect_marked(self.ca_addr, self.mark, None)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(self.ca_name.clone(), tcp)
+                .await
+                .map_err(|e| unreachable(format!("TLS: {e}")))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+            tokio::spawn(conn);
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, self.ca_addr.to_string())
+                .header(
+                    hyper::header::AUTHORIZATION,
+                    format!("Bearer {}", self.token),
+                )
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| ManagerError::Config(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            if !status.is_success() {
+                let reason = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                return Err(ManagerError::Refused {
+                    status: status.as_u16(),
+                    reason,
+                });
+            }
+            Ok(bytes)
+        };
+        tokio::time::timeout(CA_TIMEOUT, attempt)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {CA_TIMEOUT:?}")))?
+    }
+}
+
+fn validity(der: &[u8]) -> Result<(SystemTime, SystemTime), ManagerError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| ManagerError::BadAnswer(e.to_string()))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+    };
+    Ok((
+        at(cert.validity().not_before),
+        at(cert.validity().not_after),
+    ))
+}

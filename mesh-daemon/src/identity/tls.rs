@@ -1,0 +1,320 @@
+//! TLS for HBONE: TLS 1.3 only, mutual, with SVIDs from the [`Manager`] and a trust bundle that
+//! can change at run time (root rotation).
+//!
+//! - The client presents the *source workload's* SVID and checks that the server's certificate
+//!   chains to the bundle and names the destination identity it asked for (by server name, see
+//!   [`Identity::server_name`]).
+//! - The server picks the destination workload's SVID by that server name and requires a client
+//!   certificate that chains to the bundle and names exactly one SPIFFE ID of our trust domain.
+//!
+//! Session resumption is off on both sides: every handshake checks the bundle as it is now, so a
+//! retired root stops being accepted at once.
+
+use std::sync::Arc;
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig,
+    SignatureScheme,
+    client::{
+        ResolvesClientCert, Resumption,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{
+        ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+
+use super::{Identity, manager::Manager};
+
+/// HBONE is HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The roots in force, in the forms the verifiers need.
+pub struct Bundle {
+    pub pems: Vec<String>,
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Fingerprint of the CA's current signer: an SVID from another signer is re-issued.
+    pub signer: String,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("roots", &self.pems.len())
+            .field("signer", &self.signer)
+            .finish()
+    }
+}
+
+impl Bundle {
+    pub fn new(pems: Vec<String>, signer: String) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for pem in &pems {
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| format!("a bundle root is not PEM: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("a bundle root is not a usable trust anchor: {e}"))?;
+            }
+        }
+        if roots.is_empty() {
+            return Err("the trust bundle holds no root".into());
+        }
+        let roots = Arc::new(roots);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), super::provider())
+                .build()
+                .map_err(|e| format!("cannot build the client verifier: {e}"))?;
+        Ok(Self {
+            pems,
+            roots,
+            signer,
+            client_verifier,
+        })
+    }
+}
+
+/// A bounded label for a failed handshake (`nodemesh_tls_handshakes_total{result}`), from the
+/// error tokio-rustls returned.
+pub fn failure_label(e: &std::io::Error) -> &'static str {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "eof",
+            std::io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        };
+    };
+    match tls {
+        Error::InvalidCertificate(c) => match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "untrusted",
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "wrong_identity"
+            }
+            CertificateError::ApplicationVerificationFailure => "bad_identity",
+            _ => "bad_certificate",
+        },
+        Error::NoCertificatesPresented => "no_client_certificate",
+        Error::PeerIncompatible(_) => "incompatible",
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => "garbage",
+        Error::AlertReceived(_) => "alert_received",
+        Error::General(_) => "no_certificate",
+        _ => "error",
+    }
+}
+
+fn app_failure() -> Error {
+    Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+// === impl PeerVerifier (server side: the client's certificate) ===
+
+#[derive(Debug)]
+struct PeerVerifier {
+    manager: Arc<Manager>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints are optional (RFC 8446 §4.2.4); each node holds one SVID per identity anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let bundle = self.manager.bundle();
+        bundle
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = Identity::from_cert(end_entity).map_err(|_| app_failure())?;
+        if id.trust_domain != self.manager.trust_domain() {
+            return Err(app_failure());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        // The configs offer TLS 1.3 only; a TLS 1.2 signature never reaches a verifier.
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+// === impl IdentityVerifier (client side: the server's certificate) ===
+
+#[derive(Debug)]
+struct IdentityVerifier {
+    manager: Arc<Manager>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for IdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let bundle = self.manager.bundle();
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &bundle.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let id = Identity::from_cert(end_entity).map_err(|_| app_failure())?;
+        // The client asked for the destination identity by name; the certificate must carry it.
+        match server_name {
+            ServerName::DnsName(n) if n.as_ref() == id.server_name() => {
+                Ok(ServerCertVerified::assertion())
+            }
+            _ => Err(Error::InvalidCertificate(CertificateError::NotValidForName)),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+// === cert resolvers ===
+
+/// Server side: the SVID of the identity the client named.
+#[derive(Debug)]
+struct ByServerName(Arc<Manager>);
+
+impl ResolvesServerCert for ByServerName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.svid_by_server_name(hello.server_name()?)
+    }
+}
+
+/// Client side: always the source workload's SVID.
+#[derive(Debug)]
+struct SourceSvid {
+    manager: Arc<Manager>,
+    source: Identity,
+}
+
+impl ResolvesClientCert for SourceSvid {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.manager.svid(&self.source).map(|s| s.key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The HBONE listener's configuration.
+pub fn server_config(manager: Arc<Manager>) -> Result<Arc<ServerConfig>, Error> {
+    let provider = super::provider();
+    let mut cfg = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(PeerVerifier {
+            manager: manager.clone(),
+            provider,
+        }))
+        .with_cert_resolver(Arc::new(ByServerName(manager)));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(cfg))
+}
+
+/// The configuration for HBONE connections made on behalf of `source`.
+pub fn client_config(manager: Arc<Manager>, source: Identity) -> Result<Arc<ClientConfig>, Error> {
+    let provider = super::provider();
+    let mut cfg = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(IdentityVerifier {
+            manager: manager.clone(),
+            provider,
+        }))
+        .with_client_cert_resolver(Arc::new(SourceSvid { manager, source }));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.resumption = Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// The configuration for talking to the CA: its serving certificate must chain to the bundle.
+pub fn ca_client_config(bundle: &Bundle) -> Result<Arc<ClientConfig>, Error> {
+    let cfg = ClientConfig::builder_with_provider(super::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(bundle.roots.clone())
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
