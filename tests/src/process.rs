@@ -79,6 +79,25 @@ impl Proc {
         }
     }
 
+    /// Waits until `n` lines contain `needle` (a later occurrence of a message seen before).
+    pub fn wait_for_count(&mut self, needle: &str, n: usize, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let seen = self.lines().iter().filter(|l| l.contains(needle)).count();
+            if seen >= n {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{} printed {needle:?} {seen} times within {timeout:?}, expected {n}:\n{}",
+                    self.name,
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("lines").clone()
     }

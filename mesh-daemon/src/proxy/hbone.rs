@@ -31,7 +31,11 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    identity::{Identity, manager::Manager, tls},
+    identity::{
+        Identity,
+        manager::{Manager, Svid},
+        tls,
+    },
     metrics::Metrics,
 };
 
@@ -115,7 +119,10 @@ pub struct Client {
     mark: u32,
     identity: Arc<Manager>,
     metrics: Arc<Metrics>,
-    pool: Mutex<HashMap<PoolKey, SendRequest<Bytes>>>,
+    /// Each connection with the source SVID it was opened under: after a renewal (or a root
+    /// rotation) new streams get a new connection, so every new tunnel is authenticated with
+    /// current certificates; streams already open finish on the old one.
+    pool: Mutex<HashMap<PoolKey, (SendRequest<Bytes>, Arc<Svid>)>>,
     /// One client configuration per source identity (its certificate resolver follows renewals).
     configs: Mutex<HashMap<Identity, Arc<rustls::ClientConfig>>>,
 }
@@ -219,7 +226,19 @@ impl Client {
 
     async fn sender(&self, key: &PoolKey, fresh: bool) -> Result<SendRequest<Bytes>, HboneError> {
         let node = key.node;
-        if !fresh && let Some(s) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
+        let svid = self
+            .identity
+            .svid(&key.source)
+            .ok_or_else(|| HboneError::Tls {
+                node,
+                label: "no_certificate",
+                source: std::io::Error::other(format!("no SVID for {}", key.source)),
+            })?;
+        if !fresh
+            && let Some((s, opened_with)) =
+                self.pool.lock().unwrap_or_else(|p| p.into_inner()).get(key)
+            && Arc::ptr_eq(opened_with, &svid)
+        {
             return Ok(s.clone());
         }
         let tcp = super::connect_marked(node, self.mark, None)
@@ -272,7 +291,7 @@ impl Client {
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), sender.clone());
+            .insert(key.clone(), (sender.clone(), svid));
         Ok(sender)
     }
 }

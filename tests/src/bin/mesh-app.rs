@@ -42,6 +42,9 @@ enum Cmd {
         /// Send the bytes, then abort the connection with a reset instead of a half-close.
         #[arg(long)]
         rst: bool,
+        /// Send in 4 KiB pieces this many milliseconds apart (a long, slow connection).
+        #[arg(long, default_value_t = 0)]
+        pace_ms: u64,
     },
     /// Echo every connection back until EOF; prints each peer.
     EchoServer { addr: SocketAddr },
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
             bind,
             reply,
             rst,
+            pace_ms,
         } => match connect(&ConnectOpts {
             addr,
             send,
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
             bind,
             reply,
             rst,
+            pace_ms,
         }) {
             Ok(line) => {
                 println!("{line}");
@@ -121,6 +126,7 @@ struct ConnectOpts {
     bind: Option<std::net::IpAddr>,
     reply: bool,
     rst: bool,
+    pace_ms: u64,
 }
 
 fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
@@ -196,10 +202,18 @@ fn connect(o: &ConnectOpts) -> std::io::Result<String> {
         return Ok(format!("local={local} peer={peer} sent={send} reset=sent"));
     }
     let data = pattern(send);
+    let pace = Duration::from_millis(o.pace_ms);
     let writer = {
         let mut w = s.try_clone()?;
         std::thread::spawn(move || -> std::io::Result<()> {
-            w.write_all(&data)?;
+            if pace.is_zero() {
+                w.write_all(&data)?;
+            } else {
+                for piece in data.chunks(4096) {
+                    w.write_all(piece)?;
+                    std::thread::sleep(pace);
+                }
+            }
             w.shutdown(Shutdown::Write)
         })
     };
