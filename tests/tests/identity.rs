@@ -357,15 +357,21 @@ fn read_issuer(
 fn attacks_are_refused_and_counted_while_legitimate_traffic_flows() {
     require_root("attacks_are_refused");
     let mut t = topology("ida", DaemonOpts::default());
-    // Policy: the `other` service account may not reach the echo server.
+    // Policies: the `other` service account may not reach the echo server (on another node), and
+    // only client-sa may reach the client pod (on other's own node: enforced in-process there).
     let base = std::fs::read_to_string(&t.mesh_file).expect("mesh file");
     t.rewrite_mesh_file(&format!(
         "{base}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
          selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
-         [spiffe://cluster.local/ns/demo/sa/other-sa]\n"
+         [spiffe://cluster.local/ns/demo/sa/other-sa]\n  - name: client-only-self\n    \
+         namespace: demo\n    selector: {{ app: client }}\n    action: ALLOW\n    from:\n      \
+         - principals: [spiffe://cluster.local/ns/demo/sa/client-sa]\n"
     ));
-    t.daemon(1)
-        .wait_for_count("mesh file loaded", 2, Duration::from_secs(5));
+    for i in 0..2 {
+        t.daemon(i)
+            .wait_for_count("mesh file loaded", 2, Duration::from_secs(5));
+    }
+    t.serve("client", "echo-server", 7100);
 
     // Legitimate traffic runs through every attack: ~6 s of paced 4 KiB pieces.
     let server = format!("{}:7000", t.pod("server").ip);
@@ -535,6 +541,24 @@ fn attacks_are_refused_and_counted_while_legitimate_traffic_flows() {
     let (ok, out) = t.connect("other", &server, &["--send", "100"]);
     assert!(!ok, "other-sa is denied by policy: {out}");
     println!("other → server (DENY policy): {out}");
+
+    // Same node: node 1's proxy is also the destination's, and applies its ALLOW policy.
+    let client_srv = format!("{}:7100", t.pod("client").ip);
+    let (ok, out) = t.connect("other", &client_srv, &["--send", "100"]);
+    assert!(
+        !ok,
+        "other-sa is not in the client pod's ALLOW policy: {out}"
+    );
+    println!("other → client on the same node (ALLOW only client-sa): {out}");
+    assert!(
+        t.wait_metric(
+            0,
+            "nodemesh_authorization_decisions_total",
+            &[("result", "deny"), ("policy", "no_allow_match")],
+            1
+        ) >= 1,
+        "node 1 counts the same-node denial"
+    );
 
     let legit = legit.join().expect("legit thread");
     println!("legitimate connection during the attacks: {legit}");

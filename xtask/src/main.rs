@@ -17,6 +17,8 @@ usage: cargo xtask <command>
           bpf-linker matched to nightly's LLVM, bpffs
   demo    the main job: a meshed pod's connection captured in the kernel and proxied by the daemon
   test    fmt check, clippy -D warnings (host and eBPF), unit tests, privileged end-to-end tests
+  bench   measurements, medians and ratios from one run: `bench tls` compares the rustls crypto
+          providers (handshakes/s, bulk MB/s per cipher suite)
 ";
 
 fn main() -> anyhow::Result<()> {
@@ -25,6 +27,7 @@ fn main() -> anyhow::Result<()> {
         Some("setup") => setup::all(),
         Some("demo") => demo(),
         Some("test") => test(),
+        Some("bench") => bench(args.get(1).map(String::as_str)),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -75,6 +78,22 @@ fn demo() -> anyhow::Result<()> {
     run(cargo().args(["build", "--bins"]))?;
     let target = setup::target_dir()?;
     run(&mut Command::new(target.join("debug/nodemesh-demo")))
+}
+
+fn bench(part: Option<&str>) -> anyhow::Result<()> {
+    require_root("cargo xtask bench")?;
+    setup::all()?;
+    match part {
+        None | Some("tls") => run(cargo().args([
+            "run",
+            "--release",
+            "--package",
+            "nodemesh-tests",
+            "--bin",
+            "tls-bench",
+        ])),
+        Some(other) => bail!("unknown bench {other:?}; available: tls\n{USAGE}"),
+    }
 }
 
 fn test() -> anyhow::Result<()> {

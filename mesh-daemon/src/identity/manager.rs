@@ -261,14 +261,13 @@ impl Manager {
                         .svid_fetches
                         .with_label_values(&[if renewal { "renewed" } else { "issued" }])
                         .inc();
-                    let lifetime = svid
-                        .not_after
-                        .duration_since(svid.not_before)
-                        .unwrap_or_default();
-                    info!(identity = %id, ?lifetime, signer = %svid.signer, renewal, "SVID in hand");
-                    // Renew at half-life, counted from when the certificate starts (it is
-                    // backdated a little for clock skew).
-                    let renew_at = svid.not_before + lifetime / 2;
+                    // Renew at half of the validity left when it arrived; the certificate's
+                    // own start is backdated for clock skew and would make short lifetimes
+                    // renew at once.
+                    let arrived = SystemTime::now();
+                    let valid_for = svid.not_after.duration_since(arrived).unwrap_or_default();
+                    info!(identity = %id, ?valid_for, signer = %svid.signer, renewal, "SVID in hand");
+                    let renew_at = arrived + valid_for / 2;
                     let svid_signer = svid.signer.clone();
                     self.svids
                         .write()

@@ -60,12 +60,18 @@ fn main() {
 
     step(
         2,
-        "start the daemon on each node (nsenter into the node's namespace)",
+        "start the CA, then the daemon on each node; each gets SVIDs for its own pods only",
     );
     t.start(DaemonOpts::default());
+    if let Some(ca) = t.ca.as_mut() {
+        let l = ca.wait_for("CA ready", Duration::from_secs(1));
+        println!("ca: {}", l.trim());
+    }
     for i in 0..2 {
         let ready = t.daemon(i).wait_for("ready", Duration::from_secs(1));
         println!("{}: {}", t.nodes[i].name, ready.trim());
+        let svid = t.daemon(i).wait_for("SVID in hand", Duration::from_secs(5));
+        println!("{}: {}", t.nodes[i].name, svid.trim());
     }
     println!(
         "node-1's hooks on its pods' cgroup root (bpftool cgroup show):\n{}",
@@ -103,12 +109,24 @@ fn main() {
     );
     println!("→ bytes intact; the app still sees the VIP as its peer (getpeername)");
 
+    println!(
+        "→ between the nodes: TLS 1.3, client-sa's SVID presented by node-1, server-sa's by node-2"
+    );
+
     step(
         4,
-        "both daemons' counters for the client → server edge (/metrics)",
+        "both daemons' counters for the client → server edge (/metrics), with the proven identities",
     );
     println!("node-1 {}", edge_counters(&t, 0, "outbound"));
     println!("node-2 {}", edge_counters(&t, 1, "inbound"));
+    let m = t.scrape(1);
+    for l in m.lines().filter(|l| {
+        l.starts_with("nodemesh_tcp_connections_opened_total{")
+            || l.starts_with("nodemesh_tls_handshakes_total{")
+            || l.starts_with("nodemesh_svid_expiry_timestamp_seconds{")
+    }) {
+        println!("node-2 {l}");
+    }
 
     step(5, "a pod outside the mesh calls the server directly");
     let server = format!("{}:7000", t.pod("server").ip);
