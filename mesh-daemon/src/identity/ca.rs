@@ -307,6 +307,20 @@ impl Authority {
             message: format!("not a PEM private key: {e}"),
         })?;
         let signer_der = pem_certs(&signer_path, &signer_pem)?.remove(0);
+        // A rotation swaps signer.pem and signer.key one after the other; a load in between must
+        // fail (and keep the last good material) rather than sign with a key the certificate
+        // does not name.
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&signer_der).map_err(|e| CaError::BadFile {
+                path: signer_path.clone(),
+                message: format!("not a certificate: {e}"),
+            })?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::BadFile {
+                path: key_path,
+                message: "does not match signer.pem's public key".into(),
+            });
+        }
         let issuer = Issuer::from_ca_cert_der(&signer_der, key).map_err(|e| CaError::BadFile {
             path: signer_path.clone(),
             message: format!("not a CA certificate matching signer.key: {e}"),
@@ -925,6 +939,14 @@ mod tests {
         let active = Authority::load(&dir, "cluster.local").expect("loads");
         assert_ne!(active.signer, before);
         assert_eq!(active.bundle.len(), 2);
+        // A half-swapped folder (new key, old certificate) is refused, never used.
+        let active_pem = std::fs::read(dir.join("signer.pem")).expect("pem");
+        std::fs::copy(dir.join("previous/signer.pem"), dir.join("signer.pem")).expect("copy");
+        let err = Authority::load(&dir, "cluster.local")
+            .err()
+            .expect("mismatch refused");
+        assert!(err.to_string().contains("does not match"), "{err}");
+        std::fs::write(dir.join("signer.pem"), active_pem).expect("restore");
         rotate(&dir, "cluster.local", RotateStep::Retire).expect("retire");
         let retired = Authority::load(&dir, "cluster.local").expect("loads");
         assert_eq!(retired.bundle.len(), 1);

@@ -114,6 +114,9 @@ struct PoolKey {
     node: SocketAddr,
 }
 
+/// A pooled connection and the source SVID it was opened with.
+type Pooled = (SendRequest<Bytes>, Arc<Svid>);
+
 /// Pooled mTLS HTTP/2 connections to other nodes' HBONE listeners.
 pub struct Client {
     mark: u32,
@@ -122,7 +125,7 @@ pub struct Client {
     /// Each connection with the source SVID it was opened under: after a renewal (or a root
     /// rotation) new streams get a new connection, so every new tunnel is authenticated with
     /// current certificates; streams already open finish on the old one.
-    pool: Mutex<HashMap<PoolKey, (SendRequest<Bytes>, Arc<Svid>)>>,
+    pool: Mutex<HashMap<PoolKey, Pooled>>,
     /// One client configuration per source identity (its certificate resolver follows renewals).
     configs: Mutex<HashMap<Identity, Arc<rustls::ClientConfig>>>,
 }
