@@ -1,6 +1,7 @@
 //! nodemesh's node daemon: loads the kernel hooks, holds the mesh state, and proxies captured
 //! connections. `main.rs` is only the command line over these modules.
 
+pub mod admin;
 pub mod authz;
 pub mod check;
 pub mod control;
@@ -8,5 +9,6 @@ pub mod ebpf;
 pub mod identity;
 pub mod meshfile;
 pub mod metrics;
+pub mod promtext;
 pub mod proxy;
 pub mod state;

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_common::Counter;
 use mesh_daemon::{
+    admin::{self, AdminInputs, Observability},
     check,
     control::{self, Control, ControlConfig},
     ebpf::{
@@ -24,7 +25,7 @@ use mesh_daemon::{
         manager::{Manager, ManagerConfig},
     },
     meshfile,
-    metrics::{self, Metrics},
+    metrics::Metrics,
     proxy::{Inputs, balance::Balancer, hbone, inbound::Inbound, outbound::Outbound},
     state::State,
 };
@@ -136,6 +137,12 @@ struct RunArgs {
     /// Prometheus endpoint (`/metrics`).
     #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15020")]
     metrics: SocketAddr,
+    /// Health endpoint (`/live`, `/ready`).
+    #[arg(long, env = "NODEMESH_HEALTH", default_value = "0.0.0.0:15021")]
+    health: SocketAddr,
+    /// Admin endpoint (`/config_dump`, `/logging`, `/debug/ebpf`, `/tap`); loopback only.
+    #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
     /// Inbound enforcement for enrolled pods: `strict` accepts TCP only from the mesh (plus each
     /// pod's probePorts); `permissive` also accepts plaintext, and counts it.
     #[arg(
@@ -191,14 +198,29 @@ enum InboundMode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NODEMESH_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    builder.init();
+    // `/logging` on the admin port: show or replace the filter at run time.
+    let log: admin::LogControl = Box::new(move |level: &str| {
+        if level.is_empty() {
+            return handle
+                .with_current(|f| format!("log filter: {f}"))
+                .map_err(|e| e.to_string());
+        }
+        let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
+            format!("bad filter {level:?}: {e}; use e.g. debug or info,mesh_daemon::proxy=debug")
+        })?;
+        handle.reload(f).map_err(|e| e.to_string())?;
+        Ok(format!("log filter is now {level}"))
+    });
     match cli.command {
         Command::Check { cgroup_root } => {
             let outcomes = check::run(cgroup_root.as_deref());
@@ -256,7 +278,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(args, log) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mesh-daemon: {e:#}");
@@ -281,7 +303,7 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
                 args.metrics
             )
         })?;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new().with_process_metrics());
         let ca = Ca::new(
             CaConfig {
                 dir: args.dir,
@@ -295,7 +317,19 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
             &metrics.registry,
         )
         .await?;
-        metrics::serve(metrics_listener, metrics);
+        admin::spawn(
+            admin::Listeners {
+                metrics: Some(metrics_listener),
+                health: None,
+                admin: None,
+            },
+            Arc::new(Observability {
+                metrics,
+                ready: admin::Readiness::default(),
+                admin: std::sync::OnceLock::new(),
+            }),
+        )
+        .context("cannot start the metrics thread")?;
         info!(listen = %ca.local_addr()?, "CA ready");
         tokio::select! {
             () = ca.run() => {}
@@ -305,7 +339,7 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
     })
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
     if args.sockmap == OnOff::On {
         // Linux's tcp_bpf_recvmsg (used by every socket in a sockmap/sockhash) waits for data once
         // and returns -EAGAIN when that wait is woken without data — e.g. by a write-space wakeup
@@ -355,12 +389,23 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // is captured.
         let out_listener = Outbound::bind(SocketAddr::V4(outbound_addr)).await?;
         let in_listener = Inbound::bind(hbone_addr).await?;
-        let metrics_listener = std::net::TcpListener::bind(args.metrics).with_context(|| {
-            format!(
-                "cannot listen on {} for /metrics; free the port or pass --metrics",
-                args.metrics
-            )
-        })?;
+        let bind = |addr: SocketAddr, what: &str, flag: &str| {
+            std::net::TcpListener::bind(addr).with_context(|| {
+                format!("cannot listen on {addr} for {what}; free the port or pass {flag}")
+            })
+        };
+        if !args.admin.ip().is_loopback() {
+            anyhow::bail!(
+                "--admin {} is not a loopback address; the admin port must stay on the node \
+                 (127.0.0.1)",
+                args.admin
+            );
+        }
+        let listeners = admin::Listeners {
+            metrics: Some(bind(args.metrics, "/metrics", "--metrics")?),
+            health: Some(bind(args.health, "/ready and /live", "--health")?),
+            admin: Some(bind(args.admin, "the admin endpoints", "--admin")?),
+        };
         // The mesh source must be an address of this node, or no local pod could be reached.
         std::net::TcpListener::bind((me.mesh_source, 0)).with_context(|| {
             format!(
@@ -378,7 +423,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             mesh_source: me.mesh_source,
             pin_dir: pin_dir.clone(),
         };
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new().with_process_metrics());
+        // Health and metrics answer from here on: /ready says what is still missing.
+        let obs = Arc::new(Observability {
+            metrics: metrics.clone(),
+            ready: admin::Readiness::default(),
+            admin: std::sync::OnceLock::new(),
+        });
+        admin::spawn(listeners, obs.clone()).context("cannot start the observability thread")?;
         // Identity before the kernel: bad CA settings fail start-up before anything is captured.
         let identity = Manager::new(
             ManagerConfig {
@@ -392,12 +444,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics.clone(),
         )?;
         identity.start();
+        let _ = obs.ready.identity.set(identity.clone());
         let tls = tokio_rustls::TlsAcceptor::from(
             identity::tls::server_config(identity.clone())
                 .context("cannot build the HBONE TLS configuration")?,
         );
         let datapath = Datapath::load(&cfg)?;
         info!(programs = ?datapath.program_names(), fail_closed = pin_dir.is_some(), pin_dir = ?pin_dir, "eBPF programs attached");
+        obs.ready.attached.store(true, std::sync::atomic::Ordering::Release);
         let orig = datapath.orig_dst_table();
         let datapath = Arc::new(Mutex::new(datapath));
         let state = Arc::new(State::default());
@@ -414,6 +468,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             identity.clone(),
         );
         control.load_initial().map_err(anyhow::Error::msg)?;
+        obs.ready.loaded.store(true, std::sync::atomic::Ordering::Release);
+        let tap = admin::Tap::default();
         let inputs = Arc::new(Inputs {
             orig,
             state,
@@ -421,13 +477,53 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             proxy_mark: args.proxy_mark,
             balancer: Balancer::default(),
             hbone: hbone::Client::new(args.proxy_mark, identity.clone(), metrics.clone()),
-            identity,
+            identity: identity.clone(),
             tls,
+            tap: tap.clone(),
         });
-        metrics::serve(metrics_listener, metrics.clone());
+        let ebpf: admin::EbpfDump = {
+            let datapath = datapath.clone();
+            let pin_dir = pin_dir.clone();
+            Box::new(move || {
+                let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+                serde_json::json!({
+                    "programs": dp.program_names(),
+                    "failClosed": pin_dir.is_some(),
+                    "pinDir": pin_dir.as_ref().map(|p| p.display().to_string()),
+                    "maps": dp.map_occupancy().into_iter()
+                        .map(|(m, n)| (m.to_string(), n)).collect::<std::collections::BTreeMap<_, _>>(),
+                    "counters": dp.counters().into_iter()
+                        .map(|(c, v)| (c.name().to_string(), v)).collect::<std::collections::BTreeMap<_, _>>(),
+                })
+            })
+        };
+        let _ = obs.admin.set(AdminInputs {
+            state: inputs.state.clone(),
+            identity,
+            tap,
+            log,
+            ebpf,
+            config: serde_json::json!({
+                "node": args.node,
+                "meshFile": args.mesh_file.display().to_string(),
+                "cgroupRoot": cgroup_root.display().to_string(),
+                "outbound": outbound_addr.to_string(),
+                "hbone": hbone_addr.to_string(),
+                "metrics": args.metrics.to_string(),
+                "health": args.health.to_string(),
+                "admin": args.admin.to_string(),
+                "inbound": format!("{:?}", args.inbound).to_lowercase(),
+                "failOpen": args.fail_open,
+                "proxyMark": args.proxy_mark,
+                "sockmap": format!("{:?}", args.sockmap).to_lowercase(),
+                "ca": args.ca,
+                "trustDomain": args.trust_domain,
+                "bundleRefreshSeconds": args.bundle_refresh.as_secs(),
+            }),
+        });
         let outbound = Outbound::new(out_listener, inputs.clone());
         let inbound = Inbound::new(in_listener, inputs);
-        info!(outbound = %outbound.local_addr()?, hbone = %hbone_addr, metrics = %args.metrics, inbound = ?args.inbound, "ready");
+        info!(outbound = %outbound.local_addr()?, hbone = %hbone_addr, metrics = %args.metrics, health = %args.health, admin = %args.admin, inbound = ?args.inbound, "ready");
         let ticks = {
             let datapath = datapath.clone();
             let metrics = metrics.clone();
@@ -436,11 +532,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 loop {
                     tokio::time::sleep(control::POLL).await;
                     control.poll();
-                    let now = datapath
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .counters();
+                    let (now, maps) = {
+                        let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+                        (dp.counters(), dp.map_occupancy())
+                    };
                     kernel_counters_tick(&metrics, &mut last, &now);
+                    for (map, n) in maps {
+                        metrics.ebpf_map_entries.with_label_values(&[map]).set(n as i64);
+                    }
                 }
             }
         };

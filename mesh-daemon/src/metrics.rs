@@ -1,7 +1,9 @@
 //! Prometheus families of the node daemon (prefix `nodemesh_`). Label sets are bounded: workloads
 //! and reasons, never addresses or ports.
 
-use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -18,7 +20,28 @@ pub struct Metrics {
     pub authz: IntCounterVec,
     pub svid_expiry: GaugeVec,
     pub svid_fetches: IntCounterVec,
+    pub ebpf_map_entries: IntGaugeVec,
+    /// HTTP/gRPC families: defined now so dashboards and `meshctl` need no change when the L7
+    /// work parses requests; no samples until then.
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub protocol_detections: IntCounterVec,
 }
+
+/// Labels of the request families, in this order.
+pub const REQUEST_LABELS: [&str; 11] = [
+    "reporter",
+    "source_workload",
+    "source_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_namespace",
+    "destination_principal",
+    "destination_service",
+    "route",
+    "response_code",
+    "grpc_status",
+];
 
 /// Labels of the per-edge TCP families, in this order. Principals are SPIFFE IDs: the source's
 /// as the kernel attributed it (outbound) or as its client certificate proved it (inbound).
@@ -128,8 +151,60 @@ impl Metrics {
                 "SVID requests to the CA, by result (issued, renewed, failed)",
                 &["result"],
             ),
+            ebpf_map_entries: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "ebpf_map_entries",
+                        "Entries in the kernel maps the daemon reads, by map (read once a second)",
+                    ),
+                    &["map"],
+                )
+                .expect("static metric definitions are valid");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("each family is registered once");
+                g
+            },
+            requests: vec(
+                "requests_total",
+                "HTTP/gRPC requests through the proxy (filled in by the L7 work)",
+                &REQUEST_LABELS,
+            ),
+            request_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "request_duration_seconds",
+                        "HTTP/gRPC request latency seen by the proxy (filled in by the L7 work)",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0,
+                    ]),
+                    &REQUEST_LABELS[..9],
+                )
+                .expect("static metric definitions are valid");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("each family is registered once");
+                h
+            },
+            protocol_detections: vec(
+                "protocol_detections_total",
+                "Outbound protocol detection results, by protocol (filled in by the L7 work)",
+                &["protocol"],
+            ),
             registry,
         }
+    }
+
+    /// Adds process CPU, memory and open files (`nodemesh_process_*`), for daemons (not tests,
+    /// which create many registries in one process).
+    pub fn with_process_metrics(self) -> Self {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(e) = self.registry.register(Box::new(pc)) {
+            tracing::warn!(error = %e, "process metrics unavailable");
+        }
+        self
     }
 
     /// A proxied connection was established on this edge.
@@ -163,76 +238,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Serves `/metrics` (Prometheus text) on its own thread and runtime, so a scrape never competes
-/// with the data plane. The listener is bound by the caller first, so a port conflict fails
-/// start-up.
-pub fn serve(listener: std::net::TcpListener, metrics: std::sync::Arc<Metrics>) {
-    use http_body_util::Full;
-    use hyper::{Response, StatusCode, body::Bytes, service::service_fn};
-    use hyper_util::rt::TokioIo;
-
-    let spawned = std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the metrics runtime; /metrics is off");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let listener = match listener
-                    .set_nonblocking(true)
-                    .and_then(|()| tokio::net::TcpListener::from_std(listener))
-                {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "metrics listener unusable; /metrics is off");
-                        return;
-                    }
-                };
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let metrics = metrics.clone();
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                            let metrics = metrics.clone();
-                            async move {
-                                let mut resp = if req.uri().path() == "/metrics" {
-                                    Response::new(Full::new(Bytes::from(metrics.encode())))
-                                } else {
-                                    let mut r = Response::new(Full::new(Bytes::from_static(
-                                        b"not found; try /metrics\n",
-                                    )));
-                                    *r.status_mut() = StatusCode::NOT_FOUND;
-                                    r
-                                };
-                                resp.headers_mut().insert(
-                                    hyper::header::CONTENT_TYPE,
-                                    hyper::header::HeaderValue::from_static(
-                                        "text/plain; version=0.0.4",
-                                    ),
-                                );
-                                Ok::<_, std::convert::Infallible>(resp)
-                            }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
-                    });
-                }
-            });
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the metrics thread; /metrics is off");
     }
 }

@@ -28,6 +28,42 @@ pub struct Inputs {
     pub identity: Arc<crate::identity::manager::Manager>,
     /// The HBONE listener's mTLS acceptor.
     pub tls: tokio_rustls::TlsAcceptor,
+    /// Live connection events for `/tap`.
+    pub tap: crate::admin::Tap,
+}
+
+impl Inputs {
+    /// Publishes a connection event to `/tap` followers (built only when there are any).
+    pub fn tap(&self, event: &'static str, edge: &crate::metrics::Edge, hop: Hop<'_>) {
+        self.tap.emit(|| crate::admin::TapEvent {
+            ts: crate::admin::now_ts(),
+            event,
+            reporter: edge[0].clone(),
+            source_workload: edge[1].clone(),
+            source_namespace: edge[2].clone(),
+            source_principal: edge[3].clone(),
+            destination_workload: edge[4].clone(),
+            destination_namespace: edge[5].clone(),
+            destination_principal: edge[6].clone(),
+            destination: hop.destination.to_string(),
+            route: hop.route,
+            mtls: hop.route == "hbone" || hop.route == "inbound",
+            bytes_sent: hop.bytes.map(|b| b.0),
+            bytes_received: hop.bytes.map(|b| b.1),
+            reason: hop.reason.map(str::to_string),
+            path: None,
+            status: None,
+        });
+    }
+}
+
+/// Where a tapped connection went and how it ended.
+#[derive(Clone, Copy)]
+pub struct Hop<'a> {
+    pub destination: SocketAddr,
+    pub route: &'static str,
+    pub bytes: Option<(u64, u64)>,
+    pub reason: Option<&'a str>,
 }
 
 /// How long a connection attempt to a pod or a node may take.

@@ -535,10 +535,15 @@ impl Topology {
 
 /// A plain HTTP/1.0 GET from inside a namespace; returns the whole response.
 pub fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
+    http_request(ns, addr, &format!("GET {path}"))
+}
+
+/// An HTTP/1.0 request (`"<METHOD> <path>"`) from inside a namespace; returns the whole response.
+pub fn http_request(ns: &Netns, addr: &str, request_line: &str) -> String {
     let addr = addr.to_string();
-    let req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+    let req = format!("{request_line} HTTP/1.0\r\nHost: x\r\n\r\n");
     ns.run(move || {
-        let mut s = std::net::TcpStream::connect(&addr).expect("connect for HTTP GET");
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect for HTTP request");
         s.set_read_timeout(Some(Duration::from_secs(5))).ok();
         s.write_all(req.as_bytes()).expect("request");
         let mut body = String::new();
@@ -546,7 +551,7 @@ pub fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
         body
     })
     .join()
-    .expect("HTTP GET thread")
+    .expect("HTTP request thread")
 }
 
 /// Sums the samples of family `name` whose labels include all of `labels`.

@@ -202,6 +202,32 @@ fn node_to_node_is_mtls_and_the_server_sees_workload_identities() {
     );
     println!("node 2 log: {line}");
     assert!(line.contains("inbound tunnel"), "{line}");
+
+    // Certificates follow placement: when the last pod of other-sa leaves node 1, node 1 drops
+    // that SVID (and its expiry series); client-sa's stays.
+    let expiry = |t: &Topology, sa: &str| {
+        nodemesh_tests::topology::sample(
+            &t.scrape(0),
+            "nodemesh_svid_expiry_timestamp_seconds",
+            &[("identity", &id(sa).to_string())],
+        )
+    };
+    assert!(expiry(&t, "other-sa") > 0, "node 1 holds other-sa's SVID");
+    let text = std::fs::read_to_string(&t.mesh_file).expect("mesh file");
+    let start = text
+        .find("  - name: other\n")
+        .expect("other in the mesh file");
+    let end = start + 1 + text[start + 1..].find("  - name:").expect("next entry");
+    t.rewrite_mesh_file(&format!("{}{}", &text[..start], &text[end..]));
+    let line = t.daemon(0).wait_for("SVID dropped", Duration::from_secs(5));
+    println!("node 1 log: {line}");
+    assert!(line.contains("other-sa"), "{line}");
+    assert_eq!(
+        expiry(&t, "other-sa"),
+        0,
+        "the dropped SVID's series is gone"
+    );
+    assert!(expiry(&t, "client-sa") > 0, "client-sa's SVID stays");
 }
 
 // === the attacker's tools ===

@@ -108,6 +108,16 @@ impl OrigDstTable {
         let _ = map.remove(key);
         Some(rec)
     }
+
+    /// Records waiting to be taken (a connection captured but not yet accepted).
+    pub fn len(&self) -> usize {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The loaded and attached programs and their maps.
@@ -299,6 +309,17 @@ impl Datapath {
 
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
         self.orig.clone()
+    }
+
+    /// Entries per map the daemon reads, for `ebpf_map_entries{map}` and `/debug/ebpf`.
+    pub fn map_occupancy(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (
+                map_names::ENROLLED,
+                self.enrolled.keys().filter(Result::is_ok).count(),
+            ),
+            (map_names::ORIG_BY_ADDR, self.orig.len()),
+        ]
     }
 
     pub fn program_names(&self) -> &[&'static str] {

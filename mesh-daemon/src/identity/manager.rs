@@ -174,6 +174,19 @@ impl Manager {
         v
     }
 
+    /// Identities with a pod here but no SVID yet (for `/ready`).
+    pub fn missing(&self) -> Vec<Identity> {
+        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let svids = self.svids.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<Identity> = workers
+            .keys()
+            .filter(|id| !svids.contains_key(*id))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn svid_by_server_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         self.svids
             .read()

@@ -286,6 +286,13 @@ async fn tunnel(
     ];
     info!(peer = %peer.addr, %target, workload = %dst.display(), source_principal = %peer.source, source_workload = %labels[1], policy = verdict.policy(), "inbound tunnel");
     inputs.metrics.opened(&labels);
+    let hop = |bytes, reason| super::Hop {
+        destination: target,
+        route: "inbound",
+        bytes,
+        reason,
+    };
+    inputs.tap("open", &labels, hop(None, None));
     let tunnel = hbone::Tunnel {
         send,
         recv: req.into_body(),
@@ -295,6 +302,12 @@ async fn tunnel(
         .await
         .map(|(to_src, from_src)| (from_src, to_src));
     inputs.metrics.finished(&labels, &r);
+    let err = r.as_ref().err().map(ToString::to_string);
+    inputs.tap(
+        "close",
+        &labels,
+        hop(r.as_ref().ok().copied(), err.as_deref()),
+    );
 }
 
 /// The meshed pod on this node that `target` names, if any.

@@ -16,7 +16,7 @@ use mesh_common::{AF_INET, ConnKey, OrigDst};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{Inputs, balance::Outstanding, hbone, inbound};
+use super::{Hop, Inputs, balance::Outstanding, hbone, inbound};
 use crate::state::{Snapshot, Workload};
 
 /// A record older than this is refused: sockops writes it when the connection is established and
@@ -233,6 +233,17 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             .inc();
         if !verdict.allowed() {
             warn!(%peer, source = %src_id, dst = %workload.display(), port = target.port(), policy = verdict.policy(), "connection denied by authorization policy");
+            let reason = format!("denied by policy {}", verdict.policy());
+            inputs.tap(
+                "refused",
+                &labels,
+                Hop {
+                    destination: *target,
+                    route: "local",
+                    bytes: None,
+                    reason: Some(&reason),
+                },
+            );
             refuse(&inputs, client, "denied");
             return;
         }
@@ -241,6 +252,18 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     // A connection may live for hours; it must not pin this snapshot in memory.
     drop(snap);
     let local = matches!(decision, Decision::Local { .. });
+    let (hop_dst, route) = match &decision {
+        Decision::Local { target, .. } => (*target, "local"),
+        Decision::Remote { target, .. } => (*target, "hbone"),
+        Decision::Passthrough(target) => (*target, "passthrough"),
+        Decision::Refuse(_) => (orig, "refused"),
+    };
+    let hop = |bytes, reason| Hop {
+        destination: hop_dst,
+        route,
+        bytes,
+        reason,
+    };
     let mut client = client;
     let result = match decision {
         Decision::Refuse(reason) => {
@@ -256,6 +279,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 Ok(mut upstream) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
+                    inputs.tap("open", &labels, hop(None, None));
                     super::relay_tcp(&mut client, &mut upstream).await
                 }
                 Err(e) => {
@@ -288,6 +312,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 Ok(tunnel) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
+                    inputs.tap("open", &labels, hop(None, None));
                     hbone::relay(client, tunnel).await
                 }
                 Err(e) => {
@@ -304,6 +329,12 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         Err(e) => debug!(%peer, error = %e, "connection ended with an error (reset passed on)"),
     }
     inputs.metrics.finished(&labels, &result);
+    let err = result.as_ref().err().map(ToString::to_string);
+    inputs.tap(
+        "close",
+        &labels,
+        hop(result.as_ref().ok().copied(), err.as_deref()),
+    );
     drop(picked);
 }
 

@@ -45,6 +45,10 @@ enum Cmd {
         /// Send in 4 KiB pieces this many milliseconds apart (a long, slow connection).
         #[arg(long, default_value_t = 0)]
         pace_ms: u64,
+        /// Make this many connections one after the other (each from a new client port); prints
+        /// the last line and how many succeeded.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Echo every connection back until EOF; prints each peer.
     EchoServer { addr: SocketAddr },
@@ -75,15 +79,19 @@ fn main() -> ExitCode {
             reply,
             rst,
             pace_ms,
-        } => match connect(&ConnectOpts {
-            addr,
-            send,
-            timeout: Duration::from_millis(connect_timeout_ms),
-            bind,
-            reply,
-            rst,
-            pace_ms,
-        }) {
+            repeat,
+        } => match repeat_connect(
+            &ConnectOpts {
+                addr,
+                send,
+                timeout: Duration::from_millis(connect_timeout_ms),
+                bind,
+                reply,
+                rst,
+                pace_ms,
+            },
+            repeat,
+        ) {
             Ok(line) => {
                 println!("{line}");
                 ExitCode::SUCCESS
@@ -185,6 +193,18 @@ fn open(o: &ConnectOpts) -> std::io::Result<TcpStream> {
         }
         Ok(s)
     }
+}
+
+fn repeat_connect(o: &ConnectOpts, n: u32) -> std::io::Result<String> {
+    if n <= 1 {
+        return connect(o);
+    }
+    let mut last = String::new();
+    for i in 0..n {
+        last = connect(o)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("connection {i}: {e}")))?;
+    }
+    Ok(format!("{last} repeated={n}"))
 }
 
 fn connect(o: &ConnectOpts) -> std::io::Result<String> {

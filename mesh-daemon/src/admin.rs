@@ -1,0 +1,612 @@
+//! The node's operator endpoints, all served off the data plane (one small runtime on its own
+//! thread, see [`spawn`]):
+//!
+//! - `:15020` `/metrics` — Prometheus text.
+//! - `:15021` `/live` (the process answers) and `/ready` (programs attached, first state loaded,
+//!   an SVID for every local identity), each 200 or 503 with the reason.
+//! - `127.0.0.1:15000` admin: `/config_dump` (JSON), `/logging` (GET shows, POST `?level=`
+//!   changes), `/debug/ebpf` (programs, counters, map occupancy), `/tap` (NDJSON stream of
+//!   connection events, filtered by `workload`, `namespace`, `path`, `status`). Connections from
+//!   anything but loopback are refused even if the listener was bound wider.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use crate::{identity::manager::Manager, metrics::Metrics, state::State};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+fn json(value: &serde_json::Value) -> Response<Body> {
+    let mut r = text(
+        StatusCode::OK,
+        serde_json::to_string_pretty(value).unwrap_or_default() + "\n",
+    );
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+// === readiness ===
+
+/// What `/ready` waits for.
+#[derive(Default)]
+pub struct Readiness {
+    pub attached: AtomicBool,
+    pub loaded: AtomicBool,
+    pub identity: OnceLock<Arc<Manager>>,
+}
+
+impl Readiness {
+    /// Ok, or the first thing still missing.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.attached.load(Ordering::Acquire) {
+            return Err("eBPF programs are not attached yet".into());
+        }
+        if !self.loaded.load(Ordering::Acquire) {
+            return Err("the first mesh state is not loaded yet".into());
+        }
+        match self.identity.get() {
+            None => Err("the certificate manager has not started".into()),
+            Some(m) => match m.missing() {
+                missing if missing.is_empty() => Ok(()),
+                missing => Err(format!(
+                    "no SVID yet for {}",
+                    missing
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            },
+        }
+    }
+}
+
+// === tap ===
+
+/// One connection event, as `/tap` streams it (one JSON object per line).
+#[derive(Clone, Debug, Serialize)]
+pub struct TapEvent {
+    /// Unix time, seconds.
+    pub ts: f64,
+    /// `open`, `close` or `refused`.
+    pub event: &'static str,
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_principal: String,
+    /// Where the connection went (pod `ip:port`, or the passthrough destination).
+    pub destination: String,
+    /// `local`, `hbone`, `passthrough` or `inbound`.
+    pub route: &'static str,
+    /// Whether this hop was mutual TLS (HBONE).
+    pub mtls: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_received: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// HTTP fields, filled in once the proxy parses HTTP (the L7 work).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+/// Fan-out of connection events to `/tap` followers. Costs one atomic load per connection when
+/// nobody follows.
+#[derive(Clone)]
+pub struct Tap {
+    tx: broadcast::Sender<Arc<TapEvent>>,
+}
+
+impl Default for Tap {
+    fn default() -> Self {
+        // A follower that falls 4096 events behind loses the oldest (and is told how many).
+        Self {
+            tx: broadcast::Sender::new(4096),
+        }
+    }
+}
+
+impl Tap {
+    pub fn active(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
+    /// Publishes an event built only when someone follows.
+    pub fn emit(&self, build: impl FnOnce() -> TapEvent) {
+        if self.active() {
+            let _ = self.tx.send(Arc::new(build()));
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TapEvent>> {
+        self.tx.subscribe()
+    }
+}
+
+pub fn now_ts() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// A `/tap` filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TapFilter {
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+    pub path: Option<String>,
+    pub status: Option<u16>,
+}
+
+impl TapFilter {
+    /// Parses a query string; unknown keys and bad values are errors with the fix.
+    pub fn parse(query: &str) -> Result<Self, String> {
+        let mut f = Self::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v).ok_or_else(|| format!("{k}: bad percent-encoding"))?;
+            if v.is_empty() {
+                return Err(format!("filter {k} has no value; write {k}=<value>"));
+            }
+            match k {
+                "workload" => f.workload = Some(v),
+                "namespace" => f.namespace = Some(v),
+                "path" if v.starts_with('/') => f.path = Some(v),
+                "path" => return Err(format!("path {v:?} must start with '/'")),
+                "status" => {
+                    f.status = Some(
+                        v.parse::<u16>()
+                            .ok()
+                            .filter(|s| (100..=599).contains(s))
+                            .ok_or_else(|| {
+                                format!("status {v:?} is not an HTTP status (100 to 599)")
+                            })?,
+                    )
+                }
+                other => {
+                    return Err(format!(
+                        "unknown filter {other:?}; use workload, namespace, path or status"
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// A workload or namespace filter matches either end of the connection; path and status
+    /// match only events that carry them (HTTP).
+    pub fn matches(&self, e: &TapEvent) -> bool {
+        let wl = self
+            .workload
+            .as_ref()
+            .is_none_or(|w| *w == e.source_workload || *w == e.destination_workload);
+        let ns = self
+            .namespace
+            .as_ref()
+            .is_none_or(|n| *n == e.source_namespace || *n == e.destination_namespace);
+        let path = self
+            .path
+            .as_ref()
+            .is_none_or(|p| e.path.as_ref().is_some_and(|ep| ep.starts_with(p.as_str())));
+        let status = self.status.is_none_or(|s| e.status == Some(s));
+        wl && ns && path && status
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+// === the server ===
+
+/// Changes the log filter at run time (`/logging`).
+pub type LogControl = Box<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+/// Summarises the kernel side for `/debug/ebpf`.
+pub type EbpfDump = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the admin endpoints read; set once the daemon has it (until then they answer 503).
+pub struct AdminInputs {
+    pub state: Arc<State>,
+    pub identity: Arc<Manager>,
+    pub tap: Tap,
+    pub log: LogControl,
+    pub ebpf: EbpfDump,
+    /// The daemon's configuration, as started.
+    pub config: serde_json::Value,
+}
+
+/// Everything the observability thread serves.
+pub struct Observability {
+    pub metrics: Arc<Metrics>,
+    pub ready: Readiness,
+    pub admin: OnceLock<AdminInputs>,
+}
+
+/// The listeners, bound by `main` before anything is attached (the CA serves only metrics).
+pub struct Listeners {
+    pub metrics: Option<std::net::TcpListener>,
+    pub health: Option<std::net::TcpListener>,
+    pub admin: Option<std::net::TcpListener>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    Metrics,
+    Health,
+    Admin,
+}
+
+/// Starts the observability thread: its own current-thread runtime, so a scrape or a tap never
+/// competes with the data plane's workers.
+pub fn spawn(listeners: Listeners, obs: Arc<Observability>) -> std::io::Result<()> {
+    let Listeners {
+        metrics,
+        health,
+        admin,
+    } = listeners;
+    let listeners: Vec<(std::net::TcpListener, Port)> = [
+        (metrics, Port::Metrics),
+        (health, Port::Health),
+        (admin, Port::Admin),
+    ]
+    .into_iter()
+    .filter_map(|(l, p)| l.map(|l| (l, p)))
+    .collect();
+    for (l, _) in &listeners {
+        l.set_nonblocking(true)?;
+    }
+    std::thread::Builder::new()
+        .name("observability".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the observability runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for (l, port) in listeners {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => tasks.push(tokio::spawn(accept(l, port, obs.clone()))),
+                        Err(e) => tracing::error!(error = %e, "observability listener unusable"),
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        })?;
+    Ok(())
+}
+
+async fn accept(listener: tokio::net::TcpListener, port: Port, obs: Arc<Observability>) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        if port == Port::Admin && !peer.ip().is_loopback() {
+            warn!(%peer, "admin connection from outside loopback refused");
+            continue;
+        }
+        let obs = obs.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let obs = obs.clone();
+                async move { Ok::<_, Infallible>(route(&obs, port, peer, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn route(
+    obs: &Observability,
+    port: Port,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (port, path.as_str()) {
+        (Port::Metrics, "/metrics") => {
+            let mut r = text(StatusCode::OK, obs.metrics.encode());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (Port::Health, "/live") => text(StatusCode::OK, "live\n"),
+        (Port::Health, "/ready") => match obs.ready.check() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        (Port::Admin, _) => match obs.admin.get() {
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+            Some(a) => admin(a, peer, req).await,
+        },
+        (Port::Metrics, _) => text(StatusCode::NOT_FOUND, "not found; try /metrics\n"),
+        (Port::Health, _) => text(StatusCode::NOT_FOUND, "not found; try /ready or /live\n"),
+    }
+}
+
+async fn admin(a: &AdminInputs, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("").to_string();
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/config_dump") => json(&config_dump(a)),
+        ("GET", "/debug/ebpf") => json(&(a.ebpf)()),
+        ("GET", "/logging") => match (a.log)("") {
+            Ok(s) => text(StatusCode::OK, format!("{s}\n")),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        ("POST", "/logging") => {
+            let level = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("level="))
+                .and_then(percent_decode);
+            let Some(level) = level.filter(|l| !l.is_empty()) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "give the new filter as ?level=<filter>, e.g. ?level=debug or \
+                     ?level=info,mesh_daemon::proxy=debug\n",
+                );
+            };
+            match (a.log)(&level) {
+                Ok(s) => {
+                    info!(%peer, filter = %level, "log filter changed");
+                    text(StatusCode::OK, format!("{s}\n"))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        ("GET", "/tap") => match TapFilter::parse(&query) {
+            Ok(filter) => tap_stream(a.tap.subscribe(), filter),
+            Err(why) => text(StatusCode::BAD_REQUEST, format!("bad /tap filter: {why}\n")),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; the admin port serves /config_dump, /logging, /debug/ebpf, /tap\n",
+        ),
+    }
+}
+
+fn tap_stream(mut rx: broadcast::Receiver<Arc<TapEvent>>, filter: TapFilter) -> Response<Body> {
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(64);
+    tokio::spawn(async move {
+        loop {
+            let line = match rx.recv().await {
+                Ok(e) if filter.matches(&e) => serde_json::to_string(&*e).unwrap_or_default(),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    serde_json::json!({ "event": "lagged", "dropped": n }).to_string()
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if tx.send_data(Bytes::from(line + "\n")).await.is_err() {
+                return; // the follower went away
+            }
+        }
+    });
+    let mut r = Response::new(body.boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+fn config_dump(a: &AdminInputs) -> serde_json::Value {
+    use serde_json::json;
+    let snap = a.state.snapshot();
+    let td = a.identity.trust_domain();
+    let mut workloads: Vec<_> = snap.workloads_by_id.values().collect();
+    workloads.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+    let workloads: Vec<_> = workloads
+        .iter()
+        .map(|w| {
+            json!({
+                "name": w.name,
+                "namespace": w.namespace,
+                "serviceAccount": w.service_account,
+                "identity": w.identity(td).to_string(),
+                "node": w.node,
+                "local": snap.is_local(w),
+                "ip": w.ip.to_string(),
+                "labels": w.labels,
+                "cgroup": w.cgroup.display().to_string(),
+                "probePorts": w.probe_ports,
+            })
+        })
+        .collect();
+    let mut services: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for (addr, s) in &snap.services {
+        services.insert(
+            format!("{}/{} {addr}", s.namespace, s.name),
+            json!({
+                "name": s.name,
+                "namespace": s.namespace,
+                "address": addr.to_string(),
+                "endpoints": s.endpoints.iter().map(|e| json!({
+                    "address": e.addr.to_string(),
+                    "workload": e.workload.display(),
+                })).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    let policies: Vec<_> = snap
+        .policies
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "namespace": p.namespace,
+                "selector": p.selector,
+                "action": format!("{:?}", p.action).to_uppercase(),
+                "from": p.from.iter().map(|f| json!({
+                    "principals": f.principals,
+                    "namespaces": f.namespaces,
+                })).collect::<Vec<_>>(),
+                "ports": p.ports,
+            })
+        })
+        .collect();
+    let unix = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    };
+    let certificates: Vec<_> = a
+        .identity
+        .svids()
+        .iter()
+        .map(|s| {
+            json!({
+                "identity": s.identity.to_string(),
+                "notBefore": unix(s.not_before),
+                "notAfter": unix(s.not_after),
+                "expiresInSeconds": s.not_after.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0),
+                "signer": s.signer,
+                "chainLength": s.key.cert.len(),
+            })
+        })
+        .collect();
+    let bundle = a.identity.bundle();
+    json!({
+        "node": snap.node.as_ref().map(|n| json!({
+            "name": n.name,
+            "address": n.address.to_string(),
+            "meshSource": n.mesh_source.to_string(),
+        })),
+        "config": a.config,
+        "workloads": workloads,
+        "services": services.into_values().collect::<Vec<_>>(),
+        "routes": [],
+        "policies": policies,
+        "certificates": certificates,
+        "trustBundle": { "roots": bundle.pems.len(), "signer": bundle.signer },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(src: &str, dst: &str) -> TapEvent {
+        TapEvent {
+            ts: 0.0,
+            event: "open",
+            reporter: "outbound".into(),
+            source_workload: src.into(),
+            source_namespace: "demo".into(),
+            source_principal: String::new(),
+            destination_workload: dst.into(),
+            destination_namespace: "prod".into(),
+            destination_principal: String::new(),
+            destination: "10.0.0.1:80".into(),
+            route: "hbone",
+            mtls: true,
+            bytes_sent: None,
+            bytes_received: None,
+            reason: None,
+            path: None,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn tap_filters_parse_and_match() {
+        let f = TapFilter::parse("workload=client&namespace=prod").expect("valid");
+        assert!(f.matches(&event("client", "server")));
+        assert!(f.matches(&event("x", "client")));
+        assert!(!f.matches(&event("x", "y")));
+        assert!(
+            TapFilter::parse("")
+                .expect("empty")
+                .matches(&event("a", "b"))
+        );
+        let http = TapFilter::parse("path=%2Fapi&status=200").expect("valid");
+        assert_eq!(http.path.as_deref(), Some("/api"));
+        assert!(!http.matches(&event("a", "b")), "L4 events carry no path");
+        let mut e = event("a", "b");
+        e.path = Some("/api/v1".into());
+        e.status = Some(200);
+        assert!(http.matches(&e));
+    }
+
+    #[test]
+    fn bad_tap_filters_say_why() {
+        for (q, why) in [
+            ("pod=x", "unknown filter"),
+            ("status=abc", "not an HTTP status"),
+            ("status=99", "not an HTTP status"),
+            ("path=api", "must start with '/'"),
+            ("workload=", "has no value"),
+            ("workload=%zz", "percent-encoding"),
+        ] {
+            let e = TapFilter::parse(q).expect_err(q);
+            assert!(e.contains(why), "{q}: {e}");
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! What operators see: `/metrics` per edge after a known traffic mix, `/ready`, the admin port
+//! (`/config_dump`, `/tap` and its bad filters, loopback only) and `meshctl` reading all of it.
+
+use std::{process::Command, time::Duration};
+
+use nodemesh_tests::{
+    bin,
+    process::Proc,
+    require_root,
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, http_get, sample},
+};
+
+const VIP: &str = "10.96.0.10:80";
+
+fn principal(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/demo/sa/{sa}")
+}
+
+/// client, other and local on node 1; server on node 2.
+fn topology(tag: &str) -> Topology {
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("other", 0, "other"),
+        PodSpec::meshed("local", 0, "local"),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo")];
+    let mut t = Topology::build(tag, 2, &pods, &services);
+    t.start(DaemonOpts::default());
+    t.serve("server", "echo-server", 7000);
+    t.serve("local", "echo-server", 7000);
+    t
+}
+
+/// `meshctl <args>` inside node `i`'s network namespace; returns stdout, panics on failure.
+fn meshctl(t: &Topology, i: usize, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.nodes[i].ns.path().display()))
+        .arg(bin("meshctl"))
+        .args(args)
+        .output()
+        .expect("run meshctl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "meshctl {args:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn body(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+#[test]
+fn metrics_and_meshctl_match_a_known_traffic_mix() {
+    require_root("metrics_and_meshctl");
+    let t = topology("obm");
+    let server = format!("{}:7000", t.pod("server").ip);
+    let local = format!("{}:7000", t.pod("local").ip);
+    // The mix: 3 × 100 000 B client → server by pod IP (HBONE), 2 × 50 000 B other → server by
+    // VIP (HBONE), 4 × 10 000 B client → local (same node, in-process).
+    for (pod, addr, n, bytes) in [
+        ("client", server.as_str(), 3, "100000"),
+        ("other", VIP, 2, "50000"),
+        ("client", local.as_str(), 4, "10000"),
+    ] {
+        for _ in 0..n {
+            let (ok, out) = t.connect(pod, addr, &["--send", bytes]);
+            assert!(ok && out.contains("echo=ok"), "{pod} → {addr}: {out}");
+        }
+    }
+    // Follow /tap with meshctl on node 1 while one more connection is made.
+    let mut tap = {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", t.nodes[0].ns.path().display()))
+            .arg(bin("meshctl"))
+            .args(["tap", "--workload", "server", "--count", "2"]);
+        Proc::spawn("meshctl tap", c)
+    };
+    tap.wait_for("following", Duration::from_secs(5));
+    let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
+    assert!(ok, "{out}");
+    let line = tap.wait_for("close ", Duration::from_secs(5));
+    println!("meshctl tap: {line}");
+    for l in tap.lines() {
+        println!("  {l}");
+    }
+    assert!(
+        line.contains("demo/client -> demo/server") && line.contains("mtls=true"),
+        "{line}"
+    );
+    assert!(line.contains("sent=1000 received=1000"), "{line}");
+
+    // /metrics, per edge and per node, exactly (4 client → server connections now).
+    fn edge<'a>(src: &'a str, dst: &'a str, reporter: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![
+            ("reporter", reporter),
+            ("source_workload", src),
+            ("destination_workload", dst),
+        ]
+    }
+    let m1 = t.scrape(0);
+    let m2 = t.scrape(1);
+    let check = |m: &str, labels: &[(&str, &str)], conns: u64, bytes: u64| {
+        assert_eq!(
+            sample(m, "nodemesh_tcp_connections_closed_total", labels),
+            conns,
+            "{labels:?}"
+        );
+        assert_eq!(
+            sample(m, "nodemesh_tcp_sent_bytes_total", labels),
+            bytes,
+            "{labels:?}"
+        );
+        assert_eq!(
+            sample(m, "nodemesh_tcp_received_bytes_total", labels),
+            bytes,
+            "{labels:?}"
+        );
+    };
+    check(&m1, &edge("client", "server", "outbound"), 4, 301_000);
+    check(&m2, &edge("client", "server", "inbound"), 4, 301_000);
+    check(&m1, &edge("other", "server", "outbound"), 2, 100_000);
+    check(&m2, &edge("other", "server", "inbound"), 2, 100_000);
+    check(&m1, &edge("client", "local", "outbound"), 4, 40_000);
+    let mut inbound_other = edge("other", "server", "inbound");
+    let p_other = principal("other-sa");
+    let p_server = principal("server-sa");
+    inbound_other.push(("source_principal", &p_other));
+    inbound_other.push(("destination_principal", &p_server));
+    check(&m2, &inbound_other, 2, 100_000);
+
+    // meshctl stat from both nodes' endpoints: the same numbers.
+    let nodes = "10.203.0.1:15020,10.203.0.2:15020";
+    let stat: serde_json::Value = serde_json::from_str(&meshctl(
+        &t,
+        0,
+        &["stat", "--node", nodes, "--by", "edge", "-o", "json"],
+    ))
+    .expect("stat -o json is JSON");
+    println!(
+        "{}",
+        meshctl(&t, 0, &["stat", "--node", nodes, "--by", "edge"])
+    );
+    println!("{}", meshctl(&t, 0, &["stat", "--node", nodes]));
+    let row = |name: &str| {
+        stat.as_array()
+            .expect("a list")
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no row {name} in {stat}"))["stats"]
+            .clone()
+    };
+    let r = row("demo/client -> demo/server");
+    assert_eq!(
+        (r["connections"].as_u64(), r["bytes_sent"].as_u64()),
+        (Some(4), Some(301_000))
+    );
+    let r = row("demo/other -> demo/server");
+    assert_eq!(
+        (r["connections"].as_u64(), r["bytes_received"].as_u64()),
+        (Some(2), Some(100_000))
+    );
+    let r = row("demo/client -> demo/local");
+    assert_eq!(
+        (r["connections"].as_u64(), r["bytes_sent"].as_u64()),
+        (Some(4), Some(40_000))
+    );
+
+    // meshctl edges: both ends' identities, and how each edge crossed.
+    println!("{}", meshctl(&t, 0, &["edges", "--node", nodes]));
+    let edges: serde_json::Value =
+        serde_json::from_str(&meshctl(&t, 0, &["edges", "--node", nodes, "-o", "json"]))
+            .expect("edges -o json is JSON");
+    let find = |src: &str, dst: &str| {
+        edges
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|e| e["source"] == src && e["destination"] == dst)
+            .unwrap_or_else(|| panic!("no edge {src} -> {dst} in {edges}"))
+            .clone()
+    };
+    let e = find("demo/client", "demo/server");
+    assert_eq!(e["transport"], "mtls");
+    assert_eq!(e["source_principal"], principal("client-sa"));
+    assert_eq!(e["destination_principal"], principal("server-sa"));
+    assert_eq!(
+        find("demo/other", "demo/server")["source_principal"],
+        principal("other-sa")
+    );
+    assert_eq!(find("demo/client", "demo/local")["transport"], "same-node");
+
+    // meshctl identity: node 1 holds the SVIDs of its three pods, and nothing of node 2's.
+    let id = meshctl(&t, 0, &["identity"]);
+    println!("{id}");
+    for sa in ["client-sa", "other-sa", "local-sa"] {
+        assert!(id.contains(&principal(sa)), "{id}");
+    }
+    assert!(!id.contains(&principal("server-sa")), "{id}");
+
+    // Cardinality: 2 × 500 connections from 1000 client ports; the second 500 add no series,
+    // and no label carries an address.
+    let series = |m: &str| m.lines().filter(|l| !l.starts_with('#')).count();
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        let (ok, out) = t.connect("client", &server, &["--send", "10", "--repeat", "500"]);
+        assert!(ok, "{out}");
+        counts.push(series(&t.scrape(0)));
+    }
+    println!("series on node 1 after 500 and 1000 connections from new ports: {counts:?}");
+    assert_eq!(counts[0], counts[1], "no label follows the client port");
+    let m = t.scrape(0);
+    assert!(!m.contains("\"10.210."), "no label carries a pod address");
+}
+
+#[test]
+fn ready_config_dump_and_admin_refusals() {
+    require_root("ready_config_dump_and_admin");
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let mut t = Topology::build("obr", 2, &pods, &[]);
+    // The CA generates its root and bundle, then goes away. Node 1 starts without it: its
+    // programs attach and its state loads, but it holds no SVID, so it is not ready, and says
+    // why.
+    t.start_ca();
+    drop(t.ca.take());
+    let mut d = Proc::spawn("mesh-daemon node-1", t.daemon_command(0));
+    d.wait_for("ready", Duration::from_secs(30));
+    let ready = |t: &Topology| http_get(&t.nodes[0].ns, "10.203.0.1:15021", "/ready");
+    let r = ready(&t);
+    println!("/ready without a CA: {}", r.lines().last().unwrap_or(""));
+    assert!(
+        r.starts_with("HTTP/1.0 503") || r.starts_with("HTTP/1.1 503"),
+        "{r}"
+    );
+    assert!(
+        r.contains("no SVID yet for spiffe://cluster.local/ns/demo/sa/client-sa"),
+        "{r}"
+    );
+    let live = http_get(&t.nodes[0].ns, "10.203.0.1:15021", "/live");
+    assert!(live.contains(" 200 "), "{live}");
+    t.start_ca();
+    let start = std::time::Instant::now();
+    let r = loop {
+        let r = ready(&t);
+        if r.contains(" 200 ") || start.elapsed() > Duration::from_secs(15) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "/ready once the CA answers: {}",
+        r.lines().last().unwrap_or("")
+    );
+    assert!(r.contains(" 200 "), "{r}");
+
+    // /config_dump: JSON with the mesh file's workloads and the certificates held (no keys).
+    let dump = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/config_dump");
+    let v: serde_json::Value = serde_json::from_str(body(&dump)).expect("config_dump is JSON");
+    let names: Vec<&str> = v["workloads"]
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert_eq!(names, ["client", "server"]);
+    assert_eq!(v["certificates"][0]["identity"], principal("client-sa"));
+    assert!(
+        !body(&dump).contains("PRIVATE KEY"),
+        "no key material in the dump"
+    );
+
+    // /tap with a bad filter: 400 and the reason.
+    let bad = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/tap?pod=client");
+    println!("/tap?pod=client: {}", body(&bad).trim());
+    assert!(
+        bad.contains(" 400 ") && bad.contains("unknown filter"),
+        "{bad}"
+    );
+    let bad = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/tap?status=abc");
+    assert!(
+        bad.contains(" 400 ") && bad.contains("not an HTTP status"),
+        "{bad}"
+    );
+
+    // /debug/ebpf: the programs and maps.
+    let ebpf = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/debug/ebpf");
+    let e: serde_json::Value = serde_json::from_str(body(&ebpf)).expect("debug/ebpf is JSON");
+    assert_eq!(e["maps"]["NM_ENROLLED"], 1, "{e}");
+
+    // /logging: change the filter at run time.
+    let log = nodemesh_tests::topology::http_request(
+        &t.nodes[0].ns,
+        "127.0.0.1:15000",
+        "POST /logging?level=debug",
+    );
+    assert!(log.contains(" 200 ") && log.contains("debug"), "{log}");
+
+    // The admin port is not reachable from outside the node, and cannot be bound wider.
+    let from_outside = t.nodes[1]
+        .ns
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &"10.203.0.1:15000".parse().expect("addr"),
+                Duration::from_secs(2),
+            )
+            .is_ok()
+        })
+        .join()
+        .expect("thread");
+    assert!(!from_outside, "the admin port must refuse other hosts");
+    let mut wide = t.daemon_command(1);
+    wide.args(["--admin", "0.0.0.0:15000"]);
+    let out = wide.output().expect("run daemon");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a loopback address"),
+        "{err}"
+    );
+    drop(d);
+}
