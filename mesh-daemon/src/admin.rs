@@ -576,6 +576,22 @@ mod tests {
     }
 
     #[test]
+    fn ready_only_after_attach_then_state_then_certificates() {
+        let r = Readiness::default();
+        let why = r.check().expect_err("nothing done yet");
+        assert!(why.contains("not attached"), "{why}");
+        r.loaded.store(true, Ordering::Release);
+        let why = r.check().expect_err("state alone is not enough");
+        assert!(why.contains("not attached"), "{why}");
+        r.attached.store(true, Ordering::Release);
+        let why = r.check().expect_err("no certificate manager yet");
+        assert!(why.contains("certificate manager"), "{why}");
+        r.loaded.store(false, Ordering::Release);
+        let why = r.check().expect_err("attached, no state");
+        assert!(why.contains("mesh state"), "{why}");
+    }
+
+    #[test]
     fn tap_filters_parse_and_match() {
         let f = TapFilter::parse("workload=client&namespace=prod").expect("valid");
         assert!(f.matches(&event("client", "server")));

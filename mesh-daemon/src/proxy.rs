@@ -94,6 +94,26 @@ pub fn set_mark(fd: &impl AsRawFd, mark: u32) -> std::io::Result<()> {
     }
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT`: defer the source port choice from bind() to connect().
+fn set_bind_no_port(fd: &impl AsRawFd) -> std::io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The network namespace cookie of a socket (what `bpf_get_netns_cookie` returns for it).
 pub fn netns_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
     let mut v: u64 = 0;
@@ -128,6 +148,11 @@ pub async fn connect_marked(
     };
     set_mark(&sock, mark)?;
     if let Some(ip) = source {
+        // Every connection to a local pod leaves from the one mesh source address. Binding port
+        // 0 would pick the port at bind time, blind to the destination, so ports held (or in
+        // TIME_WAIT) toward any pod would count against all of them; with this option connect()
+        // picks it per destination (what Envoy and HAProxy do for source binding).
+        set_bind_no_port(&sock)?;
         sock.bind(SocketAddr::new(ip, 0)).map_err(|e| {
             std::io::Error::new(
                 e.kind(),

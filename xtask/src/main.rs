@@ -18,7 +18,8 @@ usage: cargo xtask <command>
   demo    the main job: a meshed pod's connection captured in the kernel and proxied by the daemon
   test    fmt check, clippy -D warnings (host and eBPF), unit tests, privileged end-to-end tests
   bench   measurements, medians and ratios from one run: `bench tls` compares the rustls crypto
-          providers (handshakes/s, bulk MB/s per cipher suite)
+          providers (handshakes/s, bulk MB/s per cipher suite); `bench scrape` measures whether
+          scraping /metrics moves the data plane's latency; no argument runs both
 ";
 
 fn main() -> anyhow::Result<()> {
@@ -83,17 +84,23 @@ fn demo() -> anyhow::Result<()> {
 fn bench(part: Option<&str>) -> anyhow::Result<()> {
     require_root("cargo xtask bench")?;
     setup::all()?;
-    match part {
-        None | Some("tls") => run(cargo().args([
-            "run",
-            "--release",
-            "--package",
-            "nodemesh-tests",
-            "--bin",
-            "tls-bench",
-        ])),
-        Some(other) => bail!("unknown bench {other:?}; available: tls\n{USAGE}"),
+    let parts: &[&str] = match part {
+        None => &["tls", "scrape"],
+        Some("tls") => &["tls"],
+        Some("scrape") => &["scrape"],
+        Some(other) => bail!("unknown bench {other:?}; available: tls, scrape\n{USAGE}"),
+    };
+    // Release builds: debug-build numbers mean nothing.
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    let target = setup::target_dir()?;
+    for p in parts {
+        let bin = match *p {
+            "tls" => "tls-bench",
+            _ => "nodemesh-bench",
+        };
+        run(&mut Command::new(target.join("release").join(bin)))?;
     }
+    Ok(())
 }
 
 fn test() -> anyhow::Result<()> {

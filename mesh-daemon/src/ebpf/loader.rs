@@ -108,16 +108,6 @@ impl OrigDstTable {
         let _ = map.remove(key);
         Some(rec)
     }
-
-    /// Records waiting to be taken (a connection captured but not yet accepted).
-    pub fn len(&self) -> usize {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.keys().filter(Result::is_ok).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The loaded and attached programs and their maps.
@@ -311,15 +301,14 @@ impl Datapath {
         self.orig.clone()
     }
 
-    /// Entries per map the daemon reads, for `ebpf_map_entries{map}` and `/debug/ebpf`.
+    /// Entries per map, for `ebpf_map_entries{map}` and `/debug/ebpf`. Only the enrollment
+    /// map: walking the capture-record map takes one syscall per entry under the lock the
+    /// proxy's accepts need, which a once-a-second metric must not cost the data plane.
     pub fn map_occupancy(&self) -> Vec<(&'static str, usize)> {
-        vec![
-            (
-                map_names::ENROLLED,
-                self.enrolled.keys().filter(Result::is_ok).count(),
-            ),
-            (map_names::ORIG_BY_ADDR, self.orig.len()),
-        ]
+        vec![(
+            map_names::ENROLLED,
+            self.enrolled.keys().filter(Result::is_ok).count(),
+        )]
     }
 
     pub fn program_names(&self) -> &[&'static str] {

@@ -49,6 +49,9 @@ enum Cmd {
         /// the last line and how many succeeded.
         #[arg(long, default_value_t = 1)]
         repeat: u32,
+        /// With --repeat: print per-connection latency percentiles (connect, send, echo back).
+        #[arg(long)]
+        stats: bool,
     },
     /// Echo every connection back until EOF; prints each peer.
     EchoServer { addr: SocketAddr },
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             rst,
             pace_ms,
             repeat,
+            stats,
         } => match repeat_connect(
             &ConnectOpts {
                 addr,
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
                 pace_ms,
             },
             repeat,
+            stats,
         ) {
             Ok(line) => {
                 println!("{line}");
@@ -195,16 +200,30 @@ fn open(o: &ConnectOpts) -> std::io::Result<TcpStream> {
     }
 }
 
-fn repeat_connect(o: &ConnectOpts, n: u32) -> std::io::Result<String> {
-    if n <= 1 {
+fn repeat_connect(o: &ConnectOpts, n: u32, stats: bool) -> std::io::Result<String> {
+    if n <= 1 && !stats {
         return connect(o);
     }
     let mut last = String::new();
-    for i in 0..n {
+    let mut took = Vec::with_capacity(n as usize);
+    for i in 0..n.max(1) {
+        let start = std::time::Instant::now();
         last = connect(o)
             .map_err(|e| std::io::Error::new(e.kind(), format!("connection {i}: {e}")))?;
+        took.push(start.elapsed().as_micros() as u64);
     }
-    Ok(format!("{last} repeated={n}"))
+    if !stats {
+        return Ok(format!("{last} repeated={n}"));
+    }
+    took.sort_unstable();
+    let pct = |p: f64| took[((took.len() as f64 - 1.0) * p).round() as usize];
+    Ok(format!(
+        "{last} repeated={n} p50_us={} p90_us={} p99_us={} max_us={}",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(1.0)
+    ))
 }
 
 fn connect(o: &ConnectOpts) -> std::io::Result<String> {

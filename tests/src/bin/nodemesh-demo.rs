@@ -128,6 +128,17 @@ fn main() {
         println!("node-2 {l}");
     }
 
+    println!("\nmeshctl edges (from node-1, reading both nodes' /metrics):");
+    let edges = Command::new("nsenter")
+        .arg(format!("--net={}", t.nodes[0].ns.path().display()))
+        .arg(nodemesh_tests::bin("meshctl"))
+        .args(["edges", "--node", "10.203.0.1:15020,10.203.0.2:15020"])
+        .output();
+    match edges {
+        Ok(o) => print!("{}", String::from_utf8_lossy(&o.stdout)),
+        Err(e) => println!("(meshctl unavailable: {e})"),
+    }
+
     step(5, "a pod outside the mesh calls the server directly");
     let server = format!("{}:7000", t.pod("server").ip);
     let (ok, out) = t.connect("outsider", &server, &["--send", "1024"]);
