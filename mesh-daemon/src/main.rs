@@ -482,9 +482,14 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             tap: tap.clone(),
         });
         let ebpf: admin::EbpfDump = {
-            let datapath = datapath.clone();
+            // Weak: the admin thread must not keep the programs alive past a clean exit, which
+            // needs the only reference to detach them.
+            let datapath = Arc::downgrade(&datapath);
             let pin_dir = pin_dir.clone();
             Box::new(move || {
+                let Some(datapath) = datapath.upgrade() else {
+                    return serde_json::json!({ "error": "the daemon is shutting down" });
+                };
                 let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
                 serde_json::json!({
                     "programs": dp.program_names(),
@@ -549,11 +554,23 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             () = ticks => {}
             () = shutdown_signal() => info!("shutting down"),
         }
-        let datapath = Arc::try_unwrap(datapath)
-            .ok()
-            .context("datapath still shared at exit")?
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner());
+        // A `/debug/ebpf` answer may hold the datapath for a moment; wait for it (bounded).
+        let mut shared = datapath;
+        let mut waited = 0;
+        let datapath = loop {
+            match Arc::try_unwrap(shared) {
+                Ok(m) => break m.into_inner().unwrap_or_else(|p| p.into_inner()),
+                Err(still) if waited < 200 => {
+                    shared = still;
+                    waited += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(_) => anyhow::bail!(
+                    "the datapath is still in use at exit; run `mesh-daemon uninstall` to remove \
+                     the pinned hooks"
+                ),
+            }
+        };
         let counters: Vec<String> = datapath
             .counters()
             .iter()
