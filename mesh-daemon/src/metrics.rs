@@ -62,13 +62,16 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("nodemesh".into()), None)
             .expect("the prefix is a valid metric name");
+        // Every family is static: a definition or registration error is a programming error.
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("each family is registered once");
+            c
+        }
         let vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels)
                 .expect("static metric definitions are valid");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("each family is registered once");
-            c
+            reg(&registry, c)
         };
         Self {
             tcp_opened: vec(
@@ -106,17 +109,14 @@ impl Metrics {
                 "Workloads of this node that could not be enrolled, by reason",
                 &["reason"],
             ),
-            enrolled: {
-                let g = IntGauge::new(
+            enrolled: reg(
+                &registry,
+                IntGauge::new(
                     "enrolled_workloads",
                     "Pods of this node the kernel captures",
                 )
-                .expect("static metric definitions are valid");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("each family is registered once");
-                g
-            },
+                .expect("static metric definitions are valid"),
+            ),
             ebpf_events: vec(
                 "ebpf_events_total",
                 "Kernel program events (summed per-CPU counters), by event",
@@ -132,46 +132,41 @@ impl Metrics {
                 "L4 authorization decisions at the destination, by result and deciding policy",
                 &["result", "policy"],
             ),
-            svid_expiry: {
-                let g = GaugeVec::new(
+            svid_expiry: reg(
+                &registry,
+                GaugeVec::new(
                     Opts::new(
                         "svid_expiry_timestamp_seconds",
                         "When the SVID this node holds for an identity expires (Unix time)",
                     ),
                     &["identity"],
                 )
-                .expect("static metric definitions are valid");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("each family is registered once");
-                g
-            },
+                .expect("static metric definitions are valid"),
+            ),
             svid_fetches: vec(
                 "svid_fetches_total",
                 "SVID requests to the CA, by result (issued, renewed, failed)",
                 &["result"],
             ),
-            ebpf_map_entries: {
-                let g = IntGaugeVec::new(
+            ebpf_map_entries: reg(
+                &registry,
+                IntGaugeVec::new(
                     Opts::new(
                         "ebpf_map_entries",
                         "Entries in the kernel maps the daemon reads, by map (read once a second)",
                     ),
                     &["map"],
                 )
-                .expect("static metric definitions are valid");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("each family is registered once");
-                g
-            },
+                .expect("static metric definitions are valid"),
+            ),
             requests: vec(
                 "requests_total",
                 "HTTP/gRPC requests through the proxy (filled in by the L7 work)",
                 &REQUEST_LABELS,
             ),
-            request_duration: {
-                let h = HistogramVec::new(
+            request_duration: reg(
+                &registry,
+                HistogramVec::new(
                     HistogramOpts::new(
                         "request_duration_seconds",
                         "HTTP/gRPC request latency seen by the proxy (filled in by the L7 work)",
@@ -182,12 +177,8 @@ impl Metrics {
                     ]),
                     &REQUEST_LABELS[..9],
                 )
-                .expect("static metric definitions are valid");
-                registry
-                    .register(Box::new(h.clone()))
-                    .expect("each family is registered once");
-                h
-            },
+                .expect("static metric definitions are valid"),
+            ),
             protocol_detections: vec(
                 "protocol_detections_total",
                 "Outbound protocol detection results, by protocol (filled in by the L7 work)",

@@ -117,12 +117,43 @@ fn app_failure() -> Error {
     Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
 }
 
+/// What both verifiers check alike: handshake signatures, with the one provider, TLS 1.3 only.
+#[derive(Debug)]
+struct Signatures(Arc<CryptoProvider>);
+
+impl Signatures {
+    fn tls12() -> Result<HandshakeSignatureValid, Error> {
+        // The configs offer TLS 1.3 only; a TLS 1.2 signature never reaches a verifier.
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::SupportedVersionsExtensionRequired,
+        ))
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 // === impl PeerVerifier (server side: the client's certificate) ===
 
 #[derive(Debug)]
 struct PeerVerifier {
     manager: Arc<Manager>,
-    provider: Arc<CryptoProvider>,
+    sigs: Signatures,
 }
 
 impl ClientCertVerifier for PeerVerifier {
@@ -154,10 +185,7 @@ impl ClientCertVerifier for PeerVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        // The configs offer TLS 1.3 only; a TLS 1.2 signature never reaches a verifier.
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        Signatures::tls12()
     }
 
     fn verify_tls13_signature(
@@ -166,18 +194,11 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.sigs.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.sigs.schemes()
     }
 }
 
@@ -186,7 +207,7 @@ impl ClientCertVerifier for PeerVerifier {
 #[derive(Debug)]
 struct IdentityVerifier {
     manager: Arc<Manager>,
-    provider: Arc<CryptoProvider>,
+    sigs: Signatures,
 }
 
 impl ServerCertVerifier for IdentityVerifier {
@@ -205,7 +226,7 @@ impl ServerCertVerifier for IdentityVerifier {
             &bundle.roots,
             intermediates,
             now,
-            self.provider.signature_verification_algorithms.all,
+            self.sigs.0.signature_verification_algorithms.all,
         )?;
         let id = Identity::from_cert(end_entity).map_err(|_| app_failure())?;
         // The client asked for the destination identity by name; the certificate must carry it.
@@ -223,9 +244,7 @@ impl ServerCertVerifier for IdentityVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        Signatures::tls12()
     }
 
     fn verify_tls13_signature(
@@ -234,18 +253,11 @@ impl ServerCertVerifier for IdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.sigs.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.sigs.schemes()
     }
 }
 
@@ -285,7 +297,7 @@ pub fn server_config(manager: Arc<Manager>) -> Result<Arc<ServerConfig>, Error> 
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(PeerVerifier {
             manager: manager.clone(),
-            provider,
+            sigs: Signatures(provider),
         }))
         .with_cert_resolver(Arc::new(ByServerName(manager)));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -302,7 +314,7 @@ pub fn client_config(manager: Arc<Manager>, source: Identity) -> Result<Arc<Clie
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(IdentityVerifier {
             manager: manager.clone(),
-            provider,
+            sigs: Signatures(provider),
         }))
         .with_client_cert_resolver(Arc::new(SourceSvid { manager, source }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];

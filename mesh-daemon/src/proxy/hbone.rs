@@ -60,7 +60,7 @@ pub enum HboneError {
         node: SocketAddr,
         source: std::io::Error,
     },
-    #[error("mTLS handshake with node {node} failed: {source}")]
+    #[error("mTLS handshake with node {node} failed ({label}): {source}")]
     Tls {
         node: SocketAddr,
         label: &'static str,

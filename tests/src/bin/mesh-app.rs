@@ -27,32 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Connect, send N bytes, half-close, read everything back and compare.
-    Connect {
-        addr: SocketAddr,
-        #[arg(long, default_value_t = 0)]
-        send: usize,
-        #[arg(long, default_value_t = 5000)]
-        connect_timeout_ms: u64,
-        /// Source address to bind first (an address the pod added to its interface).
-        #[arg(long)]
-        bind: Option<std::net::IpAddr>,
-        /// Print what the server answers as text instead of comparing it with what was sent.
-        #[arg(long)]
-        reply: bool,
-        /// Send the bytes, then abort the connection with a reset instead of a half-close.
-        #[arg(long)]
-        rst: bool,
-        /// Send in 4 KiB pieces this many milliseconds apart (a long, slow connection).
-        #[arg(long, default_value_t = 0)]
-        pace_ms: u64,
-        /// Make this many connections one after the other (each from a new client port); prints
-        /// the last line and how many succeeded.
-        #[arg(long, default_value_t = 1)]
-        repeat: u32,
-        /// With --repeat: print per-connection latency percentiles (connect, send, echo back).
-        #[arg(long)]
-        stats: bool,
-    },
+    Connect(ConnectOpts),
     /// Echo every connection back until EOF; prints each peer.
     EchoServer { addr: SocketAddr },
     /// Read each connection to EOF (the client's half-close), then answer `received=N` and close.
@@ -74,29 +49,7 @@ fn main() -> ExitCode {
         nodemesh_tests::netns::enter(&PathBuf::from("/run/netns").join(ns));
     }
     match cli.cmd {
-        Cmd::Connect {
-            addr,
-            send,
-            connect_timeout_ms,
-            bind,
-            reply,
-            rst,
-            pace_ms,
-            repeat,
-            stats,
-        } => match repeat_connect(
-            &ConnectOpts {
-                addr,
-                send,
-                timeout: Duration::from_millis(connect_timeout_ms),
-                bind,
-                reply,
-                rst,
-                pace_ms,
-            },
-            repeat,
-            stats,
-        ) {
+        Cmd::Connect(o) => match repeat_connect(&o) {
             Ok(line) => {
                 println!("{line}");
                 ExitCode::SUCCESS
@@ -132,14 +85,32 @@ fn pattern(n: usize) -> Vec<u8> {
         .collect()
 }
 
+#[derive(clap::Args)]
 struct ConnectOpts {
     addr: SocketAddr,
+    #[arg(long, default_value_t = 0)]
     send: usize,
-    timeout: Duration,
+    #[arg(long, default_value_t = 5000)]
+    connect_timeout_ms: u64,
+    /// Source address to bind first (an address the pod added to its interface).
+    #[arg(long)]
     bind: Option<std::net::IpAddr>,
+    /// Print what the server answers as text instead of comparing it with what was sent.
+    #[arg(long)]
     reply: bool,
+    /// Send the bytes, then abort the connection with a reset instead of a half-close.
+    #[arg(long)]
     rst: bool,
+    /// Send in 4 KiB pieces this many milliseconds apart (a long, slow connection).
+    #[arg(long, default_value_t = 0)]
     pace_ms: u64,
+    /// Make this many connections one after the other (each from a new client port); prints
+    /// the last line and how many succeeded.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// With --repeat: print per-connection latency percentiles (connect, send, echo back).
+    #[arg(long)]
+    stats: bool,
 }
 
 fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
@@ -166,7 +137,7 @@ fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
 
 fn open(o: &ConnectOpts) -> std::io::Result<TcpStream> {
     let Some(ip) = o.bind else {
-        return TcpStream::connect_timeout(&o.addr, o.timeout);
+        return TcpStream::connect_timeout(&o.addr, Duration::from_millis(o.connect_timeout_ms));
     };
     // std has no bind-then-connect; a blocking libc socket keeps this small.
     // SAFETY: plain socket calls on a descriptor this function owns.
@@ -200,7 +171,8 @@ fn open(o: &ConnectOpts) -> std::io::Result<TcpStream> {
     }
 }
 
-fn repeat_connect(o: &ConnectOpts, n: u32, stats: bool) -> std::io::Result<String> {
+fn repeat_connect(o: &ConnectOpts) -> std::io::Result<String> {
+    let (n, stats) = (o.repeat, o.stats);
     if n <= 1 && !stats {
         return connect(o);
     }
