@@ -472,6 +472,7 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
                 "serviceAccount": w.service_account,
                 "identity": w.identity(td).to_string(),
                 "node": w.node,
+                "mode": w.mode.as_str(),
                 "local": snap.is_local(w),
                 "ip": w.ip.to_string(),
                 "labels": w.labels,

@@ -1,5 +1,5 @@
-//! The control loop for the mesh file: load it, turn it into the state snapshot, enroll this
-//! node's pods in the kernel, and reload when the file changes. A bad file is reported with its
+//! The control loop for the mesh file: load it, turn it into the state snapshot, enroll the pods
+//! this daemon serves (its node's, or a sidecar's one pod) in the kernel, and reload when the file changes. A bad file is reported with its
 //! line and counted, and the last good state stays in force.
 
 use std::{
@@ -16,7 +16,7 @@ use crate::{
     identity::manager::Manager,
     meshfile,
     metrics::Metrics,
-    state::State,
+    state::{Scope, State},
 };
 
 /// How often the mesh file is checked for changes.
@@ -26,8 +26,8 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub struct ControlConfig {
     /// The mesh file.
     pub path: PathBuf,
-    /// This node's name in it.
-    pub node: String,
+    /// Which workloads this daemon serves (a node's, or one pod's as its sidecar).
+    pub scope: Scope,
     /// Relative workload cgroups are resolved against it.
     pub cgroup_root: PathBuf,
     /// STRICT inbound enforcement for every enrolled pod.
@@ -36,7 +36,7 @@ pub struct ControlConfig {
 
 pub struct Control {
     path: PathBuf,
-    node: String,
+    scope: Scope,
     cgroup_root: PathBuf,
     strict: bool,
     state: Arc<State>,
@@ -61,7 +61,7 @@ impl Control {
     ) -> Self {
         Self {
             path: cfg.path,
-            node: cfg.node,
+            scope: cfg.scope,
             cgroup_root: cfg.cgroup_root,
             strict: cfg.strict,
             state,
@@ -111,7 +111,7 @@ impl Control {
         self.last_text = Some(text.clone());
         let result = meshfile::parse(&self.path, &text)
             .map_err(|e| e.to_string())
-            .and_then(|file| self.state.build(&file, &self.node, &self.cgroup_root));
+            .and_then(|file| self.state.build(&file, &self.scope, &self.cgroup_root));
         let snap = match result {
             Ok(s) => s,
             Err(e) => {

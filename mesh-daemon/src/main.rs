@@ -2,7 +2,7 @@
 //! (`check`) and `uninstall`.
 
 use std::{
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     process::ExitCode,
     sync::{Arc, Mutex},
@@ -27,7 +27,7 @@ use mesh_daemon::{
     meshfile,
     metrics::Metrics,
     proxy::{Inputs, balance::Balancer, hbone, inbound::Inbound, outbound::Outbound},
-    state::State,
+    state::{SIDECAR_MESH_SOURCE, Scope, State},
 };
 use tracing::{info, warn};
 
@@ -118,9 +118,16 @@ struct CaArgs {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// This node's name in the mesh file.
-    #[arg(long, env = "NODEMESH_NODE")]
-    node: String,
+    /// `node`: one daemon per node serves the node's node-mode pods. `sidecar`: one daemon inside
+    /// one pod's network namespace serves only that pod (--workload), with the same hooks and code.
+    #[arg(long, env = "NODEMESH_MODE", value_enum, default_value = "node")]
+    mode: RunMode,
+    /// This node's name in the mesh file (node mode; a sidecar's node is its pod's).
+    #[arg(long, env = "NODEMESH_NODE", required_if_eq("mode", "node"))]
+    node: Option<String>,
+    /// Sidecar mode: the pod this sidecar serves, as namespace/name in the mesh file.
+    #[arg(long, env = "NODEMESH_WORKLOAD", required_if_eq("mode", "sidecar"))]
+    workload: Option<String>,
     /// The mesh file (nodes, workloads, services); reloaded when it changes.
     #[arg(long, env = "NODEMESH_MESH_FILE")]
     mesh_file: PathBuf,
@@ -128,10 +135,12 @@ struct RunArgs {
     /// Default: the cgroup v2 mount found in /proc/mounts.
     #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
-    /// Outbound capture listener, as pods reach it. Default: the node's address, port 15001.
+    /// Outbound capture listener, as pods reach it. Default: the node's address (a sidecar:
+    /// 127.0.0.1), port 15001.
     #[arg(long, env = "NODEMESH_OUTBOUND")]
     outbound: Option<SocketAddrV4>,
-    /// HBONE listener for other nodes. Default: the node's address, port 15008.
+    /// HBONE listener for other proxies. Default: the node's address (a sidecar: its pod's),
+    /// port 15008.
     #[arg(long, env = "NODEMESH_HBONE")]
     hbone: Option<SocketAddr>,
     /// Prometheus endpoint (`/metrics`).
@@ -156,7 +165,8 @@ struct RunArgs {
     /// failing them.
     #[arg(long, env = "NODEMESH_FAIL_OPEN")]
     fail_open: bool,
-    /// Where the fail-closed links are pinned. Default: /sys/fs/bpf/nodemesh/<node>.
+    /// Where the fail-closed links are pinned. Default: /sys/fs/bpf/nodemesh/<node> (a sidecar:
+    /// /sys/fs/bpf/nodemesh/sidecar.<namespace>.<name>).
     #[arg(long, env = "NODEMESH_PIN_DIR")]
     pin_dir: Option<PathBuf>,
     /// SO_MARK put on the proxy's own sockets so the hooks never capture them.
@@ -188,6 +198,12 @@ struct RunArgs {
 enum OnOff {
     On,
     Off,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RunMode {
+    Node,
+    Sidecar,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,6 +355,99 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Where a daemon sits and what it serves, from `--mode` and the mesh file.
+struct Placement {
+    scope: Scope,
+    /// Its node (a sidecar's: its pod's node).
+    node: meshfile::NodeSpec,
+    outbound: SocketAddrV4,
+    hbone: SocketAddr,
+    /// Where it connects to the pods it serves from.
+    mesh_source: Ipv4Addr,
+    pin_dir: PathBuf,
+    /// For errors: "node node-1's meshSource", "sidecar of demo/client".
+    what: String,
+}
+
+impl Placement {
+    fn resolve(args: &RunArgs, file: &meshfile::MeshFile) -> anyhow::Result<Self> {
+        let node_named = |name: &str| {
+            file.nodes
+                .iter()
+                .find(|n| n.name == name)
+                .cloned()
+                .with_context(|| {
+                    format!(
+                        "node {name:?} is not in {}; pass --node with a name from its `nodes`",
+                        args.mesh_file.display()
+                    )
+                })
+        };
+        match args.mode {
+            RunMode::Node => {
+                let name = args
+                    .node
+                    .as_deref()
+                    .context("--node is required in node mode")?;
+                let node = node_named(name)?;
+                Ok(Self {
+                    scope: Scope::Node(name.to_string()),
+                    outbound: SocketAddrV4::new(node.address, 15001),
+                    hbone: SocketAddr::new(IpAddr::V4(node.address), hbone::PORT),
+                    mesh_source: node.mesh_source,
+                    pin_dir: PathBuf::from(PIN_ROOT).join(name),
+                    what: format!("node {name}'s meshSource"),
+                    node,
+                })
+            }
+            RunMode::Sidecar => {
+                let wanted = args
+                    .workload
+                    .as_deref()
+                    .context("--workload is required in sidecar mode")?;
+                let scope = Scope::sidecar(wanted).map_err(anyhow::Error::msg)?;
+                let w = file
+                    .workloads
+                    .iter()
+                    .find(|w| format!("{}/{}", w.namespace, w.name) == wanted)
+                    .with_context(|| {
+                        format!(
+                            "workload {wanted} is not in {}; pass --workload with a                              namespace/name from its `workloads`",
+                            args.mesh_file.display()
+                        )
+                    })?;
+                if w.mode != meshfile::ProxyMode::Sidecar {
+                    anyhow::bail!(
+                        "workload {wanted} has `mode: {}` in {}, so node {}'s daemon serves it; \
+                         set `mode: sidecar` on it to run it with a sidecar",
+                        w.mode.as_str(),
+                        args.mesh_file.display(),
+                        w.node
+                    );
+                }
+                if let Some(n) = &args.node
+                    && *n != w.node
+                {
+                    anyhow::bail!(
+                        "--node {n} disagrees with the mesh file, which places {wanted} on {};                          drop --node in sidecar mode",
+                        w.node
+                    );
+                }
+                Ok(Self {
+                    outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+                    hbone: SocketAddr::new(IpAddr::V4(w.ip), hbone::PORT),
+                    mesh_source: SIDECAR_MESH_SOURCE,
+                    pin_dir: PathBuf::from(PIN_ROOT)
+                        .join(format!("sidecar.{}.{}", w.namespace, w.name)),
+                    what: format!("the sidecar of {wanted}"),
+                    node: node_named(&w.node)?,
+                    scope,
+                })
+            }
+        }
+    }
+}
+
 fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
     if args.sockmap == OnOff::On {
         // Linux's tcp_bpf_recvmsg (used by every socket in a sockmap/sockhash) waits for data once
@@ -355,29 +464,11 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
     let cgroup_root = cgroup::resolve_root(args.cgroup_root.as_deref())?;
     // The mesh file must be good at start: there is no earlier state to fall back on.
     let file = meshfile::load(&args.mesh_file)?;
-    let me = file
-        .nodes
-        .iter()
-        .find(|n| n.name == args.node)
-        .cloned()
-        .with_context(|| {
-            format!(
-                "node {:?} is not in {}; pass --node with a name from its `nodes`",
-                args.node,
-                args.mesh_file.display()
-            )
-        })?;
-    let outbound_addr = args
-        .outbound
-        .unwrap_or(SocketAddrV4::new(me.address, 15001));
-    let hbone_addr = args
-        .hbone
-        .unwrap_or(SocketAddr::new(IpAddr::V4(me.address), hbone::PORT));
-    let pin_dir = (!args.fail_open).then(|| {
-        args.pin_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(PIN_ROOT).join(&args.node))
-    });
+    let place = Placement::resolve(&args, &file)?;
+    let me = place.node.clone();
+    let outbound_addr = args.outbound.unwrap_or(place.outbound);
+    let hbone_addr = args.hbone.unwrap_or(place.hbone);
+    let pin_dir = (!args.fail_open).then(|| args.pin_dir.clone().unwrap_or(place.pin_dir.clone()));
     info!(?args, cgroup_root = %cgroup_root.display(), "starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -406,12 +497,27 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             health: Some(bind(args.health, "/ready and /live", "--health")?),
             admin: Some(bind(args.admin, "the admin endpoints", "--admin")?),
         };
-        // The mesh source must be an address of this node, or no local pod could be reached.
-        std::net::TcpListener::bind((me.mesh_source, 0)).with_context(|| {
+        // Every listener carries the proxy mark: a sidecar lives in its pod's cgroup, and the
+        // pod's STRICT inbound check must let the proxy's own ports through (connections from the
+        // app to 15001, from peers to 15008, scrapes and probes).
+        let mark = |fd: &dyn std::os::fd::AsRawFd| {
+            mesh_daemon::proxy::set_mark(&fd.as_raw_fd(), args.proxy_mark)
+                .context("cannot mark the proxy's listeners (SO_MARK needs CAP_NET_ADMIN)")
+        };
+        mark(&out_listener)?;
+        mark(&in_listener)?;
+        for l in [&listeners.metrics, &listeners.health, &listeners.admin]
+            .into_iter()
+            .flatten()
+        {
+            mark(l)?;
+        }
+        // The mesh source must be an address here, or no local pod could be reached.
+        std::net::TcpListener::bind((place.mesh_source, 0)).with_context(|| {
             format!(
-                "meshSource {} of node {} is not an address of this node; add it (e.g. `ip addr \
-                 add {}/32 dev lo`) or fix the mesh file",
-                me.mesh_source, me.name, me.mesh_source
+                "mesh source {} ({}) is not an address of this network namespace; add it (e.g. \
+                 `ip addr add {}/32 dev lo`) or fix the mesh file",
+                place.mesh_source, place.what, place.mesh_source
             )
         })?;
         let cfg = DatapathConfig {
@@ -420,7 +526,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             proxy_mark: args.proxy_mark,
             redirect: true,
             sockmap: args.sockmap == OnOff::On,
-            mesh_source: me.mesh_source,
+            mesh_source: place.mesh_source,
             pin_dir: pin_dir.clone(),
         };
         let metrics = Arc::new(Metrics::new().with_process_metrics());
@@ -458,7 +564,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         let mut control = Control::new(
             ControlConfig {
                 path: args.mesh_file.clone(),
-                node: args.node.clone(),
+                scope: place.scope.clone(),
                 cgroup_root: cgroup_root.clone(),
                 strict: args.inbound == InboundMode::Strict,
             },
@@ -509,7 +615,9 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             log,
             ebpf,
             config: serde_json::json!({
-                "node": args.node,
+                "mode": format!("{:?}", args.mode).to_lowercase(),
+                "node": me.name,
+                "workload": args.workload,
                 "meshFile": args.mesh_file.display().to_string(),
                 "cgroupRoot": cgroup_root.display().to_string(),
                 "outbound": outbound_addr.to_string(),

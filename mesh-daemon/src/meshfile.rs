@@ -84,6 +84,31 @@ pub struct WorkloadSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub probe_ports: Vec<u16>,
+    /// Who proxies this pod: its node's daemon (`node`, the default) or its own sidecar
+    /// (`sidecar`; Kubernetes: the `nodemesh.io/mode` label).
+    #[serde(default)]
+    pub mode: ProxyMode,
+}
+
+/// Who proxies a workload.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// The node daemon captures and serves it; peers reach it through the node's HBONE port.
+    #[default]
+    Node,
+    /// A sidecar in the pod's own network namespace captures and serves it; peers reach it on
+    /// the pod's own HBONE port.
+    Sidecar,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Node => "node",
+            Self::Sidecar => "sidecar",
+        }
+    }
 }
 
 fn default_sa() -> String {

@@ -11,7 +11,59 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use crate::meshfile::{MeshFile, NodeSpec, PolicySpec};
+use crate::meshfile::{MeshFile, NodeSpec, PolicySpec, ProxyMode};
+
+/// The HBONE port of every proxy: a node's, or a sidecar's inside its pod.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Which workloads this daemon serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// A node daemon: the node-mode workloads scheduled on this node.
+    Node(String),
+    /// A sidecar: exactly this workload (namespace, name), which must be in sidecar mode.
+    Sidecar { namespace: String, name: String },
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Self::Node(String::new())
+    }
+}
+
+impl Scope {
+    /// Parses `namespace/name` for a sidecar.
+    pub fn sidecar(workload: &str) -> Result<Self, String> {
+        match workload.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self::Sidecar {
+                    namespace: ns.into(),
+                    name: name.into(),
+                })
+            }
+            _ => Err(format!(
+                "--workload {workload:?} is not namespace/name; pass the pod this sidecar serves,                  e.g. demo/client"
+            )),
+        }
+    }
+
+    pub fn is_sidecar(&self) -> bool {
+        matches!(self, Self::Sidecar { .. })
+    }
+
+    /// Whether this daemon serves `w`.
+    pub fn serves(&self, w: &Workload) -> bool {
+        match self {
+            Self::Node(node) => w.mode == ProxyMode::Node && w.node == *node,
+            Self::Sidecar { namespace, name } => w.namespace == *namespace && w.name == *name,
+        }
+    }
+}
+
+/// Where a sidecar connects to its own pod's app from (Istio's inbound passthrough source): a
+/// loopback address that no app uses, so the pod's STRICT check can tell the sidecar's
+/// connections from anybody else's.
+pub const SIDECAR_MESH_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 /// A meshed workload instance (a pod).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +81,8 @@ pub struct Workload {
     pub probe_ports: Vec<u16>,
     /// Selected by services and authorization policies.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Who proxies it: its node's daemon or its own sidecar.
+    pub mode: ProxyMode,
 }
 
 impl Workload {
@@ -60,8 +114,10 @@ pub struct Endpoint {
 /// One consistent view of the mesh.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// This daemon's node (absent in an empty state).
+    /// This daemon's node (absent in an empty state); a sidecar's is its pod's node.
     pub node: Option<NodeSpec>,
+    /// Which workloads this daemon serves.
+    pub scope: Scope,
     pub nodes: HashMap<String, NodeSpec>,
     pub workloads_by_id: HashMap<u32, Arc<Workload>>,
     pub workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -76,16 +132,35 @@ impl Snapshot {
         self.workloads_by_id.get(&id)
     }
 
-    /// Workloads scheduled on this daemon's node.
+    /// The workloads this daemon serves: the node-mode ones on its node, or a sidecar's pod.
     pub fn local_workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        let me = self.node.as_ref().map(|n| n.name.as_str());
         self.workloads_by_id
             .values()
-            .filter(move |w| Some(w.node.as_str()) == me)
+            .filter(move |w| self.scope.serves(w))
     }
 
     pub fn is_local(&self, w: &Workload) -> bool {
-        self.node.as_ref().is_some_and(|n| n.name == w.node)
+        self.scope.serves(w)
+    }
+
+    /// The HBONE address of the proxy that serves `w`: its node's, or its own sidecar's.
+    pub fn proxy_for(&self, w: &Workload) -> Option<SocketAddr> {
+        match w.mode {
+            ProxyMode::Sidecar => Some(SocketAddr::new(IpAddr::V4(w.ip), HBONE_PORT)),
+            ProxyMode::Node => self
+                .nodes
+                .get(&w.node)
+                .map(|n| SocketAddr::new(IpAddr::V4(n.address), HBONE_PORT)),
+        }
+    }
+
+    /// Where this daemon connects to the pods it serves from: the node's mesh source, or a
+    /// sidecar's loopback one.
+    pub fn mesh_source(&self) -> Option<IpAddr> {
+        if self.scope.is_sidecar() {
+            return Some(IpAddr::V4(SIDECAR_MESH_SOURCE));
+        }
+        self.node.as_ref().map(|n| IpAddr::V4(n.mesh_source))
     }
 }
 
@@ -115,14 +190,36 @@ impl State {
             .or_insert(next)
     }
 
-    /// Builds the snapshot a (validated) mesh file describes, from the view of node `me`.
-    /// Relative cgroup paths are resolved against `cgroup_root`.
+    /// Builds the snapshot a (validated) mesh file describes, from the view of a daemon serving
+    /// `scope`. Relative cgroup paths are resolved against `cgroup_root`.
     pub fn build(
         &self,
         file: &MeshFile,
-        me: &str,
+        scope: &Scope,
         cgroup_root: &std::path::Path,
     ) -> Result<Snapshot, String> {
+        let me = match scope {
+            Scope::Node(node) => node.as_str(),
+            Scope::Sidecar { namespace, name } => {
+                let w = file
+                    .workloads
+                    .iter()
+                    .find(|w| w.namespace == *namespace && w.name == *name)
+                    .ok_or_else(|| {
+                        format!(
+                            "workload {namespace}/{name} is not in the mesh file's `workloads`;                              a sidecar serves one workload: add it or pass another --workload"
+                        )
+                    })?;
+                if w.mode != ProxyMode::Sidecar {
+                    return Err(format!(
+                        "workload {namespace}/{name} has `mode: {}`, so node {}'s daemon serves                          it; set `mode: sidecar` on it to run it with a sidecar",
+                        w.mode.as_str(),
+                        w.node
+                    ));
+                }
+                w.node.as_str()
+            }
+        };
         let nodes: HashMap<String, NodeSpec> = file
             .nodes
             .iter()
@@ -141,6 +238,7 @@ impl State {
         })?;
         let mut snap = Snapshot {
             node: Some(node),
+            scope: scope.clone(),
             nodes,
             policies: file.authorization_policies.clone(),
             ..Snapshot::default()
@@ -161,6 +259,7 @@ impl State {
                 cgroup,
                 probe_ports: w.probe_ports.clone(),
                 labels: w.labels.clone(),
+                mode: w.mode,
             });
             snap.workloads_by_ip.insert(IpAddr::V4(w.ip), wl.clone());
             snap.workloads_by_id.insert(wl.id, wl);
@@ -215,12 +314,73 @@ services:
   - { name: b, namespace: x, vip: 10.96.0.1, ports: [{ port: 80, targetPort: 8080 }], selector: { app: b } }
 ";
 
+    fn n1() -> Scope {
+        Scope::Node("n1".into())
+    }
+
+    #[test]
+    fn sidecar_scope_serves_its_pod_and_reaches_peers_at_their_own_hbone_port() {
+        let text = FILE
+            .replace(
+                "cgroup: pa, labels: { app: a } }",
+                "cgroup: pa, labels: { app: a }, mode: sidecar }",
+            )
+            .replace(
+                "cgroup: /cg/pb1, labels: { app: b } }",
+                "cgroup: /cg/pb1, labels: { app: b }, mode: sidecar }",
+            );
+        let f = parse(std::path::Path::new("t"), &text).expect("parse");
+        let st = State::default();
+        let scope = Scope::sidecar("x/a").expect("scope");
+        let snap = st
+            .build(&f, &scope, std::path::Path::new("/"))
+            .expect("build");
+        let local: Vec<&str> = snap.local_workloads().map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["a"], "a sidecar serves only its own pod");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let b1 = &snap.workloads_by_ip[&ip("10.1.2.2")];
+        let b2 = &snap.workloads_by_ip[&ip("10.1.1.3")];
+        assert_eq!(
+            snap.proxy_for(b1).expect("b1").to_string(),
+            "10.1.2.2:15008"
+        );
+        assert_eq!(
+            snap.proxy_for(b2).expect("b2").to_string(),
+            "10.0.0.1:15008"
+        );
+        assert_eq!(snap.mesh_source(), Some(ip("127.0.0.6")));
+        // The node daemon of n1 leaves the sidecar pod alone.
+        let node = st
+            .build(&f, &n1(), std::path::Path::new("/"))
+            .expect("build");
+        let local: Vec<&str> = node.local_workloads().map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["b2"]);
+        // A sidecar for a node-mode pod, or an unknown one, is refused with the fix.
+        let e = st
+            .build(
+                &f,
+                &Scope::sidecar("x/b2").expect("scope"),
+                std::path::Path::new("/"),
+            )
+            .expect_err("node-mode pod");
+        assert!(e.contains("mode: sidecar") && e.contains("n1"), "{e}");
+        let e = st
+            .build(
+                &f,
+                &Scope::sidecar("x/zz").expect("scope"),
+                std::path::Path::new("/"),
+            )
+            .expect_err("unknown pod");
+        assert!(e.contains("x/zz"), "{e}");
+        assert!(Scope::sidecar("nons").is_err());
+    }
+
     #[test]
     fn snapshot_resolves_services_cgroups_and_locality() {
         let f = parse(std::path::Path::new("t"), FILE).expect("parse");
         let st = State::default();
         let snap = st
-            .build(&f, "n1", std::path::Path::new("/root"))
+            .build(&f, &n1(), std::path::Path::new("/root"))
             .expect("build");
         let svc = snap.services[&"10.96.0.1:80".parse().expect("addr")].clone();
         let mut eps: Vec<String> = svc.endpoints.iter().map(|e| e.addr.to_string()).collect();
@@ -241,13 +401,13 @@ services:
         let f = parse(std::path::Path::new("t"), FILE).expect("parse");
         let st = State::default();
         let s1 = st
-            .build(&f, "n1", std::path::Path::new("/"))
+            .build(&f, &n1(), std::path::Path::new("/"))
             .expect("build");
         let id_b2 = s1.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].id;
         let mut f2 = f.clone();
         f2.workloads.retain(|w| w.name != "a");
         let s2 = st
-            .build(&f2, "n1", std::path::Path::new("/"))
+            .build(&f2, &n1(), std::path::Path::new("/"))
             .expect("build");
         assert_eq!(
             s2.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].id,
@@ -258,7 +418,7 @@ services:
         c.name = "c".into();
         f3.workloads.push(c);
         let s3 = st
-            .build(&f3, "n1", std::path::Path::new("/"))
+            .build(&f3, &n1(), std::path::Path::new("/"))
             .expect("build");
         let ids: std::collections::HashSet<u32> = s1.workloads_by_id.keys().copied().collect();
         let c_id = s3.workloads_by_ip[&"10.1.1.2".parse::<IpAddr>().expect("ip")].id;
@@ -269,7 +429,7 @@ services:
     fn unknown_self_node_is_explained() {
         let f = parse(std::path::Path::new("t"), FILE).expect("parse");
         let e = State::default()
-            .build(&f, "n9", std::path::Path::new("/"))
+            .build(&f, &Scope::Node("n9".into()), std::path::Path::new("/"))
             .expect_err("unknown node");
         assert!(e.contains("n9") && e.contains("n1, n2"), "{e}");
     }

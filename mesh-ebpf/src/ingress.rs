@@ -3,10 +3,15 @@
 //! A TCP SYN to an enrolled pod from any source other than the node proxy's mesh source address is
 //! plaintext from outside the mesh. PERMISSIVE pods accept it (counted); STRICT pods drop it unless
 //! it targets one of their declared probe ports (kubelet probes come from the node, not the mesh).
+//! In sidecar mode the proxy's own listeners (marked with the proxy mark) are exempt.
 //! Only connection attempts are judged: packets of established connections pass untouched, so
 //! replies to the pod's own outbound connections are never affected.
 
-use aya_ebpf::{helpers::bpf_skb_ancestor_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{
+    helpers::{bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
 use mesh_common::{Counter, ENROLL_STRICT, Enrollment, MAX_PROBE_PORTS};
 
 use crate::maps::{config, count, enrolled_ancestor_by};
@@ -45,6 +50,12 @@ fn try_ingress(ctx: &SkBuffContext) -> Option<i32> {
         return None;
     }
     let (_, enrollment) = enrolled_ancestor_of_skb(ctx)?;
+    // Sidecar mode: the proxy lives in the pod, and a SYN to one of its own listeners (HBONE from
+    // peers' sidecars, the outbound port from the app, metrics, health) is the mesh's business;
+    // the proxy marks every listener, and checks mTLS itself where that applies.
+    if receiving_socket_mark(ctx) == Some(cfg.proxy_mark) {
+        return None;
+    }
     let saddr: u32 = ctx.load(12).ok()?;
     if cfg.mesh_source4 != 0 && saddr == cfg.mesh_source4 {
         return None;
@@ -68,6 +79,24 @@ fn is_probe_port(e: &Enrollment, port: u16) -> bool {
         i += 1;
     }
     false
+}
+
+/// `SO_MARK` of the (full) socket receiving this packet, if the kernel hands one over.
+#[inline(always)]
+fn receiving_socket_mark(ctx: &SkBuffContext) -> Option<u32> {
+    // SAFETY: reading the context's `sk` field, which the verifier allows for cgroup_skb and
+    // types as a nullable socket pointer; it is null-checked before the helper and the read.
+    unsafe {
+        let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return None;
+        }
+        let full = bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return None;
+        }
+        Some((*full).mark)
+    }
 }
 
 /// The enrolled pod-level cgroup of the socket receiving this packet.

@@ -90,3 +90,29 @@ impl Drop for TestCgroup {
         }
     }
 }
+
+/// Makes `cmd`'s process join `cgroup` between fork and exec, so it is inside from its first
+/// instruction (as a container's processes are).
+pub fn join_on_exec(cmd: &mut std::process::Command, cgroup: &Path) {
+    use std::os::{unix::ffi::OsStrExt, unix::process::CommandExt};
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("cgroup path without NUL");
+    // SAFETY: between fork and exec only async-signal-safe calls run: open, write, close on a
+    // path prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0": the writing process itself.
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+}

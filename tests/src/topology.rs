@@ -104,6 +104,9 @@ pub struct DaemonOpts {
     pub sockmap: bool,
     /// SVID lifetime the CA issues (`--lifetime`).
     pub svid_lifetime: &'static str,
+    /// Sidecar mode: every meshed pod is `mode: sidecar` and gets its own `mesh-daemon run
+    /// --mode sidecar` in its namespace and cgroup; no node daemons run.
+    pub sidecar: bool,
 }
 
 impl Default for DaemonOpts {
@@ -113,6 +116,7 @@ impl Default for DaemonOpts {
             fail_open: false,
             sockmap: false,
             svid_lifetime: "24h",
+            sidecar: false,
         }
     }
 }
@@ -123,6 +127,8 @@ pub const CA_IP: &str = "10.203.0.250";
 pub struct Topology {
     // Drop order matters: processes first, then pins, cgroups, namespaces.
     pub daemons: Vec<Option<Proc>>,
+    /// Sidecar mode: (pod index, its sidecar).
+    pub sidecars: Vec<(usize, Proc)>,
     pub ca: Option<Proc>,
     pub servers: Vec<Proc>,
     pins: PinGuard,
@@ -132,6 +138,7 @@ pub struct Topology {
     pub fabric: Netns,
     pub mesh_file: PathBuf,
     pub opts: DaemonOpts,
+    specs: (Vec<PodSpec>, Vec<ServiceSpec>),
     dir: TempDir,
 }
 
@@ -199,6 +206,15 @@ impl Topology {
             });
         }
         for (i, n) in node_list.iter().enumerate() {
+            // The control plane reaches pods as a cluster's does (a sidecar talks to the CA
+            // from its pod's address).
+            fabric.ip(&[
+                "route",
+                "add",
+                &format!("10.210.{}.0/24", i + 1),
+                "via",
+                &n.ip,
+            ]);
             for j in 1..=nodes {
                 if j != i + 1 {
                     n.ns.ip(&[
@@ -254,6 +270,7 @@ impl Topology {
         let mesh_file = dir.0.join("mesh.yaml");
         let topo = Self {
             daemons: (0..nodes).map(|_| None).collect(),
+            sidecars: Vec::new(),
             ca: None,
             servers: Vec::new(),
             pins: PinGuard(PathBuf::from("/sys/fs/bpf").join(format!("{base}-pins"))),
@@ -263,6 +280,7 @@ impl Topology {
             fabric,
             mesh_file,
             opts: DaemonOpts::default(),
+            specs: (pods.to_vec(), services.to_vec()),
             dir,
         };
         std::fs::write(&topo.mesh_file, topo.mesh_yaml(pods, services)).expect("write mesh file");
@@ -301,14 +319,15 @@ impl Topology {
             let _ = writeln!(
                 y,
                 "  - name: {}\n    namespace: demo\n    serviceAccount: {}-sa\n    node: {}\n    \
-                 ip: {}\n    cgroup: {}\n    labels: {{ {} }}\n    probePorts: {:?}",
+                 ip: {}\n    cgroup: {}\n    labels: {{ {} }}\n    probePorts: {:?}\n    mode: {}",
                 p.name,
                 p.name,
                 self.nodes[p.node].name,
                 p.ip,
                 p.cgroup.display(),
                 labels.join(", "),
-                spec.probe_ports
+                spec.probe_ports,
+                if self.opts.sidecar { "sidecar" } else { "node" }
             );
         }
         y.push_str("services:\n");
@@ -423,13 +442,115 @@ impl Topology {
         d
     }
 
-    /// Starts the CA and every node's daemon, and waits until each is ready.
+    /// Starts the CA and every node's daemon (or, with `opts.sidecar`, every meshed pod's
+    /// sidecar), and waits until each is ready.
     pub fn start(&mut self, opts: DaemonOpts) {
         self.opts = opts;
+        if self.opts.sidecar {
+            let yaml = self.mesh_yaml(&self.specs.0, &self.specs.1);
+            std::fs::write(&self.mesh_file, yaml).expect("write mesh file");
+        }
         self.start_ca();
+        if self.opts.sidecar {
+            let meshed: Vec<usize> = (0..self.pods.len())
+                .filter(|&k| self.pods[k].meshed)
+                .collect();
+            // Start them all, then wait: each one's start-up (program loads, first SVID) is
+            // independent of the others'.
+            let mut started = Vec::new();
+            for k in meshed {
+                let name = format!("sidecar of {}", self.pods[k].name);
+                started.push((k, Proc::spawn(&name, self.sidecar_command(k))));
+            }
+            for (k, mut p) in started {
+                p.wait_for("ready", Duration::from_secs(60));
+                self.sidecars.push((k, p));
+                let pod = self.pods[k].name.clone();
+                let got = wait_sample(
+                    || self.scrape_pod(&pod),
+                    "nodemesh_svid_fetches_total",
+                    &[("result", "issued")],
+                    1,
+                );
+                if got < 1 {
+                    let log = self.sidecars.last_mut().map(|(_, p)| p.output());
+                    panic!(
+                        "the sidecar of {pod} holds no SVID after 5 s:\n{}",
+                        log.unwrap_or_default()
+                    );
+                }
+            }
+            return;
+        }
         for i in 0..self.nodes.len() {
             self.start_daemon(i);
         }
+    }
+
+    /// The sidecar command for pod `k`: `mesh-daemon run --mode sidecar` in the pod's network
+    /// namespace *and* cgroup (it lives inside the pod; its own sockets carry the proxy mark).
+    pub fn sidecar_command(&self, k: usize) -> Command {
+        let p = &self.pods[k];
+        let mut d = Command::new("nsenter");
+        d.arg(format!("--net={}", p.ns.path().display()))
+            .arg(bin("mesh-daemon"))
+            .args(["run", "--mode", "sidecar"])
+            .args(["--workload", &format!("demo/{}", p.name)])
+            .arg("--mesh-file")
+            .arg(&self.mesh_file)
+            .arg("--cgroup-root")
+            .arg(&p.cgroup)
+            .arg("--pin-dir")
+            .arg(self.pins.0.join(format!("sidecar-{}", p.name)))
+            .args(["--metrics", &format!("{}:15020", p.ip)])
+            .args(["--inbound", self.opts.inbound])
+            .args(["--sockmap", if self.opts.sockmap { "on" } else { "off" }])
+            .args(["--ca", &self.ca_url()])
+            .arg("--ca-bundle")
+            .arg(self.ca_dir().join("bundle.pem"))
+            .arg("--token-file")
+            .arg(self.token_file(p.node))
+            .args(["--bundle-refresh", "1s"])
+            .env(
+                "NODEMESH_LOG",
+                std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        if self.opts.fail_open {
+            d.arg("--fail-open");
+        }
+        crate::cgroup::join_on_exec(&mut d, &p.cgroup);
+        d
+    }
+
+    /// Pod `name`'s sidecar.
+    pub fn sidecar(&mut self, pod: &str) -> &mut Proc {
+        let k = self
+            .pods
+            .iter()
+            .position(|p| p.name == pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"));
+        self.sidecars
+            .iter_mut()
+            .find(|(i, _)| *i == k)
+            .map(|(_, p)| p)
+            .unwrap_or_else(|| panic!("pod {pod} has no sidecar"))
+    }
+
+    /// Pod `name`'s sidecar's `/metrics`, fetched from inside the pod.
+    pub fn scrape_pod(&self, name: &str) -> String {
+        let p = self.pod(name);
+        http_get(&p.ns, &format!("{}:15020", p.ip), "/metrics")
+    }
+
+    /// [`Self::wait_metric`] for pod `name`'s sidecar.
+    pub fn wait_pod_metric(
+        &self,
+        name: &str,
+        metric: &str,
+        labels: &[(&str, &str)],
+        at_least: u64,
+    ) -> u64 {
+        wait_sample(|| self.scrape_pod(name), metric, labels, at_least)
     }
 
     pub fn start_daemon(&mut self, i: usize) {
@@ -511,14 +632,7 @@ impl Topology {
     /// Waits (up to 5 s) until a sample reaches `at_least` — kernel counters are published once a
     /// second and a connection's bytes when it ends — and returns its last value.
     pub fn wait_metric(&self, i: usize, name: &str, labels: &[(&str, &str)], at_least: u64) -> u64 {
-        let start = std::time::Instant::now();
-        loop {
-            let v = self.metric(i, name, labels);
-            if v >= at_least || start.elapsed() > Duration::from_secs(5) {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_sample(|| self.scrape(i), name, labels, at_least)
     }
 
     pub fn rewrite_mesh_file(&self, text: &str) {
@@ -552,6 +666,24 @@ pub fn http_request(ns: &Netns, addr: &str, request_line: &str) -> String {
     })
     .join()
     .expect("HTTP request thread")
+}
+
+/// Waits (up to 5 s) until the sample `name`/`labels` in what `scrape` returns reaches
+/// `at_least`; returns its last value.
+pub fn wait_sample(
+    scrape: impl Fn() -> String,
+    name: &str,
+    labels: &[(&str, &str)],
+    at_least: u64,
+) -> u64 {
+    let start = std::time::Instant::now();
+    loop {
+        let v = sample(&scrape(), name, labels);
+        if v >= at_least || start.elapsed() > Duration::from_secs(5) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Sums the samples of family `name` whose labels include all of `labels`.

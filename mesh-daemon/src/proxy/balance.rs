@@ -149,6 +149,7 @@ mod tests {
                     cgroup: "/".into(),
                     probe_ports: vec![],
                     labels: Default::default(),
+                    mode: Default::default(),
                 }),
             })
             .collect()

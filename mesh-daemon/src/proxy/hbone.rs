@@ -40,7 +40,7 @@ use crate::{
 };
 
 /// The HBONE port on every node.
-pub const PORT: u16 = 15008;
+pub const PORT: u16 = crate::state::HBONE_PORT;
 /// Header naming the source workload (`namespace/name`). The client certificate proves only the
 /// identity (namespace + service account), so the destination uses this for its workload label,
 /// and only when it names a known workload with exactly the proven identity.

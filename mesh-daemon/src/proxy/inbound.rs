@@ -251,7 +251,7 @@ async fn tunnel(
         .and_then(|v| v.to_str().ok())
         .and_then(|s| known_workload(&snap, s, &peer.source, td))
         .unwrap_or_else(|| "unknown".into());
-    let source_ip = mesh_source(&snap);
+    let source_ip = snap.mesh_source();
     // A tunnel may live for hours; it must not pin this snapshot in memory.
     drop(snap);
     let pod = match super::connect_marked(target, inputs.proxy_mark, source_ip).await {
@@ -324,11 +324,4 @@ fn known_workload(snap: &Snapshot, s: &str, proven: &Identity, td: &str) -> Opti
         .values()
         .find(|w| w.namespace == ns && w.name == name && w.identity(td) == *proven)
         .map(|w| w.name.clone())
-}
-
-/// The node's mesh source address: where the proxy connects to local pods from.
-pub fn mesh_source(snap: &Snapshot) -> Option<std::net::IpAddr> {
-    snap.node
-        .as_ref()
-        .map(|n| std::net::IpAddr::V4(n.mesh_source))
 }

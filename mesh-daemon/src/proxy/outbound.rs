@@ -16,7 +16,7 @@ use mesh_common::{AF_INET, ConnKey, OrigDst};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{Hop, Inputs, balance::Outstanding, hbone, inbound};
+use super::{Hop, Inputs, balance::Outstanding, hbone};
 use crate::state::{Snapshot, Workload};
 
 /// A record older than this is refused: sockops writes it when the connection is established and
@@ -51,9 +51,10 @@ pub enum Decision {
         target: SocketAddr,
         workload: Arc<Workload>,
     },
-    /// A meshed pod on another node: an HBONE tunnel to that node.
+    /// A meshed pod another proxy serves: an HBONE tunnel to that proxy (its node's, or its own
+    /// sidecar's).
     Remote {
-        node: SocketAddr,
+        via: SocketAddr,
         target: SocketAddr,
         workload: Arc<Workload>,
     },
@@ -152,10 +153,10 @@ pub fn decide(
     if snap.is_local(&workload) {
         return (Decision::Local { target, workload }, picked);
     }
-    match snap.nodes.get(&workload.node) {
-        Some(n) => (
+    match snap.proxy_for(&workload) {
+        Some(via) => (
             Decision::Remote {
-                node: SocketAddr::new(IpAddr::V4(n.address), hbone::PORT),
+                via,
                 target,
                 workload,
             },
@@ -248,7 +249,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             return;
         }
     }
-    let source_ip = inbound::mesh_source(&snap);
+    let source_ip = snap.mesh_source();
     // A connection may live for hours; it must not pin this snapshot in memory.
     drop(snap);
     let local = matches!(decision, Decision::Local { .. });
@@ -291,7 +292,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             }
         }
         Decision::Remote {
-            node,
+            via,
             target,
             workload,
         } => {
@@ -308,7 +309,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 source_workload: &src.display(),
                 destination: &dst_id,
             };
-            match inputs.hbone.connect(node, target, ends).await {
+            match inputs.hbone.connect(via, target, ends).await {
                 Ok(tunnel) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
@@ -345,7 +346,7 @@ impl std::fmt::Debug for RouteLog<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Decision::Local { target, .. } => write!(f, "local {target}"),
-            Decision::Remote { node, target, .. } => write!(f, "hbone {target} via {node}"),
+            Decision::Remote { via, target, .. } => write!(f, "hbone {target} via {via}"),
             Decision::Passthrough(a) => write!(f, "passthrough {a}"),
             Decision::Refuse(r) => write!(f, "refuse {r}"),
         }
@@ -446,7 +447,11 @@ services:
         )
         .expect("parse");
         let snap = crate::state::State::default()
-            .build(&f, "n1", std::path::Path::new("/"))
+            .build(
+                &f,
+                &crate::state::Scope::Node("n1".into()),
+                std::path::Path::new("/"),
+            )
             .expect("build");
         let b = crate::proxy::balance::Balancer::default();
         let d = |s: &str| decide(&snap, &b, s.parse().expect("addr")).0;
@@ -454,7 +459,7 @@ services:
             matches!(d("10.1.1.2:9"), Decision::Local { target, .. } if target.to_string() == "10.1.1.2:9")
         );
         assert!(
-            matches!(d("10.1.2.2:9"), Decision::Remote { node, .. } if node.to_string() == "10.0.0.2:15008")
+            matches!(d("10.1.2.2:9"), Decision::Remote { via, .. } if via.to_string() == "10.0.0.2:15008")
         );
         assert!(
             matches!(d("10.96.0.1:80"), Decision::Remote { target, .. } if target.to_string() == "10.1.2.2:8080")
