@@ -48,6 +48,13 @@ impl Proc {
         }
     }
 
+    /// Whether the process has ended (reaped here if it has).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

@@ -17,9 +17,12 @@ usage: cargo xtask <command>
           bpf-linker matched to nightly's LLVM, bpffs
   demo    the main job: a meshed pod's connection captured in the kernel and proxied by the daemon
   test    fmt check, clippy -D warnings (host and eBPF), unit tests, privileged end-to-end tests
-  bench   measurements, medians and ratios from one run: `bench tls` compares the rustls crypto
-          providers (handshakes/s, bulk MB/s per cipher suite); `bench scrape` measures whether
-          scraping /metrics moves the data plane's latency; no argument runs both
+  bench   measurements, medians and ratios from one run. `bench [--quick]`: baseline, sidecar,
+          node and node+sockmap side by side (h2load, iperf3; latency at 1000 req/s, max req/s,
+          one TCP stream, new connections/s, memory and CPU for 1-100 pods per node); writes
+          bench/results.json, bench/RESULTS.md and SVG plots (~25 min; --quick under 5).
+          `bench tls` compares the rustls crypto providers; `bench scrape` measures whether
+          scraping /metrics moves the data plane's latency
 ";
 
 fn main() -> anyhow::Result<()> {
@@ -28,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         Some("setup") => setup::all(),
         Some("demo") => demo(),
         Some("test") => test(),
-        Some("bench") => bench(args.get(1).map(String::as_str)),
+        Some("bench") => bench(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -81,26 +84,41 @@ fn demo() -> anyhow::Result<()> {
     run(&mut Command::new(target.join("debug/nodemesh-demo")))
 }
 
-fn bench(part: Option<&str>) -> anyhow::Result<()> {
+fn bench(args: &[String]) -> anyhow::Result<()> {
     require_root("cargo xtask bench")?;
-    setup::all()?;
-    let parts: &[&str] = match part {
-        None => &["tls", "scrape"],
-        Some("tls") => &["tls"],
-        Some("scrape") => &["scrape"],
-        Some(other) => bail!("unknown bench {other:?}; available: tls, scrape\n{USAGE}"),
+    let quick = args.iter().any(|a| a == "--quick");
+    let part = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map(String::as_str);
+    let bin = match part {
+        None | Some("mesh") => "mesh-bench",
+        Some("tls") => "tls-bench",
+        Some("scrape") => "nodemesh-bench",
+        Some(other) => {
+            bail!("unknown bench {other:?}; available: mesh (default), tls, scrape\n{USAGE}")
+        }
     };
+    setup::all()?;
+    if bin == "mesh-bench" {
+        // The comparison drives the topologies with well-known tools from Debian.
+        setup::apt_packages(&setup::BENCH_APT)?;
+    }
     // Release builds: debug-build numbers mean nothing.
     run(cargo().args(["build", "--release", "--bins"]))?;
     let target = setup::target_dir()?;
-    for p in parts {
-        let bin = match *p {
-            "tls" => "tls-bench",
-            _ => "nodemesh-bench",
-        };
-        run(&mut Command::new(target.join("release").join(bin)))?;
+    let mut cmd = Command::new(target.join("release").join(bin));
+    if bin == "mesh-bench" {
+        // Results go to bench/ at the top of the repository, whatever the current folder.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask has no parent folder")?;
+        cmd.arg("--out").arg(root.join("bench"));
+        if quick {
+            cmd.arg("--quick");
+        }
     }
-    Ok(())
+    run(&mut cmd)
 }
 
 fn test() -> anyhow::Result<()> {

@@ -18,12 +18,15 @@ const APT: [(&str, &str); 5] = [
     ("tcpdump", "tcpdump"),
 ];
 
+/// What `cargo xtask bench` drives the topologies with (well-known tools, from Debian).
+pub const BENCH_APT: [(&str, &str); 2] = [("h2load", "nghttp2-client"), ("iperf3", "iperf3")];
+
 /// bpf-linker releases that have a cargo feature for nightly's LLVM major.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM: [u32; 3] = [21, 22, 23];
 
 pub fn all() -> anyhow::Result<()> {
-    apt_packages()?;
+    apt_packages(&APT)?;
     nightly()?;
     bpf_linker()?;
     bpffs();
@@ -35,8 +38,9 @@ fn have(cmd: &str) -> bool {
     which(cmd).is_ok()
 }
 
-fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT
+/// Installs the Debian packages whose command is missing (nothing when all are there).
+pub fn apt_packages(list: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = list
         .iter()
         .filter(|(cmd, _)| !have(cmd))
         .map(|(_, pkg)| *pkg)

@@ -34,6 +34,51 @@ enum Cmd {
     CountServer { addr: SocketAddr },
     /// Read a little from each connection, then reset it.
     RstServer { addr: SocketAddr },
+    /// Hold `--conns` connections open to an echo server and send a small request on one of them
+    /// every `--every-ms` (round robin) for `--secs`: an idle pod with a trickle of traffic.
+    Hold(HoldOpts),
+}
+
+#[derive(clap::Args)]
+struct HoldOpts {
+    addr: SocketAddr,
+    #[arg(long, default_value_t = 4)]
+    conns: usize,
+    #[arg(long, default_value_t = 250)]
+    every_ms: u64,
+    #[arg(long, default_value_t = 30)]
+    secs: u64,
+}
+
+/// Prints `held=N` once connected, then `requests=N errors=E` at the end.
+fn hold(o: &HoldOpts) -> std::io::Result<String> {
+    let mut conns = (0..o.conns)
+        .map(|_| {
+            let s = TcpStream::connect_timeout(&o.addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    println!("held={}", conns.len());
+    let end = std::time::Instant::now() + Duration::from_secs(o.secs);
+    let msg = pattern(100);
+    let (mut requests, mut errors) = (0u64, 0u64);
+    let mut i = 0;
+    while std::time::Instant::now() < end && !conns.is_empty() {
+        std::thread::sleep(Duration::from_millis(o.every_ms));
+        let k = i % conns.len();
+        i += 1;
+        let mut back = vec![0u8; msg.len()];
+        let r = conns[k]
+            .write_all(&msg)
+            .and_then(|()| conns[k].read_exact(&mut back));
+        match r {
+            Ok(()) if back == msg => requests += 1,
+            _ => errors += 1,
+        }
+    }
+    Ok(format!("requests={requests} errors={errors}"))
 }
 
 fn main() -> ExitCode {
@@ -50,6 +95,16 @@ fn main() -> ExitCode {
     }
     match cli.cmd {
         Cmd::Connect(o) => match repeat_connect(&o) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("error={:?} {e}", e.kind());
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Hold(o) => match hold(&o) {
             Ok(line) => {
                 println!("{line}");
                 ExitCode::SUCCESS
