@@ -104,6 +104,8 @@ pub struct DaemonOpts {
     pub sockmap: bool,
     /// SVID lifetime the CA issues (`--lifetime`).
     pub svid_lifetime: &'static str,
+    /// `--bundle-refresh` (tests use 1 s so a rotation shows quickly; the daemon's default is 5 s).
+    pub bundle_refresh: &'static str,
     /// Sidecar mode: every meshed pod is `mode: sidecar` and gets its own `mesh-daemon run
     /// --mode sidecar` in its namespace and cgroup; no node daemons run.
     pub sidecar: bool,
@@ -116,6 +118,7 @@ impl Default for DaemonOpts {
             fail_open: false,
             sockmap: false,
             svid_lifetime: "24h",
+            bundle_refresh: "1s",
             sidecar: false,
         }
     }
@@ -431,7 +434,7 @@ impl Topology {
             .arg(self.ca_dir().join("bundle.pem"))
             .arg("--token-file")
             .arg(self.token_file(i))
-            .args(["--bundle-refresh", "1s"])
+            .args(["--bundle-refresh", self.opts.bundle_refresh])
             .env(
                 "NODEMESH_LOG",
                 std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
@@ -510,7 +513,7 @@ impl Topology {
             .arg(self.ca_dir().join("bundle.pem"))
             .arg("--token-file")
             .arg(self.token_file(p.node))
-            .args(["--bundle-refresh", "1s"])
+            .args(["--bundle-refresh", self.opts.bundle_refresh])
             .env(
                 "NODEMESH_LOG",
                 std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
