@@ -1,6 +1,7 @@
 //! The control loop for the mesh file: load it, turn it into the state snapshot, enroll the pods
-//! this daemon serves (its node's, or a sidecar's one pod) in the kernel, and reload when the file changes. A bad file is reported with its
-//! line and counted, and the last good state stays in force.
+//! this daemon serves (its node's, or a sidecar's one pod) in the kernel, and reload when the
+//! file changes. A bad file is reported with its line and counted, and the last good state stays
+//! in force.
 
 use std::{
     collections::HashMap,

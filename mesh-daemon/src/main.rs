@@ -412,7 +412,8 @@ impl Placement {
                     .find(|w| format!("{}/{}", w.namespace, w.name) == wanted)
                     .with_context(|| {
                         format!(
-                            "workload {wanted} is not in {}; pass --workload with a                              namespace/name from its `workloads`",
+                            "workload {wanted} is not in {}; pass --workload with a \
+                             namespace/name from its `workloads`",
                             args.mesh_file.display()
                         )
                     })?;
@@ -429,7 +430,8 @@ impl Placement {
                     && *n != w.node
                 {
                     anyhow::bail!(
-                        "--node {n} disagrees with the mesh file, which places {wanted} on {};                          drop --node in sidecar mode",
+                        "--node {n} disagrees with the mesh file, which places {wanted} on {}; \
+                         drop --node in sidecar mode",
                         w.node
                     );
                 }

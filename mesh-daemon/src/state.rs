@@ -42,7 +42,8 @@ impl Scope {
                 })
             }
             _ => Err(format!(
-                "--workload {workload:?} is not namespace/name; pass the pod this sidecar serves,                  e.g. demo/client"
+                "--workload {workload:?} is not namespace/name; pass the pod this sidecar serves, \
+                 e.g. demo/client"
             )),
         }
     }
@@ -207,12 +208,14 @@ impl State {
                     .find(|w| w.namespace == *namespace && w.name == *name)
                     .ok_or_else(|| {
                         format!(
-                            "workload {namespace}/{name} is not in the mesh file's `workloads`;                              a sidecar serves one workload: add it or pass another --workload"
+                            "workload {namespace}/{name} is not in the mesh file's `workloads`; \
+                             a sidecar serves one workload: add it or pass another --workload"
                         )
                     })?;
                 if w.mode != ProxyMode::Sidecar {
                     return Err(format!(
-                        "workload {namespace}/{name} has `mode: {}`, so node {}'s daemon serves                          it; set `mode: sidecar` on it to run it with a sidecar",
+                        "workload {namespace}/{name} has `mode: {}`, so node {}'s daemon serves \
+                         it; set `mode: sidecar` on it to run it with a sidecar",
                         w.mode.as_str(),
                         w.node
                     ));

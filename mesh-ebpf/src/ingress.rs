@@ -53,7 +53,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Option<i32> {
     // Sidecar mode: the proxy lives in the pod, and a SYN to one of its own listeners (HBONE from
     // peers' sidecars, the outbound port from the app, metrics, health) is the mesh's business;
     // the proxy marks every listener, and checks mTLS itself where that applies.
-    if receiving_socket_mark(ctx) == Some(cfg.proxy_mark) {
+    if cfg.proxy_mark != 0 && receiving_socket_mark(ctx) == Some(cfg.proxy_mark) {
         return None;
     }
     let saddr: u32 = ctx.load(12).ok()?;

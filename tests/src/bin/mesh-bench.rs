@@ -346,7 +346,7 @@ fn build_bed(mode: Mode) -> Result<Bed, String> {
         } else {
             bin(prog)
         };
-        let mut cmd = in_pod(&t, "server", &path);
+        let mut cmd = resident_in_pod(&t, "server", &path);
         cmd.args(&args);
         let mut p = Proc::spawn(&format!("{prog} in server"), cmd);
         p.wait_for(ready, Duration::from_secs(10));
@@ -371,14 +371,24 @@ fn tune(t: &Topology) {
     }
 }
 
-/// `prog` in pod `pod`: its network namespace and its cgroup (so the mesh captures it), under
-/// `timeout` so a wedged tool cannot hang the run.
+/// `prog` in pod `pod`: its network namespace and its cgroup (so the mesh captures it). A load
+/// tool runs under `timeout` so a wedged one cannot hang the run; see [`resident_in_pod`].
 fn in_pod(t: &Topology, pod: &str, prog: &Path) -> Command {
     let p = t.pod(pod);
     let mut c = Command::new("nsenter");
     c.arg(format!("--net={}", p.ns.path().display()))
         .args(["timeout", "--kill-after=5", "300"])
         .arg(prog);
+    join_on_exec(&mut c, &p.cgroup);
+    c
+}
+
+/// A long-lived process in pod `pod` (an upstream, a holding client): no time limit; it ends with
+/// its topology's guard or its own `--secs`.
+fn resident_in_pod(t: &Topology, pod: &str, prog: &Path) -> Command {
+    let p = t.pod(pod);
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", p.ns.path().display())).arg(prog);
     join_on_exec(&mut c, &p.cgroup);
     c
 }
@@ -710,7 +720,7 @@ fn scale_bed(mode: Mode, n: usize, hold_secs: u64) -> ScaleBed {
     let mut holders = Vec::new();
     for i in 0..n {
         let server = format!("{}:{ECHO_PORT}", t.pod(&format!("s{i}")).ip);
-        let mut cmd = in_pod(&t, &format!("c{i}"), &bin("mesh-app"));
+        let mut cmd = resident_in_pod(&t, &format!("c{i}"), &bin("mesh-app"));
         cmd.args(["hold", &server, "--conns", "4", "--every-ms", "250"])
             .args(["--secs", &hold_secs.to_string()]);
         holders.push(Proc::spawn(&format!("hold in c{i}"), cmd));
