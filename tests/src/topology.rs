@@ -426,14 +426,20 @@ impl Topology {
             .arg(self.node_cgroup_root(i))
             .arg("--pin-dir")
             .arg(self.pin_dir(i))
-            .args(["--metrics", &format!("{}:15020", n.ip)])
-            .args(["--inbound", self.opts.inbound])
+            .args(["--metrics", &format!("{}:15020", n.ip)]);
+        self.common_run_args(&mut d, i);
+        d
+    }
+
+    /// The flags node daemons and sidecars share (on node `node`'s token).
+    fn common_run_args(&self, d: &mut Command, node: usize) {
+        d.args(["--inbound", self.opts.inbound])
             .args(["--sockmap", if self.opts.sockmap { "on" } else { "off" }])
             .args(["--ca", &self.ca_url()])
             .arg("--ca-bundle")
             .arg(self.ca_dir().join("bundle.pem"))
             .arg("--token-file")
-            .arg(self.token_file(i))
+            .arg(self.token_file(node))
             .args(["--bundle-refresh", self.opts.bundle_refresh])
             .env(
                 "NODEMESH_LOG",
@@ -442,7 +448,6 @@ impl Topology {
         if self.opts.fail_open {
             d.arg("--fail-open");
         }
-        d
     }
 
     /// Starts the CA and every node's daemon (or, with `opts.sidecar`, every meshed pod's
@@ -505,22 +510,8 @@ impl Topology {
             .arg(&p.cgroup)
             .arg("--pin-dir")
             .arg(self.pins.0.join(format!("sidecar-{}", p.name)))
-            .args(["--metrics", &format!("{}:15020", p.ip)])
-            .args(["--inbound", self.opts.inbound])
-            .args(["--sockmap", if self.opts.sockmap { "on" } else { "off" }])
-            .args(["--ca", &self.ca_url()])
-            .arg("--ca-bundle")
-            .arg(self.ca_dir().join("bundle.pem"))
-            .arg("--token-file")
-            .arg(self.token_file(p.node))
-            .args(["--bundle-refresh", self.opts.bundle_refresh])
-            .env(
-                "NODEMESH_LOG",
-                std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
-            );
-        if self.opts.fail_open {
-            d.arg("--fail-open");
-        }
+            .args(["--metrics", &format!("{}:15020", p.ip)]);
+        self.common_run_args(&mut d, p.node);
         crate::cgroup::join_on_exec(&mut d, &p.cgroup);
         d
     }

@@ -94,26 +94,8 @@ fn main() -> ExitCode {
         nodemesh_tests::netns::enter(&PathBuf::from("/run/netns").join(ns));
     }
     match cli.cmd {
-        Cmd::Connect(o) => match repeat_connect(&o) {
-            Ok(line) => {
-                println!("{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                println!("error={:?} {e}", e.kind());
-                ExitCode::FAILURE
-            }
-        },
-        Cmd::Hold(o) => match hold(&o) {
-            Ok(line) => {
-                println!("{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                println!("error={:?} {e}", e.kind());
-                ExitCode::FAILURE
-            }
-        },
+        Cmd::Connect(o) => report(repeat_connect(&o)),
+        Cmd::Hold(o) => report(hold(&o)),
         Cmd::EchoServer { addr } | Cmd::CountServer { addr } | Cmd::RstServer { addr } => {
             match serve(
                 addr,
@@ -129,6 +111,20 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Prints the result line (or `error=<kind> <cause>`) and exits accordingly.
+fn report(r: std::io::Result<String>) -> ExitCode {
+    match r {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error={:?} {e}", e.kind());
+            ExitCode::FAILURE
         }
     }
 }

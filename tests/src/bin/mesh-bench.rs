@@ -126,8 +126,24 @@ type Scenario = fn(&mut Bed, &Plan) -> Outcome;
 /// A scale topology with its clients holding connections.
 type ScaleBed = (Topology, Vec<Proc>);
 
+/// Set by SIGINT/SIGTERM: the run stops at the next boundary and the guards remove every
+/// namespace, cgroup, pin and process it made (a signal's default action would leave them).
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn stopped() -> bool {
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn main() {
     require_root("mesh-bench");
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let out_dir = args
@@ -143,6 +159,9 @@ fn main() {
     // --- the two-pod scenarios, all modes up side by side, interleaved per round ---
     let mut beds: BTreeMap<Mode, Result<Bed, String>> = BTreeMap::new();
     for m in MODES {
+        if stopped() {
+            break;
+        }
         eprintln!("mesh-bench: building {}", m.name());
         let bed = guarded(|| build_bed(m)).and_then(|b| b);
         if let Err(e) = &bed {
@@ -161,6 +180,9 @@ fn main() {
     for r in 0..plan.rounds {
         for (name, f) in &scenarios {
             for m in MODES {
+                if stopped() {
+                    break;
+                }
                 let outcome = match beds.get_mut(&m) {
                     Some(Ok(bed)) => {
                         let o = guarded(|| f(bed, &plan)).and_then(|o| o);
@@ -212,10 +234,17 @@ fn main() {
     // --- scale: node vs the sum of sidecars, per node, 1…100 pods per node ---
     let mut scale: Vec<(usize, BTreeMap<Mode, Vec<Outcome>>)> = Vec::new();
     for &n in &plan.scale_pods {
+        if stopped() {
+            break;
+        }
         eprintln!("mesh-bench: scale with {n} pod(s) per node");
         scale.push((n, scale_point(n, &plan)));
     }
 
+    if stopped() {
+        eprintln!("mesh-bench: interrupted; everything it set up is removed, no report written");
+        std::process::exit(130);
+    }
     let machine = machine();
     let report = Report {
         plan: &plan,
@@ -664,6 +693,9 @@ fn scale_point(n: usize, plan: &Plan) -> BTreeMap<Mode, Vec<Outcome>> {
         beds.push((m, bed));
     }
     for r in 0..plan.scale_rounds {
+        if stopped() {
+            break;
+        }
         for (m, bed) in &mut beds {
             let o = match bed {
                 Ok((t, _)) => scale_sample(t, plan.scale_secs),
@@ -926,41 +958,32 @@ impl Report<'_> {
     }
 
     fn json(&self) -> Value {
-        let outcome = |o: &Outcome| match o {
-            Ok(s) => json!({ "ok": s }),
-            Err(e) => json!({ "failed": e }),
+        // Each mode's rounds, as they came: a sample, or why it failed.
+        let by_mode = |modes: &BTreeMap<Mode, Vec<Outcome>>| -> Value {
+            modes
+                .iter()
+                .map(|(m, rounds)| {
+                    let rounds = rounds
+                        .iter()
+                        .map(|o| match o {
+                            Ok(s) => json!({ "ok": s }),
+                            Err(e) => json!({ "failed": e }),
+                        })
+                        .collect();
+                    (m.name().to_string(), Value::Array(rounds))
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
         };
         let runs: serde_json::Map<String, Value> = self
             .runs
             .iter()
-            .map(|(scenario, modes)| {
-                let modes: serde_json::Map<String, Value> = modes
-                    .iter()
-                    .map(|(m, rounds)| {
-                        (
-                            m.name().to_string(),
-                            Value::Array(rounds.iter().map(outcome).collect()),
-                        )
-                    })
-                    .collect();
-                (scenario.to_string(), Value::Object(modes))
-            })
+            .map(|(scenario, modes)| (scenario.to_string(), by_mode(modes)))
             .collect();
         let scale: Vec<Value> = self
             .scale
             .iter()
-            .map(|(n, modes)| {
-                let modes: serde_json::Map<String, Value> = modes
-                    .iter()
-                    .map(|(m, rounds)| {
-                        (
-                            m.name().to_string(),
-                            Value::Array(rounds.iter().map(outcome).collect()),
-                        )
-                    })
-                    .collect();
-                json!({ "pods_per_node": n, "modes": modes })
-            })
+            .map(|(n, modes)| json!({ "pods_per_node": n, "modes": by_mode(modes) }))
             .collect();
         json!({
             "machine": self.machine,
