@@ -648,15 +648,21 @@ pub fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
 
 /// An HTTP/1.0 request (`"<METHOD> <path>"`) from inside a namespace; returns the whole response.
 pub fn http_request(ns: &Netns, addr: &str, request_line: &str) -> String {
+    try_http_request(ns, addr, request_line)
+        .unwrap_or_else(|e| panic!("HTTP {request_line} to {addr}: {e}"))
+}
+
+/// [`http_request`], or why it got no response (nothing listening yet, for instance).
+pub fn try_http_request(ns: &Netns, addr: &str, request_line: &str) -> std::io::Result<String> {
     let addr = addr.to_string();
     let req = format!("{request_line} HTTP/1.0\r\nHost: x\r\n\r\n");
     ns.run(move || {
-        let mut s = std::net::TcpStream::connect(&addr).expect("connect for HTTP request");
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        s.write_all(req.as_bytes()).expect("request");
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(req.as_bytes())?;
         let mut body = String::new();
-        s.read_to_string(&mut body).expect("response");
-        body
+        s.read_to_string(&mut body)?;
+        Ok(body)
     })
     .join()
     .expect("HTTP request thread")

@@ -7,7 +7,7 @@ use nodemesh_tests::{
     bin,
     process::Proc,
     require_root,
-    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, http_get, sample},
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, http_get, sample, try_http_request},
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -230,7 +230,31 @@ fn ready_config_dump_and_admin_refusals() {
     t.start_ca();
     drop(t.ca.take());
     let mut d = Proc::spawn("mesh-daemon node-1", t.daemon_command(0));
+    // Health answers from before the programs are loaded (loading and verifying them takes a
+    // few hundred milliseconds): the first answer /ready gives must be "not attached".
+    let start = std::time::Instant::now();
+    let first = loop {
+        match try_http_request(&t.nodes[0].ns, "10.203.0.1:15021", "GET /ready") {
+            Ok(r) => break r,
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("/ready never answered: {e}\n{}", d.output()),
+        }
+    };
+    println!(
+        "/ready at its first answer ({:?} after spawn): {}",
+        start.elapsed(),
+        first.lines().last().unwrap_or("")
+    );
+    assert!(
+        first.contains(" 503 ") && first.contains("eBPF programs are not attached yet"),
+        "{first}\n{}",
+        d.output()
+    );
     d.wait_for("ready", Duration::from_secs(30));
+    let attached = d.wait_for("eBPF programs attached", Duration::from_secs(1));
+    assert!(attached.contains("nm_connect4"), "{attached}");
     let ready = |t: &Topology| http_get(&t.nodes[0].ns, "10.203.0.1:15021", "/ready");
     let r = ready(&t);
     println!("/ready without a CA: {}", r.lines().last().unwrap_or(""));
