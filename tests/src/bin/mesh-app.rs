@@ -50,7 +50,8 @@ struct HoldOpts {
     secs: u64,
 }
 
-/// Prints `held=N` once connected, then `requests=N errors=E` at the end.
+/// Prints `held=N` once connected, `request_error=…` at once for each failed request, and
+/// `requests=N errors=E` at the end.
 fn hold(o: &HoldOpts) -> std::io::Result<String> {
     let mut conns = (0..o.conns)
         .map(|_| {
@@ -75,7 +76,14 @@ fn hold(o: &HoldOpts) -> std::io::Result<String> {
             .and_then(|()| conns[k].read_exact(&mut back));
         match r {
             Ok(()) if back == msg => requests += 1,
-            _ => errors += 1,
+            Ok(()) => {
+                errors += 1;
+                println!("request_error=mismatch conn={k}");
+            }
+            Err(e) => {
+                errors += 1;
+                println!("request_error={:?} conn={k} {e}", e.kind());
+            }
         }
     }
     Ok(format!("requests={requests} errors={errors}"))

@@ -683,7 +683,8 @@ fn conn_rate(bed: &mut Bed, plan: &Plan) -> Outcome {
 fn scale_point(n: usize, plan: &Plan) -> BTreeMap<Mode, Vec<Outcome>> {
     let mut res: BTreeMap<Mode, Vec<Outcome>> = BTreeMap::new();
     let modes = [Mode::Node, Mode::Sidecar];
-    let hold_secs = plan.scale_secs * (plan.scale_rounds as u64 * 2 + 2) + 60;
+    // The holders run until the topology's guard stops them; the limit is only a backstop.
+    let hold_secs = 3600;
     let mut beds: Vec<(Mode, Result<ScaleBed, String>)> = Vec::new();
     for m in modes {
         let bed = guarded(|| scale_bed(m, n, hold_secs));
@@ -719,7 +720,7 @@ fn scale_point(n: usize, plan: &Plan) -> BTreeMap<Mode, Vec<Outcome>> {
             let bad: Vec<String> = holders
                 .iter()
                 .map(|h| h.output())
-                .filter(|o| !o.contains("held=4") || o.contains("error"))
+                .filter(|o| !o.contains("held=4") || o.contains("error="))
                 .collect();
             if let Some(b) = bad.first() {
                 let why = format!(
