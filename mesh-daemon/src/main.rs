@@ -27,7 +27,7 @@ use mesh_daemon::{
     meshfile,
     metrics::Metrics,
     proxy::{Inputs, balance::Balancer, hbone, inbound::Inbound, outbound::Outbound},
-    state::{SIDECAR_MESH_SOURCE, Scope, State},
+    state::{self, SIDECAR_MESH_SOURCE, Scope, State},
 };
 use tracing::{info, warn};
 
@@ -406,26 +406,11 @@ impl Placement {
                     .as_deref()
                     .context("--workload is required in sidecar mode")?;
                 let scope = Scope::sidecar(wanted).map_err(anyhow::Error::msg)?;
-                let w = file
-                    .workloads
-                    .iter()
-                    .find(|w| format!("{}/{}", w.namespace, w.name) == wanted)
-                    .with_context(|| {
-                        format!(
-                            "workload {wanted} is not in {}; pass --workload with a \
-                             namespace/name from its `workloads`",
-                            args.mesh_file.display()
-                        )
-                    })?;
-                if w.mode != meshfile::ProxyMode::Sidecar {
-                    anyhow::bail!(
-                        "workload {wanted} has `mode: {}` in {}, so node {}'s daemon serves it; \
-                         set `mode: sidecar` on it to run it with a sidecar",
-                        w.mode.as_str(),
-                        args.mesh_file.display(),
-                        w.node
-                    );
-                }
+                let Scope::Sidecar { namespace, name } = &scope else {
+                    anyhow::bail!("--workload {wanted} did not name a sidecar's pod");
+                };
+                let w = state::sidecar_workload(file, namespace, name)
+                    .map_err(|e| anyhow::anyhow!("{e} (mesh file {})", args.mesh_file.display()))?;
                 if let Some(n) = &args.node
                     && *n != w.node
                 {

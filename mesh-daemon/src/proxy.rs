@@ -33,6 +33,24 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// Applies the destination's authorization policies to a source identity, and counts the
+    /// decision (`authorization_decisions_total{result,policy}`). Both places that enforce them —
+    /// the HBONE server, and the outbound path for a same-node destination — go through here.
+    pub fn authorize(
+        &self,
+        snap: &crate::state::Snapshot,
+        source: &crate::identity::Identity,
+        dst: &crate::state::Workload,
+        port: u16,
+    ) -> crate::authz::Verdict {
+        let verdict = crate::authz::authorize(&snap.policies, source, dst, port);
+        self.metrics
+            .authz
+            .with_label_values(&[verdict.result(), verdict.policy()])
+            .inc();
+        verdict
+    }
+
     /// Publishes a connection event to `/tap` followers (built only when there are any).
     pub fn tap(&self, event: &'static str, edge: &crate::metrics::Edge, hop: Hop<'_>) {
         self.tap.emit(|| crate::admin::TapEvent {

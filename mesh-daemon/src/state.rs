@@ -61,6 +61,34 @@ impl Scope {
     }
 }
 
+/// The workload a sidecar serves: it must be in the mesh file and in sidecar mode (otherwise its
+/// node's daemon serves it). One check for start-up and every reload.
+pub fn sidecar_workload<'f>(
+    file: &'f MeshFile,
+    namespace: &str,
+    name: &str,
+) -> Result<&'f crate::meshfile::WorkloadSpec, String> {
+    let w = file
+        .workloads
+        .iter()
+        .find(|w| w.namespace == namespace && w.name == name)
+        .ok_or_else(|| {
+            format!(
+                "workload {namespace}/{name} is not in the mesh file's `workloads`; a sidecar \
+                 serves one workload: add it or pass another --workload"
+            )
+        })?;
+    if w.mode != ProxyMode::Sidecar {
+        return Err(format!(
+            "workload {namespace}/{name} has `mode: {}`, so node {}'s daemon serves it; set \
+             `mode: sidecar` on it to run it with a sidecar",
+            w.mode.as_str(),
+            w.node
+        ));
+    }
+    Ok(w)
+}
+
 /// Where a sidecar connects to its own pod's app from (Istio's inbound passthrough source): a
 /// loopback address that no app uses, so the pod's STRICT check can tell the sidecar's
 /// connections from anybody else's.
@@ -202,25 +230,7 @@ impl State {
         let me = match scope {
             Scope::Node(node) => node.as_str(),
             Scope::Sidecar { namespace, name } => {
-                let w = file
-                    .workloads
-                    .iter()
-                    .find(|w| w.namespace == *namespace && w.name == *name)
-                    .ok_or_else(|| {
-                        format!(
-                            "workload {namespace}/{name} is not in the mesh file's `workloads`; \
-                             a sidecar serves one workload: add it or pass another --workload"
-                        )
-                    })?;
-                if w.mode != ProxyMode::Sidecar {
-                    return Err(format!(
-                        "workload {namespace}/{name} has `mode: {}`, so node {}'s daemon serves \
-                         it; set `mode: sidecar` on it to run it with a sidecar",
-                        w.mode.as_str(),
-                        w.node
-                    ));
-                }
-                w.node.as_str()
+                sidecar_workload(file, namespace, name)?.node.as_str()
             }
         };
         let nodes: HashMap<String, NodeSpec> = file

@@ -39,7 +39,7 @@ use crate::{
     metrics::Metrics,
 };
 
-/// The HBONE port on every node.
+/// The HBONE port of every proxy (a node's, or a sidecar's in its pod).
 pub const PORT: u16 = crate::state::HBONE_PORT;
 /// Header naming the source workload (`namespace/name`). The client certificate proves only the
 /// identity (namespace + service account), so the destination uses this for its workload label,

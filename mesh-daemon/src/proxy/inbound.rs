@@ -21,7 +21,6 @@ use tracing::{info, warn};
 
 use super::{Inputs, hbone};
 use crate::{
-    authz,
     identity::{Identity, tls},
     state::{Snapshot, Workload},
 };
@@ -227,12 +226,7 @@ async fn tunnel(
             reason,
         );
     }
-    let verdict = authz::authorize(&snap.policies, &peer.source, &dst, target.port());
-    inputs
-        .metrics
-        .authz
-        .with_label_values(&[verdict.result(), verdict.policy()])
-        .inc();
+    let verdict = inputs.authorize(&snap, &peer.source, &dst, target.port());
     if !verdict.allowed() {
         let reason = format!(
             "{} may not connect to {}:{} (policy {})",

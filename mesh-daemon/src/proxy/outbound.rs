@@ -226,12 +226,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     // Same node: no HBONE hop, so this proxy is also the destination's and enforces its policies
     // here, with the identity the kernel attributed.
     if let Decision::Local { target, workload } = &decision {
-        let verdict = crate::authz::authorize(&snap.policies, &src_id, workload, target.port());
-        inputs
-            .metrics
-            .authz
-            .with_label_values(&[verdict.result(), verdict.policy()])
-            .inc();
+        let verdict = inputs.authorize(&snap, &src_id, workload, target.port());
         if !verdict.allowed() {
             warn!(%peer, source = %src_id, dst = %workload.display(), port = target.port(), policy = verdict.policy(), "connection denied by authorization policy");
             let reason = format!("denied by policy {}", verdict.policy());
