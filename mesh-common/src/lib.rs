@@ -17,8 +17,13 @@ pub mod map_names {
     pub const CONFIG: &str = "NM_CONFIG";
     /// `PerCpuArray<u64>` indexed by [`Counter`](crate::Counter).
     pub const COUNTERS: &str = "NM_COUNTERS";
-    /// `SockHash<SockKey>`: pod and proxy sockets of this host, for the sk_msg fast path.
-    pub const SOCKHASH: &str = "NM_SOCKHASH";
+    /// `SockHash<u64 socket cookie>`: the proxy's spliced sockets, each under its own cookie;
+    /// `nm_splice` (the stream verdict) is attached to this map.
+    pub const SPLICE: &str = "NM_SPLICE";
+    /// `SockHash<u64 socket cookie>`: under a spliced socket's cookie, the socket its bytes go to.
+    pub const SPLICE_PEER: &str = "NM_SPLICE_PEER";
+    /// `HashMap<u64 socket cookie, u64>`: bytes `nm_splice` moved from that socket to its peer.
+    pub const SPLICE_BYTES: &str = "NM_SPLICE_BYTES";
 }
 
 /// Names of the programs in the kernel object (function names, which differ from the sections).
@@ -28,7 +33,7 @@ pub mod prog_names {
     pub const GETPEERNAME4: &str = "nm_getpeername4";
     pub const GETPEERNAME6: &str = "nm_getpeername6";
     pub const SOCKOPS: &str = "nm_sockops";
-    pub const SK_MSG: &str = "nm_sk_msg";
+    pub const SPLICE: &str = "nm_splice";
     pub const INGRESS: &str = "nm_ingress";
 }
 
@@ -38,7 +43,9 @@ pub mod prog_names {
 pub const ORIG_MAP_CAPACITY: u32 = 65_536;
 /// Capacity of the enrollment map: pods per node, with room to spare (kubelet's default is 110).
 pub const ENROLLED_CAPACITY: u32 = 4_096;
-pub const SOCKHASH_CAPACITY: u32 = 65_536;
+/// Capacity of the splice maps: sockets of same-node connections spliced at once (two per
+/// connection); when full, a connection is relayed in user space instead, and counted.
+pub const SPLICE_CAPACITY: u32 = 16_384;
 
 /// Deepest cgroup level the hooks search for an enrolled ancestor. Kubelet puts Guaranteed pods
 /// at `kubepods/pod<uid>` and the others one level lower, under whatever slice the node uses;
@@ -50,8 +57,6 @@ pub const AF_INET6: u32 = 10;
 
 /// `ProxyConfig::flags`: rewrite enrolled connections to the proxy (otherwise only record them).
 pub const FLAG_REDIRECT: u32 = 1 << 0;
-/// `ProxyConfig::flags`: add pod and proxy sockets to the SOCKHASH (the sk_msg fast path).
-pub const FLAG_SOCKMAP: u32 = 1 << 1;
 
 /// `Enrollment::flags`: inbound STRICT — the pod accepts TCP only from the node proxy's mesh source
 /// address and on its probe ports; other SYNs are dropped and counted.
@@ -128,18 +133,6 @@ pub struct ProxyConfig {
     pub _reserved: u32,
 }
 
-/// A socket in the SOCKHASH, by its own 4-tuple (host byte order ports).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct SockKey {
-    pub local_ip: [u32; 4],
-    pub remote_ip: [u32; 4],
-    pub local_port: u32,
-    pub remote_port: u32,
-    pub family: u32,
-    pub _reserved: u32,
-}
-
 /// Per-CPU counters kept by the kernel programs; the daemon sums them for `/metrics`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,14 +153,10 @@ pub enum Counter {
     SockopsNoRecord,
     /// getpeername() answered with the original destination.
     PeernameRestored,
-    /// Sockets added to the SOCKHASH.
-    SockhashAdded,
-    /// SOCKHASH update failed (full or unsupported socket).
-    SockhashFailed,
-    /// Messages seen by sk_msg.
-    SkMsgSeen,
-    /// Messages spliced to the peer socket by sk_msg.
-    SkMsgRedirected,
+    /// Segments `nm_splice` moved from a spliced proxy socket to its peer.
+    SpliceRedirected,
+    /// Segments `nm_splice` left to the proxy because the peer socket was gone.
+    SpliceNoPeer,
     /// Native IPv6 connect() from an enrolled pod refused (EPERM): the proxy has no IPv6 listener,
     /// and going direct would leave the mesh unencrypted (fail closed).
     Ipv6Refused,
@@ -178,7 +167,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectEnrolled,
@@ -188,10 +177,8 @@ impl Counter {
         Counter::SockopsRekeyed,
         Counter::SockopsNoRecord,
         Counter::PeernameRestored,
-        Counter::SockhashAdded,
-        Counter::SockhashFailed,
-        Counter::SkMsgSeen,
-        Counter::SkMsgRedirected,
+        Counter::SpliceRedirected,
+        Counter::SpliceNoPeer,
         Counter::Ipv6Refused,
         Counter::InboundPlaintext,
         Counter::InboundDenied,
@@ -208,10 +195,8 @@ impl Counter {
             Counter::SockopsRekeyed => "sockops_rekeyed",
             Counter::SockopsNoRecord => "sockops_no_record",
             Counter::PeernameRestored => "peername_restored",
-            Counter::SockhashAdded => "sockhash_added",
-            Counter::SockhashFailed => "sockhash_failed",
-            Counter::SkMsgSeen => "sk_msg_seen",
-            Counter::SkMsgRedirected => "sk_msg_redirected",
+            Counter::SpliceRedirected => "splice_redirected",
+            Counter::SpliceNoPeer => "splice_no_peer",
             Counter::Ipv6Refused => "ipv6_refused",
             Counter::InboundPlaintext => "inbound_plaintext",
             Counter::InboundDenied => "inbound_denied",
@@ -240,8 +225,6 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProxyConfig {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::SockKey {}
 }
 
 #[cfg(test)]
@@ -256,7 +239,6 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 4 + 4 + 4 + 4 + 8);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 4 + 4);
         assert_eq!(size_of::<ProxyConfig>(), 4 + 4 + 16 + 4 + 4 + 4 + 4);
-        assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4 + 4 + 4);
         assert_eq!(align_of::<OrigDst>(), 8);
         assert_eq!(align_of::<ConnKey>(), 8);
     }

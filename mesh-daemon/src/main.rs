@@ -189,7 +189,9 @@ struct RunArgs {
     /// within it).
     #[arg(long, env = "NODEMESH_BUNDLE_REFRESH", default_value = "5s", value_parser = identity::parse_duration)]
     bundle_refresh: std::time::Duration,
-    /// Same-host fast path (sockops + sk_msg on a SOCKHASH).
+    /// Same-node fast path: the proxy's two sockets of a connection between pods of this node are
+    /// spliced in the kernel (sk_skb verdict on a SOCKHASH), so the bytes skip user space. Pod
+    /// sockets never enter a socket map. Sidecars and cross-node traffic always relay (mTLS).
     #[arg(long, env = "NODEMESH_SOCKMAP", value_enum, default_value = "off")]
     sockmap: OnOff,
 }
@@ -436,18 +438,6 @@ impl Placement {
 }
 
 fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
-    if args.sockmap == OnOff::On {
-        // Linux's tcp_bpf_recvmsg (used by every socket in a sockmap/sockhash) waits for data once
-        // and returns -EAGAIN when that wait is woken without data — e.g. by a write-space wakeup
-        // from the same socket's writer — so a blocking app sees EAGAIN from read(). The daemon
-        // suite hit it in 3 of 5 runs of a 1 MiB echo on 6.18. A mode that breaks apps is not
-        // offered until the splice keeps pod sockets out of the map.
-        anyhow::bail!(
-            "--sockmap on is not available: with a pod's socket in the SOCKHASH, Linux's \
-             tcp_bpf_recvmsg returns EAGAIN to blocking readers on spurious wake-ups, which breaks \
-             applications; run with --sockmap off (the default)"
-        );
-    }
     let cgroup_root = cgroup::resolve_root(args.cgroup_root.as_deref())?;
     // The mesh file must be good at start: there is no earlier state to fall back on.
     let file = meshfile::load(&args.mesh_file)?;
@@ -546,6 +536,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         info!(programs = ?datapath.program_names(), fail_closed = pin_dir.is_some(), pin_dir = ?pin_dir, "eBPF programs attached");
         obs.ready.attached.store(true, std::sync::atomic::Ordering::Release);
         let orig = datapath.orig_dst_table();
+        let splice = datapath.splice_maps();
         let datapath = Arc::new(Mutex::new(datapath));
         let state = Arc::new(State::default());
         let mut control = Control::new(
@@ -573,6 +564,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             identity: identity.clone(),
             tls,
             tap: tap.clone(),
+            splice,
         });
         let ebpf: admin::EbpfDump = {
             // Weak: the admin thread must not keep the programs alive past a clean exit, which
@@ -706,7 +698,10 @@ fn kernel_counters_tick(metrics: &Metrics, last: &mut [u64], now: &[(Counter, u6
                 "captured connections reached the proxy without a record (evicted from a full LRU \
                  map?); they are refused"
             ),
-            Counter::SockhashFailed => warn!(new = delta, "SOCKHASH updates failed (map full?)"),
+            Counter::SpliceNoPeer => warn!(
+                new = delta,
+                "spliced bytes found no peer socket; the proxy relayed them itself"
+            ),
             _ => {}
         }
         last[i] = *v;

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub svid_expiry: GaugeVec,
     pub svid_fetches: IntCounterVec,
     pub ebpf_map_entries: IntGaugeVec,
+    pub splices: IntCounterVec,
     /// HTTP/gRPC families: defined now so dashboards and `meshctl` need no change when the L7
     /// work parses requests; no samples until then.
     pub requests: IntCounterVec,
@@ -158,6 +159,13 @@ impl Metrics {
                     &["map"],
                 )
                 .expect("static metric definitions are valid"),
+            ),
+            splices: vec(
+                "splice_connections_total",
+                "Same-node connections under --sockmap on, by how they were relayed (spliced: in \
+                 the kernel; not_started: in user space, because the splice could not be set up, \
+                 e.g. the client had already closed)",
+                &["result"],
             ),
             requests: vec(
                 "requests_total",

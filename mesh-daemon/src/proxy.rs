@@ -6,6 +6,7 @@ pub mod balance;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod splice;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -30,6 +31,8 @@ pub struct Inputs {
     pub tls: tokio_rustls::TlsAcceptor,
     /// Live connection events for `/tap`.
     pub tap: crate::admin::Tap,
+    /// The same-node fast path's maps (`--sockmap on`).
+    pub splice: Option<Arc<crate::ebpf::loader::SpliceMaps>>,
 }
 
 impl Inputs {

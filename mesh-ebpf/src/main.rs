@@ -10,8 +10,8 @@ mod connect;
 mod getpeername;
 mod ingress;
 mod maps;
-mod sk_msg;
 mod sockops;
+mod splice;
 
 #[cfg(not(test))]
 #[panic_handler]

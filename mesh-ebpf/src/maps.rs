@@ -1,13 +1,14 @@
 //! Every map of the kernel object, and the small helpers the hooks share.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_get_current_ancestor_cgroup_id,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
     ConnKey, Counter, ENROLLED_CAPACITY, Enrollment, MAX_CGROUP_LEVEL, ORIG_MAP_CAPACITY, OrigDst,
-    ProxyConfig, SOCKHASH_CAPACITY, SockKey,
+    ProxyConfig, SPLICE_CAPACITY,
 };
 
 #[map(name = "NM_ENROLLED")]
@@ -27,8 +28,15 @@ pub static CONFIG: Array<ProxyConfig> = Array::with_max_entries(1, 0);
 #[map(name = "NM_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-#[map(name = "NM_SOCKHASH")]
-pub static SOCKHASH: SockHash<SockKey> = SockHash::with_max_entries(SOCKHASH_CAPACITY, 0);
+#[map(name = "NM_SPLICE")]
+pub static SPLICE: SockHash<u64> = SockHash::with_max_entries(SPLICE_CAPACITY, 0);
+
+#[map(name = "NM_SPLICE_PEER")]
+pub static SPLICE_PEER: SockHash<u64> = SockHash::with_max_entries(SPLICE_CAPACITY, 0);
+
+#[map(name = "NM_SPLICE_BYTES")]
+pub static SPLICE_BYTES: HashMap<u64, u64> =
+    HashMap::with_max_entries(SPLICE_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Adds one to a per-CPU counter (no atomics needed: the slot belongs to this CPU).
 #[inline(always)]

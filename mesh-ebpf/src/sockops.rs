@@ -5,16 +5,16 @@
 //! meaningless here; identity was taken at connect time and travels in the record.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{AF_INET, AF_INET6, ConnKey, Counter, FLAG_SOCKMAP, SockKey, is_loopback4};
+use mesh_common::{AF_INET, AF_INET6, ConnKey, Counter, is_loopback4};
 
 use crate::{
     connect::Skip,
-    maps::{ORIG_BY_ADDR, ORIG_BY_COOKIE, SOCKHASH, config, count},
+    maps::{ORIG_BY_ADDR, ORIG_BY_COOKIE, config, count},
 };
 
 #[sock_ops]
@@ -61,41 +61,47 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
         return Err(Skip);
     }
     count(Counter::SockopsRekeyed);
-    if cfg.flags & FLAG_SOCKMAP != 0 {
-        let mut skey = SockKey {
-            local_ip,
-            remote_ip,
-            local_port,
-            remote_port,
-            family,
-            _reserved: 0,
-        };
-        // SAFETY: the context pointer is valid for the run; the helper only reads the socket.
-        let ops = unsafe { &mut *ctx.ops };
-        match SOCKHASH.update(&mut skey, ops, u64::from(BPF_ANY)) {
-            Ok(()) => count(Counter::SockhashAdded),
-            Err(_) => count(Counter::SockhashFailed),
-        }
-    }
     Ok(())
 }
 
 /// (family, local, remote) with v4-mapped IPv6 folded to IPv4, as the proxy's IPv4 listener sees
 /// such a peer.
+///
+/// Every context field is read once, up front, with a volatile load: otherwise LLVM may pick the
+/// field's address by family and load through the computed pointer, a "modified ctx pointer" the
+/// verifier refuses.
 #[inline(always)]
 fn addresses(ctx: &SockOpsContext) -> Option<(u32, [u32; 4], [u32; 4])> {
-    match ctx.family() {
-        AF_INET => Some((
-            AF_INET,
-            [ctx.local_ip4(), 0, 0, 0],
-            [ctx.remote_ip4(), 0, 0, 0],
-        )),
+    let ops = ctx.ops;
+    // SAFETY: the context is valid for the run; each read is of a plain u32 field.
+    let f = |p: *const u32| unsafe { core::ptr::read_volatile(p) };
+    // SAFETY: field addresses inside the live context; nothing is dereferenced here.
+    let (family, l4, r4, l6, r6) = unsafe {
+        (
+            f(&raw const (*ops).family),
+            f(&raw const (*ops).local_ip4),
+            f(&raw const (*ops).remote_ip4),
+            [
+                f(&raw const (*ops).local_ip6[0]),
+                f(&raw const (*ops).local_ip6[1]),
+                f(&raw const (*ops).local_ip6[2]),
+                f(&raw const (*ops).local_ip6[3]),
+            ],
+            [
+                f(&raw const (*ops).remote_ip6[0]),
+                f(&raw const (*ops).remote_ip6[1]),
+                f(&raw const (*ops).remote_ip6[2]),
+                f(&raw const (*ops).remote_ip6[3]),
+            ],
+        )
+    };
+    match family {
+        AF_INET => Some((AF_INET, [l4, 0, 0, 0], [r4, 0, 0, 0])),
         AF_INET6 => {
-            let (l, r) = (ctx.local_ip6(), ctx.remote_ip6());
-            if l[0] == 0 && l[1] == 0 && l[2] == 0xffffu32.to_be() {
-                Some((AF_INET, [l[3], 0, 0, 0], [r[3], 0, 0, 0]))
+            if l6[0] == 0 && l6[1] == 0 && l6[2] == 0xffffu32.to_be() {
+                Some((AF_INET, [l6[3], 0, 0, 0], [r6[3], 0, 0, 0]))
             } else {
-                Some((AF_INET6, l, r))
+                Some((AF_INET6, l6, r6))
             }
         }
         _ => None,

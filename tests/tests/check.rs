@@ -19,7 +19,7 @@ fn check_passes_as_root() {
         "nm_connect4",
         "nm_connect6",
         "nm_sockops",
-        "nm_sk_msg",
+        "nm_splice",
         "cgroup v2",
         "bpffs",
     ] {

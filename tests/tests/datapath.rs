@@ -4,8 +4,9 @@
 //! local server; node 2 holds the server behind the `echo` service VIP. Every test builds its own
 //! topology and removes it on drop (also on panic).
 //!
-//! `--sockmap on` is refused by the daemon (see `sockmap_on_is_refused_with_the_kernel_reason`),
-//! so these suites run with `--sockmap off` only.
+//! Every suite runs twice, with `--sockmap off` and `--sockmap on` (`<suite>::sockmap_off` and
+//! `<suite>::sockmap_on`): the same-node fast path must not change what any client or server sees.
+//! With it on, the same-node cases also check that the kernel did the splicing.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,32 @@ use nodemesh_tests::{
 
 const VIP: &str = "10.96.0.10:80";
 const MIB: usize = 1 << 20;
+
+/// Runs a suite with `--sockmap off` and with `--sockmap on`.
+macro_rules! both_ways {
+    ($($suite:ident),* $(,)?) => {$(
+        mod $suite {
+            #[test]
+            fn sockmap_off() {
+                super::$suite(false);
+            }
+            #[test]
+            fn sockmap_on() {
+                super::$suite(true);
+            }
+        }
+    )*};
+}
+
+both_ways!(
+    pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched,
+    half_close_reset_and_refused_port_pass_end_to_end,
+    strict_inbound_admits_only_the_mesh_and_probe_ports,
+    spoofed_address_is_identified_by_cgroup,
+    fail_closed_while_down_then_uninstall_leaves_nothing,
+    fail_open_goes_direct_while_down_and_clean_exit_detaches,
+    mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state,
+);
 
 fn two_nodes(tag: &str, opts: DaemonOpts) -> Topology {
     let pods = [
@@ -31,6 +58,39 @@ fn two_nodes(tag: &str, opts: DaemonOpts) -> Topology {
     t
 }
 
+/// With `--sockmap on`, node 1's same-node connections were spliced in the kernel: at least
+/// `connections` of them, every byte moved by `nm_splice` (none relayed in user space), and —
+/// with `all` — none relayed in user space because the splice could not start. (A connection
+/// whose server resets it at once may be reset before the splice starts; it is then relayed as
+/// with the fast path off.) With it off, nothing was spliced.
+fn check_splice(t: &Topology, sockmap: bool, connections: u64, all: bool) {
+    let events = |e: &str| t.metric(0, "nodemesh_ebpf_events_total", &[("event", e)]);
+    let splices = |r: &str| t.metric(0, "nodemesh_splice_connections_total", &[("result", r)]);
+    if sockmap {
+        let spliced = t.wait_metric(
+            0,
+            "nodemesh_splice_connections_total",
+            &[("result", "spliced")],
+            connections,
+        );
+        let moved = t.wait_metric(
+            0,
+            "nodemesh_ebpf_events_total",
+            &[("event", "splice_redirected")],
+            1,
+        );
+        println!("  spliced connections={spliced}, segments moved by nm_splice={moved}");
+        assert!(spliced >= connections, "spliced connections: {spliced}");
+        assert!(moved >= 1, "nm_splice moved nothing");
+        if all {
+            assert_eq!(splices("not_started"), 0, "splices that could not start");
+        }
+        assert_eq!(events("splice_no_peer"), 0, "bytes left to user space");
+    } else {
+        assert_eq!(splices("spliced") + events("splice_redirected"), 0);
+    }
+}
+
 /// The `local=` address a mesh-app line reports.
 fn local_of(line: &str) -> String {
     line.split_whitespace()
@@ -39,10 +99,15 @@ fn local_of(line: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched() {
+fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) {
     require_root("pod_to_pod_across_nodes");
-    let mut t = two_nodes("dp", DaemonOpts::default());
+    let mut t = two_nodes(
+        "dp",
+        DaemonOpts {
+            sockmap,
+            ..DaemonOpts::default()
+        },
+    );
     let server_ip = t.pod("server").ip.clone();
     let srv = t.serve("server", "echo-server", 7000);
     let local_srv = t.serve("local", "echo-server", 7000);
@@ -106,11 +171,29 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched() {
 
     // Same node: through the proxy, in-process; the local server sees node 1's mesh source.
     let local = format!("{}:7000", t.pod("local").ip);
-    let (ok, out) = t.connect("client", &local, &["--send", "65536"]);
+    let (ok, out) = t.connect("client", &local, &["--send", &MIB.to_string()]);
     assert!(ok && out.contains("echo=ok"), "{out}");
     t.servers[local_srv].wait_for("accepted peer=10.210.1.254:", Duration::from_secs(5));
     let line = t.daemon(0).wait_for("route=local", Duration::from_secs(5));
     println!("same node: {out}\n  node-1: {line}");
+    let local_edge = [
+        ("reporter", "outbound"),
+        ("source_workload", "client"),
+        ("destination_workload", "local"),
+    ];
+    let sent = t.wait_metric(0, "nodemesh_tcp_sent_bytes_total", &local_edge, MIB as u64);
+    let received = t.wait_metric(
+        0,
+        "nodemesh_tcp_received_bytes_total",
+        &local_edge,
+        MIB as u64,
+    );
+    assert_eq!(
+        (sent, received),
+        (MIB as u64, MIB as u64),
+        "same-node bytes"
+    );
+    check_splice(&t, sockmap, 1, true);
 
     // Not in the mesh: untouched; the server sees the stranger's own address.
     let (ok, out) = t.connect("stranger", &server, &["--send", "1000"]);
@@ -184,14 +267,23 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched() {
     );
 }
 
-#[test]
-fn half_close_reset_and_refused_port_pass_end_to_end() {
+fn half_close_reset_and_refused_port_pass_end_to_end(sockmap: bool) {
     require_root("half_close_reset_and_refused_port");
-    let mut t = two_nodes("hc", DaemonOpts::default());
+    let mut t = two_nodes(
+        "hc",
+        DaemonOpts {
+            sockmap,
+            ..DaemonOpts::default()
+        },
+    );
     let ip = t.pod("server").ip.clone();
     let echo = t.serve("server", "echo-server", 7000);
     let count = t.serve("server", "count-server", 7001);
     t.serve("server", "rst-server", 7002);
+    let local_ip = t.pod("local").ip.clone();
+    let local_echo = t.serve("local", "echo-server", 7000);
+    let local_count = t.serve("local", "count-server", 7001);
+    t.serve("local", "rst-server", 7002);
 
     // Half-close: the server answers only after it saw the client's FIN, on the still-open
     // direction.
@@ -250,15 +342,56 @@ fn half_close_reset_and_refused_port_pass_end_to_end() {
             1
         ) >= 1
     );
+
+    // The same, between two pods of node 1 (the connections --sockmap on splices).
+    // Paced, so the FIN comes after the splice is up (the test is about passing it through).
+    let (ok, out) = t.connect(
+        "client",
+        &format!("{local_ip}:7001"),
+        &["--send", "100000", "--reply", "--pace-ms", "1"],
+    );
+    assert!(
+        ok && out.contains("reply=received=100000"),
+        "same node: {out}"
+    );
+    t.servers[local_count].wait_for("half-close=seen", Duration::from_secs(5));
+    println!("same-node half-close: {out}");
+    let start = Instant::now();
+    let (ok, out) = t.connect("client", &format!("{local_ip}:7002"), &["--send", "10"]);
+    let took = start.elapsed();
+    assert!(
+        !ok && out.contains("ConnectionReset"),
+        "same node: {out}\n--- node-1:\n{}",
+        t.daemon(0).output()
+    );
+    assert!(took < Duration::from_secs(1), "server reset took {took:?}");
+    println!("same-node server reset → client: {out} ({took:?})");
+    let (ok, out) = t.connect(
+        "client",
+        &format!("{local_ip}:7000"),
+        &["--send", "1000", "--rst"],
+    );
+    assert!(ok, "{out}");
+    let line = t.servers[local_echo].wait_for("error=ConnectionReset", Duration::from_secs(5));
+    println!("same-node client reset → server: {line}");
+    let start = Instant::now();
+    let (ok, out) = t.connect("client", &format!("{local_ip}:7999"), &["--send", "10"]);
+    let took = start.elapsed();
+    assert!(!ok && out.contains("ConnectionReset"), "same node: {out}");
+    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+    println!("same-node closed port: {out} ({took:?})");
+    // The half-close and the client's reset went through the splice (the server's reset may beat
+    // it; the refused port never opened).
+    check_splice(&t, sockmap, 2, false);
 }
 
-#[test]
-fn strict_inbound_admits_only_the_mesh_and_probe_ports() {
+fn strict_inbound_admits_only_the_mesh_and_probe_ports(sockmap: bool) {
     require_root("strict_inbound");
     let mut t = two_nodes(
         "st",
         DaemonOpts {
             inbound: "strict",
+            sockmap,
             ..DaemonOpts::default()
         },
     );
@@ -287,10 +420,15 @@ fn strict_inbound_admits_only_the_mesh_and_probe_ports() {
     assert!(denied >= 1);
 }
 
-#[test]
-fn spoofed_address_is_identified_by_cgroup() {
+fn spoofed_address_is_identified_by_cgroup(sockmap: bool) {
     require_root("spoofed_address");
-    let mut t = two_nodes("sp", DaemonOpts::default());
+    let mut t = two_nodes(
+        "sp",
+        DaemonOpts {
+            sockmap,
+            ..DaemonOpts::default()
+        },
+    );
     let ip = t.pod("server").ip.clone();
     t.serve("server", "echo-server", 7000);
     let victim = t.pod("client").ip.clone();
@@ -327,10 +465,15 @@ fn spoofed_address_is_identified_by_cgroup() {
     );
 }
 
-#[test]
-fn fail_closed_while_down_then_uninstall_leaves_nothing() {
+fn fail_closed_while_down_then_uninstall_leaves_nothing(sockmap: bool) {
     require_root("fail_closed");
-    let mut t = two_nodes("fc", DaemonOpts::default());
+    let mut t = two_nodes(
+        "fc",
+        DaemonOpts {
+            sockmap,
+            ..DaemonOpts::default()
+        },
+    );
     let server = format!("{}:7000", t.pod("server").ip);
     t.serve("server", "echo-server", 7000);
     let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
@@ -393,13 +536,13 @@ fn fail_closed_while_down_then_uninstall_leaves_nothing() {
     );
 }
 
-#[test]
-fn fail_open_goes_direct_while_down_and_clean_exit_detaches() {
+fn fail_open_goes_direct_while_down_and_clean_exit_detaches(sockmap: bool) {
     require_root("fail_open");
     let mut t = two_nodes(
         "fo",
         DaemonOpts {
             fail_open: true,
+            sockmap,
             ..DaemonOpts::default()
         },
     );
@@ -422,10 +565,15 @@ fn fail_open_goes_direct_while_down_and_clean_exit_detaches() {
     assert_eq!(loaded_mesh_programs(), Vec::<String>::new());
 }
 
-#[test]
-fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state() {
+fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state(sockmap: bool) {
     require_root("mesh_file_reload");
-    let mut t = two_nodes("mf", DaemonOpts::default());
+    let mut t = two_nodes(
+        "mf",
+        DaemonOpts {
+            sockmap,
+            ..DaemonOpts::default()
+        },
+    );
     t.serve("server", "echo-server", 7000);
     let good = std::fs::read_to_string(&t.mesh_file).expect("mesh file");
 
@@ -462,41 +610,4 @@ fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state() {
     );
     assert!(!ok, "a removed service is not served: {out}");
     println!("service removed by reload: {out}");
-}
-
-/// `--sockmap on` is refused, with the kernel's reason, until the fast path passes this same
-/// suite (see `run` in mesh-daemon's main.rs): an app-visible EAGAIN is not a mode to offer.
-#[test]
-fn sockmap_on_is_refused_with_the_kernel_reason() {
-    require_root("sockmap_on_is_refused");
-    let out = std::process::Command::new(bin("mesh-daemon"))
-        .args([
-            "run",
-            "--node",
-            "n",
-            "--mesh-file",
-            "/nonexistent",
-            "--sockmap",
-            "on",
-            "--ca",
-            "https://127.0.0.1:15012",
-            "--ca-bundle",
-            "/nonexistent",
-            "--token-file",
-            "/nonexistent",
-        ])
-        .output()
-        .expect("run mesh-daemon");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        err.contains("--sockmap on is not available")
-            && err.contains("tcp_bpf_recvmsg")
-            && err.contains("--sockmap off"),
-        "{err}"
-    );
-    assert!(
-        !err.contains("attached"),
-        "it must refuse before touching the kernel: {err}"
-    );
 }

@@ -10,6 +10,7 @@
 use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::BorrowedFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -18,14 +19,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkMsg,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkSkb,
         SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use mesh_common::{
-    ConnKey, Counter, ENROLL_STRICT, Enrollment, FLAG_REDIRECT, FLAG_SOCKMAP, MAX_PROBE_PORTS,
-    OrigDst, ProxyConfig, SockKey, map_names, prog_names,
+    ConnKey, Counter, ENROLL_STRICT, Enrollment, FLAG_REDIRECT, MAX_PROBE_PORTS, OrigDst,
+    ProxyConfig, map_names, prog_names,
 };
 
 use super::{OBJECT, cgroup, explain_os_error};
@@ -76,7 +77,8 @@ pub struct DatapathConfig {
     pub proxy_mark: u32,
     /// Rewrite captured connections to the proxy (off: record only).
     pub redirect: bool,
-    /// Put sockets in the SOCKHASH for the sk_msg fast path.
+    /// The same-node fast path: splice the proxy's two sockets of a same-node connection in the
+    /// kernel (`nm_splice` on `NM_SPLICE`).
     pub sockmap: bool,
     /// The proxy's source address toward local pods (what STRICT pods accept).
     pub mesh_source: Ipv4Addr,
@@ -110,6 +112,72 @@ impl OrigDstTable {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why two sockets could not be spliced; nothing was changed, so the connection can be relayed in
+/// user space instead.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot splice ({0})")]
+pub struct SpliceError(String);
+
+/// The maps of the same-node fast path (see `mesh-ebpf/src/splice.rs`).
+pub struct SpliceMaps {
+    splice: Mutex<SockHash<MapData, u64>>,
+    peer: Mutex<SockHash<MapData, u64>>,
+    bytes: Mutex<HashMap<MapData, u64, u64>>,
+}
+
+impl SpliceMaps {
+    /// Splices two established sockets, given with their cookies: from now on the kernel moves
+    /// the bytes arriving on either one to the other's send queue. The peers and byte counters go
+    /// in first, so the verdict — active from each socket's insertion into `NM_SPLICE` — always
+    /// finds where to send. A socket leaves the maps when it is closed.
+    ///
+    /// Only established sockets can enter a socket map. If `a` is not (its client already sent
+    /// its FIN), nothing is changed and this fails. If `b` is not (its server already closed),
+    /// the splice is one-way: `a`'s bytes still move in the kernel, and `b`'s stay in its receive
+    /// queue for the caller to read and relay (returns `false`).
+    pub fn join(
+        &self,
+        a: (BorrowedFd<'_>, u64),
+        b: (BorrowedFd<'_>, u64),
+    ) -> Result<bool, SpliceError> {
+        let fail = |what: &str, e: aya::maps::MapError| {
+            let _ = lock(&self.peer).remove(&a.1);
+            let _ = lock(&self.peer).remove(&b.1);
+            self.forget(a.1, b.1);
+            SpliceError(format!("{what}: {e}"))
+        };
+        for cookie in [a.1, b.1] {
+            let r = lock(&self.bytes).insert(cookie, 0, 0);
+            r.map_err(|e| fail(map_names::SPLICE_BYTES, e))?;
+        }
+        for (key, target) in [(a.1, b.0), (b.1, a.0)] {
+            let r = lock(&self.peer).insert(key, target, 0);
+            r.map_err(|e| fail(map_names::SPLICE_PEER, e))?;
+        }
+        let r = lock(&self.splice).insert(a.1, a.0, 0);
+        r.map_err(|e| fail(map_names::SPLICE, e))?;
+        // From here `a`'s bytes may already be on their way to `b`: no undoing.
+        let r = lock(&self.splice).insert(b.1, b.0, 0);
+        Ok(r.is_ok())
+    }
+
+    /// Bytes the kernel moved from the socket with this cookie to its peer.
+    pub fn moved(&self, cookie: u64) -> u64 {
+        lock(&self.bytes).get(&cookie, 0).unwrap_or(0)
+    }
+
+    /// Drops the byte counters of a finished pair (the sockets leave the socket maps on close).
+    pub fn forget(&self, a: u64, b: u64) {
+        let mut bytes = lock(&self.bytes);
+        let _ = bytes.remove(&a);
+        let _ = bytes.remove(&b);
+    }
+}
+
 /// The loaded and attached programs and their maps.
 pub struct Datapath {
     // Owns the programs and their links; dropping it detaches everything.
@@ -117,6 +185,7 @@ pub struct Datapath {
     enrolled: HashMap<MapData, u64, Enrollment>,
     counters: PerCpuArray<MapData, u64>,
     orig: Arc<OrigDstTable>,
+    splice: Option<Arc<SpliceMaps>>,
     cgroup_root: PathBuf,
     program_names: Vec<&'static str>,
     /// Links that outlive the daemon (fail closed), in this generation's pin folder.
@@ -150,9 +219,6 @@ impl Datapath {
         if cfg.redirect {
             flags |= FLAG_REDIRECT;
         }
-        if cfg.sockmap {
-            flags |= FLAG_SOCKMAP;
-        }
         let pc = ProxyConfig {
             proxy_ip4: u32::from(*cfg.proxy_addr.ip()).to_be(),
             proxy_port: u32::from(cfg.proxy_addr.port()),
@@ -169,7 +235,7 @@ impl Datapath {
 
         let mut names = Vec::new();
         // Links that must survive the daemon to keep it fail-closed: capture and inbound
-        // enforcement. (sockops and sk_msg only serve a running proxy.)
+        // enforcement. (sockops and the splice only serve a running proxy.)
         let mut keep: Vec<(&'static str, FdLink)> = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
@@ -209,15 +275,24 @@ impl Datapath {
             .map_err(|e| program_error("attaching", prog_names::SOCKOPS, &e))?;
         names.push(prog_names::SOCKOPS);
 
-        let sockhash: SockHash<MapData, SockKey> = take_map(&mut ebpf, map_names::SOCKHASH)?;
-        let sk_msg: &mut SkMsg = program(&mut ebpf, prog_names::SK_MSG)?;
-        sk_msg
-            .load()
-            .map_err(|e| program_error("loading", prog_names::SK_MSG, &e))?;
-        sk_msg
-            .attach(sockhash.fd())
-            .map_err(|e| program_error("attaching", prog_names::SK_MSG, &e))?;
-        names.push(prog_names::SK_MSG);
+        let splice = if cfg.sockmap {
+            let maps = SpliceMaps {
+                splice: Mutex::new(take_map(&mut ebpf, map_names::SPLICE)?),
+                peer: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_PEER)?),
+                bytes: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_BYTES)?),
+            };
+            let verdict: &mut SkSkb = program(&mut ebpf, prog_names::SPLICE)?;
+            verdict
+                .load()
+                .map_err(|e| program_error("loading", prog_names::SPLICE, &e))?;
+            verdict
+                .attach(lock(&maps.splice).fd())
+                .map_err(|e| program_error("attaching", prog_names::SPLICE, &e))?;
+            names.push(prog_names::SPLICE);
+            Some(Arc::new(maps))
+        } else {
+            None
+        };
 
         let (pinned, pin_generation, owned_links) = match &cfg.pin_dir {
             Some(dir) => {
@@ -233,6 +308,7 @@ impl Datapath {
             orig: Arc::new(OrigDstTable {
                 map: Mutex::new(take_map(&mut ebpf, map_names::ORIG_BY_ADDR)?),
             }),
+            splice,
             _ebpf: ebpf,
             cgroup_root: cfg.cgroup_root.clone(),
             program_names: names,
@@ -299,6 +375,11 @@ impl Datapath {
 
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
         self.orig.clone()
+    }
+
+    /// The splice maps, when the same-node fast path is on.
+    pub fn splice_maps(&self) -> Option<Arc<SpliceMaps>> {
+        self.splice.clone()
     }
 
     /// Entries per map, for `ebpf_map_entries{map}` and `/debug/ebpf`. Only the enrollment
@@ -517,7 +598,7 @@ pub fn probe_programs() -> Result<Vec<ProbeResult>, LoaderError> {
         .map(|&name| probe_one(&mut ebpf, name, CgroupSockAddr::load))
         .collect();
     out.push(probe_one(&mut ebpf, prog_names::SOCKOPS, SockOps::load));
-    out.push(probe_one(&mut ebpf, prog_names::SK_MSG, SkMsg::load));
+    out.push(probe_one(&mut ebpf, prog_names::SPLICE, SkSkb::load));
     out.push(probe_one(&mut ebpf, prog_names::INGRESS, CgroupSkb::load));
     Ok(out)
 }

@@ -276,7 +276,10 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
                     inputs.tap("open", &labels, hop(None, None));
-                    super::relay_tcp(&mut client, &mut upstream).await
+                    match inputs.splice.as_deref().filter(|_| local) {
+                        Some(maps) => relay_local(&inputs, maps, &mut client, &mut upstream).await,
+                        None => super::relay_tcp(&mut client, &mut upstream).await,
+                    }
                 }
                 Err(e) => {
                     warn!(%target, error = %e, "upstream refused the connection");
@@ -332,6 +335,30 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         hop(result.as_ref().ok().copied(), err.as_deref()),
     );
     drop(picked);
+}
+
+/// Same node with `--sockmap on`: the kernel splices the two sockets; user space relays only when
+/// the splice cannot be set up.
+async fn relay_local(
+    inputs: &Inputs,
+    maps: &crate::ebpf::loader::SpliceMaps,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+) -> std::io::Result<(u64, u64)> {
+    let count = |result| inputs.metrics.splices.with_label_values(&[result]).inc();
+    match super::splice::relay(maps, client, upstream).await {
+        super::splice::Started::Spliced(r) => {
+            count("spliced");
+            r
+        }
+        super::splice::Started::NotStarted(why) => {
+            // Expected when the client sent its FIN before the splice was up (a socket map takes
+            // only established sockets); anything else (a full map) is worth a look.
+            debug!(reason = %why, "same-node connection relayed in user space");
+            count("not_started");
+            super::relay_tcp(client, upstream).await
+        }
+    }
 }
 
 /// The decision without the workload details, for one log field.

@@ -1,0 +1,53 @@
+//! `sk_skb/stream_verdict` on `NM_SPLICE`: the same-node fast path (`--sockmap on`).
+//!
+//! Only the proxy's own two sockets of a same-node connection are ever in the maps — the one it
+//! accepted from the client pod and the one it opened to the server pod — never a pod's socket
+//! (a socket in a sockmap gets `tcp_bpf_recvmsg`, which returns EAGAIN to blocking readers on
+//! spurious wake-ups; ARCHITECTURE.md has the measurement). Bytes arriving on one of them are
+//! moved in the kernel to the other one's send queue, so they never cross into user space.
+//!
+//! `NM_SPLICE_PEER` holds, under each socket's cookie, the socket its bytes go to; the daemon
+//! fills it for both sockets before it puts either in `NM_SPLICE`, so the verdict always finds the
+//! peer. `NM_SPLICE_BYTES` counts what was moved per source socket: the daemon forwards a FIN only
+//! once the peer's send queue has taken all of it.
+
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::bpf_get_socket_cookie,
+    macros::stream_verdict,
+    programs::SkBuffContext,
+};
+use mesh_common::Counter;
+
+use crate::maps::{SPLICE_BYTES, SPLICE_PEER, count};
+
+#[stream_verdict]
+pub fn nm_splice(ctx: SkBuffContext) -> u32 {
+    try_splice(&ctx)
+}
+
+fn try_splice(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: a helper call on the program's own context.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // A bare FIN: TCP has already taken note of it (the proxy reads end-of-stream from the
+        // socket state), and the skb carries nothing. It must not enter a psock queue: behind
+        // queued bytes, the kernel's backlog worker reports an empty send or delivery as EPIPE,
+        // which would break the connection. Dropping it frees it and nothing else.
+        return SK_DROP;
+    }
+    if SPLICE_PEER.redirect_skb(ctx, &mut cookie, 0) != i64::from(SK_PASS) {
+        // No peer (it closed): the bytes stay on this socket, where the proxy reads them.
+        count(Counter::SpliceNoPeer);
+        return SK_PASS;
+    }
+    if let Some(total) = SPLICE_BYTES.get_ptr_mut(cookie) {
+        // SAFETY: the pointer comes from the kernel's lookup and stays valid for this run. The
+        // verdict of one socket runs under that socket's lock, so nobody else writes this value
+        // meanwhile; the daemon only reads it (an aligned 8-byte store is never torn).
+        unsafe { *total += len };
+    }
+    count(Counter::SpliceRedirected);
+    SK_PASS
+}
