@@ -22,8 +22,13 @@ pub mod map_names {
     pub const SPLICE: &str = "NM_SPLICE";
     /// `SockHash<u64 socket cookie>`: under a spliced socket's cookie, the socket its bytes go to.
     pub const SPLICE_PEER: &str = "NM_SPLICE_PEER";
-    /// `HashMap<u64 socket cookie, u64>`: bytes `nm_splice` moved from that socket to its peer.
+    /// `HashMap<u64 socket cookie, SpliceCount>`: what `nm_splice` moved from that socket.
     pub const SPLICE_BYTES: &str = "NM_SPLICE_BYTES";
+    /// `HashMap<u64 socket cookie, u64>`: the daemon's next look at that socket's backlog: when
+    /// the bytes moved reach it, `nm_splice` sends the cookie on `SPLICE_EVENTS`.
+    pub const SPLICE_LIMIT: &str = "NM_SPLICE_LIMIT";
+    /// `RingBuf` of `u64` socket cookies: "this splice reached its limit; look at it".
+    pub const SPLICE_EVENTS: &str = "NM_SPLICE_EVENTS";
 }
 
 /// Names of the programs in the kernel object (function names, which differ from the sections).
@@ -133,6 +138,16 @@ pub struct ProxyConfig {
     pub _reserved: u32,
 }
 
+/// What `nm_splice` moved from one socket; written only by the kernel program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SpliceCount {
+    /// Bytes moved to the peer socket.
+    pub moved: u64,
+    /// The `SPLICE_LIMIT` value an event was last sent for (each limit is announced once).
+    pub announced: u64,
+}
+
 /// Per-CPU counters kept by the kernel programs; the daemon sums them for `/metrics`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -157,6 +172,9 @@ pub enum Counter {
     SpliceRedirected,
     /// Segments `nm_splice` left to the proxy because the peer socket was gone.
     SpliceNoPeer,
+    /// Limit events `nm_splice` could not queue (ring buffer full); the daemon's once-a-second
+    /// look catches up.
+    SpliceEventLost,
     /// Native IPv6 connect() from an enrolled pod refused (EPERM): the proxy has no IPv6 listener,
     /// and going direct would leave the mesh unencrypted (fail closed).
     Ipv6Refused,
@@ -167,7 +185,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectEnrolled,
@@ -179,6 +197,7 @@ impl Counter {
         Counter::PeernameRestored,
         Counter::SpliceRedirected,
         Counter::SpliceNoPeer,
+        Counter::SpliceEventLost,
         Counter::Ipv6Refused,
         Counter::InboundPlaintext,
         Counter::InboundDenied,
@@ -197,6 +216,7 @@ impl Counter {
             Counter::PeernameRestored => "peername_restored",
             Counter::SpliceRedirected => "splice_redirected",
             Counter::SpliceNoPeer => "splice_no_peer",
+            Counter::SpliceEventLost => "splice_event_lost",
             Counter::Ipv6Refused => "ipv6_refused",
             Counter::InboundPlaintext => "inbound_plaintext",
             Counter::InboundDenied => "inbound_denied",
@@ -225,6 +245,8 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProxyConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SpliceCount {}
 }
 
 #[cfg(test)]
@@ -239,6 +261,7 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 4 + 4 + 4 + 4 + 8);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 4 + 4);
         assert_eq!(size_of::<ProxyConfig>(), 4 + 4 + 16 + 4 + 4 + 4 + 4);
+        assert_eq!(size_of::<SpliceCount>(), 8 + 8);
         assert_eq!(align_of::<OrigDst>(), 8);
         assert_eq!(align_of::<ConnKey>(), 8);
     }

@@ -194,6 +194,39 @@ struct RunArgs {
     /// sockets never enter a socket map. Sidecars and cross-node traffic always relay (mTLS).
     #[arg(long, env = "NODEMESH_SOCKMAP", value_enum, default_value = "off")]
     sockmap: OnOff,
+    /// With --sockmap on: bytes the kernel may hold for one direction of a spliced connection
+    /// whose receiver is slower than its sender, before the splice pauses and TCP pushes back on
+    /// the sender (as with the user-space relay). Bigger: fewer pauses in bulk transfers;
+    /// smaller: less kernel memory per connection. Bytes, or with a KiB/MiB suffix.
+    #[arg(long, env = "NODEMESH_SPLICE_WINDOW", default_value = "4MiB", value_parser = parse_size)]
+    splice_window: u64,
+}
+
+/// `4096`, `64KiB`, `4MiB`: a size in bytes (at least 16 KiB, at most 1 GiB).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}; use bytes, KiB or MiB"
+            ));
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 4MiB or 65536"))?;
+    let v = n.saturating_mul(mult);
+    if !(16 << 10..=1 << 30).contains(&v) {
+        return Err(format!("{s:?} is out of range; use 16KiB to 1024MiB"));
+    }
+    Ok(v)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -503,6 +536,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             proxy_mark: args.proxy_mark,
             redirect: true,
             sockmap: args.sockmap == OnOff::On,
+            splice_window: args.splice_window,
             mesh_source: place.mesh_source,
             pin_dir: pin_dir.clone(),
         };
@@ -537,6 +571,9 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         obs.ready.attached.store(true, std::sync::atomic::Ordering::Release);
         let orig = datapath.orig_dst_table();
         let splice = datapath.splice_maps();
+        if let Some(maps) = &splice {
+            tokio::spawn(mesh_daemon::proxy::splice::run_events(maps.clone()));
+        }
         let datapath = Arc::new(Mutex::new(datapath));
         let state = Arc::new(State::default());
         let mut control = Control::new(
@@ -608,6 +645,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
                 "failOpen": args.fail_open,
                 "proxyMark": args.proxy_mark,
                 "sockmap": format!("{:?}", args.sockmap).to_lowercase(),
+                "spliceWindow": args.splice_window,
                 "ca": args.ca,
                 "trustDomain": args.trust_domain,
                 "bundleRefreshSeconds": args.bundle_refresh.as_secs(),
@@ -720,6 +758,22 @@ async fn shutdown_signal() {
         Err(e) => {
             warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the daemon");
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        for bad in ["4MB", "lots", "1KiB", "2048MiB", ""] {
+            let e = parse_size(bad).expect_err(bad);
+            assert!(e.contains("KiB") || e.contains("MiB"), "{bad}: {e}");
         }
     }
 }

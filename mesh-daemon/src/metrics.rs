@@ -2,7 +2,8 @@
 //! and reasons, never addresses or ports.
 
 use prometheus::{
-    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub struct Metrics {
@@ -22,6 +23,8 @@ pub struct Metrics {
     pub svid_fetches: IntCounterVec,
     pub ebpf_map_entries: IntGaugeVec,
     pub splices: IntCounterVec,
+    pub splice_pauses: IntCounter,
+    pub splice_resumes: IntCounter,
     /// HTTP/gRPC families: defined now so dashboards and `meshctl` need no change when the L7
     /// work parses requests; no samples until then.
     pub requests: IntCounterVec,
@@ -162,10 +165,28 @@ impl Metrics {
             ),
             splices: vec(
                 "splice_connections_total",
-                "Same-node connections under --sockmap on, by how they were relayed (spliced: in \
-                 the kernel; not_started: in user space, because the splice could not be set up, \
-                 e.g. the client had already closed)",
+                "Same-node connections under --sockmap on, by how they were relayed: spliced (in \
+                 the kernel), closed_early (in user space: one side had closed before the splice \
+                 was up), failed (in user space: the splice could not be set up, e.g. a full map)",
                 &["result"],
+            ),
+            splice_pauses: reg(
+                &registry,
+                IntCounter::new(
+                    "splice_pauses_total",
+                    "Times a spliced direction paused because its receiver fell more than \
+                     --splice-window behind (its bytes then wait in the sender's receive buffer)",
+                )
+                .expect("static metric definitions are valid"),
+            ),
+            splice_resumes: reg(
+                &registry,
+                IntCounter::new(
+                    "splice_resumes_total",
+                    "Times a paused spliced direction went back to the kernel after its receiver \
+                     caught up",
+                )
+                .expect("static metric definitions are valid"),
             ),
             requests: vec(
                 "requests_total",

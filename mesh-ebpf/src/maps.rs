@@ -4,11 +4,11 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_get_current_ancestor_cgroup_id,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
     ConnKey, Counter, ENROLLED_CAPACITY, Enrollment, MAX_CGROUP_LEVEL, ORIG_MAP_CAPACITY, OrigDst,
-    ProxyConfig, SPLICE_CAPACITY,
+    ProxyConfig, SPLICE_CAPACITY, SpliceCount,
 };
 
 #[map(name = "NM_ENROLLED")]
@@ -35,8 +35,16 @@ pub static SPLICE: SockHash<u64> = SockHash::with_max_entries(SPLICE_CAPACITY, 0
 pub static SPLICE_PEER: SockHash<u64> = SockHash::with_max_entries(SPLICE_CAPACITY, 0);
 
 #[map(name = "NM_SPLICE_BYTES")]
-pub static SPLICE_BYTES: HashMap<u64, u64> =
+pub static SPLICE_BYTES: HashMap<u64, SpliceCount> =
     HashMap::with_max_entries(SPLICE_CAPACITY, BPF_F_NO_PREALLOC);
+
+#[map(name = "NM_SPLICE_LIMIT")]
+pub static SPLICE_LIMIT: HashMap<u64, u64> =
+    HashMap::with_max_entries(SPLICE_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// 4096 events of 16 bytes; the daemon drains it as events come.
+#[map(name = "NM_SPLICE_EVENTS")]
+pub static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 /// Adds one to a per-CPU counter (no atomics needed: the slot belongs to this CPU).
 #[inline(always)]

@@ -9,7 +9,11 @@
 //! `NM_SPLICE_PEER` holds, under each socket's cookie, the socket its bytes go to; the daemon
 //! fills it for both sockets before it puts either in `NM_SPLICE`, so the verdict always finds the
 //! peer. `NM_SPLICE_BYTES` counts what was moved per source socket: the daemon forwards a FIN only
-//! once the peer's send queue has taken all of it.
+//! once the peer's send queue has taken all of it. Moved bytes wait in the kernel's queue for the
+//! peer without counting against the sender's receive buffer, so TCP alone would not push back on
+//! a fast client with a slow server: when the count reaches the daemon's `NM_SPLICE_LIMIT`, the
+//! cookie goes out on `NM_SPLICE_EVENTS`, and the daemon measures the backlog and pauses the
+//! splice if it is too big.
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
@@ -19,7 +23,7 @@ use aya_ebpf::{
 };
 use mesh_common::Counter;
 
-use crate::maps::{SPLICE_BYTES, SPLICE_PEER, count};
+use crate::maps::{SPLICE_BYTES, SPLICE_EVENTS, SPLICE_LIMIT, SPLICE_PEER, count};
 
 #[stream_verdict]
 pub fn nm_splice(ctx: SkBuffContext) -> u32 {
@@ -42,11 +46,23 @@ fn try_splice(ctx: &SkBuffContext) -> u32 {
         count(Counter::SpliceNoPeer);
         return SK_PASS;
     }
-    if let Some(total) = SPLICE_BYTES.get_ptr_mut(cookie) {
+    if let Some(c) = SPLICE_BYTES.get_ptr_mut(cookie) {
         // SAFETY: the pointer comes from the kernel's lookup and stays valid for this run. The
         // verdict of one socket runs under that socket's lock, so nobody else writes this value
         // meanwhile; the daemon only reads it (an aligned 8-byte store is never torn).
-        unsafe { *total += len };
+        let c = unsafe { &mut *c };
+        c.moved += len;
+        // SAFETY: copied out at once.
+        if let Some(&limit) = unsafe { SPLICE_LIMIT.get(cookie) }
+            && c.moved >= limit
+            && c.announced != limit
+        {
+            // The daemon asked to look at this splice's backlog once this much has moved.
+            c.announced = limit;
+            if SPLICE_EVENTS.output::<u64>(cookie, 0).is_err() {
+                count(Counter::SpliceEventLost);
+            }
+        }
     }
     count(Counter::SpliceRedirected);
     SK_PASS

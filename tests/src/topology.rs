@@ -102,6 +102,8 @@ pub struct DaemonOpts {
     pub inbound: &'static str,
     pub fail_open: bool,
     pub sockmap: bool,
+    /// `--splice-window` (None: the daemon's default).
+    pub splice_window: Option<&'static str>,
     /// SVID lifetime the CA issues (`--lifetime`).
     pub svid_lifetime: &'static str,
     /// `--bundle-refresh` (tests use 1 s so a rotation shows quickly; the daemon's default is 5 s).
@@ -117,6 +119,7 @@ impl Default for DaemonOpts {
             inbound: "permissive",
             fail_open: false,
             sockmap: false,
+            splice_window: None,
             svid_lifetime: "24h",
             bundle_refresh: "1s",
             sidecar: false,
@@ -447,6 +450,9 @@ impl Topology {
             );
         if self.opts.fail_open {
             d.arg("--fail-open");
+        }
+        if let Some(w) = self.opts.splice_window {
+            d.args(["--splice-window", w]);
         }
     }
 

@@ -21,7 +21,17 @@ fn app(cg: &std::path::Path, ns: &Netns, args: &[&str]) -> String {
 }
 
 #[test]
-fn kernel_capture_records_destination_and_cgroup() {
+fn kernel_capture_records_destination_and_cgroup_sockmap_off() {
+    kernel_capture_records_destination_and_cgroup(false);
+}
+
+/// `--sockmap on` adds the splice verdict; capture must not change, and everything still detaches.
+#[test]
+fn kernel_capture_records_destination_and_cgroup_sockmap_on() {
+    kernel_capture_records_destination_and_cgroup(true);
+}
+
+fn kernel_capture_records_destination_and_cgroup(sockmap: bool) {
     require_root("kernel_capture_records_destination_and_cgroup");
     let ns = Netns::new(&unique("cap"));
     ns.add_local_addr("nm0", "10.203.0.1/24");
@@ -37,7 +47,8 @@ fn kernel_capture_records_destination_and_cgroup() {
         proxy_addr: proxy,
         proxy_mark: 0x4e4d,
         redirect: true,
-        sockmap: false,
+        sockmap,
+        splice_window: 4 << 20,
         mesh_source: std::net::Ipv4Addr::UNSPECIFIED,
         pin_dir: None,
     })
@@ -52,6 +63,12 @@ fn kernel_capture_records_destination_and_cgroup() {
             },
         )
         .expect("enroll");
+    assert_eq!(
+        dp.program_names()
+            .contains(&mesh_common::prog_names::SPLICE),
+        sockmap,
+        "the splice verdict is loaded exactly with --sockmap on"
+    );
     println!(
         "attached {:?} to cgroup {} (multi-attach links); enrolled pod cgroup id {pod_id}",
         dp.program_names(),

@@ -42,6 +42,8 @@ both_ways!(
     fail_closed_while_down_then_uninstall_leaves_nothing,
     fail_open_goes_direct_while_down_and_clean_exit_detaches,
     mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state,
+    same_node_connections_of_every_shape,
+    a_server_that_does_not_read_pushes_back_on_the_client,
 );
 
 fn two_nodes(tag: &str, opts: DaemonOpts) -> Topology {
@@ -59,10 +61,11 @@ fn two_nodes(tag: &str, opts: DaemonOpts) -> Topology {
 }
 
 /// With `--sockmap on`, node 1's same-node connections were spliced in the kernel: at least
-/// `connections` of them, every byte moved by `nm_splice` (none relayed in user space), and —
-/// with `all` — none relayed in user space because the splice could not start. (A connection
-/// whose server resets it at once may be reset before the splice starts; it is then relayed as
-/// with the fast path off.) With it off, nothing was spliced.
+/// `connections` of them, every byte moved by `nm_splice` (none relayed in user space), no splice
+/// failed, and — with `all` — none was relayed in user space because one side had closed before
+/// the splice was up (a client that sends a few bytes and its FIN at once, or a server that
+/// resets at once, can beat it; such a connection is relayed as with the fast path off). With it
+/// off, nothing was spliced.
 fn check_splice(t: &Topology, sockmap: bool, connections: u64, all: bool) {
     let events = |e: &str| t.metric(0, "nodemesh_ebpf_events_total", &[("event", e)]);
     let splices = |r: &str| t.metric(0, "nodemesh_splice_connections_total", &[("result", r)]);
@@ -82,8 +85,13 @@ fn check_splice(t: &Topology, sockmap: bool, connections: u64, all: bool) {
         println!("  spliced connections={spliced}, segments moved by nm_splice={moved}");
         assert!(spliced >= connections, "spliced connections: {spliced}");
         assert!(moved >= 1, "nm_splice moved nothing");
+        assert_eq!(splices("failed"), 0, "splices that failed");
         if all {
-            assert_eq!(splices("not_started"), 0, "splices that could not start");
+            assert_eq!(
+                splices("closed_early"),
+                0,
+                "connections closed before the splice"
+            );
         }
         assert_eq!(events("splice_no_peer"), 0, "bytes left to user space");
     } else {
@@ -610,4 +618,190 @@ fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state(sockmap: bool) {
     );
     assert!(!ok, "a removed service is not served: {out}");
     println!("service removed by reload: {out}");
+}
+
+/// Many same-node connections of every shape, one after the other: tiny and large echoes (the
+/// large ones outlast the set-up, so they are spliced), a FIN right behind the first bytes, a
+/// half-close answered on the open direction, a server's reset. Each must end as it would without
+/// the mesh; with `--sockmap on` the large ones went through the kernel splice.
+fn same_node_connections_of_every_shape(sockmap: bool) {
+    require_root("same_node_connections_of_every_shape");
+    let mut t = two_nodes(
+        "sn",
+        DaemonOpts {
+            sockmap,
+            ..DaemonOpts::default()
+        },
+    );
+    let ip = t.pod("local").ip.clone();
+    t.serve("local", "echo-server", 7000);
+    t.serve("local", "count-server", 7001);
+    t.serve("local", "rst-server", 7002);
+    let cases: [(u16, &[&str], &str); 8] = [
+        (7000, &["--send", "1"], "echo=ok"),
+        (7000, &["--send", "100"], "echo=ok"),
+        (7000, &["--send", "70000"], "echo=ok"),
+        (7000, &["--send", "3000000"], "echo=ok"),
+        (7000, &["--send", "200000", "--pace-ms", "1"], "echo=ok"),
+        (7001, &["--send", "5", "--reply"], "reply=received=5"),
+        (
+            7001,
+            &["--send", "100000", "--reply"],
+            "reply=received=100000",
+        ),
+        (7002, &["--send", "10"], "ConnectionReset"),
+    ];
+    const ROUNDS: u64 = 8;
+    let start = Instant::now();
+    for round in 0..ROUNDS {
+        for (port, args, want) in cases {
+            let (ok, out) = t.connect("client", &format!("{ip}:{port}"), args);
+            let reset_expected = want == "ConnectionReset";
+            assert!(
+                out.contains(want) && ok != reset_expected,
+                "round {round}, :{port} {args:?}: {out}\n--- node-1:\n{}",
+                t.daemon(0).output()
+            );
+        }
+    }
+    println!(
+        "{} same-node connections in {:?}, every one as without the mesh",
+        ROUNDS * cases.len() as u64,
+        start.elapsed()
+    );
+    // A server that stalls at first, then keeps up with a steady client (1 MiB every 50 ms): the
+    // splice pauses while it stalls (once the socket buffers on the way are full) and goes back
+    // to the kernel once it has caught up; the bytes arrive in order.
+    let mut cmd = std::process::Command::new(bin("mesh-app"));
+    let local = t.pod("local");
+    cmd.arg("--cgroup")
+        .arg(&local.cgroup)
+        .args(["--netns", local.ns.name(), "sink-server"])
+        .arg(format!("{ip}:7003"))
+        .args(["--delay-ms", "1000"]);
+    let mut sink = nodemesh_tests::process::Proc::spawn("sink-server", cmd);
+    sink.wait_for("listening", Duration::from_secs(5));
+    let (ok, out) = t.connect(
+        "client",
+        &format!("{ip}:7003"),
+        &[
+            "--send",
+            "40000000",
+            "--pace-ms",
+            "50",
+            "--piece-bytes",
+            "1048576",
+        ],
+    );
+    assert!(ok && out.contains("sent=40000000 received=0"), "{out}");
+    sink.wait_for("bytes=40000000 pattern=ok", Duration::from_secs(10));
+    println!("stalling, then steady server: {out}");
+    // At least the 3 MB and the paced echoes of every round were spliced, and the paced sink.
+    check_splice(&t, sockmap, 2 * ROUNDS + 1, false);
+    if sockmap {
+        let early = t.metric(
+            0,
+            "nodemesh_splice_connections_total",
+            &[("result", "closed_early")],
+        );
+        let pauses = t.metric(0, "nodemesh_splice_pauses_total", &[]);
+        let resumes = t.metric(0, "nodemesh_splice_resumes_total", &[]);
+        println!(
+            "  relayed in user space because one side closed before the splice: {early}; \
+             pauses for a receiver more than 16 KiB behind: {pauses}, resumes: {resumes}"
+        );
+        assert!(
+            pauses >= 1 && resumes >= 1,
+            "the stalling server must have paused a splice, and its catching up resumed it"
+        );
+    }
+}
+
+/// A same-node server that does not read: the client's bytes must back up to the client (its
+/// writes block), not pile up in the node. While the server stalls, what the node holds for the
+/// connection — what the client's socket got acknowledged, minus what waits in the server's
+/// receive queue — stays within the proxy's socket buffers plus the splice window, far from the
+/// 64 MB the client tries to send. Then the server reads, and every byte arrives in order.
+fn a_server_that_does_not_read_pushes_back_on_the_client(sockmap: bool) {
+    require_root("a_server_that_does_not_read_pushes_back_on_the_client");
+    let t = two_nodes(
+        "bp",
+        DaemonOpts {
+            sockmap,
+            ..DaemonOpts::default()
+        },
+    );
+    let ip = t.pod("local").ip.clone();
+    let mut cmd = std::process::Command::new(bin("mesh-app"));
+    let local = t.pod("local");
+    cmd.arg("--cgroup")
+        .arg(&local.cgroup)
+        .args(["--netns", local.ns.name(), "sink-server"])
+        .arg(format!("{ip}:7003"))
+        .args(["--delay-ms", "6000"]);
+    let mut sink = nodemesh_tests::process::Proc::spawn("sink-server", cmd);
+    sink.wait_for("listening", Duration::from_secs(5));
+    let p = t.pod("client");
+    let (cg, ns, addr) = (
+        p.cgroup.clone(),
+        p.ns.name().to_string(),
+        format!("{ip}:7003"),
+    );
+    const SEND: u64 = 64_000_000;
+    let client = std::thread::spawn(move || {
+        nodemesh_tests::mesh_app(&cg, &ns, &["connect", &addr, "--send", &SEND.to_string()])
+    });
+    sink.wait_for("accepted", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
+    let acked = ss_field(t.pod("client").ns.name(), "dport = :15001", "bytes_acked:");
+    let queued = ss_recv_q(local.ns.name(), "sport = :7003");
+    let held = acked.saturating_sub(queued);
+    println!(
+        "server stalled: the client got {acked} bytes acknowledged, the server's receive queue \
+         holds {queued}: the node holds {held}"
+    );
+    assert!(
+        acked > 0 && acked < SEND,
+        "the client should be blocked part-way: {acked}"
+    );
+    assert!(
+        held < 20_000_000,
+        "{held} bytes piled up in the node for a server that does not read"
+    );
+    let out = client.join().expect("client thread");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&format!("sent={SEND} received=0")),
+        "{text}"
+    );
+    sink.wait_for(&format!("bytes={SEND} pattern=ok"), Duration::from_secs(30));
+    if sockmap {
+        check_splice(&t, sockmap, 1, true);
+        let pauses = t.metric(0, "nodemesh_splice_pauses_total", &[]);
+        let resumes = t.metric(0, "nodemesh_splice_resumes_total", &[]);
+        println!("  splice pauses: {pauses}, resumes: {resumes}");
+        assert!(pauses >= 1, "the stalled server never paused the splice");
+    }
+}
+
+/// A number after `field` on the `ss -tni` line of the one connection `filter` selects.
+fn ss_field(ns: &str, filter: &str, field: &str) -> u64 {
+    let mut args = vec!["netns", "exec", ns, "ss", "-tniH"];
+    args.extend(filter.split(' '));
+    let out = nodemesh_tests::sh("ip", &args);
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix(field))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in:\n{out}"))
+}
+
+/// The receive queue of the one established connection `filter` selects.
+fn ss_recv_q(ns: &str, filter: &str) -> u64 {
+    let mut args = vec!["netns", "exec", ns, "ss", "-tnH", "state", "established"];
+    args.extend(filter.split(' '));
+    let out = nodemesh_tests::sh("ip", &args);
+    out.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no receive queue in:\n{out}"))
 }

@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkSkb,
         SockOps,
@@ -26,7 +26,7 @@ use aya::{
 };
 use mesh_common::{
     ConnKey, Counter, ENROLL_STRICT, Enrollment, FLAG_REDIRECT, MAX_PROBE_PORTS, OrigDst,
-    ProxyConfig, map_names, prog_names,
+    ProxyConfig, SpliceCount, map_names, prog_names,
 };
 
 use super::{OBJECT, cgroup, explain_os_error};
@@ -80,6 +80,8 @@ pub struct DatapathConfig {
     /// The same-node fast path: splice the proxy's two sockets of a same-node connection in the
     /// kernel (`nm_splice` on `NM_SPLICE`).
     pub sockmap: bool,
+    /// Bytes the kernel may hold for a spliced direction's slow receiver before it pauses.
+    pub splice_window: u64,
     /// The proxy's source address toward local pods (what STRICT pods accept).
     pub mesh_source: Ipv4Addr,
     /// Fail closed: pin the capture links here so they outlive the daemon (connections from
@@ -119,14 +121,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Why two sockets could not be spliced; nothing was changed, so the connection can be relayed in
 /// user space instead.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot splice ({0})")]
-pub struct SpliceError(String);
+#[error("cannot splice ({what})")]
+pub struct SpliceError {
+    what: String,
+    /// A socket was no longer established (its peer had already closed): expected, not a fault.
+    pub not_established: bool,
+}
 
 /// The maps of the same-node fast path (see `mesh-ebpf/src/splice.rs`).
 pub struct SpliceMaps {
     splice: Mutex<SockHash<MapData, u64>>,
     peer: Mutex<SockHash<MapData, u64>>,
-    bytes: Mutex<HashMap<MapData, u64, u64>>,
+    bytes: Mutex<HashMap<MapData, u64, SpliceCount>>,
+    limit: Mutex<HashMap<MapData, u64, u64>>,
+    /// Taken once by the task that reads it ([`SpliceMaps::take_events`]).
+    events: Mutex<Option<RingBuf<MapData>>>,
+    /// Who to wake for a socket's limit event, by cookie.
+    waiters: Mutex<std::collections::HashMap<u64, Arc<tokio::sync::Notify>>>,
+    window: u64,
 }
 
 impl SpliceMaps {
@@ -139,20 +151,36 @@ impl SpliceMaps {
     /// its FIN), nothing is changed and this fails. If `b` is not (its server already closed),
     /// the splice is one-way: `a`'s bytes still move in the kernel, and `b`'s stay in its receive
     /// queue for the caller to read and relay (returns `false`).
+    ///
+    /// `limit` is the first [`Self::set_limit`] of both; `wake` is notified on their events.
     pub fn join(
         &self,
         a: (BorrowedFd<'_>, u64),
         b: (BorrowedFd<'_>, u64),
+        limit: u64,
+        wake: &Arc<tokio::sync::Notify>,
     ) -> Result<bool, SpliceError> {
         let fail = |what: &str, e: aya::maps::MapError| {
             let _ = lock(&self.peer).remove(&a.1);
             let _ = lock(&self.peer).remove(&b.1);
             self.forget(a.1, b.1);
-            SpliceError(format!("{what}: {e}"))
+            // A socket map refuses a TCP socket that is not established with EOPNOTSUPP.
+            let not_established = matches!(
+                &e,
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+            );
+            SpliceError {
+                what: format!("{what}: {e}"),
+                not_established,
+            }
         };
         for cookie in [a.1, b.1] {
-            let r = lock(&self.bytes).insert(cookie, 0, 0);
+            lock(&self.waiters).insert(cookie, wake.clone());
+            let r = lock(&self.bytes).insert(cookie, SpliceCount::default(), 0);
             r.map_err(|e| fail(map_names::SPLICE_BYTES, e))?;
+            let r = lock(&self.limit).insert(cookie, limit, 0);
+            r.map_err(|e| fail(map_names::SPLICE_LIMIT, e))?;
         }
         for (key, target) in [(a.1, b.0), (b.1, a.0)] {
             let r = lock(&self.peer).insert(key, target, 0);
@@ -165,16 +193,53 @@ impl SpliceMaps {
         Ok(r.is_ok())
     }
 
-    /// Bytes the kernel moved from the socket with this cookie to its peer.
-    pub fn moved(&self, cookie: u64) -> u64 {
-        lock(&self.bytes).get(&cookie, 0).unwrap_or(0)
+    /// Bytes the kernel may hold for one direction's receiver before the splice pauses.
+    pub fn window(&self) -> u64 {
+        self.window
     }
 
-    /// Drops the byte counters of a finished pair (the sockets leave the socket maps on close).
+    /// Stops the kernel moving bytes from this socket (the verdict detaches from it); its bytes
+    /// then wait in its receive queue, for the caller to read.
+    pub fn pause(&self, cookie: u64) {
+        let _ = lock(&self.splice).remove(&cookie);
+    }
+
+    /// Lets the kernel move bytes from this socket again; false when it can no longer be spliced
+    /// (it is not established any more, having received a FIN).
+    pub fn resume(&self, sock: BorrowedFd<'_>, cookie: u64) -> bool {
+        lock(&self.splice).insert(cookie, sock, 0).is_ok()
+    }
+
+    /// Bytes the kernel moved from the socket with this cookie to its peer.
+    pub fn moved(&self, cookie: u64) -> u64 {
+        lock(&self.bytes).get(&cookie, 0).map_or(0, |c| c.moved)
+    }
+
+    /// Asks for an event once the bytes moved from this socket reach `moved` (at once if they
+    /// already have). False if the limit could not be set: the caller must then look by itself.
+    pub fn set_limit(&self, cookie: u64, moved: u64) -> bool {
+        lock(&self.limit).insert(cookie, moved.max(1), 0).is_ok()
+    }
+
+    /// Drops everything kept for a finished pair (the sockets leave the socket maps on close).
     pub fn forget(&self, a: u64, b: u64) {
-        let mut bytes = lock(&self.bytes);
-        let _ = bytes.remove(&a);
-        let _ = bytes.remove(&b);
+        for cookie in [a, b] {
+            let _ = lock(&self.bytes).remove(&cookie);
+            let _ = lock(&self.limit).remove(&cookie);
+            lock(&self.waiters).remove(&cookie);
+        }
+    }
+
+    /// The ring buffer of limit events, for the one task that reads it.
+    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
+        lock(&self.events).take()
+    }
+
+    /// Wakes whoever serves the splice of this socket.
+    pub fn wake(&self, cookie: u64) {
+        if let Some(w) = lock(&self.waiters).get(&cookie) {
+            w.notify_one();
+        }
     }
 }
 
@@ -280,6 +345,10 @@ impl Datapath {
                 splice: Mutex::new(take_map(&mut ebpf, map_names::SPLICE)?),
                 peer: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_PEER)?),
                 bytes: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_BYTES)?),
+                limit: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_LIMIT)?),
+                events: Mutex::new(Some(take_map(&mut ebpf, map_names::SPLICE_EVENTS)?)),
+                waiters: Mutex::new(std::collections::HashMap::new()),
+                window: cfg.splice_window,
             };
             let verdict: &mut SkSkb = program(&mut ebpf, prog_names::SPLICE)?;
             verdict

@@ -346,16 +346,25 @@ async fn relay_local(
     upstream: &mut TcpStream,
 ) -> std::io::Result<(u64, u64)> {
     let count = |result| inputs.metrics.splices.with_label_values(&[result]).inc();
-    match super::splice::relay(maps, client, upstream).await {
+    let counters = super::splice::Counters {
+        pauses: &inputs.metrics.splice_pauses,
+        resumes: &inputs.metrics.splice_resumes,
+    };
+    match super::splice::relay(maps, client, upstream, counters).await {
         super::splice::Started::Spliced(r) => {
             count("spliced");
             r
         }
-        super::splice::Started::NotStarted(why) => {
-            // Expected when the client sent its FIN before the splice was up (a socket map takes
-            // only established sockets); anything else (a full map) is worth a look.
-            debug!(reason = %why, "same-node connection relayed in user space");
-            count("not_started");
+        super::splice::Started::NotStarted { why, expected } => {
+            if expected {
+                // The client sent its FIN (or the server closed) before the splice was up: a
+                // socket map takes only established sockets.
+                debug!(reason = %why, "same-node connection relayed in user space");
+                count("closed_early");
+            } else {
+                warn!(reason = %why, "same-node splice failed (map full?); relaying this connection in user space");
+                count("failed");
+            }
             super::relay_tcp(client, upstream).await
         }
     }

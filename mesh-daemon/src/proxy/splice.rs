@@ -11,10 +11,16 @@
 use std::{
     io,
     os::fd::{AsFd, AsRawFd},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use tokio::{io::Interest, net::TcpStream};
+use std::sync::Arc;
+
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::TcpStream,
+    sync::Notify,
+};
 
 use crate::ebpf::loader::SpliceMaps;
 
@@ -23,8 +29,29 @@ pub enum Started {
     /// Relayed in the kernel until both directions ended (or one was reset); (bytes a→b, bytes
     /// b→a).
     Spliced(io::Result<(u64, u64)>),
-    /// Nothing was changed: relay in user space.
-    NotStarted(String),
+    /// Nothing was changed: relay in user space. `expected`: a socket had already closed its
+    /// side (only established sockets can be spliced), not a fault.
+    NotStarted { why: String, expected: bool },
+}
+
+// The window (`--splice-window`): bytes the kernel may hold for one direction, queued for the
+// receiving socket beyond what its send buffer took. Past it the direction is paused: the verdict
+// is detached from the sending socket, so new bytes wait in its receive buffer and TCP's window
+// pushes back on the client, the same bound the user-space relay gives.
+/// The backlog of a kernel-spliced direction is measured when `nm_splice` says enough has moved
+/// since the last look (a ring buffer event), and in any case this often (should an event be lost).
+const SAFETY_CHECK: Duration = Duration::from_secs(1);
+/// How often a pending FIN or a paused direction looks again whether the kernel has handed on
+/// everything before it; the interval doubles while the receiver takes nothing, up to
+/// [`STALLED_CHECK`].
+const FLUSH_CHECK: Duration = Duration::from_millis(1);
+const STALLED_CHECK: Duration = Duration::from_millis(100);
+
+/// What a splice counts (`nodemesh_splice_pauses_total`, `nodemesh_splice_resumes_total`).
+#[derive(Clone, Copy)]
+pub struct Counters<'a> {
+    pub pauses: &'a prometheus::IntCounter,
+    pub resumes: &'a prometheus::IntCounter,
 }
 
 /// One direction of the pair.
@@ -33,16 +60,65 @@ struct Direction {
     from: u64,
     /// What the receiving end had taken before the splice (its SYN, acknowledged).
     to_base: u64,
-    /// Bytes this task copied itself (a one-way splice's other direction).
+    /// Bytes this task copied itself (while paused, or a one-way splice's other direction).
     copied: u64,
+    /// The verdict is attached to the sending socket: the kernel moves the bytes.
+    kernel: bool,
+    /// Kernel mode was paused for a slow receiver; it resumes once this task has caught up.
+    paused: bool,
+    /// The sending socket has something for this task: an end of stream, an error, or (not in
+    /// kernel mode) bytes. Read only once the kernel has handed on everything before it.
+    pending: bool,
     eof: bool,
     done: bool,
+    /// Kernel mode: measure the backlog now (an event came), or at `next_check` at the latest.
+    check: bool,
+    next_check: Instant,
+    /// Waiting for the backlog to drain (something pending, or the FIN).
+    last_backlog: u64,
+    flush_every: Duration,
+}
+
+impl Direction {
+    fn new(from: u64, to_base: u64, kernel: bool) -> Self {
+        Self {
+            from,
+            to_base,
+            copied: 0,
+            kernel,
+            paused: false,
+            // A first read runs bytes that arrived before the splice through the verdict.
+            pending: true,
+            eof: false,
+            done: false,
+            check: false,
+            next_check: Instant::now() + SAFETY_CHECK,
+            last_backlog: 0,
+            flush_every: FLUSH_CHECK,
+        }
+    }
+
+    /// When this direction needs looking at without an event.
+    fn deadline(&self) -> Option<Instant> {
+        if self.pending || (self.eof && !self.done) {
+            Some(Instant::now() + self.flush_every)
+        } else if self.kernel {
+            Some(self.next_check)
+        } else {
+            None
+        }
+    }
 }
 
 /// Splices `a` and `b` (established, nothing read from either yet) and serves the connection
 /// until both directions are done. An error on either side resets both, as the user-space relay
 /// does.
-pub async fn relay(maps: &SpliceMaps, a: &TcpStream, b: &TcpStream) -> Started {
+pub async fn relay(
+    maps: &SpliceMaps,
+    a: &TcpStream,
+    b: &TcpStream,
+    counters: Counters<'_>,
+) -> Started {
     let setup = (|| -> io::Result<_> {
         Ok((
             cookie(a)?,
@@ -53,28 +129,27 @@ pub async fn relay(maps: &SpliceMaps, a: &TcpStream, b: &TcpStream) -> Started {
     })();
     let (ca, cb, a_base, b_base) = match setup {
         Ok(v) => v,
-        Err(e) => return Started::NotStarted(e.to_string()),
+        Err(e) => {
+            return Started::NotStarted {
+                why: e.to_string(),
+                expected: false,
+            };
+        }
     };
-    let both_ways = match maps.join((a.as_fd(), ca), (b.as_fd(), cb)) {
+    let wake = Arc::new(Notify::new());
+    let both_ways = match maps.join((a.as_fd(), ca), (b.as_fd(), cb), maps.window(), &wake) {
         Ok(both) => both,
-        Err(e) => return Started::NotStarted(e.to_string()),
+        Err(e) => {
+            return Started::NotStarted {
+                expected: e.not_established,
+                why: e.to_string(),
+            };
+        }
     };
-    let mut ab = Direction {
-        from: ca,
-        to_base: b_base,
-        copied: 0,
-        eof: false,
-        done: false,
-    };
-    let mut ba = Direction {
-        from: cb,
-        to_base: a_base,
-        copied: 0,
-        eof: false,
-        done: false,
-    };
+    let mut ab = Direction::new(ca, b_base, true);
+    let mut ba = Direction::new(cb, a_base, both_ways);
     tracing::debug!(a = ca, b = cb, both_ways, "spliced");
-    let r = serve(maps, a, b, &mut ab, &mut ba).await;
+    let r = serve(maps, a, b, &mut ab, &mut ba, &wake, counters).await;
     tracing::debug!(a = ca, b = cb, result = ?r, "splice ended");
     let moved = (maps.moved(ca) + ab.copied, maps.moved(cb) + ba.copied);
     maps.forget(ca, cb);
@@ -90,41 +165,118 @@ async fn serve(
     b: &TcpStream,
     ab: &mut Direction,
     ba: &mut Direction,
+    wake: &Notify,
+    counters: Counters<'_>,
 ) -> io::Result<()> {
-    // Bytes that arrived before the verdict was attached wait in the receive queue; a read runs
-    // them through it (and clears readiness that predates the splice).
-    pump(a, b, ab).await?;
-    pump(b, a, ba).await?;
-    let mut wait = Duration::from_millis(1);
     while !(ab.done && ba.done) {
-        for (dir, to) in [(&mut *ab, b), (&mut *ba, a)] {
-            if dir.eof && !dir.done && flushed(maps, dir, to)? {
-                // Every byte before the FIN is in the other socket's send queue: the FIN follows.
-                shutdown_write(to)?;
-                dir.done = true;
-                wait = Duration::from_millis(1);
-            }
-        }
+        step(maps, a, b, ab, counters).await?;
+        step(maps, b, a, ba, counters).await?;
         if ab.done && ba.done {
             break;
         }
-        let flushing = (ab.eof && !ab.done) || (ba.eof && !ba.done);
-        tokio::select! {
-            r = a.readable(), if !ab.eof => { r?; pump(a, b, ab).await?; }
-            r = b.readable(), if !ba.eof => { r?; pump(b, a, ba).await?; }
-            // After its FIN, a side can still be reset (or fail a kernel send).
-            r = a.ready(Interest::ERROR), if ab.eof => { r?; return Err(socket_error(a)); }
-            r = b.ready(Interest::ERROR), if ba.eof => { r?; return Err(socket_error(b)); }
-            () = tokio::time::sleep(wait), if flushing => {
-                wait = (wait * 2).min(Duration::from_millis(20));
+        let deadline = [ab.deadline(), ba.deadline()].into_iter().flatten().min();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            r = a.readable(), if !ab.eof && !ab.pending => { r?; ab.pending = true; }
+            r = b.readable(), if !ba.eof && !ba.pending => { r?; ba.pending = true; }
+            // While a side waits (for the kernel to finish, or after its FIN) it can still be
+            // reset, or fail a send the kernel made for it.
+            r = a.ready(Interest::ERROR), if ab.eof || ab.pending => { r?; return Err(socket_error(a)); }
+            r = b.ready(Interest::ERROR), if ba.eof || ba.pending => { r?; return Err(socket_error(b)); }
+            // `nm_splice` reached a limit: look at the backlogs.
+            () = wake.notified() => { ab.check = true; ba.check = true; }
+            () = sleep => {}
         }
     }
     Ok(())
 }
 
-/// Reads what the verdict left on `from` (its FIN, its error, bytes it could not move, or — for a
-/// one-way splice — everything) and forwards bytes to `to` in order.
+/// Moves one direction on: measures the kernel's backlog (pausing the splice when it is too
+/// big), forwards what is pending once everything before it is across, resumes a paused splice,
+/// and passes the FIN on last.
+async fn step(
+    maps: &SpliceMaps,
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: &mut Direction,
+    counters: Counters<'_>,
+) -> io::Result<()> {
+    if dir.kernel && !dir.eof && (dir.check || Instant::now() >= dir.next_check) {
+        dir.check = false;
+        dir.next_check = Instant::now() + SAFETY_CHECK;
+        let moved = maps.moved(dir.from);
+        let left = backlog(maps, dir, to)?;
+        let window = maps.window();
+        if left > window || !maps.set_limit(dir.from, moved + (window - left)) {
+            // The receiver is slower than the sender: stop moving bytes in the kernel. After the
+            // socket call below, no verdict run for `from` is still under way (it holds the
+            // socket's lock), so `moved` is final until the splice resumes.
+            maps.pause(dir.from);
+            let _ = taken_by_socket(from);
+            dir.kernel = false;
+            dir.paused = true;
+            dir.pending = true;
+            counters.pauses.inc();
+            tracing::trace!(
+                from = dir.from,
+                left,
+                "splice paused: the receiver is behind"
+            );
+        }
+    }
+    if !(dir.pending || (dir.eof && !dir.done)) {
+        return Ok(());
+    }
+    let left = backlog(maps, dir, to)?;
+    if left > 0 {
+        // Poll less often while the receiver takes nothing.
+        dir.flush_every = if left == dir.last_backlog {
+            (dir.flush_every * 2).min(STALLED_CHECK)
+        } else {
+            FLUSH_CHECK
+        };
+        dir.last_backlog = left;
+        return Ok(());
+    }
+    dir.flush_every = FLUSH_CHECK;
+    if dir.pending && !dir.eof {
+        // Everything the kernel moved is in `to`'s send queue: bytes read now go after it.
+        pump(from, to, dir).await?;
+        dir.pending = false;
+        if dir.paused && !dir.eof {
+            dir.paused = false;
+            let moved = maps.moved(dir.from);
+            if maps.set_limit(dir.from, moved + maps.window())
+                && maps.resume(from.as_fd(), dir.from)
+            {
+                dir.kernel = true;
+                dir.next_check = Instant::now() + SAFETY_CHECK;
+                // Bytes that arrived since the last read go through the verdict now.
+                dir.pending = true;
+                counters.resumes.inc();
+                tracing::trace!(from = dir.from, "splice resumed");
+            }
+        }
+    }
+    if dir.eof && !dir.done && backlog(maps, dir, to)? == 0 {
+        // Every byte before the FIN is in the other socket's send queue: the FIN follows.
+        shutdown_write(to)?;
+        dir.done = true;
+    }
+    Ok(())
+}
+
+/// Reads what waits on `from` — its FIN, its error, or bytes the kernel did not move — and
+/// forwards the bytes to `to` in order, until `from` has nothing more.
+///
+/// It always reads until the receive queue is empty: the verdict takes whole segments from the
+/// queue, so a paused splice may resume only when no segment is half read (the kernel would pass
+/// the read half on again).
 async fn pump(from: &TcpStream, to: &TcpStream, dir: &mut Direction) -> io::Result<()> {
     let mut buf = [0u8; 16 * 1024];
     loop {
@@ -160,18 +312,48 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Has `to` taken every byte that arrived for it (moved by the kernel or copied here)?
-fn flushed(maps: &SpliceMaps, dir: &Direction, to: &TcpStream) -> io::Result<bool> {
+/// Reads `nm_splice`'s limit events for as long as the daemon runs and wakes the connection each
+/// names. One task per daemon.
+pub async fn run_events(maps: Arc<SpliceMaps>) {
+    let Some(events) = maps.take_events() else {
+        return;
+    };
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as the
+    // `AsyncFd` holds it.
+    let registered = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) };
+    let mut events = match registered {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the splice events; spliced connections are measured once a second only");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match events.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "splice events stopped; spliced connections are measured once a second only");
+                return;
+            }
+        };
+        while let Some(item) = guard.get_inner_mut().next() {
+            if let Some(bytes) = item.get(..8) {
+                let mut c = [0u8; 8];
+                c.copy_from_slice(bytes);
+                maps.wake(u64::from_ne_bytes(c));
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Bytes that arrived for `to` (moved by the kernel or copied here) that it has not taken yet:
+/// what still waits in the kernel's queue for it.
+fn backlog(maps: &SpliceMaps, dir: &Direction, to: &TcpStream) -> io::Result<u64> {
     let arrived = maps.moved(dir.from) + dir.copied;
     let taken = taken_by_socket(to)?.saturating_sub(dir.to_base);
-    tracing::trace!(
-        from = dir.from,
-        arrived,
-        taken,
-        base = dir.to_base,
-        "splice: flush check"
-    );
-    Ok(taken >= arrived)
+    tracing::trace!(from = dir.from, arrived, taken, "splice: backlog");
+    Ok(arrived.saturating_sub(taken))
 }
 
 /// Bytes a socket has taken for sending: acknowledged plus still queued. Read in this order, a

@@ -34,6 +34,13 @@ enum Cmd {
     CountServer { addr: SocketAddr },
     /// Read a little from each connection, then reset it.
     RstServer { addr: SocketAddr },
+    /// Read nothing from each connection for `--delay-ms` (a stalled server), then read it to EOF
+    /// and check the bytes are the client's pattern; prints `bytes=N pattern=ok|MISMATCH`.
+    SinkServer {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        delay_ms: u64,
+    },
     /// Hold `--conns` connections open to an echo server and send a small request on one of them
     /// every `--every-ms` (round robin) for `--secs`: an idle pod with a trickle of traffic.
     Hold(HoldOpts),
@@ -104,12 +111,16 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Connect(o) => report(repeat_connect(&o)),
         Cmd::Hold(o) => report(hold(&o)),
-        Cmd::EchoServer { addr } | Cmd::CountServer { addr } | Cmd::RstServer { addr } => {
+        Cmd::EchoServer { addr }
+        | Cmd::CountServer { addr }
+        | Cmd::RstServer { addr }
+        | Cmd::SinkServer { addr, .. } => {
             match serve(
                 addr,
                 match cli.cmd {
                     Cmd::EchoServer { .. } => Mode::Echo,
                     Cmd::CountServer { .. } => Mode::Count,
+                    Cmd::SinkServer { delay_ms, .. } => Mode::Sink(Duration::from_millis(delay_ms)),
                     _ => Mode::Rst,
                 },
             ) {
@@ -160,9 +171,12 @@ struct ConnectOpts {
     /// Send the bytes, then abort the connection with a reset instead of a half-close.
     #[arg(long)]
     rst: bool,
-    /// Send in 4 KiB pieces this many milliseconds apart (a long, slow connection).
+    /// Send in pieces (`--piece-bytes`) this many milliseconds apart (a long, slow connection).
     #[arg(long, default_value_t = 0)]
     pace_ms: u64,
+    /// The size of each paced piece.
+    #[arg(long, default_value_t = 4096)]
+    piece_bytes: usize,
     /// Make this many connections one after the other (each from a new client port); prints
     /// the last line and how many succeeded.
     #[arg(long, default_value_t = 1)]
@@ -273,13 +287,14 @@ fn connect(o: &ConnectOpts) -> std::io::Result<String> {
     }
     let data = pattern(send);
     let pace = Duration::from_millis(o.pace_ms);
+    let piece = o.piece_bytes.max(1);
     let writer = {
         let mut w = s.try_clone()?;
         std::thread::spawn(move || -> std::io::Result<()> {
             if pace.is_zero() {
                 w.write_all(&data)?;
             } else {
-                for piece in data.chunks(4096) {
+                for piece in data.chunks(piece) {
                     w.write_all(piece)?;
                     std::thread::sleep(pace);
                 }
@@ -316,6 +331,7 @@ enum Mode {
     Echo,
     Count,
     Rst,
+    Sink(Duration),
 }
 
 fn serve(addr: SocketAddr, mode: Mode) -> std::io::Result<()> {
@@ -355,6 +371,21 @@ fn serve(addr: SocketAddr, mode: Mode) -> std::io::Result<()> {
                     let _ = r.read(&mut buf);
                     let _ = set_linger_zero(&s);
                     println!("reset peer={peer}");
+                }
+                Mode::Sink(delay) => {
+                    std::thread::sleep(delay);
+                    let mut got = Vec::new();
+                    match r.read_to_end(&mut got) {
+                        Ok(n) => {
+                            let ok = got == pattern(n);
+                            let _ = s.shutdown(Shutdown::Write);
+                            println!(
+                                "closed peer={peer} bytes={n} pattern={}",
+                                if ok { "ok" } else { "MISMATCH" }
+                            );
+                        }
+                        Err(e) => println!("closed peer={peer} error={:?}", e.kind()),
+                    }
                 }
             }
         });
