@@ -20,7 +20,7 @@ usage: cargo xtask <command>
   bench   measurements, medians and ratios from one run. `bench [--quick]`: baseline, sidecar,
           node and node+sockmap side by side (h2load, iperf3; latency at 1000 req/s, max req/s,
           one TCP stream, new connections/s, memory and CPU for 1-100 pods per node); writes
-          bench/results.json, bench/RESULTS.md and SVG plots (~25 min; --quick under 5).
+          bench/results.json, bench/RESULTS.md and SVG plots (~25 min; --quick about 6).
           `bench tls` compares the rustls crypto providers; `bench scrape` measures whether
           scraping /metrics moves the data plane's latency
 ";

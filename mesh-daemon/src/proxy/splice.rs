@@ -7,14 +7,22 @@
 //! life: it sees each end's FIN or reset and passes it on, and it passes a FIN on only after the
 //! kernel has handed every byte before it to the other socket (the bytes the verdict moved, from
 //! `NM_SPLICE_BYTES`, against what the other socket has taken: `tcpi_bytes_acked` + `SIOCOUTQ`).
+//!
+//! Bytes the kernel moved wait in a queue for the receiving socket that counts against no socket
+//! buffer, so TCP alone would let a fast client fill the node's memory for a slow server. The
+//! window (`--splice-window`) bounds that queue per direction: `nm_splice` sends an event when
+//! enough has moved since the last look, this task measures the backlog, and past the window it
+//! pauses the direction — the verdict is detached from the sending socket, new bytes wait in its
+//! receive buffer and TCP's window pushes back on the client, as with the user-space relay. Once
+//! the receiver has caught up (and the sending socket's queue is empty: the verdict takes whole
+//! segments, so none may be half read), the direction goes back to the kernel.
 
 use std::{
     io,
     os::fd::{AsFd, AsRawFd},
+    sync::Arc,
     time::{Duration, Instant},
 };
-
-use std::sync::Arc;
 
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -34,10 +42,6 @@ pub enum Started {
     NotStarted { why: String, expected: bool },
 }
 
-// The window (`--splice-window`): bytes the kernel may hold for one direction, queued for the
-// receiving socket beyond what its send buffer took. Past it the direction is paused: the verdict
-// is detached from the sending socket, so new bytes wait in its receive buffer and TCP's window
-// pushes back on the client, the same bound the user-space relay gives.
 /// The backlog of a kernel-spliced direction is measured when `nm_splice` says enough has moved
 /// since the last look (a ring buffer event), and in any case this often (should an event be lost).
 const SAFETY_CHECK: Duration = Duration::from_secs(1);

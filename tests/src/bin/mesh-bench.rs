@@ -2,8 +2,10 @@
 //!
 //! Every mode gets the same two-node topology (network namespaces, real kernel hooks, mTLS
 //! between proxies): `baseline` (no mesh), `sidecar` (one `mesh-daemon run --mode sidecar` per
-//! pod), `node` (one daemon per node) and `node+sockmap` (the node daemon with `--sockmap on`).
-//! A client pod on node 1 drives a server pod on node 2 with well-known tools: h2load (HTTP/1.1
+//! pod) and `node` (one daemon per node) put the server pod on the other node; `baseline (same
+//! node)`, `node (same node)` and `node+sockmap (same node)` put it next to the client, where the
+//! node daemon relays in user space or, with `--sockmap on`, splices in the kernel.
+//! A client pod on node 1 drives the server pod with well-known tools: h2load (HTTP/1.1
 //! at a fixed 1000 req/s for latency; HTTP/1.1 and HTTP/2 flat out for throughput), iperf3 (one
 //! TCP stream) and the project's own client for new connections per second. Rounds interleave
 //! the modes so drift on a shared machine hits all alike; the report gives medians with min–max.
@@ -36,10 +38,19 @@ enum Mode {
     Baseline,
     Sidecar,
     Node,
-    NodeSockmap,
+    BaselineLocal,
+    NodeLocal,
+    NodeLocalSockmap,
 }
 
-const MODES: [Mode; 4] = [Mode::Baseline, Mode::Sidecar, Mode::Node, Mode::NodeSockmap];
+const MODES: [Mode; 6] = [
+    Mode::Baseline,
+    Mode::Sidecar,
+    Mode::Node,
+    Mode::BaselineLocal,
+    Mode::NodeLocal,
+    Mode::NodeLocalSockmap,
+];
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -47,7 +58,9 @@ impl Mode {
             Self::Baseline => "baseline",
             Self::Sidecar => "sidecar",
             Self::Node => "node",
-            Self::NodeSockmap => "node+sockmap",
+            Self::BaselineLocal => "baseline (same node)",
+            Self::NodeLocal => "node (same node)",
+            Self::NodeLocalSockmap => "node+sockmap (same node)",
         }
     }
     fn tag(self) -> &'static str {
@@ -55,7 +68,29 @@ impl Mode {
             Self::Baseline => "bb",
             Self::Sidecar => "bs",
             Self::Node => "bn",
-            Self::NodeSockmap => "bk",
+            Self::BaselineLocal => "bl",
+            Self::NodeLocal => "bo",
+            Self::NodeLocalSockmap => "bk",
+        }
+    }
+    /// No mesh at all.
+    fn is_baseline(self) -> bool {
+        matches!(self, Self::Baseline | Self::BaselineLocal)
+    }
+    /// Client and server pod on the same node.
+    fn same_node(self) -> bool {
+        matches!(
+            self,
+            Self::BaselineLocal | Self::NodeLocal | Self::NodeLocalSockmap
+        )
+    }
+    /// What this mode's "added" and ratios are measured against: the baseline with the same
+    /// placement.
+    fn baseline(self) -> Self {
+        if self.same_node() {
+            Self::BaselineLocal
+        } else {
+            Self::Baseline
         }
     }
 }
@@ -215,17 +250,13 @@ fn main() {
     let proxy_memory: BTreeMap<Mode, Option<f64>> = beds
         .iter()
         .map(|(m, b)| {
-            let v = b
-                .as_ref()
-                .ok()
-                .filter(|b| b.mode != Mode::Baseline)
-                .map(|b| {
-                    proxies(&b.t)
-                        .iter()
-                        .map(|(_, pid)| pss_kib(*pid))
-                        .sum::<f64>()
-                        / 1024.0
-                });
+            let v = b.as_ref().ok().filter(|b| !b.mode.is_baseline()).map(|b| {
+                proxies(&b.t)
+                    .iter()
+                    .map(|(_, pid)| pss_kib(*pid))
+                    .sum::<f64>()
+                    / 1024.0
+            });
             (*m, v)
         })
         .collect();
@@ -295,7 +326,8 @@ fn defaults() -> DaemonOpts {
 }
 
 fn build_bed(mode: Mode) -> Result<Bed, String> {
-    let meshed = mode != Mode::Baseline;
+    let meshed = !mode.is_baseline();
+    let server_node = if mode.same_node() { 0 } else { 1 };
     let pods = [
         PodSpec {
             meshed,
@@ -303,40 +335,21 @@ fn build_bed(mode: Mode) -> Result<Bed, String> {
         },
         PodSpec {
             meshed,
-            ..PodSpec::meshed("server", 1, "server")
+            ..PodSpec::meshed("server", server_node, "server")
         },
     ];
     let mut t = Topology::build(mode.tag(), 2, &pods, &[]);
     match mode {
-        Mode::Baseline => {}
+        Mode::Baseline | Mode::BaselineLocal => {}
         Mode::Sidecar => t.start(DaemonOpts {
             sidecar: true,
             ..defaults()
         }),
-        Mode::Node => t.start(defaults()),
-        Mode::NodeSockmap => {
-            // The daemon refuses the flag today (see ARCHITECTURE.md); record its own reason.
-            t.opts.sockmap = true;
-            t.start_ca();
-            let mut p = Proc::spawn("node+sockmap daemon", t.daemon_command(0));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && !p.has_exited() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if p.has_exited() {
-                let why = p
-                    .lines()
-                    .into_iter()
-                    .find(|l| l.contains("mesh-daemon:"))
-                    .unwrap_or_else(|| p.output());
-                return Err(format!("the daemon refused to start: {}", why.trim()));
-            }
-            p.terminate(Duration::from_secs(5));
-            t.start(DaemonOpts {
-                sockmap: true,
-                ..defaults()
-            });
-        }
+        Mode::Node | Mode::NodeLocal => t.start(defaults()),
+        Mode::NodeLocalSockmap => t.start(DaemonOpts {
+            sockmap: true,
+            ..defaults()
+        }),
     }
     let server_ip = t.pod("server").ip.clone();
     tune(&t);
@@ -923,7 +936,7 @@ impl Report<'_> {
     fn added(&self, scenario: &str, mode: Mode, key: &str) -> Result<Stat, String> {
         let (m, b) = (
             self.rounds(scenario, mode),
-            self.rounds(scenario, Mode::Baseline),
+            self.rounds(scenario, mode.baseline()),
         );
         if let Some(e) = failure(m) {
             return Err(e.to_string());
@@ -1131,12 +1144,38 @@ impl Report<'_> {
                 );
             }
         }
+        // Not a target: what the same-node fast path changes, beside the relay it replaces.
+        let cmp = |sc: &str, k: &str, what: &str, d: usize| match (
+            self.get(sc, Mode::NodeLocalSockmap, k),
+            self.get(sc, Mode::NodeLocal, k),
+        ) {
+            (Ok(on), Ok(off)) => format!(
+                "{what}: {:.d$} with --sockmap on vs {:.d$} off (×{:.2})",
+                on.median,
+                off.median,
+                on.median / off.median
+            ),
+            (on, off) => format!("{what}: {}", on.err().or(off.err()).unwrap_or_default()),
+        };
+        let _ = writeln!(
+            md,
+            "| (same node, informational) the kernel splice against the user-space relay | {}; {}; {} | — |",
+            cmp("tcp_single_stream", "gbit_s", "one stream Gbit/s", 2),
+            cmp("latency_http1_1000rps", "p99_us", "p99 µs at 1000 req/s", 0),
+            cmp(
+                "latency_http1_1000rps",
+                "proxy_cpu_s_per_1000_req",
+                "proxy CPU s/1000 req",
+                3
+            ),
+        );
 
         let _ = writeln!(
             md,
             "\n## Latency at a fixed {LATENCY_RPS} req/s (HTTP/1.1, {LATENCY_CONNS} connections, 1 KB responses)\n\n\
-             Client pod on node 1 → server pod on node 2, h2load `--rps`, per-request latencies from its \
-             `--log-file`. \"Added\" is the mode minus baseline in the same round.\n\n\
+             Client pod on node 1 → server pod on node 2 (on node 1 for the `(same node)` modes), h2load \
+             `--rps`, per-request latencies from its `--log-file`. \"Added\" is the mode minus the \
+             baseline with the same placement, in the same round.\n\n\
              ![latency percentiles per mode](latency.svg)\n\n\
              | mode | p50 µs | p90 µs | p99 µs | p99.9 µs | added p50 | added p99 | added p99.9 | proxy CPU s / 1000 req |\n\
              |---|---|---|---|---|---|---|---|---|"
@@ -1145,13 +1184,13 @@ impl Report<'_> {
         for mode in MODES {
             let g = |k| fmt(&self.get(sc, mode, k), 0);
             let a = |k| {
-                if mode == Mode::Baseline {
+                if mode.is_baseline() {
                     "—".to_string()
                 } else {
                     fmt(&self.added(sc, mode, k), 0)
                 }
             };
-            let cpu = if mode == Mode::Baseline {
+            let cpu = if mode.is_baseline() {
                 "—".into()
             } else {
                 fmt(&self.get(sc, mode, "proxy_cpu_s_per_1000_req"), 3)
@@ -1207,7 +1246,7 @@ impl Report<'_> {
             let ratios: Vec<String> = keys
                 .iter()
                 .map(
-                    |(sc, k, _)| match (self.get(sc, mode, k), self.get(sc, Mode::Baseline, k)) {
+                    |(sc, k, _)| match (self.get(sc, mode, k), self.get(sc, mode.baseline(), k)) {
                         (Ok(m), Ok(b)) => format!("{:.2}", m.median / b.median),
                         _ => "—".into(),
                     },
@@ -1299,7 +1338,9 @@ impl Report<'_> {
             ("p99_us", "p99"),
             ("p99.9_us", "p99.9"),
         ];
-        let colors = ["#888888", "#d95f02", "#1b9e77", "#7570b3"];
+        let colors = [
+            "#888888", "#d95f02", "#1b9e77", "#bbbbbb", "#66a61e", "#7570b3",
+        ];
         let data: Vec<Vec<Option<Stat>>> = MODES
             .iter()
             .map(|m| keys.iter().map(|(k, _)| self.get(sc, *m, k).ok()).collect())
@@ -1551,15 +1592,16 @@ const HOW_TO_READ: &str = "
   mesh number worse than on separate hosts and makes throughput ratios pessimistic. The links are
   veth pairs and a bridge, not NICs: no real wire latency, no NIC offloads. The mesh is L4 today
   (HTTP is relayed as bytes; per-request routing is a later issue), so HTTP numbers measure
-  tunnelling, not L7 processing. `node+sockmap` is listed because the daemon offers the flag, but
-  it refuses to start with it (ARCHITECTURE.md explains the kernel behaviour that breaks blocking
-  readers), so it is marked failed with the daemon's own reason rather than given a number.
+  tunnelling, not L7 processing. The three `(same node)` modes put the server pod on the client's
+  node: there the node daemon relays between the two pods itself (no HBONE, no TLS), in user
+  space or, with `--sockmap on`, by splicing its two sockets in the kernel; their \"added\" and
+  ratios are against `baseline (same node)`.
   Memory is userspace PSS of the proxy processes plus, separately, the kernel memory of their BPF
   maps; each sidecar loads its own programs and maps, which the per-node design does once.
 - **Noise.** Medians over rounds with min–max; treat differences inside the min–max spread as
   ties. A quick run (`--quick`) uses short windows and stops at 10 pods per node: use it to check
   the harness, not to quote.
-- **Reproduce.** `cargo xtask bench` (about 25 minutes) or `cargo xtask bench --quick` (under 5)
+- **Reproduce.** `cargo xtask bench` (about 25 minutes) or `cargo xtask bench --quick` (about 6)
   as root from a fresh clone; both install h2load (nghttp2-client) and iperf3 from Debian if they
   are missing, build in release mode, and write `bench/results.json`, `bench/RESULTS.md`,
   `bench/latency.svg` and `bench/scale.svg`.
