@@ -293,47 +293,8 @@ fn half_close_reset_and_refused_port_pass_end_to_end(sockmap: bool) {
     let local_count = t.serve("local", "count-server", 7001);
     t.serve("local", "rst-server", 7002);
 
-    // Half-close: the server answers only after it saw the client's FIN, on the still-open
-    // direction.
-    let (ok, out) = t.connect(
-        "client",
-        &format!("{ip}:7001"),
-        &["--send", "100000", "--reply"],
-    );
-    assert!(ok && out.contains("reply=received=100000"), "{out}");
-    t.servers[count].wait_for("half-close=seen", Duration::from_secs(5));
-    println!("half-close: {out}");
-
-    // Reset from the server reaches the client as a reset, promptly.
-    let start = Instant::now();
-    let (ok, out) = t.connect("client", &format!("{ip}:7002"), &["--send", "10"]);
-    let took = start.elapsed();
-    assert!(
-        !ok && out.contains("ConnectionReset"),
-        "{out}\n--- node-1:\n{}\n--- node-2:\n{}",
-        t.daemon(0).output(),
-        t.daemon(1).output()
-    );
-    assert!(took < Duration::from_secs(1), "server reset took {took:?}");
-    println!("server reset → client: {out} ({took:?})");
-
-    // Reset from the client reaches the server as a reset.
-    let (ok, out) = t.connect(
-        "client",
-        &format!("{ip}:7000"),
-        &["--send", "1000", "--rst"],
-    );
-    assert!(ok, "{out}");
-    let line = t.servers[echo].wait_for("error=ConnectionReset", Duration::from_secs(5));
-    println!("client reset → server: {line}");
-
-    // A closed port on the remote pod: a reset within a second, not a hang; counted.
-    let start = Instant::now();
-    let (ok, out) = t.connect("client", &format!("{ip}:7999"), &["--send", "10"]);
-    let took = start.elapsed();
-    assert!(!ok && out.contains("ConnectionReset"), "{out}");
-    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
-    println!("closed remote port: {out} ({took:?})");
+    faults_pass_end_to_end(&mut t, &ip, (echo, count), "cross-node", false);
+    // Both daemons counted the closed remote port.
     assert!(
         t.wait_metric(
             0,
@@ -350,47 +311,77 @@ fn half_close_reset_and_refused_port_pass_end_to_end(sockmap: bool) {
             1
         ) >= 1
     );
-
-    // The same, between two pods of node 1 (the connections --sockmap on splices).
-    // Paced, so the FIN comes after the splice is up (the test is about passing it through).
-    let (ok, out) = t.connect(
-        "client",
-        &format!("{local_ip}:7001"),
-        &["--send", "100000", "--reply", "--pace-ms", "1"],
+    // The same between two pods of node 1: the connections --sockmap on splices. The half-close
+    // is paced, so its FIN comes after the splice is up (the test is about passing it through).
+    faults_pass_end_to_end(
+        &mut t,
+        &local_ip,
+        (local_echo, local_count),
+        "same-node",
+        true,
     );
-    assert!(
-        ok && out.contains("reply=received=100000"),
-        "same node: {out}"
-    );
-    t.servers[local_count].wait_for("half-close=seen", Duration::from_secs(5));
-    println!("same-node half-close: {out}");
-    let start = Instant::now();
-    let (ok, out) = t.connect("client", &format!("{local_ip}:7002"), &["--send", "10"]);
-    let took = start.elapsed();
-    assert!(
-        !ok && out.contains("ConnectionReset"),
-        "same node: {out}\n--- node-1:\n{}",
-        t.daemon(0).output()
-    );
-    assert!(took < Duration::from_secs(1), "server reset took {took:?}");
-    println!("same-node server reset → client: {out} ({took:?})");
-    let (ok, out) = t.connect(
-        "client",
-        &format!("{local_ip}:7000"),
-        &["--send", "1000", "--rst"],
-    );
-    assert!(ok, "{out}");
-    let line = t.servers[local_echo].wait_for("error=ConnectionReset", Duration::from_secs(5));
-    println!("same-node client reset → server: {line}");
-    let start = Instant::now();
-    let (ok, out) = t.connect("client", &format!("{local_ip}:7999"), &["--send", "10"]);
-    let took = start.elapsed();
-    assert!(!ok && out.contains("ConnectionReset"), "same node: {out}");
-    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
-    println!("same-node closed port: {out} ({took:?})");
     // The half-close and the client's reset went through the splice (the server's reset may beat
     // it; the refused port never opened).
     check_splice(&t, sockmap, 2, false);
+}
+
+/// Half-close, a reset from either side and a closed port, between the client and the pod at
+/// `ip` (whose `echo`, `count` and reset servers listen on 7000, 7001 and 7002): each behaves as
+/// it would without the mesh, promptly.
+fn faults_pass_end_to_end(
+    t: &mut Topology,
+    ip: &str,
+    (echo, count): (usize, usize),
+    what: &str,
+    paced: bool,
+) {
+    // Half-close: the server answers only after it saw the client's FIN, on the still-open
+    // direction.
+    let mut args = vec!["--send", "100000", "--reply"];
+    if paced {
+        args.extend(["--pace-ms", "1"]);
+    }
+    let (ok, out) = t.connect("client", &format!("{ip}:7001"), &args);
+    assert!(ok && out.contains("reply=received=100000"), "{what}: {out}");
+    t.servers[count].wait_for("half-close=seen", Duration::from_secs(5));
+    println!("{what} half-close: {out}");
+
+    // Reset from the server reaches the client as a reset, promptly.
+    let start = Instant::now();
+    let (ok, out) = t.connect("client", &format!("{ip}:7002"), &["--send", "10"]);
+    let took = start.elapsed();
+    assert!(
+        !ok && out.contains("ConnectionReset"),
+        "{what}: {out}\n--- node-1:\n{}\n--- node-2:\n{}",
+        t.daemon(0).output(),
+        t.daemon(1).output()
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "{what} server reset took {took:?}"
+    );
+    println!("{what} server reset → client: {out} ({took:?})");
+
+    // Reset from the client reaches the server as a reset.
+    let (ok, out) = t.connect(
+        "client",
+        &format!("{ip}:7000"),
+        &["--send", "1000", "--rst"],
+    );
+    assert!(ok, "{what}: {out}");
+    let line = t.servers[echo].wait_for("error=ConnectionReset", Duration::from_secs(5));
+    println!("{what} client reset → server: {line}");
+
+    // A closed port: a reset within a second, not a hang.
+    let start = Instant::now();
+    let (ok, out) = t.connect("client", &format!("{ip}:7999"), &["--send", "10"]);
+    let took = start.elapsed();
+    assert!(!ok && out.contains("ConnectionReset"), "{what}: {out}");
+    assert!(
+        took < Duration::from_secs(1),
+        "{what} refusal took {took:?}"
+    );
+    println!("{what} closed port: {out} ({took:?})");
 }
 
 fn strict_inbound_admits_only_the_mesh_and_probe_ports(sockmap: bool) {
