@@ -137,14 +137,24 @@ fn set_bind_no_port(fd: &impl AsRawFd) -> std::io::Result<()> {
 
 /// The network namespace cookie of a socket (what `bpf_get_netns_cookie` returns for it).
 pub fn netns_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
+    sockopt_u64(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+}
+
+/// The socket's cookie (`SO_COOKIE`, what `bpf_get_socket_cookie` returns for it).
+pub fn socket_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
+    sockopt_u64(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// A socket option whose value is one `u64`.
+fn sockopt_u64(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> std::io::Result<u64> {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into a live local.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
+            level,
+            name,
             (&mut v as *mut u64).cast(),
             &mut len,
         )

@@ -590,12 +590,18 @@ impl Topology {
 
     /// Starts a mesh-app server (`echo-server`, `count-server`, `rst-server`) in a pod.
     pub fn serve(&mut self, pod: &str, kind: &str, port: u16) -> usize {
+        self.serve_with(pod, kind, port, &[])
+    }
+
+    /// [`Self::serve`] with the server's own flags (e.g. `sink-server --delay-ms`).
+    pub fn serve_with(&mut self, pod: &str, kind: &str, port: u16, args: &[&str]) -> usize {
         let p = self.pod(pod);
         let mut cmd = Command::new(bin("mesh-app"));
         cmd.arg("--cgroup")
             .arg(&p.cgroup)
             .args(["--netns", p.ns.name(), kind])
-            .arg(format!("{}:{port}", p.ip));
+            .arg(format!("{}:{port}", p.ip))
+            .args(args);
         let mut proc = Proc::spawn(&format!("{kind} in {pod}"), cmd);
         proc.wait_for("listening", Duration::from_secs(5));
         self.servers.push(proc);

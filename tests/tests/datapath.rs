@@ -634,15 +634,7 @@ fn same_node_connections_of_every_shape(sockmap: bool) {
     // A server that stalls at first, then keeps up with a steady client (1 MiB every 50 ms): the
     // splice pauses while it stalls (once the socket buffers on the way are full) and goes back
     // to the kernel once it has caught up; the bytes arrive in order.
-    let mut cmd = std::process::Command::new(bin("mesh-app"));
-    let local = t.pod("local");
-    cmd.arg("--cgroup")
-        .arg(&local.cgroup)
-        .args(["--netns", local.ns.name(), "sink-server"])
-        .arg(format!("{ip}:7003"))
-        .args(["--delay-ms", "1000"]);
-    let mut sink = nodemesh_tests::process::Proc::spawn("sink-server", cmd);
-    sink.wait_for("listening", Duration::from_secs(5));
+    let sink = t.serve_with("local", "sink-server", 7003, &["--delay-ms", "1000"]);
     let (ok, out) = t.connect(
         "client",
         &format!("{ip}:7003"),
@@ -656,7 +648,7 @@ fn same_node_connections_of_every_shape(sockmap: bool) {
         ],
     );
     assert!(ok && out.contains("sent=40000000 received=0"), "{out}");
-    sink.wait_for("bytes=40000000 pattern=ok", Duration::from_secs(10));
+    t.servers[sink].wait_for("bytes=40000000 pattern=ok", Duration::from_secs(10));
     println!("stalling, then steady server: {out}");
     // At least the 3 MB and the paced echoes of every round were spliced, and the paced sink.
     check_splice(&t, sockmap, 2 * ROUNDS + 1, false);
@@ -686,17 +678,9 @@ fn same_node_connections_of_every_shape(sockmap: bool) {
 /// 64 MB the client tries to send. Then the server reads, and every byte arrives in order.
 fn a_server_that_does_not_read_pushes_back_on_the_client(sockmap: bool) {
     require_root("a_server_that_does_not_read_pushes_back_on_the_client");
-    let t = two_nodes("bp", with_sockmap(sockmap));
+    let mut t = two_nodes("bp", with_sockmap(sockmap));
     let ip = t.pod("local").ip.clone();
-    let mut cmd = std::process::Command::new(bin("mesh-app"));
-    let local = t.pod("local");
-    cmd.arg("--cgroup")
-        .arg(&local.cgroup)
-        .args(["--netns", local.ns.name(), "sink-server"])
-        .arg(format!("{ip}:7003"))
-        .args(["--delay-ms", "6000"]);
-    let mut sink = nodemesh_tests::process::Proc::spawn("sink-server", cmd);
-    sink.wait_for("listening", Duration::from_secs(5));
+    let sink = t.serve_with("local", "sink-server", 7003, &["--delay-ms", "6000"]);
     let p = t.pod("client");
     let (cg, ns, addr) = (
         p.cgroup.clone(),
@@ -707,10 +691,10 @@ fn a_server_that_does_not_read_pushes_back_on_the_client(sockmap: bool) {
     let client = std::thread::spawn(move || {
         nodemesh_tests::mesh_app(&cg, &ns, &["connect", &addr, "--send", &SEND.to_string()])
     });
-    sink.wait_for("accepted", Duration::from_secs(5));
+    t.servers[sink].wait_for("accepted", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(3));
     let acked = ss_field(t.pod("client").ns.name(), "dport = :15001", "bytes_acked:");
-    let queued = ss_recv_q(local.ns.name(), "sport = :7003");
+    let queued = ss_recv_q(t.pod("local").ns.name(), "sport = :7003");
     let held = acked.saturating_sub(queued);
     println!(
         "server stalled: the client got {acked} bytes acknowledged, the server's receive queue \
@@ -730,7 +714,7 @@ fn a_server_that_does_not_read_pushes_back_on_the_client(sockmap: bool) {
         out.status.success() && text.contains(&format!("sent={SEND} received=0")),
         "{text}"
     );
-    sink.wait_for(&format!("bytes={SEND} pattern=ok"), Duration::from_secs(30));
+    t.servers[sink].wait_for(&format!("bytes={SEND} pattern=ok"), Duration::from_secs(30));
     if sockmap {
         check_splice(&t, sockmap, 1, true);
         let pauses = t.metric(0, "nodemesh_splice_pauses_total", &[]);

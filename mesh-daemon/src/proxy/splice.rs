@@ -125,8 +125,8 @@ pub async fn relay(
 ) -> Started {
     let setup = (|| -> io::Result<_> {
         Ok((
-            cookie(a)?,
-            cookie(b)?,
+            super::socket_cookie(a)?,
+            super::socket_cookie(b)?,
             taken_by_socket(a)?,
             taken_by_socket(b)?,
         ))
@@ -399,27 +399,6 @@ fn tcp_info_u64(s: &TcpStream, offset: usize) -> io::Result<u64> {
     let mut v = [0u8; 8];
     v.copy_from_slice(&buf[offset..offset + 8]);
     Ok(u64::from_ne_bytes(v))
-}
-
-/// `SO_COOKIE`: the socket's cookie, what `bpf_get_socket_cookie` returns for it.
-fn cookie(s: &TcpStream) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into a live local.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(v)
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 fn shutdown_write(s: &TcpStream) -> io::Result<()> {
