@@ -632,23 +632,24 @@ fn same_node_connections_of_every_shape(sockmap: bool) {
         start.elapsed()
     );
     // A server that stalls at first, then keeps up with a steady client (1 MiB every 50 ms): the
-    // splice pauses while it stalls (once the socket buffers on the way are full) and goes back
-    // to the kernel once it has caught up; the bytes arrive in order.
-    let sink = t.serve_with("local", "sink-server", 7003, &["--delay-ms", "1000"]);
+    // splice pauses while it stalls (once the socket buffers on the way and the 4 MiB window are
+    // full: 2.5 s at 20 MB/s is far more) and goes back to the kernel once it has caught up; the
+    // bytes arrive in order.
+    let sink = t.serve_with("local", "sink-server", 7003, &["--delay-ms", "2500"]);
     let (ok, out) = t.connect(
         "client",
         &format!("{ip}:7003"),
         &[
             "--send",
-            "40000000",
+            "60000000",
             "--pace-ms",
             "50",
             "--piece-bytes",
             "1048576",
         ],
     );
-    assert!(ok && out.contains("sent=40000000 received=0"), "{out}");
-    t.servers[sink].wait_for("bytes=40000000 pattern=ok", Duration::from_secs(10));
+    assert!(ok && out.contains("sent=60000000 received=0"), "{out}");
+    t.servers[sink].wait_for("bytes=60000000 pattern=ok", Duration::from_secs(20));
     println!("stalling, then steady server: {out}");
     // At least the 3 MB and the paced echoes of every round were spliced, and the paced sink.
     check_splice(&t, sockmap, 2 * ROUNDS + 1, false);
