@@ -52,14 +52,20 @@ impl Default for Balancer {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x9e37_79b9_7f4a_7c15);
+        Self::with_seed(seed)
+    }
+}
+
+impl Balancer {
+    /// A balancer whose random choices follow `seed` (tests use fixed seeds so that a
+    /// statistical property is checked on known sequences, not on the clock).
+    fn with_seed(seed: u64) -> Self {
         Self {
             stats: Mutex::default(),
             rng: AtomicU64::new(seed | 1),
         }
     }
-}
 
-impl Balancer {
     fn stats(&self, addr: SocketAddr) -> Arc<Stats> {
         self.stats
             .lock()
@@ -155,26 +161,47 @@ mod tests {
             .collect()
     }
 
+    fn active(b: &Balancer, e: &[Endpoint]) -> Vec<usize> {
+        e.iter()
+            .map(|x| b.stats(x.addr).active.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn spread(counts: &[usize]) -> usize {
+        counts.iter().max().copied().unwrap_or(0) - counts.iter().min().copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn two_endpoints_always_take_the_less_loaded() {
+        // With two endpoints both are always the candidates, so the less loaded one wins every
+        // time: after any number of picks the counts differ by at most one, whatever the seed.
+        let b = Balancer::default();
+        let e = eps(2);
+        let mut held = Vec::new();
+        for _ in 0..101 {
+            held.push(b.pick(&e).expect("pick").1);
+            assert!(spread(&active(&b, &e)) <= 1, "{:?}", active(&b, &e));
+        }
+        drop(held);
+        assert_eq!(active(&b, &e), vec![0, 0]);
+    }
+
     #[test]
     fn spreads_by_outstanding_connections() {
-        let b = Balancer::default();
-        let e = eps(3);
-        let held: Vec<Outstanding> = (0..30).map(|_| b.pick(&e).expect("pick").1).collect();
-        let counts: Vec<usize> = e
-            .iter()
-            .map(|x| b.stats(x.addr).active.load(Ordering::Relaxed))
-            .collect();
-        // With P2C on least-outstanding, no endpoint can run far ahead of the others.
-        let (min, max) = (
-            counts.iter().min().copied().unwrap_or(0),
-            counts.iter().max().copied().unwrap_or(0),
-        );
-        assert!(max - min <= 2, "{counts:?}");
-        drop(held);
-        assert!(
-            e.iter()
-                .all(|x| b.stats(x.addr).active.load(Ordering::Relaxed) == 0)
-        );
+        // With more endpoints the least loaded one is only a candidate some of the time, so the
+        // spread is a statistical bound (it was 3 after 30 picks on one CI run). Fixed seeds make
+        // it a property of known sequences (the largest over these 200 is 3); a uniform random pick
+        // over 300 connections spreads 16 in the median, 34 at the 95th percentile.
+        for seed in 0..200 {
+            let b = Balancer::with_seed(seed);
+            let e = eps(3);
+            let held: Vec<Outstanding> = (0..300).map(|_| b.pick(&e).expect("pick").1).collect();
+            let counts = active(&b, &e);
+            assert_eq!(counts.iter().sum::<usize>(), 300);
+            assert!(spread(&counts) <= 4, "seed {seed}: {counts:?}");
+            drop(held);
+            assert_eq!(active(&b, &e), vec![0, 0, 0], "seed {seed}");
+        }
     }
 
     #[test]
