@@ -22,11 +22,11 @@ pub mod map_names {
     pub const SPLICE: &str = "NM_SPLICE";
     /// `SockHash<u64 socket cookie>`: under a spliced socket's cookie, the socket its bytes go to.
     pub const SPLICE_PEER: &str = "NM_SPLICE_PEER";
-    /// `HashMap<u64 socket cookie, SpliceCount>`: what `nm_splice` moved from that socket.
+    /// `HashMap<u64 socket cookie, SpliceCount>`: what `nm_splice` did with that socket's bytes.
     pub const SPLICE_BYTES: &str = "NM_SPLICE_BYTES";
-    /// `HashMap<u64 socket cookie, u64>`: the daemon's next look at that socket's backlog: when
-    /// the bytes moved reach it, `nm_splice` sends the cookie on `SPLICE_EVENTS`.
-    pub const SPLICE_LIMIT: &str = "NM_SPLICE_LIMIT";
+    /// `HashMap<u64 socket cookie, SpliceControl>`: what the daemon tells `nm_splice` about that
+    /// socket (pause, what it has relayed itself, when to send an event).
+    pub const SPLICE_CONTROL: &str = "NM_SPLICE_CONTROL";
     /// `RingBuf` of `u64` socket cookies: "this splice reached its limit; look at it".
     pub const SPLICE_EVENTS: &str = "NM_SPLICE_EVENTS";
 }
@@ -138,14 +138,34 @@ pub struct ProxyConfig {
     pub _reserved: u32,
 }
 
-/// What `nm_splice` moved from one socket; written only by the kernel program.
+/// What `nm_splice` did with one socket's bytes; written only by the kernel program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SpliceCount {
-    /// Bytes moved to the peer socket.
+    /// Bytes moved to the peer socket in the kernel.
     pub moved: u64,
-    /// The `SPLICE_LIMIT` value an event was last sent for (each limit is announced once).
+    /// Bytes passed to the socket itself, for the daemon to read and relay.
+    pub passed: u64,
+    /// The [`SpliceControl::limit`] an event was last sent for (each limit is announced once).
     pub announced: u64,
+}
+
+/// What the daemon tells `nm_splice` about one spliced socket; written only by the daemon, always
+/// whole (a hash map update swaps the element, so the program never sees half of one).
+///
+/// The verdict moves a segment to the peer only when the direction is not paused and the daemon
+/// has relayed every byte passed to it before (`SpliceCount::passed == relayed`): bytes reach the
+/// peer in order whichever way each one went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SpliceControl {
+    /// Send the cookie on `SPLICE_EVENTS` once `moved + passed` reaches this.
+    pub limit: u64,
+    /// Bytes passed to the socket that the daemon has read and written to the peer.
+    pub relayed: u64,
+    /// Non-zero: pass every segment to the socket (the receiver is behind).
+    pub paused: u32,
+    pub _reserved: u32,
 }
 
 /// Per-CPU counters kept by the kernel programs; the daemon sums them for `/metrics`.
@@ -182,10 +202,13 @@ pub enum Counter {
     InboundPlaintext,
     /// TCP SYNs to STRICT pods from outside the mesh, dropped.
     InboundDenied,
+    /// Segments `nm_splice` passed to the proxy: the direction was paused for a slow receiver, or
+    /// the proxy was still relaying bytes passed before.
+    SplicePassed,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectEnrolled,
@@ -201,6 +224,7 @@ impl Counter {
         Counter::Ipv6Refused,
         Counter::InboundPlaintext,
         Counter::InboundDenied,
+        Counter::SplicePassed,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -220,6 +244,7 @@ impl Counter {
             Counter::Ipv6Refused => "ipv6_refused",
             Counter::InboundPlaintext => "inbound_plaintext",
             Counter::InboundDenied => "inbound_denied",
+            Counter::SplicePassed => "splice_passed",
         }
     }
 }
@@ -247,6 +272,8 @@ mod user {
     unsafe impl aya::Pod for super::ProxyConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SpliceCount {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SpliceControl {}
 }
 
 #[cfg(test)]
@@ -261,7 +288,8 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 4 + 4 + 4 + 4 + 8);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 4 + 4);
         assert_eq!(size_of::<ProxyConfig>(), 4 + 4 + 16 + 4 + 4 + 4 + 4);
-        assert_eq!(size_of::<SpliceCount>(), 8 + 8);
+        assert_eq!(size_of::<SpliceCount>(), 8 + 8 + 8);
+        assert_eq!(size_of::<SpliceControl>(), 8 + 8 + 4 + 4);
         assert_eq!(align_of::<OrigDst>(), 8);
         assert_eq!(align_of::<ConnKey>(), 8);
     }

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub splices: IntCounterVec,
     pub splice_pauses: IntCounter,
     pub splice_resumes: IntCounter,
+    pub splice_overflows: IntCounter,
     /// HTTP/gRPC families: defined now so dashboards and `meshctl` need no change when the L7
     /// work parses requests; no samples until then.
     pub requests: IntCounterVec,
@@ -185,6 +186,16 @@ impl Metrics {
                     "splice_resumes_total",
                     "Times a paused spliced direction went back to the kernel after its receiver \
                      caught up",
+                )
+                .expect("static metric definitions are valid"),
+            ),
+            splice_overflows: reg(
+                &registry,
+                IntCounter::new(
+                    "splice_overflows_total",
+                    "Spliced connections reset because one side kept sending while it read \
+                     nothing of what it was sent: the kernel held its bytes behind the ones for \
+                     it, past --splice-window plus its receive buffer",
                 )
                 .expect("static metric definitions are valid"),
             ),

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ConnKey, Counter, ENROLLED_CAPACITY, Enrollment, MAX_CGROUP_LEVEL, ORIG_MAP_CAPACITY, OrigDst,
-    ProxyConfig, SPLICE_CAPACITY, SpliceCount,
+    ProxyConfig, SPLICE_CAPACITY, SpliceControl, SpliceCount,
 };
 
 #[map(name = "NM_ENROLLED")]
@@ -38,8 +38,8 @@ pub static SPLICE_PEER: SockHash<u64> = SockHash::with_max_entries(SPLICE_CAPACI
 pub static SPLICE_BYTES: HashMap<u64, SpliceCount> =
     HashMap::with_max_entries(SPLICE_CAPACITY, BPF_F_NO_PREALLOC);
 
-#[map(name = "NM_SPLICE_LIMIT")]
-pub static SPLICE_LIMIT: HashMap<u64, u64> =
+#[map(name = "NM_SPLICE_CONTROL")]
+pub static SPLICE_CONTROL: HashMap<u64, SpliceControl> =
     HashMap::with_max_entries(SPLICE_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// 4096 events of 16 bytes; the daemon drains it as events come.

@@ -11,9 +11,15 @@
 //! peer. `NM_SPLICE_BYTES` counts what was moved per source socket: the daemon forwards a FIN only
 //! once the peer's send queue has taken all of it. Moved bytes wait in the kernel's queue for the
 //! peer without counting against the sender's receive buffer, so TCP alone would not push back on
-//! a fast client with a slow server: when the count reaches the daemon's `NM_SPLICE_LIMIT`, the
-//! cookie goes out on `NM_SPLICE_EVENTS`, and the daemon measures the backlog and pauses the
-//! splice if it is too big.
+//! a fast client with a slow server: when the count reaches the daemon's limit
+//! (`NM_SPLICE_CONTROL`), the cookie goes out on `NM_SPLICE_EVENTS`, and the daemon measures the
+//! backlog and pauses the direction if it is too big.
+//!
+//! A paused direction is not taken out of `NM_SPLICE`: a verdict detached while a segment is on
+//! its way through it drops that segment (the kernel applies "drop" when it finds no program), and
+//! TCP has already acknowledged it. The verdict stays, and passes segments to the socket itself
+//! instead, where they count against its receive buffer — so TCP's window pushes back — until the
+//! daemon reads them. Moving resumes only when the daemon has relayed every byte passed before.
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
@@ -23,7 +29,7 @@ use aya_ebpf::{
 };
 use mesh_common::Counter;
 
-use crate::maps::{SPLICE_BYTES, SPLICE_EVENTS, SPLICE_LIMIT, SPLICE_PEER, count};
+use crate::maps::{SPLICE_BYTES, SPLICE_CONTROL, SPLICE_EVENTS, SPLICE_PEER, count};
 
 #[stream_verdict]
 pub fn nm_splice(ctx: SkBuffContext) -> u32 {
@@ -32,7 +38,7 @@ pub fn nm_splice(ctx: SkBuffContext) -> u32 {
 
 fn try_splice(ctx: &SkBuffContext) -> u32 {
     // SAFETY: a helper call on the program's own context.
-    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let len = u64::from(ctx.len());
     if len == 0 {
         // A bare FIN: TCP has already taken note of it (the proxy reads end-of-stream from the
@@ -41,29 +47,40 @@ fn try_splice(ctx: &SkBuffContext) -> u32 {
         // which would break the connection. Dropping it frees it and nothing else.
         return SK_DROP;
     }
-    if SPLICE_PEER.redirect_skb(ctx, &mut cookie, 0) != i64::from(SK_PASS) {
-        // No peer (it closed): the bytes stay on this socket, where the proxy reads them.
+    let Some(c) = SPLICE_BYTES.get_ptr_mut(cookie) else {
+        // Not (or no longer) a splice the daemon serves: leave the bytes to the socket.
         count(Counter::SpliceNoPeer);
         return SK_PASS;
-    }
-    if let Some(c) = SPLICE_BYTES.get_ptr_mut(cookie) {
-        // SAFETY: the pointer comes from the kernel's lookup and stays valid for this run. The
-        // verdict of one socket runs under that socket's lock, so nobody else writes this value
-        // meanwhile; the daemon only reads it (an aligned 8-byte store is never torn).
-        let c = unsafe { &mut *c };
+    };
+    // SAFETY: the pointer comes from the kernel's lookup and stays valid for this run. The verdict
+    // of one socket runs under that socket's lock, so nobody else writes this value meanwhile; the
+    // daemon only reads it (an aligned 8-byte store is never torn).
+    let c = unsafe { &mut *c };
+    // SAFETY: copied out at once; the daemon replaces the element whole, never in place.
+    let ctl = unsafe { SPLICE_CONTROL.get(cookie) }
+        .copied()
+        .unwrap_or_default();
+    // Move only when everything passed before is across: the daemon wrote it to the peer before
+    // it said so, and this segment goes after it in the peer's send queue.
+    let kernel = ctl.paused == 0 && c.passed == ctl.relayed;
+    let mut key = cookie;
+    if kernel && SPLICE_PEER.redirect_skb(ctx, &mut key, 0) == i64::from(SK_PASS) {
         c.moved += len;
-        // SAFETY: copied out at once.
-        if let Some(&limit) = unsafe { SPLICE_LIMIT.get(cookie) }
-            && c.moved >= limit
-            && c.announced != limit
-        {
-            // The daemon asked to look at this splice's backlog once this much has moved.
-            c.announced = limit;
-            if SPLICE_EVENTS.output::<u64>(cookie, 0).is_err() {
-                count(Counter::SpliceEventLost);
-            }
+        count(Counter::SpliceRedirected);
+    } else {
+        if kernel {
+            // No peer (it closed): the bytes stay on this socket, where the proxy reads them.
+            count(Counter::SpliceNoPeer);
+        }
+        c.passed += len;
+        count(Counter::SplicePassed);
+    }
+    if c.moved + c.passed >= ctl.limit && ctl.limit != 0 && c.announced != ctl.limit {
+        // The daemon asked to look at this splice once this much has arrived.
+        c.announced = ctl.limit;
+        if SPLICE_EVENTS.output::<u64>(cookie, 0).is_err() {
+            count(Counter::SpliceEventLost);
         }
     }
-    count(Counter::SpliceRedirected);
     SK_PASS
 }

@@ -26,7 +26,7 @@ use aya::{
 };
 use mesh_common::{
     ConnKey, Counter, ENROLL_STRICT, Enrollment, FLAG_REDIRECT, MAX_PROBE_PORTS, OrigDst,
-    ProxyConfig, SpliceCount, map_names, prog_names,
+    ProxyConfig, SpliceControl, SpliceCount, map_names, prog_names,
 };
 
 use super::{OBJECT, cgroup, explain_os_error};
@@ -133,7 +133,7 @@ pub struct SpliceMaps {
     splice: Mutex<SockHash<MapData, u64>>,
     peer: Mutex<SockHash<MapData, u64>>,
     bytes: Mutex<HashMap<MapData, u64, SpliceCount>>,
-    limit: Mutex<HashMap<MapData, u64, u64>>,
+    control: Mutex<HashMap<MapData, u64, SpliceControl>>,
     /// Taken once by the task that reads it ([`SpliceMaps::take_events`]).
     events: Mutex<Option<RingBuf<MapData>>>,
     /// Who to wake for a socket's limit event, by cookie.
@@ -152,7 +152,8 @@ impl SpliceMaps {
     /// the splice is one-way: `a`'s bytes still move in the kernel, and `b`'s stay in its receive
     /// queue for the caller to read and relay (returns `false`).
     ///
-    /// `limit` is the first [`Self::set_limit`] of both; `wake` is notified on their events.
+    /// Both start moving in the kernel, with an event once `limit` bytes have arrived on either
+    /// ([`Self::control`]); `wake` is notified on their events.
     pub fn join(
         &self,
         a: (BorrowedFd<'_>, u64),
@@ -179,8 +180,12 @@ impl SpliceMaps {
             lock(&self.waiters).insert(cookie, wake.clone());
             let r = lock(&self.bytes).insert(cookie, SpliceCount::default(), 0);
             r.map_err(|e| fail(map_names::SPLICE_BYTES, e))?;
-            let r = lock(&self.limit).insert(cookie, limit, 0);
-            r.map_err(|e| fail(map_names::SPLICE_LIMIT, e))?;
+            let ctl = SpliceControl {
+                limit: limit.max(1),
+                ..SpliceControl::default()
+            };
+            let r = lock(&self.control).insert(cookie, ctl, 0);
+            r.map_err(|e| fail(map_names::SPLICE_CONTROL, e))?;
         }
         for (key, target) in [(a.1, b.0), (b.1, a.0)] {
             let r = lock(&self.peer).insert(key, target, 0);
@@ -198,34 +203,28 @@ impl SpliceMaps {
         self.window
     }
 
-    /// Stops the kernel moving bytes from this socket (the verdict detaches from it); its bytes
-    /// then wait in its receive queue, for the caller to read.
-    pub fn pause(&self, cookie: u64) {
-        let _ = lock(&self.splice).remove(&cookie);
-    }
-
-    /// Lets the kernel move bytes from this socket again; false when it can no longer be spliced
-    /// (it is not established any more, having received a FIN).
-    pub fn resume(&self, sock: BorrowedFd<'_>, cookie: u64) -> bool {
-        lock(&self.splice).insert(cookie, sock, 0).is_ok()
+    /// What the kernel did with the bytes that arrived on the socket with this cookie.
+    pub fn count(&self, cookie: u64) -> SpliceCount {
+        lock(&self.bytes).get(&cookie, 0).unwrap_or_default()
     }
 
     /// Bytes the kernel moved from the socket with this cookie to its peer.
     pub fn moved(&self, cookie: u64) -> u64 {
-        lock(&self.bytes).get(&cookie, 0).map_or(0, |c| c.moved)
+        self.count(cookie).moved
     }
 
-    /// Asks for an event once the bytes moved from this socket reach `moved` (at once if they
-    /// already have). False if the limit could not be set: the caller must then look by itself.
-    pub fn set_limit(&self, cookie: u64, moved: u64) -> bool {
-        lock(&self.limit).insert(cookie, moved.max(1), 0).is_ok()
+    /// Tells `nm_splice` how to treat the socket with this cookie from its next segment on
+    /// (pause, what the caller has relayed, when to send an event). False if it could not: the
+    /// kernel goes on with what it had.
+    pub fn control(&self, cookie: u64, ctl: SpliceControl) -> bool {
+        lock(&self.control).insert(cookie, ctl, 0).is_ok()
     }
 
     /// Drops everything kept for a finished pair (the sockets leave the socket maps on close).
     pub fn forget(&self, a: u64, b: u64) {
         for cookie in [a, b] {
             let _ = lock(&self.bytes).remove(&cookie);
-            let _ = lock(&self.limit).remove(&cookie);
+            let _ = lock(&self.control).remove(&cookie);
             lock(&self.waiters).remove(&cookie);
         }
     }
@@ -345,7 +344,7 @@ impl Datapath {
                 splice: Mutex::new(take_map(&mut ebpf, map_names::SPLICE)?),
                 peer: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_PEER)?),
                 bytes: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_BYTES)?),
-                limit: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_LIMIT)?),
+                control: Mutex::new(take_map(&mut ebpf, map_names::SPLICE_CONTROL)?),
                 events: Mutex::new(Some(take_map(&mut ebpf, map_names::SPLICE_EVENTS)?)),
                 waiters: Mutex::new(std::collections::HashMap::new()),
                 window: cfg.splice_window,

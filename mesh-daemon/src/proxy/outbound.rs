@@ -349,6 +349,7 @@ async fn relay_local(
     let counters = super::splice::Counters {
         pauses: &inputs.metrics.splice_pauses,
         resumes: &inputs.metrics.splice_resumes,
+        overflows: &inputs.metrics.splice_overflows,
     };
     match super::splice::relay(maps, client, upstream, counters).await {
         super::splice::Started::Spliced(r) => {

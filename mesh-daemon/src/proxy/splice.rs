@@ -11,11 +11,13 @@
 //! Bytes the kernel moved wait in a queue for the receiving socket that counts against no socket
 //! buffer, so TCP alone would let a fast client fill the node's memory for a slow server. The
 //! window (`--splice-window`) bounds that queue per direction: `nm_splice` sends an event when
-//! enough has moved since the last look, this task measures the backlog, and past the window it
-//! pauses the direction — the verdict is detached from the sending socket, new bytes wait in its
-//! receive buffer and TCP's window pushes back on the client, as with the user-space relay. Once
-//! the receiver has caught up (and the sending socket's queue is empty: the verdict takes whole
-//! segments, so none may be half read), the direction goes back to the kernel.
+//! enough has arrived since the last look, this task measures the backlog, and past the window it
+//! pauses the direction. Paused, the verdict passes the segments to the sending socket itself
+//! (never detached: a verdict detached mid-segment drops it), where they count against its
+//! receive buffer, so TCP's window pushes back on the client, as with the user-space relay. This
+//! task reads them once the receiver has taken everything moved before, and resumes the
+//! direction; the verdict moves again only once this task has relayed every byte passed to it
+//! (`SpliceControl::relayed`), so the bytes stay in order whichever way each went.
 
 use std::{
     io,
@@ -29,6 +31,8 @@ use tokio::{
     net::TcpStream,
     sync::Notify,
 };
+
+use mesh_common::SpliceControl;
 
 use crate::ebpf::loader::SpliceMaps;
 
@@ -51,12 +55,20 @@ const SAFETY_CHECK: Duration = Duration::from_secs(1);
 const FLUSH_CHECK: Duration = Duration::from_millis(1);
 const STALLED_CHECK: Duration = Duration::from_millis(100);
 
-/// What a splice counts (`nodemesh_splice_pauses_total`, `nodemesh_splice_resumes_total`).
+/// What a splice counts (`nodemesh_splice_pauses_total`, `nodemesh_splice_resumes_total`,
+/// `nodemesh_splice_overflows_total`).
 #[derive(Clone, Copy)]
 pub struct Counters<'a> {
     pub pauses: &'a prometheus::IntCounter,
     pub resumes: &'a prometheus::IntCounter,
+    pub overflows: &'a prometheus::IntCounter,
 }
+
+/// Bytes passed to a paused socket may wait in the kernel behind the bytes going out of it (one
+/// queue serves both): a side that sends while it reads nothing of what it is sent has its bytes
+/// held there, charged to no buffer. Past the window plus its receive buffer, and at least this,
+/// the connection is reset: TCP alone would have stopped that sender long before.
+const OVERFLOW_FLOOR: u64 = 4 << 20;
 
 /// One direction of the pair.
 struct Direction {
@@ -64,33 +76,43 @@ struct Direction {
     from: u64,
     /// What the receiving end had taken before the splice (its SYN, acknowledged).
     to_base: u64,
-    /// Bytes this task copied itself (while paused, or a one-way splice's other direction).
+    /// Bytes this task read from `from` and wrote to `to` (passed to it while paused, or a
+    /// one-way splice's other direction).
     copied: u64,
-    /// The verdict is attached to the sending socket: the kernel moves the bytes.
-    kernel: bool,
-    /// Kernel mode was paused for a slow receiver; it resumes once this task has caught up.
-    paused: bool,
-    /// The sending socket has something for this task: an end of stream, an error, or (not in
-    /// kernel mode) bytes. Read only once the kernel has handed on everything before it.
+    /// `from` is in `NM_SPLICE`: its segments go through the verdict, which moves them or passes
+    /// them to this task as `ctl` says. False: the other direction of a one-way splice.
+    spliced: bool,
+    /// What this task last told the verdict about `from`.
+    ctl: SpliceControl,
+    /// The sending socket has something for this task: an end of stream, an error, or bytes
+    /// passed to it. Read only once the kernel has handed on everything before it.
     pending: bool,
     eof: bool,
     done: bool,
-    /// Kernel mode: measure the backlog now (an event came), or at `next_check` at the latest.
+    /// Spliced: measure the backlog now (an event came), or at `next_check` at the latest.
     check: bool,
     next_check: Instant,
     /// Waiting for the backlog to drain (something pending, or the FIN).
     last_backlog: u64,
     flush_every: Duration,
+    /// Bytes read from `from`, `unsent[sent..]` not yet taken by `to` (it was full).
+    unsent: Vec<u8>,
+    sent: usize,
+    /// The last read stopped at its budget with more to read: go on at once.
+    more: bool,
 }
 
 impl Direction {
-    fn new(from: u64, to_base: u64, kernel: bool) -> Self {
+    fn new(from: u64, to_base: u64, spliced: bool, window: u64) -> Self {
         Self {
             from,
             to_base,
             copied: 0,
-            kernel,
-            paused: false,
+            spliced,
+            ctl: SpliceControl {
+                limit: window.max(1),
+                ..SpliceControl::default()
+            },
             // A first read runs bytes that arrived before the splice through the verdict.
             pending: true,
             eof: false,
@@ -99,14 +121,30 @@ impl Direction {
             next_check: Instant::now() + SAFETY_CHECK,
             last_backlog: 0,
             flush_every: FLUSH_CHECK,
+            unsent: Vec::new(),
+            sent: 0,
+            more: false,
         }
+    }
+
+    /// Bytes read wait for `to` to take them: wait for it to be writable.
+    fn blocked(&self) -> bool {
+        self.sent < self.unsent.len()
+    }
+
+    fn paused(&self) -> bool {
+        self.ctl.paused != 0
     }
 
     /// When this direction needs looking at without an event.
     fn deadline(&self) -> Option<Instant> {
-        if self.pending || (self.eof && !self.done) {
+        if self.more {
+            Some(Instant::now())
+        } else if self.blocked() {
+            self.spliced.then_some(self.next_check)
+        } else if self.pending || (self.eof && !self.done) {
             Some(Instant::now() + self.flush_every)
-        } else if self.kernel {
+        } else if self.spliced {
             Some(self.next_check)
         } else {
             None
@@ -150,12 +188,29 @@ pub async fn relay(
             };
         }
     };
-    let mut ab = Direction::new(ca, b_base, true);
-    let mut ba = Direction::new(cb, a_base, both_ways);
+    let mut ab = Direction::new(ca, b_base, true, maps.window());
+    let mut ba = Direction::new(cb, a_base, both_ways, maps.window());
     tracing::debug!(a = ca, b = cb, both_ways, "spliced");
     let r = serve(maps, a, b, &mut ab, &mut ba, &wake, counters).await;
     tracing::debug!(a = ca, b = cb, result = ?r, "splice ended");
-    let moved = (maps.moved(ca) + ab.copied, maps.moved(cb) + ba.copied);
+    for dir in [&ab, &ba] {
+        let passed = maps.count(dir.from).passed;
+        if dir.spliced && dir.copied > passed {
+            // Every byte read from a spliced socket should have come through the verdict (see
+            // `pump`); if not, the direction never went back to the kernel (slower, still in
+            // order). Seen here, it is worth a look.
+            tracing::warn!(
+                from = dir.from,
+                copied = dir.copied,
+                passed,
+                "splice accounting: the proxy read bytes the verdict never passed"
+            );
+        }
+    }
+    let moved = (
+        maps.moved(ca) + ab.copied,
+        if both_ways { maps.moved(cb) } else { 0 } + ba.copied,
+    );
     maps.forget(ca, cb);
     if r.is_err() {
         reset(a, b);
@@ -173,8 +228,8 @@ async fn serve(
     counters: Counters<'_>,
 ) -> io::Result<()> {
     while !(ab.done && ba.done) {
-        step(maps, a, b, ab, counters).await?;
-        step(maps, b, a, ba, counters).await?;
+        step(maps, a, b, ab, counters)?;
+        step(maps, b, a, ba, counters)?;
         if ab.done && ba.done {
             break;
         }
@@ -188,6 +243,9 @@ async fn serve(
         tokio::select! {
             r = a.readable(), if !ab.eof && !ab.pending => { r?; ab.pending = true; }
             r = b.readable(), if !ba.eof && !ba.pending => { r?; ba.pending = true; }
+            // Bytes read wait for the other side to take them.
+            r = b.writable(), if ab.blocked() => { r?; }
+            r = a.writable(), if ba.blocked() => { r?; }
             // While a side waits (for the kernel to finish, or after its FIN) it can still be
             // reset, or fail a send the kernel made for it.
             r = a.ready(Interest::ERROR), if ab.eof || ab.pending => { r?; return Err(socket_error(a)); }
@@ -200,68 +258,63 @@ async fn serve(
     Ok(())
 }
 
-/// Moves one direction on: measures the kernel's backlog (pausing the splice when it is too
-/// big), forwards what is pending once everything before it is across, resumes a paused splice,
-/// and passes the FIN on last.
-async fn step(
+/// Moves one direction on: measures the kernel's backlog (pausing the direction when it is too
+/// big), forwards what is pending once everything before it is across, resumes a paused
+/// direction, and passes the FIN on last.
+fn step(
     maps: &SpliceMaps,
     from: &TcpStream,
     to: &TcpStream,
     dir: &mut Direction,
     counters: Counters<'_>,
 ) -> io::Result<()> {
-    if dir.kernel && !dir.eof && (dir.check || Instant::now() >= dir.next_check) {
+    if dir.spliced && !dir.eof && (dir.check || Instant::now() >= dir.next_check) {
         dir.check = false;
         dir.next_check = Instant::now() + SAFETY_CHECK;
-        let moved = maps.moved(dir.from);
-        let left = backlog(maps, dir, to)?;
-        let window = maps.window();
-        if left > window || !maps.set_limit(dir.from, moved + (window - left)) {
-            // The receiver is slower than the sender: stop moving bytes in the kernel. After the
-            // socket call below, no verdict run for `from` is still under way (it holds the
-            // socket's lock), so `moved` is final until the splice resumes.
-            maps.pause(dir.from);
-            let _ = taken_by_socket(from);
-            dir.kernel = false;
-            dir.paused = true;
-            dir.pending = true;
-            counters.pauses.inc();
-            tracing::trace!(
-                from = dir.from,
-                left,
-                "splice paused: the receiver is behind"
-            );
-        }
+        look(maps, from, to, dir, counters)?;
     }
     if !(dir.pending || (dir.eof && !dir.done)) {
         return Ok(());
     }
-    let left = backlog(maps, dir, to)?;
-    if left > 0 {
-        // Poll less often while the receiver takes nothing.
-        dir.flush_every = if left == dir.last_backlog {
-            (dir.flush_every * 2).min(STALLED_CHECK)
-        } else {
-            FLUSH_CHECK
-        };
-        dir.last_backlog = left;
-        return Ok(());
+    // Bytes read and not yet sent were read after everything before them was across.
+    if !dir.blocked() {
+        let left = backlog(maps, dir, to)?;
+        if left > 0 {
+            // Poll less often while the receiver takes nothing.
+            dir.flush_every = if left == dir.last_backlog {
+                (dir.flush_every * 2).min(STALLED_CHECK)
+            } else {
+                FLUSH_CHECK
+            };
+            dir.last_backlog = left;
+            return Ok(());
+        }
+        dir.flush_every = FLUSH_CHECK;
     }
-    dir.flush_every = FLUSH_CHECK;
     if dir.pending && !dir.eof {
         // Everything the kernel moved is in `to`'s send queue: bytes read now go after it.
-        pump(from, to, dir).await?;
-        dir.pending = false;
-        if dir.paused && !dir.eof {
-            dir.paused = false;
-            let moved = maps.moved(dir.from);
-            if maps.set_limit(dir.from, moved + maps.window())
-                && maps.resume(from.as_fd(), dir.from)
-            {
-                dir.kernel = true;
+        let pumped = pump(maps, from, to, dir)?;
+        dir.more = pumped == Pumped::More;
+        dir.pending = !matches!(pumped, Pumped::Drained | Pumped::Eof);
+        if dir.spliced
+            && pumped == Pumped::Drained
+            && (dir.paused() || dir.copied != dir.ctl.relayed)
+        {
+            // This task has relayed everything passed to `from` so far and the receiver has
+            // taken everything moved: the verdict may move again once it has counted as many
+            // bytes passed as this task relayed (more may be on their way; they come here first).
+            let resuming = dir.paused();
+            let c = maps.count(dir.from);
+            dir.ctl = SpliceControl {
+                limit: c.moved + c.passed + maps.window(),
+                relayed: dir.copied,
+                paused: 0,
+                _reserved: 0,
+            };
+            if !maps.control(dir.from, dir.ctl) {
+                dir.ctl.paused = u32::from(resuming);
+            } else if resuming {
                 dir.next_check = Instant::now() + SAFETY_CHECK;
-                // Bytes that arrived since the last read go through the verdict now.
-                dir.pending = true;
                 counters.resumes.inc();
                 tracing::trace!(from = dir.from, "splice resumed");
             }
@@ -275,45 +328,143 @@ async fn step(
     Ok(())
 }
 
-/// Reads what waits on `from` — its FIN, its error, or bytes the kernel did not move — and
-/// forwards the bytes to `to` in order, until `from` has nothing more.
-///
-/// It always reads until the receive queue is empty: the verdict takes whole segments from the
-/// queue, so a paused splice may resume only when no segment is half read (the kernel would pass
-/// the read half on again).
-async fn pump(from: &TcpStream, to: &TcpStream, dir: &mut Direction) -> io::Result<()> {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match from.try_read(&mut buf) {
+/// Measures a spliced direction (an event came, or a second passed): pauses it when the kernel
+/// holds more than the window for the receiver, and resets the connection when a paused sender
+/// has too much held for it in the kernel (see [`OVERFLOW_FLOOR`]).
+fn look(
+    maps: &SpliceMaps,
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: &mut Direction,
+    counters: Counters<'_>,
+) -> io::Result<()> {
+    let c = maps.count(dir.from);
+    let arrived = c.moved + c.passed;
+    let window = maps.window();
+    if dir.paused() {
+        let unread = c.passed.saturating_sub(dir.copied);
+        let bound = window.max(OVERFLOW_FLOOR) + receive_buffer(from);
+        if unread > bound {
+            counters.overflows.inc();
+            tracing::warn!(
+                unread,
+                bound,
+                "a same-node client or server kept sending while it read nothing of what it was \
+                 sent; the node holds no more for it and resets the connection (the peer must \
+                 read its responses, or send less ahead of them)"
+            );
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!(
+                    "{unread} bytes sent ahead of unread responses: more than the node holds for \
+                     one connection ({bound})"
+                ),
+            ));
+        }
+        dir.ctl.limit = arrived + window;
+        maps.control(dir.from, dir.ctl);
+        return Ok(());
+    }
+    let left = backlog(maps, dir, to)?;
+    if left <= window {
+        dir.ctl.limit = arrived + (window - left).max(1);
+        maps.control(dir.from, dir.ctl);
+        return Ok(());
+    }
+    // The receiver is slower than the sender: pass the sender's bytes to this task from now on.
+    dir.ctl = SpliceControl {
+        limit: arrived + window,
+        relayed: dir.copied,
+        paused: 1,
+        _reserved: 0,
+    };
+    if !maps.control(dir.from, dir.ctl) {
+        dir.ctl.paused = 0;
+        return Ok(());
+    }
+    // A verdict run for `from` holds the socket's lock; after this socket call none that read
+    // the old control is still under way, so the moved count is final until the resume.
+    let _ = taken_by_socket(from);
+    dir.pending = true;
+    counters.pauses.inc();
+    tracing::trace!(
+        from = dir.from,
+        left,
+        "splice paused: the receiver is behind"
+    );
+    Ok(())
+}
+
+/// How a [`pump`] ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pumped {
+    /// `from` had nothing more, and everything read is in `to`.
+    Drained,
+    /// `from` ended its stream, and everything before it is in `to`.
+    Eof,
+    /// `to` is full; the bytes read wait in the direction.
+    Blocked,
+    /// The read budget is spent; there may be more.
+    More,
+    /// `from` says end of stream, but bytes passed before it are still on their way through the
+    /// kernel: look again soon (no wake-up comes for them).
+    InTransit,
+}
+
+/// Reads per pump before the other direction (and other connections) get a turn.
+const PUMP_BUDGET: usize = 64;
+const CHUNK: usize = 16 * 1024;
+
+/// Reads what waits on `from` — its FIN, its error, or bytes passed to this task — and forwards
+/// the bytes to `to` in order, until `from` has nothing more, `to` is full or the budget is
+/// spent. Never waits: a full `to` leaves the bytes in the direction (the other direction must go
+/// on meanwhile, or a server that writes before it reads would wait for this task forever).
+fn pump(
+    maps: &SpliceMaps,
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: &mut Direction,
+) -> io::Result<Pumped> {
+    for _ in 0..PUMP_BUDGET {
+        while dir.blocked() {
+            match to.try_write(&dir.unsent[dir.sent..]) {
+                Ok(n) => {
+                    dir.sent += n;
+                    dir.copied += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pumped::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        dir.unsent.resize(CHUNK, 0);
+        dir.sent = 0;
+        match from.try_read(&mut dir.unsent) {
             Ok(0) => {
+                dir.unsent = Vec::new();
+                if dir.spliced && maps.count(dir.from).passed > dir.copied {
+                    // The kernel still has passed bytes queued for this socket; the end of
+                    // stream comes after them.
+                    return Ok(Pumped::InTransit);
+                }
                 tracing::debug!(from = dir.from, "splice: end of stream");
                 dir.eof = true;
-                return Ok(());
+                return Ok(Pumped::Eof);
             }
-            Ok(n) => {
-                write_all(to, &buf[..n]).await?;
-                dir.copied += n as u64;
+            Ok(n) => dir.unsent.truncate(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing held between pumps.
+                dir.unsent = Vec::new();
+                return Ok(Pumped::Drained);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => dir.unsent.clear(),
             Err(e) => {
                 tracing::debug!(from = dir.from, error = %e, "splice: read error");
                 return Err(e);
             }
         }
     }
-}
-
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        to.writable().await?;
-        match to.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    Ok(Pumped::More)
 }
 
 /// Reads `nm_splice`'s limit events for as long as the daemon runs and wakes the connection each
@@ -370,6 +521,27 @@ fn taken_by_socket(s: &TcpStream) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(acked + u64::try_from(queued).unwrap_or(0))
+}
+
+/// The socket's receive buffer size (`SO_RCVBUF`, as TCP has tuned it so far).
+fn receive_buffer(s: &TcpStream) -> u64 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into a live local.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        u64::try_from(v).unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 /// Offset of `tcpi_bytes_acked` in `struct tcp_info` (linux/tcp.h, stable UAPI since 4.1).

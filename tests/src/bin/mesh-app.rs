@@ -177,6 +177,10 @@ struct ConnectOpts {
     /// The size of each paced piece.
     #[arg(long, default_value_t = 4096)]
     piece_bytes: usize,
+    /// Start reading what comes back only this many milliseconds after the first write (a client
+    /// that sends ahead of its responses).
+    #[arg(long, default_value_t = 0)]
+    read_after_ms: u64,
     /// Make this many connections one after the other (each from a new client port); prints
     /// the last line and how many succeeded.
     #[arg(long, default_value_t = 1)]
@@ -302,6 +306,7 @@ fn connect(o: &ConnectOpts) -> std::io::Result<String> {
             w.shutdown(Shutdown::Write)
         })
     };
+    std::thread::sleep(Duration::from_millis(o.read_after_ms));
     let mut got = Vec::with_capacity(send);
     s.read_to_end(&mut got)?;
     writer
