@@ -48,8 +48,8 @@ fn try_splice(ctx: &SkBuffContext) -> u32 {
         return SK_DROP;
     }
     let Some(c) = SPLICE_BYTES.get_ptr_mut(cookie) else {
-        // Not (or no longer) a splice the daemon serves: leave the bytes to the socket.
-        count(Counter::SpliceNoPeer);
+        // No longer a splice the daemon serves (it has finished with the connection, and the
+        // socket leaves the maps as it closes): leave the bytes to the socket.
         return SK_PASS;
     };
     // SAFETY: the pointer comes from the kernel's lookup and stays valid for this run. The verdict

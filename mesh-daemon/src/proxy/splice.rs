@@ -100,6 +100,8 @@ struct Direction {
     sent: usize,
     /// The last read stopped at its budget with more to read: go on at once.
     more: bool,
+    /// The last read found the end of stream with passed bytes still on their way.
+    in_transit: bool,
 }
 
 impl Direction {
@@ -124,6 +126,7 @@ impl Direction {
             unsent: Vec::new(),
             sent: 0,
             more: false,
+            in_transit: false,
         }
     }
 
@@ -144,7 +147,7 @@ impl Direction {
             self.spliced.then_some(self.next_check)
         } else if self.pending || (self.eof && !self.done) {
             Some(Instant::now() + self.flush_every)
-        } else if self.spliced {
+        } else if self.spliced && !self.eof {
             Some(self.next_check)
         } else {
             None
@@ -289,13 +292,20 @@ fn step(
             dir.last_backlog = left;
             return Ok(());
         }
-        dir.flush_every = FLUSH_CHECK;
+        if !dir.in_transit {
+            dir.flush_every = FLUSH_CHECK;
+        }
     }
     if dir.pending && !dir.eof {
         // Everything the kernel moved is in `to`'s send queue: bytes read now go after it.
         let pumped = pump(maps, from, to, dir)?;
         dir.more = pumped == Pumped::More;
         dir.pending = !matches!(pumped, Pumped::Drained | Pumped::Eof);
+        // Poll less often while the passed bytes before an end of stream do not come.
+        let was_in_transit = std::mem::replace(&mut dir.in_transit, pumped == Pumped::InTransit);
+        if dir.in_transit && was_in_transit {
+            dir.flush_every = (dir.flush_every * 2).min(STALLED_CHECK);
+        }
         if dir.spliced
             && pumped == Pumped::Drained
             && (dir.paused() || dir.copied != dir.ctl.relayed)
@@ -305,15 +315,19 @@ fn step(
             // bytes passed as this task relayed (more may be on their way; they come here first).
             let resuming = dir.paused();
             let c = maps.count(dir.from);
+            // Read more than the verdict passed: some bytes did not go through it, so the counts
+            // no longer tell when all passed bytes are across. Stay in user space for good
+            // (reported when the splice ends).
+            let lost_count = dir.copied > c.passed;
             dir.ctl = SpliceControl {
                 limit: c.moved + c.passed + maps.window(),
                 relayed: dir.copied,
-                paused: 0,
+                paused: u32::from(lost_count),
                 _reserved: 0,
             };
             if !maps.control(dir.from, dir.ctl) {
                 dir.ctl.paused = u32::from(resuming);
-            } else if resuming {
+            } else if resuming && !lost_count {
                 dir.next_check = Instant::now() + SAFETY_CHECK;
                 counters.resumes.inc();
                 tracing::trace!(from = dir.from, "splice resumed");
@@ -341,8 +355,11 @@ fn look(
     let c = maps.count(dir.from);
     let arrived = c.moved + c.passed;
     let window = maps.window();
-    if dir.paused() {
-        let unread = c.passed.saturating_sub(dir.copied);
+    // Passed bytes this task has not read: in `from`'s receive buffer (bounded by it), or queued
+    // behind the bytes going out of `from` (bounded by nothing) — paused, or still catching up
+    // after a resume.
+    let unread = c.passed.saturating_sub(dir.copied);
+    if unread > 0 {
         let bound = window.max(OVERFLOW_FLOOR) + receive_buffer(from);
         if unread > bound {
             counters.overflows.inc();
@@ -361,6 +378,8 @@ fn look(
                 ),
             ));
         }
+    }
+    if dir.paused() {
         dir.ctl.limit = arrived + window;
         maps.control(dir.from, dir.ctl);
         return Ok(());
