@@ -343,8 +343,8 @@ fn step(
 }
 
 /// Measures a spliced direction (an event came, or a second passed): pauses it when the kernel
-/// holds more than the window for the receiver, and resets the connection when a paused sender
-/// has too much held for it in the kernel (see [`OVERFLOW_FLOOR`]).
+/// holds more than the window for the receiver, and resets the connection when the kernel holds
+/// too many of the sender's passed bytes that this task cannot read (see [`OVERFLOW_FLOOR`]).
 fn look(
     maps: &SpliceMaps,
     from: &TcpStream,
