@@ -145,24 +145,27 @@ pub fn socket_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
     sockopt_u64(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
-/// A socket option whose value is one `u64`.
-fn sockopt_u64(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> std::io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+/// A socket option whose value is one unsigned integer: a `u64` (cookies) or an `int` (buffer
+/// sizes), told apart by the length the kernel writes back.
+pub(crate) fn sockopt_u64(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> std::io::Result<u64> {
+    let mut v = [0u8; 8];
+    let mut len = v.len() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into a live local.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(v)
-    } else {
-        Err(std::io::Error::last_os_error())
+    let rc =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, v.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    match len {
+        8 => Ok(u64::from_ne_bytes(v)),
+        4 => Ok(u64::from(u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))),
+        n => Err(std::io::Error::other(format!(
+            "socket option {level}/{name}: {n} bytes, expected 4 or 8"
+        ))),
     }
 }
 
@@ -233,5 +236,35 @@ pub async fn accept_loop<F, Fut>(
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockopt_reads_int_and_u64_options() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let cookie = socket_cookie(&s).expect("SO_COOKIE");
+        assert!(cookie > 0);
+        assert_eq!(socket_cookie(&s).expect("SO_COOKIE"), cookie);
+        // An int option: the kernel doubles what was set (socket(7)).
+        let set: libc::c_int = 8192;
+        // SAFETY: setsockopt reads a live local of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&set as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(
+            sockopt_u64(&s, libc::SOL_SOCKET, libc::SO_RCVBUF).expect("SO_RCVBUF"),
+            2 * 8192
+        );
     }
 }

@@ -544,23 +544,7 @@ fn taken_by_socket(s: &TcpStream) -> io::Result<u64> {
 
 /// The socket's receive buffer size (`SO_RCVBUF`, as TCP has tuned it so far).
 fn receive_buffer(s: &TcpStream) -> u64 {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into a live local.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        u64::try_from(v).unwrap_or(0)
-    } else {
-        0
-    }
+    super::sockopt_u64(s, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap_or(0)
 }
 
 /// Offset of `tcpi_bytes_acked` in `struct tcp_info` (linux/tcp.h, stable UAPI since 4.1).
