@@ -98,34 +98,29 @@ pub fn set_mark(fd: &impl AsRawFd, mark: u32) -> std::io::Result<()> {
     if mark == 0 {
         return Ok(());
     }
-    // SAFETY: setsockopt reads `size_of::<u32>()` bytes from a live local.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&mark as *const u32).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    set_sockopt_u32(fd, libc::SOL_SOCKET, libc::SO_MARK, mark)
 }
 
 /// `IP_BIND_ADDRESS_NO_PORT`: defer the source port choice from bind() to connect().
 fn set_bind_no_port(fd: &impl AsRawFd) -> std::io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local.
+    set_sockopt_u32(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+}
+
+/// Sets a socket option whose value is one 32-bit integer (`int` or `u32` in the kernel).
+fn set_sockopt_u32(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: u32,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads `size_of::<u32>()` bytes from a live local.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            level,
+            name,
+            (&value as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -250,18 +245,7 @@ mod tests {
         assert!(cookie > 0);
         assert_eq!(socket_cookie(&s).expect("SO_COOKIE"), cookie);
         // An int option: the kernel doubles what was set (socket(7)).
-        let set: libc::c_int = 8192;
-        // SAFETY: setsockopt reads a live local of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&set as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        set_sockopt_u32(&s, libc::SOL_SOCKET, libc::SO_RCVBUF, 8192).expect("SO_RCVBUF");
         assert_eq!(
             sockopt_u64(&s, libc::SOL_SOCKET, libc::SO_RCVBUF).expect("SO_RCVBUF"),
             2 * 8192
