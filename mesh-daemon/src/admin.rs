@@ -24,11 +24,15 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::{identity::manager::Manager, metrics::Metrics, state::State};
+use crate::{
+    identity::manager::Manager,
+    metrics::Metrics,
+    state::State,
+    tap::{Tap, TapEvent, TapFilter, percent_decode},
+};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -57,12 +61,17 @@ fn json(value: &serde_json::Value) -> Response<Body> {
 pub struct Readiness {
     pub attached: AtomicBool,
     pub loaded: AtomicBool,
+    /// Set when the drain begins (SIGTERM): not ready from then on.
+    pub draining: AtomicBool,
     pub identity: OnceLock<Arc<Manager>>,
 }
 
 impl Readiness {
     /// Ok, or the first thing still missing.
     pub fn check(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("draining: the daemon is shutting down".into());
+        }
         if !self.attached.load(Ordering::Acquire) {
             return Err("eBPF programs are not attached yet".into());
         }
@@ -84,169 +93,6 @@ impl Readiness {
             },
         }
     }
-}
-
-// === tap ===
-
-/// One connection event, as `/tap` streams it (one JSON object per line).
-#[derive(Clone, Debug, Serialize)]
-pub struct TapEvent {
-    /// Unix time, seconds.
-    pub ts: f64,
-    /// `open`, `close` or `refused`.
-    pub event: &'static str,
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
-    pub destination_principal: String,
-    /// Where the connection went (pod `ip:port`, or the passthrough destination).
-    pub destination: String,
-    /// `local`, `hbone`, `passthrough` or `inbound`.
-    pub route: &'static str,
-    /// Whether this hop was mutual TLS (HBONE).
-    pub mtls: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes_sent: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes_received: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// HTTP fields, filled in once the proxy parses HTTP (the L7 work).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-}
-
-/// Fan-out of connection events to `/tap` followers. Costs one atomic load per connection when
-/// nobody follows.
-#[derive(Clone)]
-pub struct Tap {
-    tx: broadcast::Sender<Arc<TapEvent>>,
-}
-
-impl Default for Tap {
-    fn default() -> Self {
-        // A follower that falls 4096 events behind loses the oldest (and is told how many).
-        Self {
-            tx: broadcast::Sender::new(4096),
-        }
-    }
-}
-
-impl Tap {
-    pub fn active(&self) -> bool {
-        self.tx.receiver_count() > 0
-    }
-
-    /// Publishes an event built only when someone follows.
-    pub fn emit(&self, build: impl FnOnce() -> TapEvent) {
-        if self.active() {
-            let _ = self.tx.send(Arc::new(build()));
-        }
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TapEvent>> {
-        self.tx.subscribe()
-    }
-}
-
-pub fn now_ts() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
-}
-
-/// A `/tap` filter.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TapFilter {
-    pub workload: Option<String>,
-    pub namespace: Option<String>,
-    pub path: Option<String>,
-    pub status: Option<u16>,
-}
-
-impl TapFilter {
-    /// Parses a query string; unknown keys and bad values are errors with the fix.
-    pub fn parse(query: &str) -> Result<Self, String> {
-        let mut f = Self::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v).ok_or_else(|| format!("{k}: bad percent-encoding"))?;
-            if v.is_empty() {
-                return Err(format!("filter {k} has no value; write {k}=<value>"));
-            }
-            match k {
-                "workload" => f.workload = Some(v),
-                "namespace" => f.namespace = Some(v),
-                "path" if v.starts_with('/') => f.path = Some(v),
-                "path" => return Err(format!("path {v:?} must start with '/'")),
-                "status" => {
-                    f.status = Some(
-                        v.parse::<u16>()
-                            .ok()
-                            .filter(|s| (100..=599).contains(s))
-                            .ok_or_else(|| {
-                                format!("status {v:?} is not an HTTP status (100 to 599)")
-                            })?,
-                    )
-                }
-                other => {
-                    return Err(format!(
-                        "unknown filter {other:?}; use workload, namespace, path or status"
-                    ));
-                }
-            }
-        }
-        Ok(f)
-    }
-
-    /// A workload or namespace filter matches either end of the connection; path and status
-    /// match only events that carry them (HTTP).
-    pub fn matches(&self, e: &TapEvent) -> bool {
-        let wl = self
-            .workload
-            .as_ref()
-            .is_none_or(|w| *w == e.source_workload || *w == e.destination_workload);
-        let ns = self
-            .namespace
-            .as_ref()
-            .is_none_or(|n| *n == e.source_namespace || *n == e.destination_namespace);
-        let path = self
-            .path
-            .as_ref()
-            .is_none_or(|p| e.path.as_ref().is_some_and(|ep| ep.starts_with(p.as_str())));
-        let status = self.status.is_none_or(|s| e.status == Some(s));
-        wl && ns && path && status
-    }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 // === the server ===
@@ -554,28 +400,6 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
 mod tests {
     use super::*;
 
-    fn event(src: &str, dst: &str) -> TapEvent {
-        TapEvent {
-            ts: 0.0,
-            event: "open",
-            reporter: "outbound".into(),
-            source_workload: src.into(),
-            source_namespace: "demo".into(),
-            source_principal: String::new(),
-            destination_workload: dst.into(),
-            destination_namespace: "prod".into(),
-            destination_principal: String::new(),
-            destination: "10.0.0.1:80".into(),
-            route: "hbone",
-            mtls: true,
-            bytes_sent: None,
-            bytes_received: None,
-            reason: None,
-            path: None,
-            status: None,
-        }
-    }
-
     #[test]
     fn ready_only_after_attach_then_state_then_certificates() {
         let r = Readiness::default();
@@ -590,40 +414,5 @@ mod tests {
         r.loaded.store(false, Ordering::Release);
         let why = r.check().expect_err("attached, no state");
         assert!(why.contains("mesh state"), "{why}");
-    }
-
-    #[test]
-    fn tap_filters_parse_and_match() {
-        let f = TapFilter::parse("workload=client&namespace=prod").expect("valid");
-        assert!(f.matches(&event("client", "server")));
-        assert!(f.matches(&event("x", "client")));
-        assert!(!f.matches(&event("x", "y")));
-        assert!(
-            TapFilter::parse("")
-                .expect("empty")
-                .matches(&event("a", "b"))
-        );
-        let http = TapFilter::parse("path=%2Fapi&status=200").expect("valid");
-        assert_eq!(http.path.as_deref(), Some("/api"));
-        assert!(!http.matches(&event("a", "b")), "L4 events carry no path");
-        let mut e = event("a", "b");
-        e.path = Some("/api/v1".into());
-        e.status = Some(200);
-        assert!(http.matches(&e));
-    }
-
-    #[test]
-    fn bad_tap_filters_say_why() {
-        for (q, why) in [
-            ("pod=x", "unknown filter"),
-            ("status=abc", "not an HTTP status"),
-            ("status=99", "not an HTTP status"),
-            ("path=api", "must start with '/'"),
-            ("workload=", "has no value"),
-            ("workload=%zz", "percent-encoding"),
-        ] {
-            let e = TapFilter::parse(q).expect_err(q);
-            assert!(e.contains(why), "{q}: {e}");
-        }
     }
 }

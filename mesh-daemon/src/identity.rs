@@ -7,6 +7,7 @@
 //! attributed a connection to.
 
 pub mod ca;
+pub mod caclient;
 pub mod manager;
 pub mod tls;
 
@@ -22,6 +23,71 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
+
+// === trust and certificates, as TLS asks for them ===
+
+/// The roots in force, in the forms the verifiers need.
+pub struct Bundle {
+    pub pems: Vec<String>,
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Fingerprint of the CA's current signer: an SVID from another signer is re-issued.
+    pub signer: String,
+    pub(crate) client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("roots", &self.pems.len())
+            .field("signer", &self.signer)
+            .finish()
+    }
+}
+
+impl Bundle {
+    pub fn new(pems: Vec<String>, signer: String) -> Result<Self, String> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+        let mut roots = rustls::RootCertStore::empty();
+        for pem in &pems {
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let cert = cert.map_err(|e| format!("a bundle root is not PEM: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("a bundle root is not a usable trust anchor: {e}"))?;
+            }
+        }
+        if roots.is_empty() {
+            return Err("the trust bundle holds no root".into());
+        }
+        let roots = Arc::new(roots);
+        let client_verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| format!("cannot build the client verifier: {e}"))?;
+        Ok(Self {
+            pems,
+            roots,
+            signer,
+            client_verifier,
+        })
+    }
+}
+
+/// Where TLS gets certificates and trust from: the narrow view of the certificate manager that
+/// [`tls`] needs, so the TLS code never imports the manager (ztunnel's `tls` crate asks a
+/// provider trait the same way).
+pub trait CertSource: Send + Sync + std::fmt::Debug + 'static {
+    /// The trust domain every peer's SPIFFE ID must be in.
+    fn trust_domain(&self) -> &str;
+    /// The roots in force now.
+    fn bundle(&self) -> Arc<Bundle>;
+    /// The current SVID of an identity this node holds.
+    fn key_for(&self, id: &Identity) -> Option<Arc<rustls::sign::CertifiedKey>>;
+    /// The SVID whose identity a TLS server name stands for ([`Identity::server_name`]).
+    fn key_by_server_name(&self, name: &str) -> Option<Arc<rustls::sign::CertifiedKey>>;
+}
+
+// === SPIFFE IDs ===
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {

@@ -4,11 +4,15 @@
 pub mod admin;
 pub mod authz;
 pub mod check;
+pub mod config;
 pub mod control;
+pub mod drain;
 pub mod ebpf;
 pub mod identity;
 pub mod meshfile;
 pub mod metrics;
 pub mod promtext;
 pub mod proxy;
+pub mod socket;
 pub mod state;
+pub mod tap;

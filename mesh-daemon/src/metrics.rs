@@ -26,6 +26,8 @@ pub struct Metrics {
     pub splice_pauses: IntCounter,
     pub splice_resumes: IntCounter,
     pub splice_overflows: IntCounter,
+    /// Connections a drain ended: `finished` on their own, `reset` at the deadline.
+    pub drain_connections: IntCounterVec,
     /// HTTP/gRPC families: defined now so dashboards and `meshctl` need no change when the L7
     /// work parses requests; no samples until then.
     pub requests: IntCounterVec,
@@ -198,6 +200,12 @@ impl Metrics {
                      it, past --splice-window plus its receive buffer",
                 )
                 .expect("static metric definitions are valid"),
+            ),
+            drain_connections: vec(
+                "drain_connections_total",
+                "Connections open when the daemon began to drain (SIGTERM), by how they ended: \
+                 finished within --drain-timeout, or reset at its deadline",
+                &["result"],
             ),
             requests: vec(
                 "requests_total",

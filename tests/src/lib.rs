@@ -70,6 +70,24 @@ pub fn loaded_mesh_programs() -> Vec<String> {
         .collect()
 }
 
+/// `mesh-daemon uninstall --pin-dir <dir>`: removes the fail-closed pins a daemon left (every
+/// stop but `--fail-open` leaves them). Panics unless it succeeds; returns what it printed.
+pub fn uninstall(pin_dir: &std::path::Path) -> String {
+    let out = Command::new(bin("mesh-daemon"))
+        .args(["uninstall", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("run mesh-daemon uninstall");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("uninstalled"),
+        "mesh-daemon uninstall --pin-dir {}: {text}{}",
+        pin_dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// Fails loudly unless running as root: these suites create namespaces, cgroups and programs.
 pub fn require_root(suite: &str) {
     // SAFETY: geteuid has no preconditions.

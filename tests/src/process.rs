@@ -113,6 +113,32 @@ impl Proc {
         self.lines().join("\n")
     }
 
+    /// Sends a signal and returns at once.
+    pub fn signal(&mut self, sig: libc::c_int) {
+        let pid = self.pid();
+        // SAFETY: kill on a child pid we own (not yet reaped: `child` is still held).
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
+    /// Waits up to `timeout` for the process to end on its own; the exit status, or None (it is
+    /// still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                // Let the reader threads drain the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return Some(st);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then wait (SIGKILL after `grace`); returns the exit status.
     pub fn terminate(&mut self, grace: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -111,6 +111,8 @@ pub struct DaemonOpts {
     /// Sidecar mode: every meshed pod is `mode: sidecar` and gets its own `mesh-daemon run
     /// --mode sidecar` in its namespace and cgroup; no node daemons run.
     pub sidecar: bool,
+    /// `--drain-timeout` (None: the daemon's default, 30 s).
+    pub drain_timeout: Option<&'static str>,
 }
 
 impl Default for DaemonOpts {
@@ -123,6 +125,7 @@ impl Default for DaemonOpts {
             svid_lifetime: "24h",
             bundle_refresh: "1s",
             sidecar: false,
+            drain_timeout: None,
         }
     }
 }
@@ -363,6 +366,11 @@ impl Topology {
         self.pins.0.join(&self.nodes[node].name)
     }
 
+    /// Where pod `name`'s sidecar pins its fail-closed hooks.
+    pub fn sidecar_pin_dir(&self, name: &str) -> PathBuf {
+        self.pins.0.join(format!("sidecar-{name}"))
+    }
+
     /// The CA's key folder (root, signer, bundle).
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.0.join("ca")
@@ -454,6 +462,9 @@ impl Topology {
         if let Some(w) = self.opts.splice_window {
             d.args(["--splice-window", w]);
         }
+        if let Some(t) = self.opts.drain_timeout {
+            d.args(["--drain-timeout", t]);
+        }
     }
 
     /// Starts the CA and every node's daemon (or, with `opts.sidecar`, every meshed pod's
@@ -515,7 +526,7 @@ impl Topology {
             .arg("--cgroup-root")
             .arg(&p.cgroup)
             .arg("--pin-dir")
-            .arg(self.pins.0.join(format!("sidecar-{}", p.name)))
+            .arg(self.sidecar_pin_dir(&p.name))
             .args(["--metrics", &format!("{}:15020", p.ip)]);
         self.common_run_args(&mut d, p.node);
         crate::cgroup::join_on_exec(&mut d, &p.cgroup);
@@ -606,6 +617,30 @@ impl Topology {
         proc.wait_for("listening", Duration::from_secs(5));
         self.servers.push(proc);
         self.servers.len() - 1
+    }
+
+    /// Starts `mesh-app connect <addr> <args>` in a pod without waiting for it (a connection that
+    /// must be in flight while something else happens); its result line is in its output.
+    pub fn connect_in_background(&self, pod: &str, addr: &str, args: &[&str]) -> Proc {
+        let p = self.pod(pod);
+        let mut cmd = Command::new(bin("mesh-app"));
+        cmd.arg("--cgroup")
+            .arg(&p.cgroup)
+            .args(["--netns", p.ns.name(), "connect", addr])
+            .args(args);
+        Proc::spawn(&format!("mesh-app connect {addr} in {pod}"), cmd)
+    }
+
+    /// Sends SIGTERM to node `i`'s daemon and returns at once (it drains; see
+    /// [`Proc::wait_exit`]).
+    pub fn sigterm_daemon(&mut self, i: usize) {
+        self.daemon(i).signal(libc::SIGTERM);
+    }
+
+    /// Takes node `i`'s daemon out of the topology once it has exited (so it can be started
+    /// again), returning it for its output.
+    pub fn take_daemon(&mut self, i: usize) -> Proc {
+        self.daemons[i].take().expect("daemon running")
     }
 
     /// Runs `mesh-app connect <addr> <args>` in a pod; returns (success, output line).

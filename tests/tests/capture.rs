@@ -10,7 +10,7 @@ use std::{
 use mesh_common::Counter;
 use mesh_daemon::{
     ebpf::loader::{Datapath, DatapathConfig},
-    proxy::outbound::{conn_key, orig_dst_addr},
+    proxy::{outbound::conn_key, route::orig_dst_addr},
 };
 use nodemesh_tests::{
     cgroup::TestCgroup, loaded_mesh_programs, mesh_app, netns::Netns, require_root, unique,

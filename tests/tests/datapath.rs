@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use nodemesh_tests::{
-    bin, loaded_mesh_programs, require_root,
+    loaded_mesh_programs, require_root,
     topology::{DaemonOpts, PodSpec, ServiceSpec, Topology},
 };
 
@@ -259,12 +259,13 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
         "first daemon must keep serving: {out}"
     );
 
-    // A clean exit prints the counters and leaves nothing attached.
+    // A clean exit (SIGTERM, what a rolling update sends) prints the counters and stays
+    // fail-closed: the hooks remain, and a meshed client is refused rather than sent direct.
     for i in 0..2 {
         let st = t.daemon(i).terminate(Duration::from_secs(10));
         let log = t.daemon(i).output();
         assert!(
-            st.success() && log.contains("eBPF programs detached"),
+            st.success() && log.contains("the hooks stay attached (fail-closed)"),
             "{log}"
         );
         let counters = log
@@ -274,11 +275,24 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
             .to_string();
         println!("node-{} at exit: {counters}", i + 1);
     }
+    assert!(
+        !loaded_mesh_programs().is_empty(),
+        "a clean stop keeps the pinned hooks"
+    );
+    let (ok, out) = t.connect("client", VIP, &["--send", "1000"]);
+    assert!(
+        !ok && out.contains("ConnectionRefused"),
+        "after a clean stop a meshed client must be refused, not sent direct: {out}"
+    );
+    println!("stopped cleanly: meshed client refused: {out}");
+    // `mesh-daemon uninstall` then leaves nothing attached.
+    let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
+    println!("{}", nodemesh_tests::uninstall(&root));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         loaded_mesh_programs(),
         Vec::<String>::new(),
-        "left attached"
+        "left attached after uninstall"
     );
 }
 
@@ -496,17 +510,7 @@ fn fail_closed_while_down_then_uninstall_leaves_nothing(sockmap: bool) {
         "pinned hooks outlive a crash"
     );
     let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
-    let out = std::process::Command::new(bin("mesh-daemon"))
-        .args(["uninstall", "--pin-dir"])
-        .arg(&root)
-        .output()
-        .expect("run uninstall");
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!("{text}");
-    assert!(
-        out.status.success() && text.contains("uninstalled"),
-        "{text}"
-    );
+    println!("{}", nodemesh_tests::uninstall(&root));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         loaded_mesh_programs(),

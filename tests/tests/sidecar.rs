@@ -176,15 +176,23 @@ fn sidecars_capture_in_the_pod_and_speak_mtls_to_the_peer_sidecar() {
     );
     println!("misconfigured sidecar: {}", err.trim());
 
-    // A clean exit detaches every sidecar's programs.
+    // A clean exit stays fail-closed; `mesh-daemon uninstall` then detaches every sidecar's
+    // programs.
     let names: Vec<String> = ["client", "near", "server"].map(String::from).to_vec();
     for n in &names {
         let st = t.sidecar(n).terminate(Duration::from_secs(10));
         let log = t.sidecar(n).output();
         assert!(
-            st.success() && log.contains("eBPF programs detached"),
+            st.success() && log.contains("the hooks stay attached (fail-closed)"),
             "{log}"
         );
+    }
+    assert!(
+        !loaded_mesh_programs().is_empty(),
+        "a clean stop keeps the pinned hooks"
+    );
+    for n in &names {
+        println!("{}", nodemesh_tests::uninstall(&t.sidecar_pin_dir(n)));
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(

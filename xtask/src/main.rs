@@ -4,6 +4,7 @@
 //! types one command. Set-up never assumes a path: the nightly sysroot, its LLVM and the cgroup
 //! mount are all computed here.
 
+mod modgraph;
 mod setup;
 
 use std::process::Command;
@@ -17,6 +18,7 @@ usage: cargo xtask <command>
           bpf-linker matched to nightly's LLVM, bpffs
   demo    the main job: a meshed pod's connection captured in the kernel and proxied by the daemon
   test    fmt check, clippy -D warnings (host and eBPF), unit tests, privileged end-to-end tests
+  imports check that mesh-daemon's modules import one way (no cycle); part of `test`
   bench   measurements, medians and ratios from one run. `bench [--quick]`: baseline, sidecar,
           node and node+sockmap side by side (h2load, iperf3; latency at 1000 req/s, max req/s,
           one TCP stream, new connections/s, memory and CPU for 1-100 pods per node); writes
@@ -32,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => demo(),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
+        Some("imports") => imports(),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -121,10 +124,24 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+fn repo_root() -> anyhow::Result<&'static std::path::Path> {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent folder")
+}
+
+fn imports() -> anyhow::Result<()> {
+    let n = modgraph::check_daemon(repo_root()?)?;
+    eprintln!("xtask: mesh-daemon's {n} modules import one way (no cycle)");
+    Ok(())
+}
+
 fn test() -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
     setup::all()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    // One-way imports: a cycle between the daemon's modules fails the test run.
+    imports()?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The kernel crate only builds for the BPF target; lint it there.
     // `+nightly` works only through the rustup proxy, and $CARGO is the toolchain's own binary.

@@ -16,7 +16,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
@@ -36,15 +36,17 @@ use rustls::{
     server::ResolvesServerCert,
     sign::CertifiedKey,
 };
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use super::Identity;
+use super::{
+    Identity,
+    caclient::{BundleReply, Issued, SignRequest},
+};
 use crate::meshfile;
 
 /// The CA's port (Istio's istiod serves certificates on the same one).
-pub const PORT: u16 = 15012;
+pub const PORT: u16 = super::caclient::PORT;
 /// Default SVID lifetime.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Largest request body the CA reads (a P-256 CSR is well under 1 KiB).
@@ -247,26 +249,6 @@ pub struct Authority {
     bundle: Vec<String>,
     /// Fingerprint of the signer (intermediate) certificate: nodes re-issue when it changes.
     pub signer: String,
-}
-
-/// What the CA hands back for a CSR.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Issued {
-    /// Leaf first, then the signer.
-    pub chain: Vec<String>,
-    pub bundle: Vec<String>,
-    pub signer: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BundleReply {
-    pub bundle: Vec<String>,
-    pub signer: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SignRequest {
-    pub csr: String,
 }
 
 /// Why a signing request was refused: the HTTP status and a reason for the node's log.
@@ -853,24 +835,6 @@ async fn sign_request(
     }
 }
 
-/// The address a CA URL names (`https://host:port`, host an IP address).
-pub fn parse_url(
-    url: &str,
-) -> Result<(SocketAddr, rustls::pki_types::ServerName<'static>), String> {
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| format!("CA URL {url:?} must start with https://"))?
-        .trim_end_matches('/');
-    let addr: SocketAddr = rest
-        .parse()
-        .or_else(|_| rest.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, PORT)))
-        .map_err(|_| format!("CA URL {url:?} must be https://<ip>[:port]"))?;
-    Ok((
-        addr,
-        rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -959,19 +923,5 @@ mod tests {
         assert!(same_secret("abc", "abc"));
         assert!(!same_secret("abc", "abd"));
         assert!(!same_secret("abc", "abcd"));
-    }
-
-    #[test]
-    fn ca_urls() {
-        assert!(parse_url("https://10.0.0.1:15012").is_ok());
-        assert_eq!(
-            parse_url("https://10.0.0.1")
-                .expect("default port")
-                .0
-                .port(),
-            PORT
-        );
-        assert!(parse_url("http://10.0.0.1:15012").is_err());
-        assert!(parse_url("https://ca.example:15012").is_err());
     }
 }

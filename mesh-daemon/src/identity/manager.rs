@@ -9,35 +9,29 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     sign::CertifiedKey,
 };
 use tokio::{sync::watch, task::AbortHandle};
 use tracing::{info, warn};
 
 use super::{
-    Identity,
-    ca::{BundleReply, Issued, SignRequest},
-    tls::Bundle,
+    Bundle, CertSource, Identity,
+    caclient::{BundleReply, CaClient, CaClientError, CaUrl, Issued, SignRequest},
 };
 use crate::metrics::Metrics;
 
-/// How long one call to the CA may take.
-const CA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry bounds after a failed fetch or renewal.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-const MAX_RESPONSE: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -48,16 +42,14 @@ pub enum ManagerError {
     },
     #[error("{0}")]
     Config(String),
-    #[error("cannot reach the CA at {addr}: {reason}")]
-    Unreachable { addr: SocketAddr, reason: String },
-    #[error("the CA refused: {status} {reason}")]
-    Refused { status: u16, reason: String },
+    #[error(transparent)]
+    Ca(#[from] CaClientError),
     #[error("the CA's answer is unusable: {0}")]
     BadAnswer(String),
 }
 
 pub struct ManagerConfig {
-    /// `https://<ip>:<port>`.
+    /// `https://<ip or DNS name>[:port]`.
     pub ca_url: String,
     /// Roots to trust the CA (and peers) with until the CA's own bundle arrives.
     pub ca_bundle: PathBuf,
@@ -82,12 +74,9 @@ pub struct Svid {
 }
 
 pub struct Manager {
-    ca_addr: SocketAddr,
-    ca_name: ServerName<'static>,
-    token: String,
+    ca: CaClient,
     trust_domain: String,
     refresh: Duration,
-    mark: u32,
     svids: RwLock<HashMap<Identity, Arc<Svid>>>,
     workers: Mutex<HashMap<Identity, AbortHandle>>,
     bundle: RwLock<Arc<Bundle>>,
@@ -101,7 +90,7 @@ pub struct Manager {
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manager")
-            .field("ca", &self.ca_addr)
+            .field("ca", self.ca.url())
             .finish_non_exhaustive()
     }
 }
@@ -109,7 +98,7 @@ impl std::fmt::Debug for Manager {
 impl Manager {
     /// Reads the bootstrap files; nothing is fetched until [`Manager::start`].
     pub fn new(cfg: ManagerConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, ManagerError> {
-        let (ca_addr, ca_name) = super::ca::parse_url(&cfg.ca_url).map_err(ManagerError::Config)?;
+        let url = CaUrl::parse(&cfg.ca_url).map_err(ManagerError::Config)?;
         let read = |path: &PathBuf| {
             std::fs::read_to_string(path).map_err(|source| ManagerError::Read {
                 path: path.clone(),
@@ -127,12 +116,9 @@ impl Manager {
         let bundle = Bundle::new(vec![roots], String::new())
             .map_err(|e| ManagerError::Config(format!("{}: {e}", cfg.ca_bundle.display())))?;
         Ok(Arc::new(Self {
-            ca_addr,
-            ca_name,
-            token,
+            ca: CaClient::new(url, token, cfg.mark),
             trust_domain: cfg.trust_domain,
             refresh: cfg.refresh,
-            mark: cfg.mark,
             svids: RwLock::default(),
             workers: Mutex::default(),
             bundle: RwLock::new(Arc::new(bundle)),
@@ -413,68 +399,34 @@ impl Manager {
         }
     }
 
-    /// One HTTPS/1.1 request to the CA; returns the body of a 200 answer.
+    /// One request to the CA, trusting it with the bundle in force.
     async fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<String>,
     ) -> Result<Bytes, ManagerError> {
-        let unreachable = |reason: String| ManagerError::Unreachable {
-            addr: self.ca_addr,
-            reason,
-        };
-        let cfg =
-            super::tls::ca_client_config(&self.bundle()).map_err(|e| unreachable(e.to_string()))?;
-        let attempt = async {
-            let tcp = crate::proxy::connect_marked(self.ca_addr, self.mark, None)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(self.ca_name.clone(), tcp)
-                .await
-                .map_err(|e| unreachable(format!("TLS: {e}")))?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .map_err(|e| unreachable(e.to_string()))?;
-            tokio::spawn(conn);
-            let req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header(hyper::header::HOST, self.ca_addr.to_string())
-                .header(
-                    hyper::header::AUTHORIZATION,
-                    format!("Bearer {}", self.token),
-                )
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| ManagerError::Config(e.to_string()))?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?
-                .to_bytes();
-            if !status.is_success() {
-                let reason = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-                return Err(ManagerError::Refused {
-                    status: status.as_u16(),
-                    reason,
-                });
-            }
-            Ok(bytes)
-        };
-        tokio::time::timeout(CA_TIMEOUT, attempt)
-            .await
-            .map_err(|_| unreachable(format!("no answer within {CA_TIMEOUT:?}")))?
+        Ok(self.ca.call(&self.bundle(), method, path, body).await?)
+    }
+}
+
+// === impl CertSource for Manager ===
+
+impl CertSource for Manager {
+    fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    fn bundle(&self) -> Arc<Bundle> {
+        Manager::bundle(self)
+    }
+
+    fn key_for(&self, id: &Identity) -> Option<Arc<CertifiedKey>> {
+        self.svid(id).map(|s| s.key.clone())
+    }
+
+    fn key_by_server_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.svid_by_server_name(name)
     }
 }
 

@@ -1,5 +1,5 @@
-//! TLS for HBONE: TLS 1.3 only, mutual, with SVIDs from the [`Manager`] and a trust bundle that
-//! can change at run time (root rotation).
+//! TLS for HBONE: TLS 1.3 only, mutual, with SVIDs from a [`CertSource`] (the node's certificate
+//! manager) and a trust bundle that can change at run time (root rotation).
 //!
 //! - The client presents the *source workload's* SVID and checks that the server's certificate
 //!   chains to the bundle and names the destination identity it asked for (by server name, see
@@ -23,63 +23,16 @@ use rustls::{
     crypto::CryptoProvider,
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::{
-        ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier,
+        ClientHello, ParsedCertificate, ResolvesServerCert,
         danger::{ClientCertVerified, ClientCertVerifier},
     },
     sign::CertifiedKey,
 };
 
-use super::{Identity, manager::Manager};
+use super::{Bundle, CertSource, Identity};
 
 /// HBONE is HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
-
-/// The roots in force, in the forms the verifiers need.
-pub struct Bundle {
-    pub pems: Vec<String>,
-    pub roots: Arc<rustls::RootCertStore>,
-    /// Fingerprint of the CA's current signer: an SVID from another signer is re-issued.
-    pub signer: String,
-    client_verifier: Arc<dyn ClientCertVerifier>,
-}
-
-impl std::fmt::Debug for Bundle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bundle")
-            .field("roots", &self.pems.len())
-            .field("signer", &self.signer)
-            .finish()
-    }
-}
-
-impl Bundle {
-    pub fn new(pems: Vec<String>, signer: String) -> Result<Self, String> {
-        use rustls::pki_types::pem::PemObject as _;
-        let mut roots = rustls::RootCertStore::empty();
-        for pem in &pems {
-            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                let cert = cert.map_err(|e| format!("a bundle root is not PEM: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("a bundle root is not a usable trust anchor: {e}"))?;
-            }
-        }
-        if roots.is_empty() {
-            return Err("the trust bundle holds no root".into());
-        }
-        let roots = Arc::new(roots);
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), super::provider())
-                .build()
-                .map_err(|e| format!("cannot build the client verifier: {e}"))?;
-        Ok(Self {
-            pems,
-            roots,
-            signer,
-            client_verifier,
-        })
-    }
-}
 
 /// A bounded label for a failed handshake (`nodemesh_tls_handshakes_total{result}`), from the
 /// error tokio-rustls returned.
@@ -152,7 +105,7 @@ impl Signatures {
 
 #[derive(Debug)]
 struct PeerVerifier {
-    manager: Arc<Manager>,
+    certs: Arc<dyn CertSource>,
     sigs: Signatures,
 }
 
@@ -168,12 +121,12 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let bundle = self.manager.bundle();
+        let bundle = self.certs.bundle();
         bundle
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = Identity::from_cert(end_entity).map_err(|_| app_failure())?;
-        if id.trust_domain != self.manager.trust_domain() {
+        if id.trust_domain != self.certs.trust_domain() {
             return Err(app_failure());
         }
         Ok(ClientCertVerified::assertion())
@@ -206,7 +159,7 @@ impl ClientCertVerifier for PeerVerifier {
 
 #[derive(Debug)]
 struct IdentityVerifier {
-    manager: Arc<Manager>,
+    certs: Arc<dyn CertSource>,
     sigs: Signatures,
 }
 
@@ -219,7 +172,7 @@ impl ServerCertVerifier for IdentityVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let bundle = self.manager.bundle();
+        let bundle = self.certs.bundle();
         let cert = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &cert,
@@ -265,24 +218,24 @@ impl ServerCertVerifier for IdentityVerifier {
 
 /// Server side: the SVID of the identity the client named.
 #[derive(Debug)]
-struct ByServerName(Arc<Manager>);
+struct ByServerName(Arc<dyn CertSource>);
 
 impl ResolvesServerCert for ByServerName {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.svid_by_server_name(hello.server_name()?)
+        self.0.key_by_server_name(hello.server_name()?)
     }
 }
 
 /// Client side: always the source workload's SVID.
 #[derive(Debug)]
 struct SourceSvid {
-    manager: Arc<Manager>,
+    certs: Arc<dyn CertSource>,
     source: Identity,
 }
 
 impl ResolvesClientCert for SourceSvid {
     fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        self.manager.svid(&self.source).map(|s| s.key.clone())
+        self.certs.key_for(&self.source)
     }
 
     fn has_certs(&self) -> bool {
@@ -291,15 +244,15 @@ impl ResolvesClientCert for SourceSvid {
 }
 
 /// The HBONE listener's configuration.
-pub fn server_config(manager: Arc<Manager>) -> Result<Arc<ServerConfig>, Error> {
+pub fn server_config(certs: Arc<dyn CertSource>) -> Result<Arc<ServerConfig>, Error> {
     let provider = super::provider();
     let mut cfg = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(PeerVerifier {
-            manager: manager.clone(),
+            certs: certs.clone(),
             sigs: Signatures(provider),
         }))
-        .with_cert_resolver(Arc::new(ByServerName(manager)));
+        .with_cert_resolver(Arc::new(ByServerName(certs)));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -307,16 +260,19 @@ pub fn server_config(manager: Arc<Manager>) -> Result<Arc<ServerConfig>, Error> 
 }
 
 /// The configuration for HBONE connections made on behalf of `source`.
-pub fn client_config(manager: Arc<Manager>, source: Identity) -> Result<Arc<ClientConfig>, Error> {
+pub fn client_config(
+    certs: Arc<dyn CertSource>,
+    source: Identity,
+) -> Result<Arc<ClientConfig>, Error> {
     let provider = super::provider();
     let mut cfg = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(IdentityVerifier {
-            manager: manager.clone(),
+            certs: certs.clone(),
             sigs: Signatures(provider),
         }))
-        .with_client_cert_resolver(Arc::new(SourceSvid { manager, source }));
+        .with_client_cert_resolver(Arc::new(SourceSvid { certs, source }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.resumption = Resumption::disabled();
     Ok(Arc::new(cfg))

@@ -12,24 +12,17 @@
 
 use std::{
     collections::HashMap,
-    future::poll_fn,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
-use h2::{Reason, RecvStream, SendStream, client::SendRequest};
+use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
-};
 use tracing::{debug, warn};
 
+use super::h2::H2Stream;
 use crate::{
     identity::{
         Identity,
@@ -41,17 +34,12 @@ use crate::{
 
 /// The HBONE port of every proxy (a node's, or a sidecar's in its pod).
 pub const PORT: u16 = crate::state::HBONE_PORT;
-/// Header naming the source workload (`namespace/name`). The client certificate proves only the
-/// identity (namespace + service account), so the destination uses this for its workload label,
-/// and only when it names a known workload with exactly the proven identity.
-pub const SOURCE_HEADER: &str = "x-nodemesh-source-workload";
+pub use super::route::SOURCE_HEADER;
 /// Header carrying the destination proxy's reason for a refused CONNECT.
 pub const ERROR_HEADER: &str = "x-nodemesh-error";
 /// Flow-control windows: HTTP/2's 64 KiB default would cap a tunnel's throughput far below TCP's.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
-/// Read size from the pod socket (one DATA frame sequence per read).
-const CHUNK: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -97,12 +85,6 @@ impl HboneError {
     }
 }
 
-/// One open tunnel: the two halves of a CONNECT stream.
-pub struct Tunnel {
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
-}
-
 /// How long a TLS handshake with another node may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -114,8 +96,17 @@ struct PoolKey {
     node: SocketAddr,
 }
 
-/// A pooled connection and the source SVID it was opened with.
-type Pooled = (SendRequest<Bytes>, Arc<Svid>);
+/// A pooled connection, the source SVID it was opened with, and a generation number (so a
+/// caller whose stream failed on it can tell whether someone already replaced it).
+struct Pooled {
+    sender: SendRequest<Bytes>,
+    svid: Arc<Svid>,
+    generation: u64,
+}
+
+/// One pool entry. Its async lock makes opening a connection single-flight: concurrent first
+/// connections to a peer wait for one TLS handshake instead of each doing their own.
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 
 /// Pooled mTLS HTTP/2 connections to other nodes' HBONE listeners.
 pub struct Client {
@@ -125,7 +116,9 @@ pub struct Client {
     /// Each connection with the source SVID it was opened under: after a renewal (or a root
     /// rotation) new streams get a new connection, so every new tunnel is authenticated with
     /// current certificates; streams already open finish on the old one.
-    pool: Mutex<HashMap<PoolKey, Pooled>>,
+    pool: Mutex<HashMap<PoolKey, Slot>>,
+    /// Generation numbers for pooled connections.
+    opened: std::sync::atomic::AtomicU64,
     /// One client configuration per source identity (its certificate resolver follows renewals).
     configs: Mutex<HashMap<Identity, Arc<rustls::ClientConfig>>>,
 }
@@ -147,6 +140,7 @@ impl Client {
             identity,
             metrics,
             pool: Mutex::default(),
+            opened: std::sync::atomic::AtomicU64::new(0),
             configs: Mutex::default(),
         }
     }
@@ -157,15 +151,16 @@ impl Client {
         node: SocketAddr,
         target: SocketAddr,
         ends: Ends<'_>,
-    ) -> Result<Tunnel, HboneError> {
+    ) -> Result<H2Stream, HboneError> {
         let key = PoolKey {
             source: ends.source.clone(),
             destination: ends.destination.clone(),
             node,
         };
         // A pooled connection may have died since its last use; one fresh attempt follows.
+        let mut failed = None;
         for fresh in [false, true] {
-            let sender = self.sender(&key, fresh).await?;
+            let (sender, generation) = self.sender(&key, failed).await?;
             let req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
@@ -180,7 +175,7 @@ impl Client {
                 Ok(x) => x,
                 Err(e) if !fresh => {
                     debug!(%node, error = %e, "pooled HBONE connection failed; reconnecting");
-                    self.forget(&key);
+                    failed = Some(generation);
                     continue;
                 }
                 Err(source) => return Err(HboneError::Http { node, source }),
@@ -202,19 +197,15 @@ impl Client {
                     reason,
                 });
             }
-            return Ok(Tunnel {
-                send,
-                recv: resp.into_body(),
-            });
+            return Ok(H2Stream::new(send, resp.into_body()));
         }
         unreachable!("the loop returns on its second pass")
     }
 
-    fn forget(&self, key: &PoolKey) {
-        self.pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+    /// Drops every pooled connection (the drain): each closes once its last stream ends, and no
+    /// new stream is opened on it.
+    pub fn close_all(&self) {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     fn config(&self, source: &Identity) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
@@ -227,7 +218,14 @@ impl Client {
         Ok(c)
     }
 
-    async fn sender(&self, key: &PoolKey, fresh: bool) -> Result<SendRequest<Bytes>, HboneError> {
+    /// A connection for `key`: the pooled one, unless it was opened under an older SVID or is
+    /// the one whose stream just failed (`failed`); otherwise a new one, opened once however many
+    /// callers ask at the same time.
+    async fn sender(
+        &self,
+        key: &PoolKey,
+        failed: Option<u64>,
+    ) -> Result<(SendRequest<Bytes>, u64), HboneError> {
         let node = key.node;
         let svid = self
             .identity
@@ -237,14 +235,47 @@ impl Client {
                 label: "no_certificate",
                 source: std::io::Error::other(format!("no SVID for {}", key.source)),
             })?;
-        if !fresh
-            && let Some((s, opened_with)) =
-                self.pool.lock().unwrap_or_else(|p| p.into_inner()).get(key)
-            && Arc::ptr_eq(opened_with, &svid)
+        let slot: Slot = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut pooled = slot.lock().await;
+        if let Some(p) = pooled.as_ref()
+            && Arc::ptr_eq(&p.svid, &svid)
+            && Some(p.generation) != failed
         {
-            return Ok(s.clone());
+            return Ok((p.sender.clone(), p.generation));
         }
-        let tcp = super::connect_marked(node, self.mark, None)
+        let sender = match self.open(key).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing pooled under this key: drop the empty slot, so peers that never
+                // answer leave no entry behind.
+                if pooled.is_none() {
+                    drop(pooled);
+                    self.forget_empty(key, &slot);
+                }
+                return Err(e);
+            }
+        };
+        let generation = self
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *pooled = Some(Pooled {
+            sender: sender.clone(),
+            svid,
+            generation,
+        });
+        Ok((sender, generation))
+    }
+
+    /// Opens one mTLS HTTP/2 connection for `key` (TCP, TLS 1.3 with the source's SVID, h2).
+    async fn open(&self, key: &PoolKey) -> Result<SendRequest<Bytes>, HboneError> {
+        let node = key.node;
+        let tcp = crate::socket::connect_marked(node, self.mark, None)
             .await
             .map_err(|source| HboneError::Connect { node, source })?;
         let tls_err = |label: &'static str, source: std::io::Error| HboneError::Tls {
@@ -291,104 +322,22 @@ impl Client {
                 warn!(%node, error = %e, "HBONE connection to node ended with an error");
             }
         });
-        self.pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), (sender.clone(), svid));
         Ok(sender)
     }
-}
 
-fn h2_io(e: h2::Error) -> std::io::Error {
-    if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| std::io::Error::other("HTTP/2 I/O error"))
-    } else {
-        std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)
-    }
-}
-
-/// Pod socket → tunnel. EOF becomes END_STREAM; a read error (the pod reset) becomes
-/// RST_STREAM(CONNECT_ERROR).
-async fn tcp_to_tunnel(mut r: ReadHalf<'_>, mut send: SendStream<Bytes>) -> std::io::Result<u64> {
-    let mut buf = BytesMut::with_capacity(CHUNK);
-    let mut total = 0u64;
-    loop {
-        buf.reserve(CHUNK);
-        let n = match r.read_buf(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                send.send_reset(Reason::CONNECT_ERROR);
-                return Err(e);
-            }
-        };
-        if n == 0 {
-            send.send_data(Bytes::new(), true).map_err(h2_io)?;
-            return Ok(total);
-        }
-        total += n as u64;
-        let mut data = buf.split().freeze();
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => return Err(h2_io(e)),
-                None => return Err(std::io::ErrorKind::BrokenPipe.into()),
-            };
-            if cap == 0 {
-                continue;
-            }
-            let chunk = data.split_to(cap.min(data.len()));
-            send.send_data(chunk, false).map_err(h2_io)?;
+    /// Removes `key`'s slot if it is still `slot` and still empty.
+    fn forget_empty(&self, key: &PoolKey, slot: &Slot) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool
+            .get(key)
+            .is_some_and(|s| Arc::ptr_eq(s, slot) && s.try_lock().is_ok_and(|g| g.is_none()))
+        {
+            pool.remove(key);
         }
     }
-}
 
-/// Tunnel → pod socket. END_STREAM becomes a half-close; a reset of the stream is an error, on
-/// which the caller resets the pod's connection.
-async fn tunnel_to_tcp(mut recv: RecvStream, mut w: WriteHalf<'_>) -> std::io::Result<u64> {
-    let mut total = 0u64;
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_io)?;
-        let _ = recv.flow_control().release_capacity(chunk.len());
-        w.write_all(&chunk).await?;
-        total += chunk.len() as u64;
+    /// Pooled connections (for the state-size gauges and the churn test).
+    pub fn pooled(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
-    w.shutdown().await?;
-    Ok(total)
-}
-
-/// Relays between a pod-side TCP connection and a tunnel until both directions end. Returns
-/// (bytes pod→tunnel, bytes tunnel→pod). On an error in either direction the other is abandoned:
-/// the stream is reset (dropping an open stream sends RST_STREAM) and the pod's connection is
-/// reset (SO_LINGER 0 before close).
-pub async fn relay(mut pod: TcpStream, tunnel: Tunnel) -> std::io::Result<(u64, u64)> {
-    // Borrowed halves: unlike owned ones they send no FIN when dropped, so an abort below reaches
-    // the pod as a reset and not as a clean end followed by one.
-    let result = {
-        let (r, w) = pod.split();
-        let up = tcp_to_tunnel(r, tunnel.send);
-        let down = tunnel_to_tcp(tunnel.recv, w);
-        tokio::pin!(up, down);
-        let (mut a, mut b) = (None, None);
-        loop {
-            if let (Some(a), Some(b)) = (a, b) {
-                break Ok((a, b));
-            }
-            tokio::select! {
-                res = &mut up, if a.is_none() => match res {
-                    Ok(n) => a = Some(n),
-                    Err(e) => break Err(e),
-                },
-                res = &mut down, if b.is_none() => match res {
-                    Ok(n) => b = Some(n),
-                    Err(e) => break Err(e),
-                },
-            }
-        }
-    };
-    if result.is_err() {
-        let _ = pod.set_zero_linger();
-    }
-    result
 }

@@ -15,15 +15,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use super::{Inputs, hbone};
-use crate::{
-    identity::{Identity, tls},
-    state::{Snapshot, Workload},
-};
+use super::{Inputs, h2::H2Stream, hbone, relay::relay, route};
+use crate::identity::{Identity, tls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -42,13 +39,10 @@ pub struct Inbound {
     inputs: Arc<Inputs>,
 }
 
-/// What the handshake proved about one HBONE connection.
+/// What the handshake proved about one HBONE connection, and where it came from.
 struct Peer {
     addr: SocketAddr,
-    /// The client certificate's SPIFFE ID.
-    source: Identity,
-    /// The server name the client asked for: the destination identity it expects.
-    server_name: String,
+    ids: route::Peer,
 }
 
 impl Inbound {
@@ -103,8 +97,10 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
     info!(peer = %addr, source = %source, "HBONE mTLS connection");
     let peer = Arc::new(Peer {
         addr,
-        source,
-        server_name,
+        ids: route::Peer {
+            source,
+            server_name,
+        },
     });
     let handshake = h2::server::Builder::new()
         .initial_window_size(hbone::STREAM_WINDOW)
@@ -127,12 +123,27 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
             return;
         }
     };
-    while let Some(next) = conn.accept().await {
+    // On drain: GOAWAY (the peer opens no new streams here), streams in flight carry on, and the
+    // connection ends with its last stream; at the deadline it ends regardless.
+    let mut goaway_sent = false;
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = inputs.drain.deadline() => break,
+            () = inputs.drain.draining(), if !goaway_sent => {
+                conn.graceful_shutdown();
+                goaway_sent = true;
+                continue;
+            }
+            next = conn.accept() => next,
+        };
+        let Some(next) = next else { break };
         match next {
             Ok((req, respond)) => {
                 let inputs = inputs.clone();
                 let peer = peer.clone();
-                tokio::spawn(async move { tunnel(inputs, peer, req, respond).await });
+                let drain = inputs.drain.clone();
+                drain.spawn(async move { tunnel(inputs, peer, req, respond).await });
             }
             Err(e) => {
                 if !e.is_go_away() && !e.is_io() {
@@ -173,82 +184,28 @@ async fn tunnel(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
-    if req.method() != Method::CONNECT {
-        let reason = format!(
-            "{} is not CONNECT; HBONE carries only CONNECT",
-            req.method()
-        );
-        return refuse(
-            &inputs,
-            respond,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "hbone_bad_request",
-            reason,
-        );
-    }
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        let reason = format!("authority {:?} is not ip:port", req.uri().to_string());
-        return refuse(
-            &inputs,
-            respond,
-            StatusCode::BAD_REQUEST,
-            "hbone_bad_request",
-            reason,
-        );
-    };
     let snap = inputs.state.snapshot();
-    let Some(dst) = local_target(&snap, target) else {
-        let reason = format!("{target} is not a meshed pod on this node");
-        return refuse(
-            &inputs,
-            respond,
-            StatusCode::FORBIDDEN,
-            "not_local_pod",
-            reason,
-        );
-    };
     let td = inputs.identity.trust_domain();
-    let dst_id = dst.identity(td);
-    if dst_id.server_name() != peer.server_name {
-        let reason = format!(
-            "{target} is {dst_id}, but the client asked for (and verified) another identity; \
-             connect with the destination's own identity"
-        );
-        return refuse(
-            &inputs,
-            respond,
-            StatusCode::FORBIDDEN,
-            "identity_mismatch",
-            reason,
-        );
-    }
-    let verdict = inputs.authorize(&snap, &peer.source, &dst, target.port());
-    if !verdict.allowed() {
-        let reason = format!(
-            "{} may not connect to {}:{} (policy {})",
-            peer.source,
-            dst.display(),
-            target.port(),
-            verdict.policy()
-        );
-        return refuse(&inputs, respond, StatusCode::FORBIDDEN, "denied", reason);
-    }
-    // The workload name is a claim; it is believed only when it names a workload with exactly
-    // the identity the certificate proved.
-    let source_name = req
-        .headers()
-        .get(hbone::SOURCE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| known_workload(&snap, s, &peer.source, td))
-        .unwrap_or_else(|| "unknown".into());
+    let admitted = route::admit(&snap, td, &peer.ids, req.method(), req.uri(), req.headers());
+    inputs.count_verdict(
+        admitted
+            .as_ref()
+            .map_or_else(|r| r.verdict.as_ref(), |t| Some(&t.verdict)),
+    );
+    let route::Tunnel {
+        target,
+        dst,
+        dst_id,
+        source_workload: source_name,
+        verdict,
+    } = match admitted {
+        Ok(t) => t,
+        Err(r) => return refuse(&inputs, respond, r.status, r.reason, r.detail),
+    };
     let source_ip = snap.mesh_source();
     // A tunnel may live for hours; it must not pin this snapshot in memory.
     drop(snap);
-    let pod = match super::connect_marked(target, inputs.proxy_mark, source_ip).await {
+    let pod = match crate::socket::connect_marked(target, inputs.proxy_mark, source_ip).await {
         Ok(s) => s,
         Err(e) => {
             let reason = format!("connect to {target}: {e}");
@@ -272,13 +229,13 @@ async fn tunnel(
     let labels = [
         "inbound".to_string(),
         source_name,
-        peer.source.namespace.clone(),
-        peer.source.to_string(),
+        peer.ids.source.namespace.clone(),
+        peer.ids.source.to_string(),
         dst.name.clone(),
         dst.namespace.clone(),
         dst_id.to_string(),
     ];
-    info!(peer = %peer.addr, %target, workload = %dst.display(), source_principal = %peer.source, source_workload = %labels[1], policy = verdict.policy(), "inbound tunnel");
+    info!(peer = %peer.addr, %target, workload = %dst.display(), source_principal = %peer.ids.source, source_workload = %labels[1], policy = verdict.policy(), "inbound tunnel");
     inputs.metrics.opened(&labels);
     let hop = |bytes, reason| super::Hop {
         destination: target,
@@ -287,14 +244,13 @@ async fn tunnel(
         reason,
     };
     inputs.tap("open", &labels, hop(None, None));
-    let tunnel = hbone::Tunnel {
-        send,
-        recv: req.into_body(),
-    };
+    let mut tunnel = H2Stream::new(send, req.into_body());
+    let mut pod = pod;
     // Counted from the source's side: what it sent arrived through the tunnel.
-    let r = hbone::relay(pod, tunnel)
+    let r = relay(&mut pod, &mut tunnel, inputs.drain.deadline())
         .await
         .map(|(to_src, from_src)| (from_src, to_src));
+    inputs.count_drained(&r);
     inputs.metrics.finished(&labels, &r);
     let err = r.as_ref().err().map(ToString::to_string);
     inputs.tap(
@@ -302,20 +258,4 @@ async fn tunnel(
         &labels,
         hop(r.as_ref().ok().copied(), err.as_deref()),
     );
-}
-
-/// The meshed pod on this node that `target` names, if any.
-pub fn local_target(snap: &Snapshot, target: SocketAddr) -> Option<Arc<Workload>> {
-    snap.workloads_by_ip
-        .get(&target.ip())
-        .filter(|w| snap.is_local(w))
-        .cloned()
-}
-
-fn known_workload(snap: &Snapshot, s: &str, proven: &Identity, td: &str) -> Option<String> {
-    let (ns, name) = s.split_once('/')?;
-    snap.workloads_by_id
-        .values()
-        .find(|w| w.namespace == ns && w.name == name && w.identity(td) == *proven)
-        .map(|w| w.name.clone())
 }

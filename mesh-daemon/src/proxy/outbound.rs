@@ -2,27 +2,29 @@
 //! (original destination and source workload, keyed by the client's address) decides everything;
 //! without a fresh record the connection is refused, never guessed.
 //!
-//! [`decide`] is the branch point: a service VIP resolves to an endpoint (P2C), a pod on this node
-//! is served in-process, a pod on another node goes through HBONE, anything outside the mesh goes
-//! direct. Protocol detection and L7 routing branch off here later.
+//! The decisions are pure steps in [`super::route`] (record, destination, endpoint, route); this
+//! file carries them out: a pod on this node is served in-process, a pod another proxy serves
+//! goes through HBONE, anything outside the mesh goes direct. Protocol detection and L7 routing
+//! branch off after the destination step later (per request: the endpoint choice).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
 
-use mesh_common::{AF_INET, ConnKey, OrigDst};
+use mesh_common::{AF_INET, ConnKey};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{Hop, Inputs, balance::Outstanding, hbone};
-use crate::state::{Snapshot, Workload};
+use super::{
+    Hop, Inputs,
+    balance::Outstanding,
+    hbone,
+    relay::relay,
+    route::{self, Destination, Route},
+};
 
-/// A record older than this is refused: sockops writes it when the connection is established and
-/// the proxy accepts within milliseconds, so an old one belongs to a connection that never reached
-/// the proxy, and must not lend its identity to a later one from the same address and port.
-pub const RECORD_MAX_AGE: Duration = Duration::from_secs(10);
 /// How long a connection waits for its source workload's first SVID.
 const SVID_WAIT: Duration = Duration::from_secs(5);
 
@@ -41,27 +43,6 @@ pub enum OutboundError {
 pub struct Outbound {
     listener: TcpListener,
     inputs: Arc<Inputs>,
-}
-
-/// Where a captured connection goes.
-#[derive(Debug)]
-pub enum Decision {
-    /// A meshed pod on this node: served in-process, no network hop.
-    Local {
-        target: SocketAddr,
-        workload: Arc<Workload>,
-    },
-    /// A meshed pod another proxy serves: an HBONE tunnel to that proxy (its node's, or its own
-    /// sidecar's).
-    Remote {
-        via: SocketAddr,
-        target: SocketAddr,
-        workload: Arc<Workload>,
-    },
-    /// Not a mesh destination: straight to it.
-    Passthrough(SocketAddr),
-    /// Nowhere to send it (a service without endpoints).
-    Refuse(&'static str),
 }
 
 impl Outbound {
@@ -119,54 +100,6 @@ fn ipv6_words(ip: &Ipv6Addr) -> [u32; 4] {
     })
 }
 
-/// The original destination a record names.
-pub fn orig_dst_addr(rec: &OrigDst) -> SocketAddr {
-    let port = rec.port as u16;
-    if rec.family == AF_INET {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(rec.ip[0]))), port)
-    } else {
-        let mut o = [0u8; 16];
-        for (i, w) in rec.ip.iter().enumerate() {
-            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port)
-    }
-}
-
-/// Pure routing decision for a captured connection's original destination. A VIP's endpoint is
-/// picked here; the returned guard counts the connection as outstanding on it.
-pub fn decide(
-    snap: &Snapshot,
-    balancer: &super::balance::Balancer,
-    dst: SocketAddr,
-) -> (Decision, Option<(SocketAddr, Outstanding)>) {
-    let (target, picked) = match snap.services.get(&dst) {
-        Some(svc) => match balancer.pick(&svc.endpoints) {
-            Some((ep, guard)) => (ep.addr, Some((ep.addr, guard))),
-            None => return (Decision::Refuse("no_endpoints"), None),
-        },
-        None => (dst, None),
-    };
-    let Some(workload) = snap.workloads_by_ip.get(&target.ip()).cloned() else {
-        return (Decision::Passthrough(target), picked);
-    };
-    if snap.is_local(&workload) {
-        return (Decision::Local { target, workload }, picked);
-    }
-    match snap.proxy_for(&workload) {
-        Some(via) => (
-            Decision::Remote {
-                via,
-                target,
-                workload,
-            },
-            picked,
-        ),
-        // The mesh file is validated, so every workload's node exists; refuse rather than guess.
-        None => (Decision::Refuse("unknown_node"), picked),
-    }
-}
-
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -179,36 +112,40 @@ fn monotonic_ns() -> u64 {
 }
 
 async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
-    let key = conn_key(peer, || super::netns_cookie(&client).unwrap_or(0));
+    let key = conn_key(peer, || crate::socket::netns_cookie(&client).unwrap_or(0));
     let Some(rec) = inputs.orig.take(&key) else {
         warn!(%peer, "no capture record for this connection: refusing it (the proxy never guesses a destination; a direct connection to the outbound port is not allowed)");
         refuse(&inputs, client, "no_record");
         return;
     };
-    let age = Duration::from_nanos(monotonic_ns().saturating_sub(rec.established_ns));
-    if age > RECORD_MAX_AGE {
-        warn!(%peer, ?age, "capture record is stale: refusing the connection rather than trusting an old identity");
-        refuse(&inputs, client, "stale_record");
-        return;
-    }
     let snap = inputs.state.snapshot();
-    let Some(src) = snap.workload(rec.workload_id).cloned() else {
-        warn!(%peer, workload_id = rec.workload_id, "the kernel attributed this connection to a workload no longer in the mesh: refusing it");
-        refuse(&inputs, client, "unknown_source");
-        return;
+    let admitted = match route::admit_record(&snap, &rec, monotonic_ns()) {
+        Ok(a) => a,
+        Err(r) => {
+            warn!(%peer, reason = r.reason, "{}", r.detail);
+            refuse(&inputs, client, r.reason);
+            return;
+        }
     };
+    let (src, orig) = (admitted.source, admitted.orig);
     let _ = client.set_nodelay(true);
-    let orig = orig_dst_addr(&rec);
-    let (decision, picked) = decide(&snap, &inputs.balancer, orig);
+    // The destination, then (for a service) the endpoint, then the route to it.
+    let (target, picked) = match route::resolve(&snap, orig) {
+        Destination::Service(svc) => match inputs.balancer.pick(&svc.endpoints) {
+            Some((ep, guard)) => (ep.addr, Some((ep.addr, guard))),
+            None => {
+                warn!(%peer, dst = %orig, service = %format!("{}/{}", svc.namespace, svc.name), "no route for captured connection: the service has no endpoints");
+                refuse(&inputs, client, route::NO_ENDPOINTS);
+                return;
+            }
+        },
+        Destination::Workload { target, .. } | Destination::Outside(target) => (target, None),
+    };
+    let decision = route::route(&snap, target);
     info!(%peer, dst = %orig, workload = %src.display(), cgroup_id = rec.cgroup_id, route = ?RouteLog(&decision), "captured connection");
     let td = inputs.identity.trust_domain().to_string();
     let src_id = src.identity(&td);
-    let dst_workload = match &decision {
-        Decision::Local { workload, .. } | Decision::Remote { workload, .. } => {
-            Some(workload.clone())
-        }
-        _ => None,
-    };
+    let dst_workload = decision.workload().cloned();
     let dst_id = dst_workload.as_ref().map(|w| w.identity(&td));
     let labels = [
         "outbound".to_string(),
@@ -225,11 +162,13 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     ];
     // Same node: no HBONE hop, so this proxy is also the destination's and enforces its policies
     // here, with the identity the kernel attributed.
-    if let Decision::Local { target, workload } = &decision {
-        let verdict = inputs.authorize(&snap, &src_id, workload, target.port());
-        if !verdict.allowed() {
-            warn!(%peer, source = %src_id, dst = %workload.display(), port = target.port(), policy = verdict.policy(), "connection denied by authorization policy");
-            let reason = format!("denied by policy {}", verdict.policy());
+    if let Route::Local { target, workload } = &decision {
+        let checked = route::authorize(&snap, &src_id, workload, target.port());
+        inputs.count_verdict(checked.as_ref().map_or_else(|r| r.verdict.as_ref(), Some));
+        if let Err(r) = checked {
+            let policy = r.verdict.as_ref().map_or("", |v| v.policy());
+            warn!(%peer, source = %src_id, dst = %workload.display(), port = target.port(), policy, "connection denied by authorization policy");
+            let reason = format!("denied by policy {policy}");
             inputs.tap(
                 "refused",
                 &labels,
@@ -247,12 +186,13 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     let source_ip = snap.mesh_source();
     // A connection may live for hours; it must not pin this snapshot in memory.
     drop(snap);
-    let local = matches!(decision, Decision::Local { .. });
-    let (hop_dst, route) = match &decision {
-        Decision::Local { target, .. } => (*target, "local"),
-        Decision::Remote { target, .. } => (*target, "hbone"),
-        Decision::Passthrough(target) => (*target, "passthrough"),
-        Decision::Refuse(_) => (orig, "refused"),
+    let local = matches!(decision, Route::Local { .. });
+    let route = decision.label();
+    let hop_dst = match &decision {
+        Route::Local { target, .. } | Route::Remote { target, .. } | Route::Passthrough(target) => {
+            *target
+        }
+        Route::Refuse(_) => orig,
     };
     let hop = |bytes, reason| Hop {
         destination: hop_dst,
@@ -262,23 +202,23 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     };
     let mut client = client;
     let result = match decision {
-        Decision::Refuse(reason) => {
+        Route::Refuse(reason) => {
             warn!(%peer, dst = %orig, reason, "no route for captured connection");
             refuse(&inputs, client, reason);
             return;
         }
         // Same node, or outside the mesh: one TCP hop. Local pods are reached from the mesh
         // source (what STRICT pods accept); other destinations from the node's own address.
-        Decision::Local { target, .. } | Decision::Passthrough(target) => {
+        Route::Local { target, .. } | Route::Passthrough(target) => {
             let source = if local { source_ip } else { None };
-            match super::connect_marked(target, inputs.proxy_mark, source).await {
+            match crate::socket::connect_marked(target, inputs.proxy_mark, source).await {
                 Ok(mut upstream) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
                     inputs.tap("open", &labels, hop(None, None));
                     match inputs.splice.as_deref().filter(|_| local) {
                         Some(maps) => relay_local(&inputs, maps, &mut client, &mut upstream).await,
-                        None => super::relay_tcp(&mut client, &mut upstream).await,
+                        None => relay(&mut client, &mut upstream, inputs.drain.deadline()).await,
                     }
                 }
                 Err(e) => {
@@ -289,7 +229,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 }
             }
         }
-        Decision::Remote {
+        Route::Remote {
             via,
             target,
             workload,
@@ -308,11 +248,11 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 destination: &dst_id,
             };
             match inputs.hbone.connect(via, target, ends).await {
-                Ok(tunnel) => {
+                Ok(mut tunnel) => {
                     mark_endpoint(&inputs, &picked, true);
                     inputs.metrics.opened(&labels);
                     inputs.tap("open", &labels, hop(None, None));
-                    hbone::relay(client, tunnel).await
+                    relay(&mut client, &mut tunnel, inputs.drain.deadline()).await
                 }
                 Err(e) => {
                     warn!(%target, error = %e, "HBONE tunnel failed");
@@ -327,6 +267,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         Ok((sent, received)) => debug!(%peer, sent, received, "connection closed"),
         Err(e) => debug!(%peer, error = %e, "connection ended with an error (reset passed on)"),
     }
+    inputs.count_drained(&result);
     inputs.metrics.finished(&labels, &result);
     let err = result.as_ref().err().map(ToString::to_string);
     inputs.tap(
@@ -351,7 +292,15 @@ async fn relay_local(
         resumes: &inputs.metrics.splice_resumes,
         overflows: &inputs.metrics.splice_overflows,
     };
-    match super::splice::relay(maps, client, upstream, counters).await {
+    let spliced = tokio::select! {
+        s = super::splice::relay(maps, client, upstream, counters) => s,
+        () = inputs.drain.deadline() => {
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
+            return Err(crate::drain::deadline_error());
+        }
+    };
+    match spliced {
         super::splice::Started::Spliced(r) => {
             count("spliced");
             r
@@ -366,21 +315,21 @@ async fn relay_local(
                 warn!(reason = %why, "same-node splice failed (map full?); relaying this connection in user space");
                 count("failed");
             }
-            super::relay_tcp(client, upstream).await
+            relay(client, upstream, inputs.drain.deadline()).await
         }
     }
 }
 
 /// The decision without the workload details, for one log field.
-struct RouteLog<'a>(&'a Decision);
+struct RouteLog<'a>(&'a Route);
 
 impl std::fmt::Debug for RouteLog<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            Decision::Local { target, .. } => write!(f, "local {target}"),
-            Decision::Remote { via, target, .. } => write!(f, "hbone {target} via {via}"),
-            Decision::Passthrough(a) => write!(f, "passthrough {a}"),
-            Decision::Refuse(r) => write!(f, "refuse {r}"),
+            Route::Local { target, .. } => write!(f, "local {target}"),
+            Route::Remote { via, target, .. } => write!(f, "hbone {target} via {via}"),
+            Route::Passthrough(a) => write!(f, "passthrough {a}"),
+            Route::Refuse(r) => write!(f, "refuse {r}"),
         }
     }
 }
@@ -408,6 +357,10 @@ fn refuse(inputs: &Inputs, client: TcpStream, reason: &str) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use mesh_common::OrigDst;
+
     use super::*;
 
     #[tokio::test]
@@ -457,53 +410,7 @@ mod tests {
                 family: k.family,
                 ..Default::default()
             };
-            assert_eq!(orig_dst_addr(&rec), addr);
+            assert_eq!(route::orig_dst_addr(&rec), addr);
         }
-    }
-
-    #[test]
-    fn decisions_follow_the_mesh() {
-        let f = crate::meshfile::parse(
-            std::path::Path::new("t"),
-            "\
-nodes:
-  - { name: n1, address: 10.0.0.1, meshSource: 10.1.1.254 }
-  - { name: n2, address: 10.0.0.2, meshSource: 10.1.2.254 }
-workloads:
-  - { name: a, namespace: x, node: n1, ip: 10.1.1.2, cgroup: a, labels: { app: a } }
-  - { name: b, namespace: x, node: n2, ip: 10.1.2.2, cgroup: b, labels: { app: b } }
-services:
-  - { name: b, namespace: x, vip: 10.96.0.1, ports: [{ port: 80, targetPort: 8080 }], selector: { app: b } }
-  - { name: none, namespace: x, vip: 10.96.0.2, ports: [{ port: 80 }], selector: { app: zzz } }
-",
-        )
-        .expect("parse");
-        let snap = crate::state::State::default()
-            .build(
-                &f,
-                &crate::state::Scope::Node("n1".into()),
-                std::path::Path::new("/"),
-            )
-            .expect("build");
-        let b = crate::proxy::balance::Balancer::default();
-        let d = |s: &str| decide(&snap, &b, s.parse().expect("addr")).0;
-        assert!(
-            matches!(d("10.1.1.2:9"), Decision::Local { target, .. } if target.to_string() == "10.1.1.2:9")
-        );
-        assert!(
-            matches!(d("10.1.2.2:9"), Decision::Remote { via, .. } if via.to_string() == "10.0.0.2:15008")
-        );
-        assert!(
-            matches!(d("10.96.0.1:80"), Decision::Remote { target, .. } if target.to_string() == "10.1.2.2:8080")
-        );
-        assert!(matches!(
-            d("10.96.0.2:80"),
-            Decision::Refuse("no_endpoints")
-        ));
-        assert!(
-            matches!(d("192.0.2.1:443"), Decision::Passthrough(a) if a.to_string() == "192.0.2.1:443")
-        );
-        // A VIP on a port the service does not declare is not the service.
-        assert!(matches!(d("10.96.0.1:81"), Decision::Passthrough(_)));
     }
 }

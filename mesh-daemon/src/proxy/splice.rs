@@ -21,7 +21,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -166,10 +166,10 @@ pub async fn relay(
 ) -> Started {
     let setup = (|| -> io::Result<_> {
         Ok((
-            super::socket_cookie(a)?,
-            super::socket_cookie(b)?,
-            taken_by_socket(a)?,
-            taken_by_socket(b)?,
+            crate::socket::socket_cookie(a)?,
+            crate::socket::socket_cookie(b)?,
+            crate::socket::taken_for_sending(a)?,
+            crate::socket::taken_for_sending(b)?,
         ))
     })();
     let (ca, cb, a_base, b_base) = match setup {
@@ -336,7 +336,7 @@ fn step(
     }
     if dir.eof && !dir.done && backlog(maps, dir, to)? == 0 {
         // Every byte before the FIN is in the other socket's send queue: the FIN follows.
-        shutdown_write(to)?;
+        crate::socket::shutdown_write(to)?;
         dir.done = true;
     }
     Ok(())
@@ -403,7 +403,7 @@ fn look(
     }
     // A verdict run for `from` holds the socket's lock; after this socket call none that read
     // the old control is still under way, so the moved count is final until the resume.
-    let _ = taken_by_socket(from);
+    let _ = crate::socket::taken_for_sending(from);
     dir.pending = true;
     counters.pauses.inc();
     tracing::trace!(
@@ -525,64 +525,14 @@ pub async fn run_events(maps: Arc<SpliceMaps>) {
 /// what still waits in the kernel's queue for it.
 fn backlog(maps: &SpliceMaps, dir: &Direction, to: &TcpStream) -> io::Result<u64> {
     let arrived = maps.moved(dir.from) + dir.copied;
-    let taken = taken_by_socket(to)?.saturating_sub(dir.to_base);
+    let taken = crate::socket::taken_for_sending(to)?.saturating_sub(dir.to_base);
     tracing::trace!(from = dir.from, arrived, taken, "splice: backlog");
     Ok(arrived.saturating_sub(taken))
 }
 
-/// Bytes a socket has taken for sending: acknowledged plus still queued. Read in this order, a
-/// concurrent acknowledgement can only make it low, never high.
-fn taken_by_socket(s: &TcpStream) -> io::Result<u64> {
-    let acked = tcp_info_u64(s, TCPI_BYTES_ACKED)?;
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int into a live local.
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(acked + u64::try_from(queued).unwrap_or(0))
-}
-
 /// The socket's receive buffer size (`SO_RCVBUF`, as TCP has tuned it so far).
 fn receive_buffer(s: &TcpStream) -> u64 {
-    super::sockopt_u64(s, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap_or(0)
-}
-
-/// Offset of `tcpi_bytes_acked` in `struct tcp_info` (linux/tcp.h, stable UAPI since 4.1).
-const TCPI_BYTES_ACKED: usize = 120;
-
-fn tcp_info_u64(s: &TcpStream, offset: usize) -> io::Result<u64> {
-    let mut buf = [0u8; 256];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into a live local buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < offset + 8 {
-        return Err(io::Error::other(
-            "this kernel's tcp_info has no byte counters",
-        ));
-    }
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&buf[offset..offset + 8]);
-    Ok(u64::from_ne_bytes(v))
-}
-
-fn shutdown_write(s: &TcpStream) -> io::Result<()> {
-    // SAFETY: shutdown on a live descriptor.
-    if unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::socket::receive_buffer(s).unwrap_or(0)
 }
 
 /// The pending error of a socket that reported one (a reset, or a send the kernel failed).

@@ -1,0 +1,352 @@
+//! `mesh-daemon run`, put together: validate the configuration, bind every listener, start
+//! observability and identity, attach the kernel hooks, load the first state, serve, and on
+//! SIGTERM drain. Part of the binary (anyhow for errors with context, as in `main`); every
+//! component it builds lives in the library.
+//!
+//! A clean stop is fail-closed like a crash: the pinned hooks stay, so while no daemon serves,
+//! enrolled pods' connections are refused instead of going out in plaintext. Only `--fail-open`
+//! (nothing pinned) or `mesh-daemon uninstall` lets them go direct.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsFd,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use mesh_common::Counter;
+use mesh_daemon::{
+    admin::{self, AdminInputs, Observability},
+    config::{Config, OnOff, RunArgs},
+    control::{self, Control, ControlConfig},
+    drain::{self, Drain},
+    ebpf::{
+        cgroup,
+        loader::{Datapath, DatapathConfig},
+    },
+    identity::{
+        self,
+        manager::{Manager, ManagerConfig},
+    },
+    meshfile,
+    metrics::Metrics,
+    proxy::{Inputs, balance::Balancer, hbone, inbound::Inbound, outbound::Outbound},
+    state::State,
+    tap::Tap,
+};
+use tracing::{info, warn};
+
+/// Validates the configuration (flags first, then what needs the mesh file), then runs the
+/// daemon until it is told to stop and has drained.
+pub fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
+    // Contradicting flags are refused before anything is read, bound or attached.
+    args.check()?;
+    let cgroup_root = cgroup::resolve_root(args.cgroup_root.as_deref())?;
+    // The mesh file must be good at start: there is no earlier state to fall back on.
+    let file = meshfile::load(&args.mesh_file)?;
+    let cfg = args.resolve(&file, cgroup_root)?;
+    info!(config = %cfg.dump(), "starting");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("dataplane")
+        .build()
+        .context("cannot start the data-plane runtime")?;
+    let result = rt.block_on(serve(cfg, log));
+    // Tasks still running (a second signal cut the drain short) are dropped with the runtime;
+    // their sockets close, and the pinned hooks keep new connections fail-closed.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    result
+}
+
+async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
+    // Bind everything before attaching: a port conflict must fail start-up before anything is
+    // captured.
+    let out_listener = Outbound::bind(SocketAddr::V4(cfg.outbound)).await?;
+    let in_listener = Inbound::bind(cfg.hbone).await?;
+    let bind = |addr: SocketAddr, what: &str, flag: &str| {
+        std::net::TcpListener::bind(addr).with_context(|| {
+            format!("cannot listen on {addr} for {what}; free the port or pass {flag}")
+        })
+    };
+    let listeners = admin::Listeners {
+        metrics: Some(bind(cfg.metrics, "/metrics", "--metrics")?),
+        health: Some(bind(cfg.health, "/ready and /live", "--health")?),
+        admin: Some(bind(cfg.admin, "the admin endpoints", "--admin")?),
+    };
+    // Every listener carries the proxy mark: a sidecar lives in its pod's cgroup, and the pod's
+    // STRICT inbound check must let the proxy's own ports through (connections from the app to
+    // 15001, from peers to 15008, scrapes and probes).
+    let mark = |fd: std::os::fd::BorrowedFd<'_>| {
+        mesh_daemon::socket::set_mark(&fd, cfg.proxy_mark)
+            .context("cannot mark the proxy's listeners (SO_MARK needs CAP_NET_ADMIN)")
+    };
+    mark(out_listener.as_fd())?;
+    mark(in_listener.as_fd())?;
+    for l in [&listeners.metrics, &listeners.health, &listeners.admin]
+        .into_iter()
+        .flatten()
+    {
+        mark(l.as_fd())?;
+    }
+    // The mesh source must be an address here, or no local pod could be reached.
+    std::net::TcpListener::bind((cfg.mesh_source, 0)).with_context(|| {
+        format!(
+            "mesh source {} ({}) is not an address of this network namespace; add it (e.g. `ip \
+             addr add {}/32 dev lo`) or fix the mesh file",
+            cfg.mesh_source,
+            cfg.what(),
+            cfg.mesh_source
+        )
+    })?;
+    let dp_cfg = DatapathConfig {
+        cgroup_root: cfg.cgroup_root.clone(),
+        proxy_addr: cfg.outbound,
+        proxy_mark: cfg.proxy_mark,
+        redirect: true,
+        sockmap: cfg.sockmap == OnOff::On,
+        splice_window: cfg.splice_window,
+        mesh_source: cfg.mesh_source,
+        pin_dir: cfg.pin_dir.clone(),
+    };
+    let metrics = Arc::new(Metrics::new().with_process_metrics());
+    // Health and metrics answer from here on: /ready says what is still missing.
+    let obs = Arc::new(Observability {
+        metrics: metrics.clone(),
+        ready: admin::Readiness::default(),
+        admin: std::sync::OnceLock::new(),
+    });
+    admin::spawn(listeners, obs.clone()).context("cannot start the observability thread")?;
+    // Identity before the kernel: bad CA settings fail start-up before anything is captured.
+    let identity = Manager::new(
+        ManagerConfig {
+            ca_url: cfg.ca.clone(),
+            ca_bundle: cfg.ca_bundle.clone(),
+            token_file: cfg.token_file.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+            refresh: cfg.bundle_refresh,
+            mark: cfg.proxy_mark,
+        },
+        metrics.clone(),
+    )?;
+    identity.start();
+    let _ = obs.ready.identity.set(identity.clone());
+    let tls = tokio_rustls::TlsAcceptor::from(
+        identity::tls::server_config(identity.clone())
+            .context("cannot build the HBONE TLS configuration")?,
+    );
+    let datapath = Datapath::load(&dp_cfg)?;
+    info!(programs = ?datapath.program_names(), fail_closed = cfg.pin_dir.is_some(), pin_dir = ?cfg.pin_dir, "eBPF programs attached");
+    obs.ready
+        .attached
+        .store(true, std::sync::atomic::Ordering::Release);
+    let orig = datapath.orig_dst_table();
+    let splice = datapath.splice_maps();
+    if let Some(maps) = &splice {
+        tokio::spawn(mesh_daemon::proxy::splice::run_events(maps.clone()));
+    }
+    let datapath = Arc::new(Mutex::new(datapath));
+    let state = Arc::new(State::default());
+    let mut control = Control::new(
+        ControlConfig {
+            path: cfg.mesh_file.clone(),
+            scope: cfg.scope.clone(),
+            cgroup_root: cfg.cgroup_root.clone(),
+            strict: cfg.strict(),
+        },
+        state.clone(),
+        datapath.clone(),
+        metrics.clone(),
+        identity.clone(),
+    );
+    control.load_initial().map_err(anyhow::Error::msg)?;
+    obs.ready
+        .loaded
+        .store(true, std::sync::atomic::Ordering::Release);
+    let tap = Tap::default();
+    let drain = Drain::new();
+    let inputs = Arc::new(Inputs {
+        orig,
+        state,
+        metrics: metrics.clone(),
+        proxy_mark: cfg.proxy_mark,
+        balancer: Balancer::default(),
+        hbone: hbone::Client::new(cfg.proxy_mark, identity.clone(), metrics.clone()),
+        identity: identity.clone(),
+        tls,
+        tap: tap.clone(),
+        splice,
+        drain: drain.clone(),
+    });
+    let ebpf: admin::EbpfDump = {
+        // Weak: the admin thread must not keep the programs alive past the daemon.
+        let datapath = Arc::downgrade(&datapath);
+        let pin_dir = cfg.pin_dir.clone();
+        Box::new(move || {
+            let Some(datapath) = datapath.upgrade() else {
+                return serde_json::json!({ "error": "the daemon is shutting down" });
+            };
+            let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+            serde_json::json!({
+                "programs": dp.program_names(),
+                "failClosed": pin_dir.is_some(),
+                "pinDir": pin_dir.as_ref().map(|p| p.display().to_string()),
+                "maps": dp.map_occupancy().into_iter()
+                    .map(|(m, n)| (m.to_string(), n)).collect::<std::collections::BTreeMap<_, _>>(),
+                "counters": dp.counters().into_iter()
+                    .map(|(c, v)| (c.name().to_string(), v)).collect::<std::collections::BTreeMap<_, _>>(),
+            })
+        })
+    };
+    let _ = obs.admin.set(AdminInputs {
+        state: inputs.state.clone(),
+        identity,
+        tap,
+        log,
+        ebpf,
+        config: cfg.dump(),
+    });
+    let outbound = Outbound::new(out_listener, inputs.clone());
+    let inbound = Inbound::new(in_listener, inputs.clone());
+    info!(outbound = %outbound.local_addr()?, hbone = %cfg.hbone, metrics = %cfg.metrics, health = %cfg.health, admin = %cfg.admin, inbound = ?cfg.inbound, "ready");
+    let servers = [tokio::spawn(outbound.run()), tokio::spawn(inbound.run())];
+    // The mesh file and the kernel counters, once a second, until the process ends (also while
+    // it drains: a reload still reaches connections in flight).
+    tokio::spawn({
+        let datapath = datapath.clone();
+        let metrics = metrics.clone();
+        async move {
+            let mut last = vec![0u64; Counter::ALL.len()];
+            loop {
+                tokio::time::sleep(control::POLL).await;
+                control.poll();
+                let (now, maps) = {
+                    let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+                    (dp.counters(), dp.map_occupancy())
+                };
+                kernel_counters_tick(&metrics, &mut last, &now);
+                for (map, n) in maps {
+                    metrics
+                        .ebpf_map_entries
+                        .with_label_values(&[map])
+                        .set(n as i64);
+                }
+            }
+        }
+    });
+    let mut signals = Signals::new();
+    let why = signals.next().await;
+    // === drain ===
+    obs.ready
+        .draining
+        .store(true, std::sync::atomic::Ordering::Release);
+    inputs.hbone.close_all();
+    info!(signal = why, open = drain.open(), timeout = ?cfg.drain_timeout, "draining: no new connections; those in flight may finish (HBONE peers get GOAWAY)");
+    let outcome = tokio::select! {
+        o = drain.run(cfg.drain_timeout) => Some(o),
+        why = signals.next() => {
+            warn!(signal = why, open = drain.open(), "second signal: exiting without waiting for the drain");
+            None
+        }
+    };
+    for s in servers {
+        s.abort();
+    }
+    match outcome {
+        Some(drain::Outcome::Finished { took }) => {
+            info!(?took, "drained: every connection finished")
+        }
+        Some(drain::Outcome::Deadline { open }) => warn!(
+            reset = open,
+            timeout = ?cfg.drain_timeout,
+            "drain deadline: connections still open were reset (raise --drain-timeout to give them longer)"
+        ),
+        None => {}
+    }
+    {
+        let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let counters: Vec<String> = dp
+            .counters()
+            .iter()
+            .map(|(c, v)| format!("{}={v}", c.name()))
+            .collect();
+        info!(counters = %counters.join(" "), "kernel counters");
+    }
+    for line in metrics.encode().lines().filter(|l| !l.starts_with('#')) {
+        info!("metric {line}");
+    }
+    match &cfg.pin_dir {
+        Some(dir) => info!(
+            pin_dir = %dir.display(),
+            "stopped; the hooks stay attached (fail-closed): enrolled pods' connections are refused until a daemon is back. `mesh-daemon uninstall` lets them go direct"
+        ),
+        // Nothing is pinned: the programs detach as the process ends.
+        None => info!("stopped (--fail-open): eBPF programs detached; enrolled pods go direct"),
+    }
+    anyhow::Ok(())
+}
+
+/// Publishes the kernel's counters as `nodemesh_ebpf_events_total` and logs when a failure
+/// counter moves (map full, record lost), so those conditions are never silent.
+fn kernel_counters_tick(metrics: &Metrics, last: &mut [u64], now: &[(Counter, u64)]) {
+    for (i, (c, v)) in now.iter().enumerate() {
+        let delta = v.saturating_sub(last[i]);
+        if delta == 0 {
+            continue;
+        }
+        metrics
+            .ebpf_events
+            .with_label_values(&[c.name()])
+            .inc_by(delta);
+        match c {
+            Counter::RecordStoreFailed => warn!(
+                new = delta,
+                "the kernel could not store capture records (map full?); the proxy refuses those \
+                 connections"
+            ),
+            Counter::SockopsNoRecord => warn!(
+                new = delta,
+                "captured connections reached the proxy without a record (evicted from a full LRU \
+                 map?); they are refused"
+            ),
+            Counter::SpliceNoPeer => warn!(
+                new = delta,
+                "spliced bytes found no peer socket; the proxy relayed them itself"
+            ),
+            _ => {}
+        }
+        last[i] = *v;
+    }
+}
+
+/// SIGTERM and SIGINT, as a stream: the first starts the drain, a second ends it.
+pub struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    pub fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate())
+            .inspect_err(
+                |e| warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the daemon"),
+            )
+            .ok();
+        Self { term }
+    }
+
+    /// The next SIGTERM or SIGINT, by name.
+    pub async fn next(&mut self) -> &'static str {
+        let term = async {
+            match &mut self.term {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = term => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The CA's wire types and the node's client for it: HTTPS/1.1 + JSON, one request per
+//! connection (a node calls the CA a few times a day per identity, and once per bundle refresh).
+//!
+//! The CA (`ca.rs`) and the certificate manager (`manager.rs`) both use the wire types from here,
+//! so neither imports the other.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+
+use super::{Bundle, tls};
+
+/// The CA's default port.
+pub const PORT: u16 = 15012;
+/// How long one call to the CA may take.
+const CA_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer the node reads from the CA.
+const MAX_RESPONSE: usize = 256 << 10;
+
+/// What the CA hands back for a CSR.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Issued {
+    /// Leaf first, then the signer.
+    pub chain: Vec<String>,
+    pub bundle: Vec<String>,
+    pub signer: String,
+}
+
+/// `GET /v1/bundle`'s answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BundleReply {
+    pub bundle: Vec<String>,
+    pub signer: String,
+}
+
+/// `POST /v1/svid`'s body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignRequest {
+    pub csr: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaClientError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot reach the CA at {ca}: {reason}")]
+    Unreachable { ca: String, reason: String },
+    #[error("the CA refused: {status} {reason}")]
+    Refused { status: u16, reason: String },
+}
+
+/// Where the CA is, as `--ca` names it: `https://<host>[:port]`, the host an IP address or a DNS
+/// name (in Kubernetes, the CA Service's). A DNS name is resolved at every call, so a CA that
+/// moves is followed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaUrl {
+    pub host: String,
+    pub port: u16,
+    /// What the CA's serving certificate must name.
+    pub server_name: ServerName<'static>,
+}
+
+impl CaUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("CA URL {url:?} must start with https://"))?
+            .trim_end_matches('/');
+        let bad = || format!("CA URL {url:?} must be https://<ip or DNS name>[:port]");
+        if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+            return Err(bad());
+        }
+        // `[v6]:port`, `[v6]`, `v4:port`, `name:port`, `v4`, `name`.
+        let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+            let (h, tail) = r.split_once(']').ok_or_else(bad)?;
+            match tail.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if tail.is_empty() => (h, None),
+                None => return Err(bad()),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        let port = match port {
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+            None => PORT,
+        };
+        let server_name = ServerName::try_from(host.to_string()).map_err(|_| bad())?;
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            server_name,
+        })
+    }
+}
+
+impl std::fmt::Display for CaUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A node's client for the CA: its address, its bootstrap token, and the mark its connections
+/// carry so no hook ever captures them.
+pub struct CaClient {
+    url: CaUrl,
+    token: String,
+    mark: u32,
+}
+
+impl std::fmt::Debug for CaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("CaClient").field("ca", &self.url).finish()
+    }
+}
+
+impl CaClient {
+    pub fn new(url: CaUrl, token: String, mark: u32) -> Self {
+        Self { url, token, mark }
+    }
+
+    pub fn url(&self) -> &CaUrl {
+        &self.url
+    }
+
+    /// One HTTPS/1.1 request; the CA's certificate must chain to `bundle`. Returns the body of a
+    /// 2xx answer; another status is `Refused` with the CA's reason.
+    pub async fn call(
+        &self,
+        bundle: &Bundle,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Bytes, CaClientError> {
+        let ca = self.url.to_string();
+        let unreachable = |reason: String| CaClientError::Unreachable {
+            ca: ca.clone(),
+            reason,
+        };
+        let cfg = tls::ca_client_config(bundle).map_err(|e| unreachable(e.to_string()))?;
+        let attempt = async {
+            let addr = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
+                .await
+                .map_err(|e| unreachable(format!("cannot resolve {}: {e}", self.url.host)))?
+                .next()
+                .ok_or_else(|| unreachable(format!("{} has no address", self.url.host)))?;
+            let tcp = crate::socket::connect_marked(addr, self.mark, None)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(self.url.server_name.clone(), tcp)
+                .await
+                .map_err(|e| unreachable(format!("TLS: {e}")))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+            tokio::spawn(conn);
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, ca.as_str())
+                .header(
+                    hyper::header::AUTHORIZATION,
+                    format!("Bearer {}", self.token),
+                )
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| CaClientError::Config(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            if !status.is_success() {
+                let reason = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                return Err(CaClientError::Refused {
+                    status: status.as_u16(),
+                    reason,
+                });
+            }
+            Ok(bytes)
+        };
+        tokio::time::timeout(CA_TIMEOUT, attempt)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {CA_TIMEOUT:?}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_urls_take_ips_and_dns_names() {
+        for (url, host, port) in [
+            ("https://10.0.0.1:15012", "10.0.0.1", 15012),
+            ("https://10.0.0.1", "10.0.0.1", PORT),
+            ("https://10.0.0.1:9443/", "10.0.0.1", 9443),
+            ("https://[fd00::1]:15012", "fd00::1", 15012),
+            ("https://[fd00::1]", "fd00::1", PORT),
+            (
+                "https://nodemesh-ca.nodemesh-system.svc:15012",
+                "nodemesh-ca.nodemesh-system.svc",
+                15012,
+            ),
+            ("https://ca.example", "ca.example", PORT),
+        ] {
+            let u = CaUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!((u.host.as_str(), u.port), (host, port), "{url}");
+        }
+        let ip = CaUrl::parse("https://10.0.0.1").expect("ip");
+        assert!(matches!(ip.server_name, ServerName::IpAddress(_)));
+        let dns = CaUrl::parse("https://ca.example").expect("dns");
+        assert!(matches!(dns.server_name, ServerName::DnsName(_)));
+        assert_eq!(
+            CaUrl::parse("https://[fd00::1]").expect("v6").to_string(),
+            "[fd00::1]:15012"
+        );
+    }
+
+    #[test]
+    fn bad_ca_urls_say_what_is_expected() {
+        for url in [
+            "http://10.0.0.1:15012",
+            "10.0.0.1:15012",
+            "https://",
+            "https://10.0.0.1:0",
+            "https://10.0.0.1:99999",
+            "https://10.0.0.1:15012/v1",
+            "https://user@10.0.0.1",
+            "https://bad_name!:15012",
+            "https://[fd00::1",
+        ] {
+            let e = CaUrl::parse(url).expect_err(url);
+            assert!(e.contains("https://"), "{url}: {e}");
+        }
+    }
+}
