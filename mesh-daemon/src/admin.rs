@@ -335,6 +335,8 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
                 "name": s.name,
                 "namespace": s.namespace,
                 "address": addr.to_string(),
+                "portName": s.port_name,
+                "appProtocol": s.protocol,
                 "endpoints": s.endpoints.iter().map(|e| json!({
                     "address": e.addr.to_string(),
                     "workload": e.workload.display(),
@@ -389,7 +391,7 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
         "config": a.config,
         "workloads": workloads,
         "services": services.into_values().collect::<Vec<_>>(),
-        "routes": [],
+        "routes": snap.routes,
         "policies": policies,
         "certificates": certificates,
         "trustBundle": { "roots": bundle.pems.len(), "signer": bundle.signer },

@@ -18,12 +18,13 @@ use mesh_common::Counter;
 use mesh_daemon::{
     admin::{self, AdminInputs, Observability},
     config::{Config, OnOff, RunArgs},
-    control::{self, Control, ControlConfig},
+    discovery::{self, file::FileSource},
     drain::{self, Drain},
     ebpf::{
         cgroup,
         loader::{Datapath, DatapathConfig},
     },
+    enroll::Enroller,
     identity::{
         self,
         manager::{Manager, ManagerConfig},
@@ -44,7 +45,7 @@ pub fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
     let cgroup_root = cgroup::resolve_root(args.cgroup_root.as_deref())?;
     // The mesh file must be good at start: there is no earlier state to fall back on.
     let file = meshfile::load(&args.mesh_file)?;
-    let cfg = args.resolve(&file, cgroup_root)?;
+    let cfg = args.resolve(&discovery::file::to_desired(&file), cgroup_root)?;
     info!(config = %cfg.dump(), "starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -145,20 +146,16 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
         tokio::spawn(mesh_daemon::proxy::splice::run_events(maps.clone()));
     }
     let datapath = Arc::new(Mutex::new(datapath));
-    let state = Arc::new(State::default());
-    let mut control = Control::new(
-        ControlConfig {
-            path: cfg.mesh_file.clone(),
-            scope: cfg.scope.clone(),
-            cgroup_root: cfg.cgroup_root.clone(),
-            strict: cfg.strict(),
-        },
-        state.clone(),
-        datapath.clone(),
-        metrics.clone(),
-        identity.clone(),
-    );
-    control.load_initial().map_err(anyhow::Error::msg)?;
+    // The state, its first snapshot from the mesh file, and what follows it: enrollment in the
+    // kernel and the certificates, each up to date with the first snapshot before "ready".
+    let state = Arc::new(State::new(cfg.scope.clone(), cfg.cgroup_root.clone()));
+    let mut source = FileSource::new(cfg.mesh_file.clone(), state.clone(), metrics.clone());
+    source.load_initial().map_err(anyhow::Error::msg)?;
+    let mut enroller = Enroller::new(datapath.clone(), metrics.clone(), cfg.strict());
+    enroller.reconcile(&state.snapshot());
+    tokio::spawn(enroller.run(state.subscribe()));
+    identity.follow(state.subscribe());
+    tokio::spawn(source.run());
     obs.ready
         .loaded
         .store(true, std::sync::atomic::Ordering::Release);
@@ -209,16 +206,21 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
     let inbound = Inbound::new(in_listener, inputs.clone());
     info!(outbound = %outbound.local_addr()?, hbone = %cfg.hbone, metrics = %cfg.metrics, health = %cfg.health, admin = %cfg.admin, inbound = ?cfg.inbound, "ready");
     let servers = [tokio::spawn(outbound.run()), tokio::spawn(inbound.run())];
-    // The mesh file and the kernel counters, once a second, until the process ends (also while
-    // it drains: a reload still reaches connections in flight).
+    tokio::spawn(mesh_daemon::proxy::prune_caches(
+        inputs.clone(),
+        inputs.state.subscribe(),
+    ));
+    // The kernel counters and the tables' sizes, once a second, until the process ends (also
+    // while it drains).
     tokio::spawn({
         let datapath = datapath.clone();
         let metrics = metrics.clone();
+        let inputs = inputs.clone();
         async move {
             let mut last = vec![0u64; Counter::ALL.len()];
             loop {
-                tokio::time::sleep(control::POLL).await;
-                control.poll();
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                table_sizes(&metrics, &inputs);
                 let (now, maps) = {
                     let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
                     (dp.counters(), dp.map_occupancy())
@@ -283,6 +285,22 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
         None => info!("stopped (--fail-open): eBPF programs detached; enrolled pods go direct"),
     }
     anyhow::Ok(())
+}
+
+/// `nodemesh_state_entries{table}`: the daemon's own tables, which must follow the mesh.
+fn table_sizes(metrics: &Metrics, inputs: &Inputs) {
+    let g = |table: &str, n: usize| {
+        metrics
+            .state_entries
+            .with_label_values(&[table])
+            .set(n as i64)
+    };
+    g("workload_ids", inputs.state.workload_ids());
+    g("balancer_endpoints", inputs.balancer.len());
+    g("hbone_connections", inputs.hbone.pooled());
+    g("tls_client_configs", inputs.hbone.configs());
+    g("svids", inputs.identity.svids().len());
+    g("identity_workers", inputs.identity.workers());
 }
 
 /// Publishes the kernel's counters as `nodemesh_ebpf_events_total` and logs when a failure

@@ -14,8 +14,10 @@ use serde::Serialize;
 
 use crate::{
     identity,
-    meshfile::{MeshFile, NodeSpec},
-    state::{self, HBONE_PORT, SIDECAR_MESH_SOURCE, Scope},
+    state::{
+        HBONE_PORT, SIDECAR_MESH_SOURCE, Scope,
+        desired::{Desired, NodeSpec},
+    },
 };
 
 /// Default folder for pinned links (one sub-folder per node name).
@@ -268,7 +270,7 @@ impl RunArgs {
 
     /// The whole configuration: `check`, then defaults from the mesh file, then the checks that
     /// need them. `cgroup_root` is the resolved attach root.
-    pub fn resolve(self, file: &MeshFile, cgroup_root: PathBuf) -> Result<Config, ConfigError> {
+    pub fn resolve(self, file: &Desired, cgroup_root: PathBuf) -> Result<Config, ConfigError> {
         self.check()?;
         let placed = |m: String| ConfigError::Placement(m);
         let node_named = |name: &str| {
@@ -304,7 +306,8 @@ impl RunArgs {
                         "--workload {wanted} did not name a sidecar's pod"
                     )));
                 };
-                let w = state::sidecar_workload(file, namespace, name)
+                let w = file
+                    .sidecar_workload(namespace, name)
                     .map_err(|e| placed(format!("{e} (mesh file {})", self.mesh_file.display())))?;
                 if let Some(n) = &self.node
                     && *n != w.node
@@ -434,15 +437,16 @@ mod tests {
             .unwrap_or_else(|e| panic!("{extra:?}: {e}"))
     }
 
-    fn file() -> MeshFile {
-        crate::meshfile::parse(
+    fn file() -> Desired {
+        let f = crate::meshfile::parse(
             std::path::Path::new("mesh.yaml"),
             "nodes:\n  - { name: n1, address: 10.0.0.1, meshSource: 10.210.1.254 }\n\
              workloads:\n\
              \x20 - { name: a, namespace: demo, serviceAccount: a, node: n1, ip: 10.210.1.2, cgroup: a }\n\
              \x20 - { name: s, namespace: demo, serviceAccount: s, node: n1, ip: 10.210.1.3, cgroup: s, mode: sidecar }\n",
         )
-        .expect("mesh file")
+        .expect("mesh file");
+        crate::discovery::file::to_desired(&f)
     }
 
     fn resolve(extra: &[&str]) -> Result<Config, ConfigError> {

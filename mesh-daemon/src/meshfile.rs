@@ -45,6 +45,10 @@ use std::{
 use mesh_common::MAX_PROBE_PORTS;
 use serde::Deserialize;
 
+/// Nodes, proxy modes and policies have one shape in every source; the mesh file reads them as
+/// the desired model defines them.
+pub use crate::state::desired::{NodeSpec, PolicyAction, PolicySource, PolicySpec, ProxyMode};
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshFile {
@@ -56,17 +60,6 @@ pub struct MeshFile {
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
     pub authorization_policies: Vec<PolicySpec>,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NodeSpec {
-    pub name: String,
-    /// Where other nodes reach this node's HBONE listener, and where local pods reach its outbound
-    /// listener.
-    pub address: Ipv4Addr,
-    /// The proxy's dedicated source address toward local pods: STRICT pods accept TCP only from it.
-    pub mesh_source: Ipv4Addr,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -90,27 +83,6 @@ pub struct WorkloadSpec {
     pub mode: ProxyMode,
 }
 
-/// Who proxies a workload.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyMode {
-    /// The node daemon captures and serves it; peers reach it through the node's HBONE port.
-    #[default]
-    Node,
-    /// A sidecar in the pod's own network namespace captures and serves it; peers reach it on
-    /// the pod's own HBONE port.
-    Sidecar,
-}
-
-impl ProxyMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Node => "node",
-            Self::Sidecar => "sidecar",
-        }
-    }
-}
-
 fn default_sa() -> String {
     "default".into()
 }
@@ -125,51 +97,25 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
+    /// The port's name (optional; as a Kubernetes Service port's).
+    #[serde(default)]
+    pub name: Option<String>,
     pub port: u16,
     /// Port on the endpoints; default: `port`.
     pub target_port: Option<u16>,
+    /// What the port speaks: `http`, `kubernetes.io/h2c`, `grpc` or `tcp` (Kubernetes'
+    /// `appProtocol`); without it the proxy detects the protocol.
+    #[serde(default)]
+    pub app_protocol: Option<String>,
 }
 
 impl ServicePort {
     pub fn target(&self) -> u16 {
         self.target_port.unwrap_or(self.port)
     }
-}
-
-/// An L4 authorization policy (the project's AuthorizationPolicy CRD will carry the same).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PolicySpec {
-    pub name: String,
-    pub namespace: String,
-    #[serde(default)]
-    pub selector: BTreeMap<String, String>,
-    pub action: PolicyAction,
-    #[serde(default)]
-    pub from: Vec<PolicySource>,
-    #[serde(default)]
-    pub ports: Vec<u16>,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-pub enum PolicyAction {
-    #[serde(rename = "ALLOW")]
-    Allow,
-    #[serde(rename = "DENY")]
-    Deny,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PolicySource {
-    /// SPIFFE IDs.
-    #[serde(default)]
-    pub principals: Vec<String>,
-    #[serde(default)]
-    pub namespaces: Vec<String>,
 }
 
 /// A mesh file that cannot be used, with the line to fix (1-based) when it is known.
@@ -339,6 +285,15 @@ fn validate(f: &MeshFile) -> Result<(), (&'static str, String, String)> {
                     "port".into(),
                     format!("service {id}: port 0 is not a port"),
                 ));
+            }
+            if let Some(ap) = &p.app_protocol {
+                crate::state::desired::AppProtocol::parse(ap).map_err(|m| {
+                    (
+                        "services",
+                        ap.clone(),
+                        format!("service {id}, port {}: {m}", p.port),
+                    )
+                })?;
             }
             if let Some(other) = vips.insert((s.vip, p.port), id.clone()) {
                 return Err((

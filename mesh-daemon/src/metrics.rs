@@ -26,6 +26,9 @@ pub struct Metrics {
     pub splice_pauses: IntCounter,
     pub splice_resumes: IntCounter,
     pub splice_overflows: IntCounter,
+    /// Sizes of the daemon's own tables (workload ids, balancer endpoints, pooled HBONE
+    /// connections, TLS client configurations, SVIDs): each follows the mesh, none only grows.
+    pub state_entries: IntGaugeVec,
     /// Connections a drain ended: `finished` on their own, `reset` at the deadline.
     pub drain_connections: IntCounterVec,
     /// HTTP/gRPC families: defined now so dashboards and `meshctl` need no change when the L7
@@ -198,6 +201,19 @@ impl Metrics {
                     "Spliced connections reset because one side kept sending while it read \
                      nothing of what it was sent: the kernel held its bytes behind the ones for \
                      it, past --splice-window plus its receive buffer",
+                )
+                .expect("static metric definitions are valid"),
+            ),
+            state_entries: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "state_entries",
+                        "Entries in the daemon's own tables, by table: workload_ids, \
+                         balancer_endpoints, hbone_connections, tls_client_configs, svids, \
+                         identity_workers (each follows the mesh; none only grows)",
+                    ),
+                    &["table"],
                 )
                 .expect("static metric definitions are valid"),
             ),

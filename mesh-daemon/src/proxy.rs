@@ -72,6 +72,37 @@ impl Inputs {
     }
 }
 
+/// Follows the state and drops what the proxy keeps per endpoint, peer and identity once the
+/// mesh no longer has it (balancer statistics, pooled HBONE connections, TLS client
+/// configurations), so those tables follow the workloads instead of only growing.
+pub async fn prune_caches(
+    inputs: Arc<Inputs>,
+    mut snapshots: tokio::sync::watch::Receiver<Arc<crate::state::Snapshot>>,
+) {
+    while snapshots.changed().await.is_ok() {
+        let snap = snapshots.borrow_and_update().clone();
+        let td = inputs.identity.trust_domain().to_string();
+        let live = snap
+            .services
+            .values()
+            .flat_map(|s| s.endpoints.iter().map(|e| e.addr))
+            .collect();
+        inputs.balancer.retain(&live);
+        let sources = snap.local_workloads().map(|w| w.identity(&td)).collect();
+        let destinations = snap
+            .workloads_by_id
+            .values()
+            .map(|w| w.identity(&td))
+            .collect();
+        let proxies = snap
+            .workloads_by_id
+            .values()
+            .filter_map(|w| snap.proxy_for(w))
+            .collect();
+        inputs.hbone.retain(&sources, &destinations, &proxies);
+    }
+}
+
 /// Where a tapped connection went and how it ended.
 #[derive(Clone, Copy)]
 pub struct Hop<'a> {

@@ -1,17 +1,25 @@
-//! The daemon's one in-memory picture of the mesh, fed by the mesh file today and by Kubernetes
-//! discovery later: both produce a [`Snapshot`], and the proxy reads whichever is current.
+//! The daemon's one in-memory picture of the mesh. A source (the mesh file today, Kubernetes
+//! discovery later) produces the neutral [`desired::Desired`] model; [`State::apply`] compiles it
+//! into an immutable [`Snapshot`] and publishes it on a `tokio::sync::watch`. The proxy reads the
+//! current snapshot per connection; enrollment, the certificate manager and the proxy's own
+//! caches subscribe and follow every change. State knows nothing of where the model came from.
 //!
-//! Snapshots are immutable; a reload builds a new one and swaps it in, so a connection task holds
-//! one consistent view for its whole decision.
+//! A connection task holds one consistent snapshot for its whole decision. Workload ids (what the
+//! kernel's records carry) are stable for a workload while it exists and never reused: a record
+//! with a departed workload's id cannot be attributed to a newcomer.
+
+pub mod desired;
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
 };
 
-use crate::meshfile::{MeshFile, NodeSpec, PolicySpec, ProxyMode};
+use tokio::sync::watch;
+
+use self::desired::{AppProtocol, Desired, Endpoints, NodeSpec, PolicySpec, ProxyMode, RouteDesc};
 
 /// The HBONE port of every proxy: a node's, or a sidecar's inside its pod.
 pub const HBONE_PORT: u16 = 15008;
@@ -61,34 +69,6 @@ impl Scope {
     }
 }
 
-/// The workload a sidecar serves: it must be in the mesh file and in sidecar mode (otherwise its
-/// node's daemon serves it). One check for start-up and every reload.
-pub fn sidecar_workload<'f>(
-    file: &'f MeshFile,
-    namespace: &str,
-    name: &str,
-) -> Result<&'f crate::meshfile::WorkloadSpec, String> {
-    let w = file
-        .workloads
-        .iter()
-        .find(|w| w.namespace == namespace && w.name == name)
-        .ok_or_else(|| {
-            format!(
-                "workload {namespace}/{name} is not in the mesh file's `workloads`; a sidecar \
-                 serves one workload: add it or pass another --workload"
-            )
-        })?;
-    if w.mode != ProxyMode::Sidecar {
-        return Err(format!(
-            "workload {namespace}/{name} has `mode: {}`, so node {}'s daemon serves it; set \
-             `mode: sidecar` on it to run it with a sidecar",
-            w.mode.as_str(),
-            w.node
-        ));
-    }
-    Ok(w)
-}
-
 /// Where a sidecar connects to its own pod's app from (Istio's inbound passthrough source): a
 /// loopback address that no app uses, so the pod's STRICT check can tell the sidecar's
 /// connections from anybody else's.
@@ -131,6 +111,10 @@ impl Workload {
 pub struct Service {
     pub namespace: String,
     pub name: String,
+    /// The port's name, when the source gives one.
+    pub port_name: Option<String>,
+    /// What the port speaks, when the source says (`appProtocol`); None: detect.
+    pub protocol: Option<AppProtocol>,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -154,6 +138,8 @@ pub struct Snapshot {
     pub services: HashMap<SocketAddr, Arc<Service>>,
     /// L4 authorization policies, enforced where the destination runs.
     pub policies: Vec<PolicySpec>,
+    /// Routes attached to services (the L7 work; none yet).
+    pub routes: Vec<RouteDesc>,
 }
 
 impl Snapshot {
@@ -193,47 +179,96 @@ impl Snapshot {
     }
 }
 
-/// The current snapshot plus the id allocator that outlives snapshots.
+/// Workload ids: stable per (namespace, name) while the workload exists, never reused.
 #[derive(Default)]
+struct Ids {
+    by_name: HashMap<(String, String), u32>,
+    next: u32,
+}
+
+/// The published snapshot, the view it is compiled for, and the id allocator.
 pub struct State {
-    current: RwLock<Arc<Snapshot>>,
-    ids: Mutex<HashMap<(String, String), u32>>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    scope: Scope,
+    cgroup_root: PathBuf,
+    ids: Mutex<Ids>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self::new(Scope::default(), PathBuf::from("/"))
+    }
 }
 
 impl State {
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// An empty state for a daemon serving `scope`; relative workload cgroups are resolved
+    /// against `cgroup_root`.
+    pub fn new(scope: Scope, cgroup_root: PathBuf) -> Self {
+        Self {
+            tx: watch::Sender::new(Arc::new(Snapshot::default())),
+            scope,
+            cgroup_root,
+            ids: Mutex::default(),
+        }
     }
 
-    pub fn replace(&self, snap: Snapshot) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Follows every snapshot published from now on (the current one is marked seen).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Workload ids held (for the state-size gauges: it follows the workloads, never only grows).
+    pub fn workload_ids(&self) -> usize {
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_name
+            .len()
+    }
+
+    /// Compiles `desired` and publishes it; on an error nothing changes (the last good
+    /// snapshot stays). Ids of workloads no longer desired are freed.
+    pub fn apply(&self, desired: &Desired) -> Result<Arc<Snapshot>, String> {
+        let snap = Arc::new(self.compile(desired)?);
+        {
+            let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+            let wanted: std::collections::HashSet<(&str, &str)> = desired
+                .workloads
+                .iter()
+                .map(|w| (w.namespace.as_str(), w.name.as_str()))
+                .collect();
+            ids.by_name
+                .retain(|(ns, name), _| wanted.contains(&(ns.as_str(), name.as_str())));
+        }
+        self.tx.send_replace(snap.clone());
+        Ok(snap)
     }
 
     fn id_for(&self, namespace: &str, name: &str) -> u32 {
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        let next = ids.len() as u32;
-        *ids.entry((namespace.to_string(), name.to_string()))
-            .or_insert(next)
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(id) = ids.by_name.get(&key) {
+            return *id;
+        }
+        let id = ids.next;
+        ids.next = ids.next.wrapping_add(1);
+        ids.by_name.insert(key, id);
+        id
     }
 
-    /// Builds the snapshot a (validated) mesh file describes, from the view of a daemon serving
-    /// `scope`. Relative cgroup paths are resolved against `cgroup_root`.
-    pub fn build(
-        &self,
-        file: &MeshFile,
-        scope: &Scope,
-        cgroup_root: &std::path::Path,
-    ) -> Result<Snapshot, String> {
-        let me = match scope {
+    /// The snapshot `desired` describes, from the view of this daemon's scope.
+    pub fn compile(&self, desired: &Desired) -> Result<Snapshot, String> {
+        let me = match &self.scope {
             Scope::Node(node) => node.as_str(),
             Scope::Sidecar { namespace, name } => {
-                sidecar_workload(file, namespace, name)?.node.as_str()
+                desired.sidecar_workload(namespace, name)?.node.as_str()
             }
         };
-        let nodes: HashMap<String, NodeSpec> = file
+        let nodes: HashMap<String, NodeSpec> = desired
             .nodes
             .iter()
             .map(|n| (n.name.clone(), n.clone()))
@@ -242,7 +277,8 @@ impl State {
             format!(
                 "this node ({me:?}) is not in the mesh file's `nodes`; add it or pass --node with \
                  one of: {}",
-                file.nodes
+                desired
+                    .nodes
                     .iter()
                     .map(|n| n.name.as_str())
                     .collect::<Vec<_>>()
@@ -251,16 +287,17 @@ impl State {
         })?;
         let mut snap = Snapshot {
             node: Some(node),
-            scope: scope.clone(),
+            scope: self.scope.clone(),
             nodes,
-            policies: file.authorization_policies.clone(),
+            policies: desired.policies.clone(),
+            routes: desired.routes.clone(),
             ..Snapshot::default()
         };
-        for w in &file.workloads {
+        for w in &desired.workloads {
             let cgroup = if w.cgroup.is_absolute() {
                 w.cgroup.clone()
             } else {
-                cgroup_root.join(&w.cgroup)
+                self.cgroup_root.join(&w.cgroup)
             };
             let wl = Arc::new(Workload {
                 id: self.id_for(&w.namespace, &w.name),
@@ -277,22 +314,24 @@ impl State {
             snap.workloads_by_ip.insert(IpAddr::V4(w.ip), wl.clone());
             snap.workloads_by_id.insert(wl.id, wl);
         }
-        for s in &file.services {
-            let selected: Vec<(&crate::meshfile::WorkloadSpec, Arc<Workload>)> = file
-                .workloads
-                .iter()
-                .filter(|w| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-                .filter_map(|w| {
-                    snap.workloads_by_ip
-                        .get(&IpAddr::V4(w.ip))
-                        .map(|wl| (w, wl.clone()))
-                })
-                .collect();
+        for s in &desired.services {
+            let selected: Vec<Arc<Workload>> = match &s.endpoints {
+                Endpoints::Selector(sel) => desired
+                    .workloads
+                    .iter()
+                    .filter(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .filter_map(|w| snap.workloads_by_ip.get(&IpAddr::V4(w.ip)).cloned())
+                    .collect(),
+                Endpoints::Addresses(ips) => ips
+                    .iter()
+                    .filter_map(|ip| snap.workloads_by_ip.get(&IpAddr::V4(*ip)).cloned())
+                    .collect(),
+            };
             for p in &s.ports {
                 let endpoints = selected
                     .iter()
-                    .map(|(spec, wl)| Endpoint {
-                        addr: SocketAddr::new(IpAddr::V4(spec.ip), p.target()),
+                    .map(|wl| Endpoint {
+                        addr: SocketAddr::new(IpAddr::V4(wl.ip), p.target_port),
                         workload: wl.clone(),
                     })
                     .collect();
@@ -301,6 +340,8 @@ impl State {
                     Arc::new(Service {
                         namespace: s.namespace.clone(),
                         name: s.name.clone(),
+                        port_name: p.name.clone(),
+                        protocol: p.protocol,
                         endpoints,
                     }),
                 );
@@ -313,7 +354,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meshfile::parse;
+    use crate::{discovery::file::to_desired, meshfile::parse};
 
     const FILE: &str = "\
 nodes:
@@ -324,11 +365,19 @@ workloads:
   - { name: b1, namespace: x, node: n2, ip: 10.1.2.2, cgroup: /cg/pb1, labels: { app: b } }
   - { name: b2, namespace: x, node: n1, ip: 10.1.1.3, cgroup: pb2, labels: { app: b } }
 services:
-  - { name: b, namespace: x, vip: 10.96.0.1, ports: [{ port: 80, targetPort: 8080 }], selector: { app: b } }
+  - { name: b, namespace: x, vip: 10.96.0.1, ports: [{ port: 80, targetPort: 8080, name: web, appProtocol: http }], selector: { app: b } }
 ";
 
     fn n1() -> Scope {
         Scope::Node("n1".into())
+    }
+
+    fn desired(text: &str) -> Desired {
+        to_desired(&parse(std::path::Path::new("t"), text).expect("parse"))
+    }
+
+    fn build(text: &str, scope: Scope, root: &str) -> Result<Snapshot, String> {
+        State::new(scope, root.into()).compile(&desired(text))
     }
 
     #[test]
@@ -342,12 +391,8 @@ services:
                 "cgroup: /cg/pb1, labels: { app: b } }",
                 "cgroup: /cg/pb1, labels: { app: b }, mode: sidecar }",
             );
-        let f = parse(std::path::Path::new("t"), &text).expect("parse");
-        let st = State::default();
         let scope = Scope::sidecar("x/a").expect("scope");
-        let snap = st
-            .build(&f, &scope, std::path::Path::new("/"))
-            .expect("build");
+        let snap = build(&text, scope, "/").expect("build");
         let local: Vec<&str> = snap.local_workloads().map(|w| w.name.as_str()).collect();
         assert_eq!(local, ["a"], "a sidecar serves only its own pod");
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
@@ -363,42 +408,27 @@ services:
         );
         assert_eq!(snap.mesh_source(), Some(ip("127.0.0.6")));
         // The node daemon of n1 leaves the sidecar pod alone.
-        let node = st
-            .build(&f, &n1(), std::path::Path::new("/"))
-            .expect("build");
+        let node = build(&text, n1(), "/").expect("build");
         let local: Vec<&str> = node.local_workloads().map(|w| w.name.as_str()).collect();
         assert_eq!(local, ["b2"]);
         // A sidecar for a node-mode pod, or an unknown one, is refused with the fix.
-        let e = st
-            .build(
-                &f,
-                &Scope::sidecar("x/b2").expect("scope"),
-                std::path::Path::new("/"),
-            )
-            .expect_err("node-mode pod");
+        let e =
+            build(&text, Scope::sidecar("x/b2").expect("scope"), "/").expect_err("node-mode pod");
         assert!(e.contains("mode: sidecar") && e.contains("n1"), "{e}");
-        let e = st
-            .build(
-                &f,
-                &Scope::sidecar("x/zz").expect("scope"),
-                std::path::Path::new("/"),
-            )
-            .expect_err("unknown pod");
+        let e = build(&text, Scope::sidecar("x/zz").expect("scope"), "/").expect_err("unknown pod");
         assert!(e.contains("x/zz"), "{e}");
         assert!(Scope::sidecar("nons").is_err());
     }
 
     #[test]
     fn snapshot_resolves_services_cgroups_and_locality() {
-        let f = parse(std::path::Path::new("t"), FILE).expect("parse");
-        let st = State::default();
-        let snap = st
-            .build(&f, &n1(), std::path::Path::new("/root"))
-            .expect("build");
+        let snap = build(FILE, n1(), "/root").expect("build");
         let svc = snap.services[&"10.96.0.1:80".parse().expect("addr")].clone();
         let mut eps: Vec<String> = svc.endpoints.iter().map(|e| e.addr.to_string()).collect();
         eps.sort();
         assert_eq!(eps, ["10.1.1.3:8080", "10.1.2.2:8080"]);
+        assert_eq!(svc.port_name.as_deref(), Some("web"));
+        assert_eq!(svc.protocol, Some(AppProtocol::Http));
         let a = &snap.workloads_by_ip[&"10.1.1.2".parse::<IpAddr>().expect("ip")];
         assert_eq!(a.cgroup, PathBuf::from("/root/pa"));
         let local: Vec<&str> = {
@@ -407,43 +437,70 @@ services:
             v
         };
         assert_eq!(local, ["a", "b2"]);
+        assert!(snap.routes.is_empty());
     }
 
     #[test]
-    fn ids_are_stable_across_reloads_and_never_reused() {
-        let f = parse(std::path::Path::new("t"), FILE).expect("parse");
-        let st = State::default();
-        let s1 = st
-            .build(&f, &n1(), std::path::Path::new("/"))
-            .expect("build");
+    fn explicit_endpoints_resolve_to_workloads() {
+        let mut d = desired(FILE);
+        d.services[0].endpoints = Endpoints::Addresses(vec![
+            "10.1.2.2".parse().expect("ip"),
+            // Not a workload: no endpoint.
+            "10.9.9.9".parse().expect("ip"),
+        ]);
+        let snap = State::new(n1(), "/".into()).compile(&d).expect("build");
+        let svc = &snap.services[&"10.96.0.1:80".parse().expect("addr")];
+        let eps: Vec<String> = svc.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(eps, ["10.1.2.2:8080"]);
+    }
+
+    #[test]
+    fn ids_are_stable_across_reloads_never_reused_and_freed() {
+        let st = State::new(n1(), "/".into());
+        let mut d = desired(FILE);
+        let s1 = st.apply(&d).expect("apply");
+        assert_eq!(st.workload_ids(), 3);
         let id_b2 = s1.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].id;
-        let mut f2 = f.clone();
-        f2.workloads.retain(|w| w.name != "a");
-        let s2 = st
-            .build(&f2, &n1(), std::path::Path::new("/"))
-            .expect("build");
+        let a = d.workloads.remove(0);
+        let s2 = st.apply(&d).expect("apply");
         assert_eq!(
             s2.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].id,
             id_b2
         );
-        let mut f3 = f2.clone();
-        let mut c = f.workloads[0].clone();
-        c.name = "c".into();
-        f3.workloads.push(c);
-        let s3 = st
-            .build(&f3, &n1(), std::path::Path::new("/"))
-            .expect("build");
+        assert_eq!(st.workload_ids(), 2, "a departed workload's id is freed");
+        // `a` comes back: a new id, never the old one (a kernel record with the old id must not
+        // be attributed to it).
+        d.workloads.push(a);
+        let s3 = st.apply(&d).expect("apply");
         let ids: std::collections::HashSet<u32> = s1.workloads_by_id.keys().copied().collect();
-        let c_id = s3.workloads_by_ip[&"10.1.1.2".parse::<IpAddr>().expect("ip")].id;
-        assert!(!ids.contains(&c_id), "a new workload gets a new id");
+        let back = s3.workloads_by_ip[&"10.1.1.2".parse::<IpAddr>().expect("ip")].id;
+        assert!(!ids.contains(&back), "a returning workload gets a new id");
+        assert_eq!(st.workload_ids(), 3);
+    }
+
+    #[test]
+    fn a_bad_model_changes_nothing_and_subscribers_see_each_good_one() {
+        let st = State::new(Scope::Node("n1".into()), "/".into());
+        let mut rx = st.subscribe();
+        st.apply(&desired(FILE)).expect("apply");
+        assert!(rx.has_changed().expect("open"), "subscribers are told");
+        let seen = rx.borrow_and_update().clone();
+        let mut bad = desired(FILE);
+        bad.nodes.retain(|n| n.name != "n1");
+        let e = st
+            .apply(&bad)
+            .expect_err("this node is gone from the model");
+        assert!(e.contains("n1"), "{e}");
+        assert!(!rx.has_changed().expect("open"), "nothing published");
+        assert!(
+            Arc::ptr_eq(&st.snapshot(), &seen),
+            "the last good snapshot stays"
+        );
     }
 
     #[test]
     fn unknown_self_node_is_explained() {
-        let f = parse(std::path::Path::new("t"), FILE).expect("parse");
-        let e = State::default()
-            .build(&f, &Scope::Node("n9".into()), std::path::Path::new("/"))
-            .expect_err("unknown node");
+        let e = build(FILE, Scope::Node("n9".into()), "/").expect_err("unknown node");
         assert!(e.contains("n9") && e.contains("n1, n2"), "{e}");
     }
 }

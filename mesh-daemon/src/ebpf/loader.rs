@@ -47,6 +47,13 @@ pub enum LoaderError {
     },
     #[error("{0}")]
     Program(String),
+    #[error(
+        "cgroup {} is not under the attach root {}; the hooks would never see it (pass a \
+         --cgroup-root that contains it)",
+        cgroup.display(),
+        root.display()
+    )]
+    OutsideRoot { cgroup: PathBuf, root: PathBuf },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -64,6 +71,18 @@ pub enum LoaderError {
          `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does it), or run with --fail-open"
     )]
     Pin { path: PathBuf, reason: String },
+}
+
+impl LoaderError {
+    /// Why a pod could not be enrolled, as a bounded label (`enroll_failures_total{reason}`).
+    pub fn enroll_reason(&self) -> &'static str {
+        match self {
+            LoaderError::OutsideRoot { .. } => "outside_cgroup_root",
+            LoaderError::Cgroup(cgroup::CgroupError::Read { .. }) => "cgroup_missing",
+            LoaderError::Map { .. } => "map_full_or_error",
+            _ => "other",
+        }
+    }
 }
 
 /// What the kernel side needs to know.
@@ -405,12 +424,10 @@ impl Datapath {
     /// Captures connections from this pod-level cgroup (and everything below it) as `workload_id`.
     pub fn enroll(&mut self, cgroup_path: &Path, spec: &EnrollSpec) -> Result<u64, LoaderError> {
         if !cgroup_path.starts_with(&self.cgroup_root) {
-            return Err(LoaderError::Program(format!(
-                "cgroup {} is not under the attach root {}; the hooks would never see it \
-                 (pass a --cgroup-root that contains it)",
-                cgroup_path.display(),
-                self.cgroup_root.display()
-            )));
+            return Err(LoaderError::OutsideRoot {
+                cgroup: cgroup_path.to_path_buf(),
+                root: self.cgroup_root.clone(),
+            });
         }
         let id = cgroup::cgroup_id(cgroup_path)?;
         let mut probe_ports = [0u16; MAX_PROBE_PORTS];

@@ -205,6 +205,29 @@ impl Manager {
         tokio::spawn(async move { me.refresh_bundle().await });
     }
 
+    /// Follows the state: the identities of the workloads this daemon serves get SVIDs, and an
+    /// identity whose last pod left loses its own (at once for the current snapshot, then on
+    /// every change). Call from within the runtime.
+    pub fn follow(self: &Arc<Self>, mut snapshots: watch::Receiver<Arc<crate::state::Snapshot>>) {
+        let wanted = |snap: &crate::state::Snapshot, td: &str| -> Vec<Identity> {
+            snap.local_workloads().map(|w| w.identity(td)).collect()
+        };
+        let snap = snapshots.borrow_and_update().clone();
+        self.set_wanted(wanted(&snap, &self.trust_domain));
+        let me = self.clone();
+        tokio::spawn(async move {
+            while snapshots.changed().await.is_ok() {
+                let snap = snapshots.borrow_and_update().clone();
+                me.set_wanted(wanted(&snap, &me.trust_domain));
+            }
+        });
+    }
+
+    /// Identities with a renewal worker (one per identity with a pod here).
+    pub fn workers(&self) -> usize {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// The identities with a pod on this node now: new ones get an SVID, gone ones lose theirs.
     pub fn set_wanted(self: &Arc<Self>, wanted: impl IntoIterator<Item = Identity>) {
         let wanted: std::collections::HashSet<Identity> = wanted.into_iter().collect();

@@ -117,6 +117,24 @@ impl Balancer {
         Some((chosen.0, Outstanding(chosen.1.clone())))
     }
 
+    /// Forgets the endpoints that are in no service any more, so the table follows the mesh
+    /// instead of only growing. A connection still counted on one keeps its own reference.
+    pub fn retain(&self, live: &std::collections::HashSet<SocketAddr>) {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|addr, _| live.contains(addr));
+    }
+
+    /// Endpoints with statistics.
+    pub fn len(&self) -> usize {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The endpoint refused or failed a connection: skip it for [`EJECT_FOR`].
     pub fn failed(&self, addr: SocketAddr) {
         *self

@@ -11,7 +11,7 @@
 //! (RFC 9113 §8.5), turned back into a TCP reset on the other side.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -334,6 +334,34 @@ impl Client {
         {
             pool.remove(key);
         }
+    }
+
+    /// Forgets pooled connections and client configurations the mesh no longer needs: a source
+    /// identity with no pod here, a destination identity with no workload, a peer proxy that
+    /// serves nobody. Streams open on a dropped connection finish on it.
+    pub fn retain(
+        &self,
+        sources: &HashSet<Identity>,
+        destinations: &HashSet<Identity>,
+        proxies: &HashSet<SocketAddr>,
+    ) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| {
+                sources.contains(&k.source)
+                    && destinations.contains(&k.destination)
+                    && proxies.contains(&k.node)
+            });
+        self.configs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| sources.contains(id));
+    }
+
+    /// Client configurations held (one per source identity that opened a tunnel).
+    pub fn configs(&self) -> usize {
+        self.configs.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Pooled connections (for the state-size gauges and the churn test).

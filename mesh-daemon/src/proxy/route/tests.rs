@@ -35,12 +35,9 @@ const NOW: u64 = 100_000_000_000;
 
 fn snap() -> Arc<Snapshot> {
     let f = crate::meshfile::parse(std::path::Path::new("t"), MESH).expect("parse");
-    let st = State::default();
-    let s = st
-        .build(&f, &Scope::Node("n1".into()), std::path::Path::new("/"))
-        .expect("build");
-    st.replace(s);
-    st.snapshot()
+    State::new(Scope::Node("n1".into()), "/".into())
+        .apply(&crate::discovery::file::to_desired(&f))
+        .expect("apply")
 }
 
 fn id(snap: &Snapshot, name: &str) -> u32 {

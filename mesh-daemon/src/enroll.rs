@@ -1,0 +1,130 @@
+//! Enrollment: keeps the kernel's `NM_ENROLLED` map equal to the pods this daemon serves in the
+//! current snapshot. It subscribes to the state and reconciles on every snapshot; a pod whose
+//! cgroup cannot be enrolled (not there yet, outside the attach root) is logged once, counted
+//! (`enroll_failures_total{reason}`), retried every second, and the others are unaffected. A pod
+//! that leaves is un-enrolled: its new connections go direct, its open ones are untouched.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    ebpf::loader::{Datapath, EnrollSpec},
+    metrics::Metrics,
+    state::Snapshot,
+};
+
+/// How often failed enrollments are retried.
+pub const RETRY: Duration = Duration::from_secs(1);
+
+pub struct Enroller {
+    datapath: Arc<Mutex<Datapath>>,
+    metrics: Arc<Metrics>,
+    /// STRICT inbound enforcement for every enrolled pod.
+    strict: bool,
+    /// What the kernel's enrollment map holds: workload id → (cgroup id, spec).
+    enrolled: HashMap<u32, (u64, EnrollSpec)>,
+    /// Workloads whose enrollment failed, with the reason last reported.
+    failed: HashMap<u32, String>,
+}
+
+impl Enroller {
+    pub fn new(datapath: Arc<Mutex<Datapath>>, metrics: Arc<Metrics>, strict: bool) -> Self {
+        Self {
+            datapath,
+            metrics,
+            strict,
+            enrolled: HashMap::new(),
+            failed: HashMap::new(),
+        }
+    }
+
+    /// Follows the state until the process ends: a reconcile per snapshot, and a retry every
+    /// second while some pod could not be enrolled.
+    pub async fn run(mut self, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+        let mut snap = snapshots.borrow_and_update().clone();
+        loop {
+            self.reconcile(&snap);
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    snap = snapshots.borrow_and_update().clone();
+                }
+                () = tokio::time::sleep(RETRY), if !self.failed.is_empty() => {}
+            }
+        }
+    }
+
+    /// Makes the kernel's enrollment map match the workloads this daemon serves in `snap`.
+    pub fn reconcile(&mut self, snap: &Snapshot) {
+        let desired: HashMap<u32, (PathBuf, EnrollSpec, String)> = snap
+            .local_workloads()
+            .map(|w| {
+                (
+                    w.id,
+                    (
+                        w.cgroup.clone(),
+                        EnrollSpec {
+                            workload_id: w.id,
+                            strict: self.strict,
+                            probe_ports: w.probe_ports.clone(),
+                        },
+                        w.display(),
+                    ),
+                )
+            })
+            .collect();
+        let mut dp = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<u32> = self
+            .enrolled
+            .keys()
+            .filter(|id| !desired.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some((cg, _)) = self.enrolled.remove(&id) {
+                match dp.unenroll(cg) {
+                    Ok(()) => info!(workload_id = id, cgroup_id = cg, "unenrolled"),
+                    Err(e) => warn!(workload_id = id, error = %e, "unenroll failed"),
+                }
+            }
+        }
+        self.failed.retain(|id, _| desired.contains_key(id));
+        for (id, (cgroup, spec, name)) in desired {
+            if self.enrolled.get(&id).is_some_and(|(_, s)| *s == spec) {
+                continue;
+            }
+            match dp.enroll(&cgroup, &spec) {
+                Ok(cg) => {
+                    if let Some((old, _)) = self.enrolled.insert(id, (cg, spec.clone()))
+                        && old != cg
+                    {
+                        let _ = dp.unenroll(old);
+                    }
+                    self.failed.remove(&id);
+                    info!(workload = %name, cgroup = %cgroup.display(), cgroup_id = cg, strict = spec.strict, "enrolled");
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.failed.get(&id) != Some(&msg) {
+                        warn!(workload = %name, error = %msg, "cannot enroll this pod; its connections are not captured (retrying every second)");
+                        self.metrics
+                            .enroll_failures
+                            .with_label_values(&[e.enroll_reason()])
+                            .inc();
+                        self.failed.insert(id, msg);
+                    }
+                }
+            }
+        }
+        self.metrics.enrolled.set(self.enrolled.len() as i64);
+    }
+}

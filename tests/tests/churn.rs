@@ -1,0 +1,180 @@
+//! Privileged: workloads come and go through the mesh file, and the daemons' tables follow.
+//! 200 workloads (100 on the client's node, enrolled with their own cgroups and certificates;
+//! 100 on the other node behind a service the client calls) are added, used, and removed; every
+//! table each daemon keeps — workload ids, the kernel's enrollment map, SVIDs and their renewal
+//! workers, balancer statistics, pooled HBONE connections, TLS client configurations — grows
+//! with them and returns to its starting size.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use nodemesh_tests::{
+    require_root,
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology},
+};
+
+const VIP: &str = "10.96.0.10:80";
+const CHURN_VIP: &str = "10.96.0.20:80";
+const PER_NODE: usize = 100;
+const TABLES: [&str; 6] = [
+    "workload_ids",
+    "svids",
+    "identity_workers",
+    "balancer_endpoints",
+    "hbone_connections",
+    "tls_client_configs",
+];
+
+/// Node `i`'s table sizes, with the kernel's enrollment map.
+fn sizes(t: &Topology, i: usize) -> BTreeMap<&'static str, u64> {
+    let text = t.scrape(i);
+    let mut m: BTreeMap<&'static str, u64> = TABLES
+        .iter()
+        .map(|table| {
+            (
+                *table,
+                nodemesh_tests::topology::sample(
+                    &text,
+                    "nodemesh_state_entries",
+                    &[("table", table)],
+                ),
+            )
+        })
+        .collect();
+    m.insert(
+        "NM_ENROLLED",
+        nodemesh_tests::topology::sample(
+            &text,
+            "nodemesh_ebpf_map_entries",
+            &[("map", "NM_ENROLLED")],
+        ),
+    );
+    m
+}
+
+/// Waits (up to `limit`) until `ok` holds for node `i`'s sizes; returns the last sizes.
+fn wait_sizes(
+    t: &Topology,
+    i: usize,
+    limit: Duration,
+    ok: impl Fn(&BTreeMap<&'static str, u64>) -> bool,
+) -> BTreeMap<&'static str, u64> {
+    let start = Instant::now();
+    loop {
+        let s = sizes(t, i);
+        if ok(&s) || start.elapsed() > limit {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn workloads_added_and_removed_leave_the_tables_at_their_starting_sizes() {
+    require_root("churn");
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo")];
+    let mut t = Topology::build("ch", 2, &pods, &services);
+    t.start(DaemonOpts::default());
+    t.serve("server", "echo-server", 7000);
+    let (ok, out) = t.connect("client", VIP, &["--send", "1000"]);
+    assert!(ok && out.contains("echo=ok"), "{out}");
+    // The tables as they stand with the base mesh in use (published once a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let base = [sizes(&t, 0), sizes(&t, 1)];
+    println!(
+        "starting sizes: node-1 {:?}\n                node-2 {:?}",
+        base[0], base[1]
+    );
+    assert_eq!(base[0]["workload_ids"], 2, "{:?}", base[0]);
+    assert_eq!(base[0]["NM_ENROLLED"], 1, "{:?}", base[0]);
+    assert!(base[0]["hbone_connections"] >= 1 && base[0]["balancer_endpoints"] >= 1);
+
+    // 200 more workloads: 100 on node 1 with real cgroups, 100 on node 2 behind a service.
+    let good = std::fs::read_to_string(&t.mesh_file).expect("mesh file");
+    let (n1, n2) = (t.nodes[0].name.clone(), t.nodes[1].name.clone());
+    let mut workloads = String::new();
+    for k in 0..PER_NODE {
+        let cg = t.cgroups.child(&format!("{n1}/churn-{k}"));
+        let _ = write!(
+            workloads,
+            "  - {{ name: local-{k}, namespace: churn, serviceAccount: local-{k}, node: {n1}, \
+             ip: 10.210.1.{}, cgroup: {} }}\n\
+             \x20 - {{ name: remote-{k}, namespace: churn, serviceAccount: remote-{k}, node: {n2}, \
+             ip: 10.210.2.{}, cgroup: churn-{k}, labels: {{ app: churn }} }}\n",
+            100 + k,
+            cg.display(),
+            100 + k
+        );
+    }
+    let churned = good.replacen("services:\n", &format!("{workloads}services:\n"), 1)
+        + "  - { name: churn, namespace: churn, vip: 10.96.0.20, ports: [{ port: 80, targetPort: 8080 }], selector: { app: churn } }\n";
+    t.rewrite_mesh_file(&churned);
+    let limit = Duration::from_secs(60);
+    let grown = wait_sizes(&t, 0, limit, |s| {
+        s["workload_ids"] == base[0]["workload_ids"] + 2 * PER_NODE as u64
+            && s["NM_ENROLLED"] == base[0]["NM_ENROLLED"] + PER_NODE as u64
+            && s["svids"] == base[0]["svids"] + PER_NODE as u64
+    });
+    assert_eq!(
+        grown["svids"],
+        base[0]["svids"] + PER_NODE as u64,
+        "node 1 enrolls its 100 new pods and holds their certificates: {grown:?}"
+    );
+    assert_eq!(
+        grown["NM_ENROLLED"],
+        base[0]["NM_ENROLLED"] + PER_NODE as u64
+    );
+    let far = wait_sizes(&t, 1, limit, |s| {
+        s["svids"] == base[1]["svids"] + PER_NODE as u64
+    });
+    assert_eq!(far["svids"], base[1]["svids"] + PER_NODE as u64, "{far:?}");
+    // The client calls the churned service: each call picks an endpoint (balancer statistics)
+    // and opens a tunnel to its identity (a pooled connection); the endpoint pods do not exist,
+    // so node 2 refuses each tunnel and the client is reset.
+    let mut calls: Vec<_> = (0..24)
+        .map(|_| t.connect_in_background("client", CHURN_VIP, &["--send", "100"]))
+        .collect();
+    for c in &mut calls {
+        let st = c
+            .wait_exit(Duration::from_secs(20))
+            .expect("each call ends");
+        assert!(!st.success(), "no such pod answers: {}", c.output());
+    }
+    let used = wait_sizes(&t, 0, Duration::from_secs(3), |s| {
+        s["balancer_endpoints"] > base[0]["balancer_endpoints"]
+            && s["hbone_connections"] > base[0]["hbone_connections"]
+    });
+    println!(
+        "with 200 more workloads in use: node-1 {used:?}\n                               node-2 {far:?}"
+    );
+    assert!(
+        used["balancer_endpoints"] > base[0]["balancer_endpoints"]
+            && used["hbone_connections"] > base[0]["hbone_connections"],
+        "the calls grew the balancer and the pool: {used:?}"
+    );
+
+    // Removed again: every table returns to its starting size.
+    t.rewrite_mesh_file(&good);
+    for (i, start) in base.iter().enumerate() {
+        let after = wait_sizes(&t, i, Duration::from_secs(30), |s| s == start);
+        println!("after removing them: node-{} {after:?}", i + 1);
+        assert_eq!(
+            &after,
+            start,
+            "node {}'s tables are back at their starting sizes",
+            i + 1
+        );
+    }
+    let (ok, out) = t.connect("client", VIP, &["--send", "1000"]);
+    assert!(
+        ok && out.contains("echo=ok"),
+        "the base mesh still serves: {out}"
+    );
+}
