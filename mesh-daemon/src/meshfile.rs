@@ -23,7 +23,8 @@
 //!   - name: echo
 //!     namespace: demo
 //!     vip: 10.96.0.10
-//!     ports: [{ port: 80, targetPort: 7000 }]
+//!     ports: [{ name: echo, port: 80, targetPort: 7000, appProtocol: tcp }]  # name, appProtocol
+//!                               # optional; appProtocol: http, kubernetes.io/h2c, grpc or tcp
 //!     selector: { app: echo }
 //! authorizationPolicies:        # L4, enforced where the destination pod runs; default: allow
 //!   - name: echo-callers

@@ -144,28 +144,24 @@ impl TapFilter {
     }
 }
 
+/// Decodes one query-string value (form encoding: `+` is a space); None when a `%` is not
+/// followed by two hex digits or the result is not UTF-8 (`percent_decode_str` itself would
+/// keep such a `%` as it is, and a filter must not silently match something else).
 pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
+    let escapes_ok = b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || b.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 #[cfg(test)]
@@ -212,6 +208,14 @@ mod tests {
         e.path = Some("/api/v1".into());
         e.status = Some(200);
         assert!(http.matches(&e));
+    }
+
+    #[test]
+    fn query_values_decode_like_forms() {
+        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
+        assert_eq!(percent_decode("%e2%9c%93").as_deref(), Some("\u{2713}"));
+        assert_eq!(percent_decode("100%"), None);
+        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
     }
 
     #[test]

@@ -582,6 +582,54 @@ fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state(sockmap: bool) {
         ) >= 1
     );
 
+    // Deleted, emptied (truncated to nothing), or cut in the middle of an entry: each is one
+    // warning and one count, and the last good state keeps serving.
+    let errors =
+        |t: &Topology| t.metric(0, "nodemesh_config_reloads_total", &[("result", "error")]);
+    let before = errors(&t);
+    std::fs::remove_file(&t.mesh_file).expect("delete the mesh file");
+    let line = t
+        .daemon(0)
+        .wait_for("cannot read the mesh file", Duration::from_secs(5));
+    println!("deleted: {line}");
+    let mid_entry = good.find("  - name: client").expect("client entry") + "  - name: client".len();
+    for (what, text) in [
+        ("emptied", String::new()),
+        ("cut mid-entry", good[..mid_entry].to_string()),
+    ] {
+        let rejected = t
+            .daemon(0)
+            .lines()
+            .iter()
+            .filter(|l| l.contains("mesh file rejected"))
+            .count();
+        t.rewrite_mesh_file(&text);
+        t.daemon(0)
+            .wait_for_count("mesh file rejected", rejected + 1, Duration::from_secs(5));
+        let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+        assert!(
+            ok && out.contains("echo=ok"),
+            "{what}: the last good state still serves: {out}"
+        );
+        println!("{what}: rejected, the last good state serves");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        errors(&t),
+        before + 3,
+        "one count per bad version of the file"
+    );
+    let warned = t
+        .daemon(0)
+        .lines()
+        .iter()
+        .filter(|l| l.contains("cannot read the mesh file"))
+        .count();
+    assert_eq!(
+        warned, 1,
+        "one warning while the file is gone, not one a second"
+    );
+
     // A good change applies: the service is gone, so its VIP no longer leads anywhere.
     let cut = good.find("services:").expect("services section");
     t.rewrite_mesh_file(&format!("{}services: []\n", &good[..cut]));

@@ -298,6 +298,39 @@ fn ready_config_dump_and_admin_refusals() {
         !body(&dump).contains("PRIVATE KEY"),
         "no key material in the dump"
     );
+    // The configuration as the daemon runs it: every `run` flag, with defaults resolved.
+    let cfg = &v["config"];
+    for key in [
+        "mode",
+        "node",
+        "meshFile",
+        "cgroupRoot",
+        "outbound",
+        "hbone",
+        "metrics",
+        "health",
+        "admin",
+        "inbound",
+        "failOpen",
+        "pinDir",
+        "proxyMark",
+        "ca",
+        "caBundle",
+        "tokenFile",
+        "trustDomain",
+        "bundleRefresh",
+        "sockmap",
+        "spliceWindow",
+        "drainTimeout",
+    ] {
+        assert!(cfg.get(key).is_some(), "config_dump lacks {key}: {cfg}");
+    }
+    assert_eq!(
+        cfg["outbound"],
+        format!("{}:15001", t.nodes[0].ip),
+        "the effective (defaulted) value: {cfg}"
+    );
+    assert_eq!(cfg["drainTimeout"], 30.0, "{cfg}");
 
     // /tap with a bad filter: 400 and the reason.
     let bad = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/tap?pod=client");

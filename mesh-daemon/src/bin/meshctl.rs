@@ -4,8 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, IsTerminal, Read, Write},
-    net::{SocketAddr, TcpStream, ToSocketAddrs},
+    io::{IsTerminal, Write},
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -167,64 +166,116 @@ fn main() -> ExitCode {
     }
 }
 
+/// Percent-encodes a query value: everything but letters, digits and `-_./`.
 fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'/');
+    percent_encoding::utf8_percent_encode(s, KEEP).to_string()
 }
 
 // === HTTP ===
 
-fn connect(addr: &str) -> Result<TcpStream, String> {
-    let sa: SocketAddr = addr
-        .to_socket_addrs()
+/// meshctl's one runtime: each command makes a few HTTP/1.1 requests with hyper's client.
+fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    Ok(RT.get_or_init(|| rt))
+}
+
+/// A GET to `addr` (host:port) with hyper over one connection; the response once its status is
+/// 200 (anything else is an error with the status and the body's reason).
+async fn get(addr: &str, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    use http_body_util::BodyExt as _;
+    let sa = tokio::net::lookup_host(addr)
+        .await
         .map_err(|e| format!("{addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr}: no address"))?;
-    TcpStream::connect_timeout(&sa, Duration::from_secs(5)).map_err(|e| {
-        format!("cannot reach {addr}: {e}; is the node daemon running and is this its address?")
-    })
-}
-
-/// Sends an HTTP/1.0 GET (the server closes when the body ends); returns the open reader
-/// positioned at the body, after checking the status.
-fn get(addr: &str, path: &str, timeout: Option<Duration>) -> Result<BufReader<TcpStream>, String> {
-    let mut s = connect(addr)?;
-    s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let mut r = BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status)
+    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(sa))
+        .await
+        .map_err(|_| format!("cannot reach {addr}: no answer within 5 s"))?
+        .map_err(|e| {
+            format!("cannot reach {addr}: {e}; is the node daemon running and is this its address?")
+        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| format!("{addr}{path}: {e}"))?;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h)
-            .map_err(|e| format!("{addr}{path}: {e}"))?;
-        if h.trim().is_empty() {
-            break;
-        }
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{addr}{path}: {e}"))?;
+    if resp.status() != hyper::StatusCode::OK {
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        return Err(format!("{addr}{path}: {status} {body}"));
     }
-    let code = status.split_whitespace().nth(1).unwrap_or("");
-    if code != "200" {
-        let mut body = String::new();
-        let _ = r.read_to_string(&mut body);
-        return Err(format!("{addr}{path}: {} {}", status.trim(), body.trim()));
-    }
-    Ok(r)
+    Ok(resp)
 }
 
 fn get_text(addr: &str, path: &str) -> Result<String, String> {
-    let mut body = String::new();
-    get(addr, path, Some(Duration::from_secs(10)))?
-        .read_to_string(&mut body)
-        .map_err(|e| format!("{addr}{path}: {e}"))?;
-    Ok(body)
+    use http_body_util::BodyExt as _;
+    runtime()?.block_on(async {
+        let fetch = async {
+            let body = get(addr, path)
+                .await?
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("{addr}{path}: {e}"))?;
+            String::from_utf8(body.to_bytes().to_vec())
+                .map_err(|_| format!("{addr}{path}: the answer is not UTF-8"))
+        };
+        tokio::time::timeout(Duration::from_secs(10), fetch)
+            .await
+            .map_err(|_| format!("{addr}{path}: no complete answer within 10 s"))?
+    })
+}
+
+/// Follows a streamed answer line by line until it ends or `each` returns false.
+fn follow_lines(
+    addr: &str,
+    path: &str,
+    mut each: impl FnMut(&str) -> Result<bool, String>,
+) -> Result<(), String> {
+    use http_body_util::BodyExt as _;
+    runtime()?.block_on(async {
+        let mut body = get(addr, path).await?.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("{addr}{path}: {e}"))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if !each(String::from_utf8_lossy(&line).trim_end())? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 fn scrape(nodes: &Nodes) -> Result<Vec<Sample>, String> {
@@ -486,18 +537,16 @@ fn tap(admin: &str, query: &str, count: Option<u64>, output: Output) -> Result<(
     } else {
         format!("/tap?{query}")
     };
-    let r = get(admin, &path, None)?;
     eprintln!("meshctl: following {admin}{path} (Ctrl-C to stop)");
     let mut n = 0;
-    for line in r.lines() {
-        let line = line.map_err(|e| format!("{admin}/tap: {e}"))?;
+    follow_lines(admin, &path, |line| {
         if line.trim().is_empty() {
-            continue;
+            return Ok(true);
         }
         if output == Output::Json {
             println!("{line}");
         } else {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
             let f = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
             let bytes = match (v.get("bytes_sent"), v.get("bytes_received")) {
                 (Some(s), Some(r)) => format!(" sent={s} received={r}"),
@@ -523,11 +572,8 @@ fn tap(admin: &str, query: &str, count: Option<u64>, output: Output) -> Result<(
         }
         let _ = std::io::stdout().flush();
         n += 1;
-        if count.is_some_and(|c| n >= c) {
-            break;
-        }
-    }
-    Ok(())
+        Ok(count.is_none_or(|c| n < c))
+    })
 }
 
 fn identity(admin: &str, output: Output) -> Result<(), String> {

@@ -207,35 +207,10 @@ fn pem_certs(path: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, Ca
 }
 
 fn to_pem(der: &CertificateDer<'_>) -> String {
-    let b64 = base64_encode(der.as_ref());
-    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        s.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        s.push('\n');
-    }
-    s.push_str("-----END CERTIFICATE-----\n");
-    s
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.as_ref()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 // === impl Authority ===
@@ -539,13 +514,81 @@ pub fn load_tokens(path: &Path) -> Result<BTreeMap<String, String>, CaError> {
     })
 }
 
-/// Compares in time independent of where the strings differ.
+/// Compares in time independent of where the strings differ (`subtle`).
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    use subtle::ConstantTimeEq as _;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+/// A file's identity and version: a change of any part means "read it again".
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn stamp(path: &Path) -> Result<Stamp, CaError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).map_err(io_err(path))?;
+    Ok(Stamp {
+        ino: m.ino(),
+        len: m.len(),
+        modified: m.modified().ok(),
+    })
+}
+
+/// Who may ask for what: the node tokens and which identities have a pod on which node. Cached,
+/// and read again only when either file changes (checked with one `stat` each per request), so
+/// a request never parses files yet never signs on stale placement.
+struct Placement {
+    stamps: (Stamp, Stamp),
+    tokens: BTreeMap<String, String>,
+    /// (node, namespace, service account) of every workload.
+    identities: std::collections::HashSet<(String, String, String)>,
+}
+
+impl Placement {
+    fn load(tokens: &Path, mesh_file: &Path) -> Result<Self, CaError> {
+        let stamps = (stamp(tokens)?, stamp(mesh_file)?);
+        let tokens = load_tokens(tokens)?;
+        let mesh = meshfile::load(mesh_file).map_err(|e| CaError::BadFile {
+            path: mesh_file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let identities = mesh
+            .workloads
+            .iter()
+            .map(|w| {
+                (
+                    w.node.clone(),
+                    w.namespace.clone(),
+                    w.service_account.clone(),
+                )
+            })
+            .collect();
+        Ok(Self {
+            stamps,
+            tokens,
+            identities,
+        })
+    }
+
+    /// The node whose token this is.
+    fn node_of(&self, token: &str) -> Option<&str> {
+        self.tokens
+            .iter()
+            .find(|(_, v)| same_secret(v, token))
+            .map(|(k, _)| k.as_str())
+    }
+
+    fn on_node(&self, node: &str, id: &Identity) -> bool {
+        self.identities.contains(&(
+            node.to_string(),
+            id.namespace.clone(),
+            id.service_account.clone(),
+        ))
+    }
 }
 
 pub struct CaConfig {
@@ -561,6 +604,7 @@ pub struct CaConfig {
 
 struct Shared {
     cfg: CaConfig,
+    placement: RwLock<Arc<Placement>>,
     authority: RwLock<Arc<Authority>>,
     serving: RwLock<Arc<CertifiedKey>>,
     requests: IntCounterVec,
@@ -597,11 +641,7 @@ impl Ca {
     /// Loads (or generates) the key material, checks the token file and binds the listener.
     pub async fn new(cfg: CaConfig, registry: &prometheus::Registry) -> Result<Self, CaError> {
         let authority = Authority::init_or_load(&cfg.dir, &cfg.trust_domain)?;
-        load_tokens(&cfg.tokens)?;
-        meshfile::load(&cfg.mesh_file).map_err(|e| CaError::BadFile {
-            path: cfg.mesh_file.clone(),
-            message: e.to_string(),
-        })?;
+        let placement = Placement::load(&cfg.tokens, &cfg.mesh_file)?;
         let mut sans = cfg.sans.clone();
         if !cfg.listen.ip().is_unspecified() {
             sans.push(cfg.listen.ip().to_string());
@@ -626,6 +666,7 @@ impl Ca {
             .expect("registered once");
         let shared = Arc::new(Shared {
             cfg,
+            placement: RwLock::new(Arc::new(placement)),
             authority: RwLock::new(Arc::new(authority)),
             serving: RwLock::new(serving),
             requests,
@@ -679,6 +720,25 @@ impl Ca {
                     .await;
             });
         }
+    }
+}
+
+impl Shared {
+    /// The placement, read again first if a file changed; an unreadable or bad file is an
+    /// error (the request is refused as unavailable rather than signed on a guess).
+    fn placement(&self) -> Result<Arc<Placement>, CaError> {
+        let now = (stamp(&self.cfg.tokens)?, stamp(&self.cfg.mesh_file)?);
+        let cached = self
+            .placement
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if cached.stamps == now {
+            return Ok(cached);
+        }
+        let fresh = Arc::new(Placement::load(&self.cfg.tokens, &self.cfg.mesh_file)?);
+        *self.placement.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        Ok(fresh)
     }
 }
 
@@ -775,16 +835,15 @@ async fn sign_request(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
-    let tokens = match load_tokens(&shared.cfg.tokens) {
-        Ok(t) => t,
+    let placement = match shared.placement() {
+        Ok(p) => p,
         Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "error", e.to_string()),
     };
-    let Some(node) = token.and_then(|t| {
-        tokens
-            .iter()
-            .find(|(_, v)| same_secret(v, &t))
-            .map(|(k, _)| k.clone())
-    }) else {
+    let Some(node) = token
+        .as_deref()
+        .and_then(|t| placement.node_of(t))
+        .map(str::to_string)
+    else {
         return err(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
@@ -812,16 +871,8 @@ async fn sign_request(
         }
     };
     // Who runs where comes from the same control input the nodes read (the mesh file here; the
-    // Pods' nodeName in Kubernetes), read per request so the CA never signs on stale placement.
-    let mesh = match meshfile::load(&shared.cfg.mesh_file) {
-        Ok(m) => m,
-        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "error", e.to_string()),
-    };
-    let on_node = |id: &Identity| {
-        mesh.workloads.iter().any(|w| {
-            w.node == node && w.namespace == id.namespace && w.service_account == id.service_account
-        })
-    };
+    // Pods' nodeName in Kubernetes).
+    let on_node = |id: &Identity| placement.on_node(&node, id);
     match authority.sign(&sign.csr, on_node, shared.cfg.lifetime) {
         Ok((id, issued)) => {
             info!(%node, identity = %id, lifetime = ?shared.cfg.lifetime, "issued SVID");
@@ -848,12 +899,14 @@ mod tests {
     }
 
     #[test]
-    fn base64_matches_the_standard() {
-        assert_eq!(base64_encode(b""), "");
-        assert_eq!(base64_encode(b"f"), "Zg==");
-        assert_eq!(base64_encode(b"fo"), "Zm8=");
-        assert_eq!(base64_encode(b"foo"), "Zm9v");
-        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+    fn pem_round_trips_with_unix_line_ends() {
+        let der = CertificateDer::from(vec![0x30u8, 0x03, 0x02, 0x01, 0x05]);
+        let text = to_pem(&der);
+        assert!(text.starts_with("-----BEGIN CERTIFICATE-----\n") && !text.contains('\r'));
+        let back: Vec<_> = CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("PEM");
+        assert_eq!(back, vec![der]);
     }
 
     #[test]

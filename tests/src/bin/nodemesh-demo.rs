@@ -149,16 +149,28 @@ fn main() {
     );
     println!("→ untouched: the server saw the outsider's own address");
 
-    step(6, "stop the daemons: counters, then a clean detach");
+    step(
+        6,
+        "stop the daemons (SIGTERM: drain, stay fail-closed), then `mesh-daemon uninstall`",
+    );
     for i in 0..2 {
-        let st = t.daemon(i).terminate(Duration::from_secs(10));
+        let st = t.daemon(i).terminate(Duration::from_secs(40));
         for l in t.daemon(i).lines() {
-            if l.contains("kernel counters") || l.contains("detached") {
+            if l.contains("kernel counters") || l.contains("drained") || l.contains("fail-closed") {
                 println!("{}: {}", t.nodes[i].name, l.trim());
             }
         }
         assert!(st.success(), "daemon exited with {st}");
     }
+    let (ok, out) = t.connect("client", "10.96.0.10:80", &["--send", "1024"]);
+    println!("client, no daemon running: {out}");
+    assert!(
+        !ok && out.contains("ConnectionRefused"),
+        "with the daemons stopped a meshed call must be refused, not sent direct: {out}"
+    );
+    println!("→ refused, not sent in plaintext: the hooks stay pinned while no daemon serves");
+    let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
+    print!("{}", nodemesh_tests::uninstall(&root));
     std::thread::sleep(Duration::from_millis(300));
     let left = loaded_mesh_programs();
     println!(
@@ -170,5 +182,11 @@ fn main() {
         }
     );
     assert!(left.is_empty(), "programs left behind");
+    let (ok, out) = t.connect("client", &server, &["--send", "1024"]);
+    println!("client after uninstall: {out}");
+    assert!(
+        ok && out.contains("echo=ok"),
+        "uninstalled: direct again: {out}"
+    );
     println!("\ndemo complete: namespaces, cgroups and pins are removed now.");
 }
