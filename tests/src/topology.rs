@@ -366,6 +366,22 @@ impl Topology {
         self.pins.0.join(&self.nodes[node].name)
     }
 
+    /// `mesh-daemon uninstall` on every pin this topology's daemons left, then checks that the
+    /// kernel holds no program (`nm_*`) and no map (`NM_*`) of the mesh any more. Call once no
+    /// daemon runs.
+    pub fn uninstall_and_check_nothing_is_left(&self) {
+        println!("{}", crate::uninstall(&self.pins.0));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            crate::loaded_mesh_programs(),
+            Vec::<String>::new(),
+            "programs left after uninstall"
+        );
+        let maps = sh("bpftool", &["map", "show"]);
+        assert!(!maps.contains("NM_"), "maps left after uninstall:\n{maps}");
+        println!("after uninstall: no nm_* program and no NM_* map (bpftool prog/map show)");
+    }
+
     /// Where pod `name`'s sidecar pins its fail-closed hooks.
     pub fn sidecar_pin_dir(&self, name: &str) -> PathBuf {
         self.pins.0.join(format!("sidecar-{name}"))

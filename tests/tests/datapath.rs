@@ -509,17 +509,7 @@ fn fail_closed_while_down_then_uninstall_leaves_nothing(sockmap: bool) {
         !loaded_mesh_programs().is_empty(),
         "pinned hooks outlive a crash"
     );
-    let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
-    println!("{}", nodemesh_tests::uninstall(&root));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        loaded_mesh_programs(),
-        Vec::<String>::new(),
-        "programs left"
-    );
-    let maps = nodemesh_tests::sh("bpftool", &["map", "show"]);
-    assert!(!maps.contains("NM_"), "maps left:\n{maps}");
-    println!("after uninstall: no nm_* program and no NM_* map (bpftool prog/map show)");
+    t.uninstall_and_check_nothing_is_left();
     let (ok, out) = t.connect("client", &server, &["--send", "1000"]);
     assert!(
         ok && out.contains("echo=ok"),

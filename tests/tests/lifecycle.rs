@@ -31,6 +31,23 @@ fn topology(tag: &str) -> Topology {
     t
 }
 
+/// A client → VIP connection that lasts 40 s, longer than the drain: 400 pieces of 1000 bytes,
+/// one every 100 ms.
+fn slow_connection(t: &Topology) -> nodemesh_tests::process::Proc {
+    t.connect_in_background(
+        "client",
+        VIP,
+        &[
+            "--send",
+            "400000",
+            "--pace-ms",
+            "100",
+            "--piece-bytes",
+            "1000",
+        ],
+    )
+}
+
 /// The `metric …` lines a daemon logs as it exits.
 fn exit_metric(log: &str, family_and_labels: &str) -> u64 {
     log.lines()
@@ -116,19 +133,7 @@ fn sigterm_drains_in_flight_connections_then_stays_fail_closed() {
     // --- The source's daemon drains: one transfer finishes, one outlives the deadline. ---
     let before = opened(&t, 0);
     let mut transfer = t.connect_in_background("client", &sink_addr, &["--send", FIFTY_MB]);
-    // 400 pieces of 1000 bytes every 100 ms: 40 s, longer than the drain.
-    let mut slow = t.connect_in_background(
-        "client",
-        VIP,
-        &[
-            "--send",
-            "400000",
-            "--pace-ms",
-            "100",
-            "--piece-bytes",
-            "1000",
-        ],
-    );
+    let mut slow = slow_connection(&t);
     t.wait_metric(
         0,
         "nodemesh_tcp_connections_opened_total",
@@ -216,18 +221,7 @@ fn sigterm_drains_in_flight_connections_then_stays_fail_closed() {
     // --- A second signal ends a drain at once. ---
     t.start_daemon(0);
     let before = opened(&t, 0);
-    let mut held = t.connect_in_background(
-        "client",
-        VIP,
-        &[
-            "--send",
-            "400000",
-            "--pace-ms",
-            "100",
-            "--piece-bytes",
-            "1000",
-        ],
-    );
+    let mut held = slow_connection(&t);
     t.wait_metric(
         0,
         "nodemesh_tcp_connections_opened_total",
@@ -251,16 +245,7 @@ fn sigterm_drains_in_flight_connections_then_stays_fail_closed() {
 
     // --- Only `mesh-daemon uninstall` lets pods go direct, and it leaves nothing. ---
     t.daemon(1).terminate(Duration::from_secs(20));
-    let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
-    println!("{}", nodemesh_tests::uninstall(&root));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        loaded_mesh_programs(),
-        Vec::<String>::new(),
-        "programs left"
-    );
-    let maps = nodemesh_tests::sh("bpftool", &["map", "show"]);
-    assert!(!maps.contains("NM_"), "maps left:\n{maps}");
+    t.uninstall_and_check_nothing_is_left();
     let (ok, out) = t.connect("client", &format!("{server_ip}:7000"), &["--send", "1000"]);
     assert!(
         ok && out.contains("echo=ok"),
