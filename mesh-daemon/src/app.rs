@@ -258,7 +258,8 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
             info!(?took, "drained: every connection finished")
         }
         Some(drain::Outcome::Deadline { open }) => warn!(
-            reset = open,
+            reset = metrics.drain_connections.with_label_values(&["reset"]).get(),
+            tasks_left = open,
             timeout = ?cfg.drain_timeout,
             "drain deadline: connections still open were reset (raise --drain-timeout to give them longer)"
         ),

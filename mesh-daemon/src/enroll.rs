@@ -99,7 +99,13 @@ impl Enroller {
         }
         self.failed.retain(|id, _| desired.contains_key(id));
         for (id, (cgroup, spec, name)) in desired {
-            if self.enrolled.get(&id).is_some_and(|(_, s)| *s == spec) {
+            // Same spec and the same cgroup (a pod recreated under its name has a new one).
+            let same_cgroup = |cg: u64| crate::ebpf::cgroup::cgroup_id(&cgroup).ok() == Some(cg);
+            if self
+                .enrolled
+                .get(&id)
+                .is_some_and(|(cg, s)| *s == spec && same_cgroup(*cg))
+            {
                 continue;
             }
             match dp.enroll(&cgroup, &spec) {

@@ -79,7 +79,17 @@ pub async fn prune_caches(
     inputs: Arc<Inputs>,
     mut snapshots: tokio::sync::watch::Receiver<Arc<crate::state::Snapshot>>,
 ) {
-    while snapshots.changed().await.is_ok() {
+    loop {
+        // On every change, and every few seconds against the current snapshot: a connection
+        // still deciding on an older one may re-add an entry just after a change.
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
         let snap = snapshots.borrow_and_update().clone();
         let td = inputs.identity.trust_domain().to_string();
         let live = snap

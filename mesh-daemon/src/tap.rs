@@ -40,8 +40,8 @@ pub struct TapEvent {
     pub status: Option<u16>,
 }
 
-/// Fan-out of connection events to `/tap` followers. Costs one atomic load per connection when
-/// nobody follows.
+/// Fan-out of connection events to `/tap` followers. Costs a check of the follower count (a short
+/// lock) per connection when nobody follows.
 #[derive(Clone)]
 pub struct Tap {
     tx: broadcast::Sender<Arc<TapEvent>>,

@@ -543,6 +543,10 @@ fn stamp(path: &Path) -> Result<Stamp, CaError> {
 /// a request never parses files yet never signs on stale placement.
 struct Placement {
     stamps: (Stamp, Stamp),
+    /// A file changed within the last second when this was read: a rewrite of the same length
+    /// within one mtime tick would leave the same stamp, so this copy is not trusted (it is
+    /// read again at the next request; the "racy git" rule).
+    recent: bool,
     tokens: BTreeMap<String, String>,
     /// (node, namespace, service account) of every workload.
     identities: std::collections::HashSet<(String, String, String)>,
@@ -551,6 +555,12 @@ struct Placement {
 impl Placement {
     fn load(tokens: &Path, mesh_file: &Path) -> Result<Self, CaError> {
         let stamps = (stamp(tokens)?, stamp(mesh_file)?);
+        let fresh = |s: &Stamp| {
+            s.modified
+                .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
+                .is_none_or(|age| age < Duration::from_secs(1))
+        };
+        let recent = fresh(&stamps.0) || fresh(&stamps.1);
         let tokens = load_tokens(tokens)?;
         let mesh = meshfile::load(mesh_file).map_err(|e| CaError::BadFile {
             path: mesh_file.to_path_buf(),
@@ -569,6 +579,7 @@ impl Placement {
             .collect();
         Ok(Self {
             stamps,
+            recent,
             tokens,
             identities,
         })
@@ -733,7 +744,7 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if cached.stamps == now {
+        if cached.stamps == now && !cached.recent {
             return Ok(cached);
         }
         let fresh = Arc::new(Placement::load(&self.cfg.tokens, &self.cfg.mesh_file)?);

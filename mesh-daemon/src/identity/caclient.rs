@@ -73,7 +73,8 @@ impl CaUrl {
         if rest.contains('/') || rest.contains('@') || rest.is_empty() {
             return Err(bad());
         }
-        // `[v6]:port`, `[v6]`, `v4:port`, `name:port`, `v4`, `name`.
+        // `[v6]:port`, `[v6]`, a bare IP (v6 without brackets too), `v4:port`, `name:port`,
+        // `name`.
         let (host, port) = if let Some(r) = rest.strip_prefix('[') {
             let (h, tail) = r.split_once(']').ok_or_else(bad)?;
             match tail.strip_prefix(':') {
@@ -81,6 +82,13 @@ impl CaUrl {
                 None if tail.is_empty() => (h, None),
                 None => return Err(bad()),
             }
+        } else if rest.parse::<std::net::IpAddr>().is_ok() {
+            (rest, None)
+        } else if rest.matches(':').count() > 1 {
+            return Err(format!(
+                "CA URL {url:?}: write an IPv6 address with a port in brackets, \
+                 https://[addr]:port"
+            ));
         } else {
             match rest.rsplit_once(':') {
                 Some((h, p)) => (h, Some(p)),
@@ -150,14 +158,21 @@ impl CaClient {
         };
         let cfg = tls::ca_client_config(bundle).map_err(|e| unreachable(e.to_string()))?;
         let attempt = async {
-            let addr = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
+            let addrs: Vec<_> = tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
                 .await
                 .map_err(|e| unreachable(format!("cannot resolve {}: {e}", self.url.host)))?
-                .next()
-                .ok_or_else(|| unreachable(format!("{} has no address", self.url.host)))?;
-            let tcp = crate::socket::connect_marked(addr, self.mark, None)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
+                .collect();
+            // Every address the name resolves to, in order, until one answers.
+            let mut tcp = Err(unreachable(format!("{} has no address", self.url.host)));
+            for addr in addrs {
+                tcp = crate::socket::connect_marked(addr, self.mark, None)
+                    .await
+                    .map_err(|e| unreachable(format!("{addr}: {e}")));
+                if tcp.is_ok() {
+                    break;
+                }
+            }
+            let tcp = tcp?;
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(self.url.server_name.clone(), tcp)
                 .await
@@ -218,6 +233,7 @@ mod tests {
             ("https://10.0.0.1:9443/", "10.0.0.1", 9443),
             ("https://[fd00::1]:15012", "fd00::1", 15012),
             ("https://[fd00::1]", "fd00::1", PORT),
+            ("https://fd00::1", "fd00::1", PORT),
             (
                 "https://nodemesh-ca.nodemesh-system.svc:15012",
                 "nodemesh-ca.nodemesh-system.svc",
@@ -250,6 +266,7 @@ mod tests {
             "https://user@10.0.0.1",
             "https://bad_name!:15012",
             "https://[fd00::1",
+            "https://fd00::1:15012:x",
         ] {
             let e = CaUrl::parse(url).expect_err(url);
             assert!(e.contains("https://"), "{url}: {e}");

@@ -135,22 +135,29 @@ impl Balancer {
         self.len() == 0
     }
 
+    /// The statistics of an endpoint already known (never adds one: an endpoint pruned since
+    /// its connection picked it must not come back).
+    fn known(&self, addr: SocketAddr) -> Option<Arc<Stats>> {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+            .cloned()
+    }
+
     /// The endpoint refused or failed a connection: skip it for [`EJECT_FOR`].
     pub fn failed(&self, addr: SocketAddr) {
-        *self
-            .stats(addr)
-            .down_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + EJECT_FOR);
+        if let Some(s) = self.known(addr) {
+            *s.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + EJECT_FOR);
+        }
     }
 
     /// The endpoint accepted a connection: it is healthy again.
     pub fn succeeded(&self, addr: SocketAddr) {
-        *self
-            .stats(addr)
-            .down_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(s) = self.known(addr) {
+            *s.down_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 }
 
@@ -223,9 +230,21 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_endpoint_is_never_added_by_a_result() {
+        let b = Balancer::default();
+        let e = eps(1);
+        b.failed(e[0].addr);
+        b.succeeded(e[0].addr);
+        assert!(b.is_empty(), "a pruned endpoint must not come back");
+    }
+
+    #[test]
     fn failed_endpoint_is_skipped_until_it_recovers() {
         let b = Balancer::default();
         let e = eps(2);
+        // Both known (picked once), then the first fails a connection.
+        let _ = b.pick(&e);
+        let _ = b.pick(&e);
         b.failed(e[0].addr);
         for _ in 0..20 {
             assert_eq!(b.pick(&e).expect("pick").0.addr, e[1].addr);

@@ -115,7 +115,17 @@ impl AsyncWrite for H2Stream {
             match ready!(me.send.poll_capacity(cx)) {
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                // The stream is no longer open for sending: a peer's reset reads as one.
+                None => {
+                    return Poll::Ready(Err(match me.send.poll_reset(cx) {
+                        Poll::Ready(Ok(reason)) => io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("the peer reset the stream ({reason:?})"),
+                        ),
+                        Poll::Ready(Err(e)) => h2_io(e),
+                        Poll::Pending => io::ErrorKind::BrokenPipe.into(),
+                    }));
+                }
             }
         }
     }

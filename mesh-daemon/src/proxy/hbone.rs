@@ -14,7 +14,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -104,9 +104,68 @@ struct Pooled {
     generation: u64,
 }
 
-/// One pool entry. Its async lock makes opening a connection single-flight: concurrent first
-/// connections to a peer wait for one TLS handshake instead of each doing their own.
-type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+/// A failed attempt to open a connection, kept so that the callers who waited for that attempt
+/// share its outcome instead of each trying again in turn.
+struct Failure {
+    at: Instant,
+    kind: FailKind,
+    message: String,
+}
+
+#[derive(Clone, Copy)]
+enum FailKind {
+    Connect(std::io::ErrorKind),
+    Tls(&'static str),
+    Http,
+}
+
+impl Failure {
+    fn of(e: &HboneError) -> Self {
+        let kind = match e {
+            HboneError::Connect { source, .. } => FailKind::Connect(source.kind()),
+            HboneError::Tls { label, .. } => FailKind::Tls(label),
+            _ => FailKind::Http,
+        };
+        Self {
+            at: Instant::now(),
+            kind,
+            message: e.to_string(),
+        }
+    }
+
+    /// The same failure, for a caller that waited for the attempt.
+    fn error(&self, node: SocketAddr) -> HboneError {
+        let source = |k| std::io::Error::new(k, self.message.clone());
+        match self.kind {
+            FailKind::Connect(k) => HboneError::Connect {
+                node,
+                source: source(k),
+            },
+            FailKind::Tls(label) => HboneError::Tls {
+                node,
+                label,
+                source: source(std::io::ErrorKind::Other),
+            },
+            FailKind::Http => HboneError::Connect {
+                node,
+                source: source(std::io::ErrorKind::ConnectionAborted),
+            },
+        }
+    }
+}
+
+/// One pool entry: the connection, or how the last attempt to open one failed.
+#[derive(Default)]
+struct SlotState {
+    pooled: Option<Pooled>,
+    failure: Option<Failure>,
+}
+
+/// One pool entry behind an async lock, which makes opening a connection single-flight:
+/// concurrent first connections to a peer wait for one TLS handshake instead of each doing their
+/// own, and share its failure when it fails (a peer that does not answer costs them one connect
+/// timeout together, not one each in turn).
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 /// Pooled mTLS HTTP/2 connections to other nodes' HBONE listeners.
 pub struct Client {
@@ -242,20 +301,28 @@ impl Client {
             .entry(key.clone())
             .or_default()
             .clone();
-        let mut pooled = slot.lock().await;
-        if let Some(p) = pooled.as_ref()
+        let waiting_since = Instant::now();
+        let mut state = slot.lock().await;
+        if let Some(p) = state.pooled.as_ref()
             && Arc::ptr_eq(&p.svid, &svid)
             && Some(p.generation) != failed
         {
             return Ok((p.sender.clone(), p.generation));
         }
+        if let Some(f) = &state.failure
+            && f.at >= waiting_since
+        {
+            // The attempt this caller waited for failed: the same answer, at once.
+            return Err(f.error(node));
+        }
         let sender = match self.open(key).await {
             Ok(s) => s,
             Err(e) => {
+                state.failure = Some(Failure::of(&e));
                 // Nothing pooled under this key: drop the empty slot, so peers that never
                 // answer leave no entry behind.
-                if pooled.is_none() {
-                    drop(pooled);
+                if state.pooled.is_none() {
+                    drop(state);
                     self.forget_empty(key, &slot);
                 }
                 return Err(e);
@@ -264,7 +331,8 @@ impl Client {
         let generation = self
             .opened
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        *pooled = Some(Pooled {
+        state.failure = None;
+        state.pooled = Some(Pooled {
             sender: sender.clone(),
             svid,
             generation,
@@ -330,7 +398,7 @@ impl Client {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool
             .get(key)
-            .is_some_and(|s| Arc::ptr_eq(s, slot) && s.try_lock().is_ok_and(|g| g.is_none()))
+            .is_some_and(|s| Arc::ptr_eq(s, slot) && s.try_lock().is_ok_and(|g| g.pooled.is_none()))
         {
             pool.remove(key);
         }

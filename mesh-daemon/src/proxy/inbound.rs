@@ -126,6 +126,9 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
     // On drain: GOAWAY (the peer opens no new streams here), streams in flight carry on, and the
     // connection ends with its last stream; at the deadline it ends regardless.
     let mut goaway_sent = false;
+    // Tunnels of this connection still running: once GOAWAY is out and none is left, the
+    // connection ends without waiting for the peer to acknowledge (a dead peer never would).
+    let active = Arc::new(());
     loop {
         let next = tokio::select! {
             biased;
@@ -133,6 +136,12 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
             () = inputs.drain.draining(), if !goaway_sent => {
                 conn.graceful_shutdown();
                 goaway_sent = true;
+                continue;
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)), if goaway_sent => {
+                if Arc::strong_count(&active) == 1 {
+                    break;
+                }
                 continue;
             }
             next = conn.accept() => next,
@@ -143,7 +152,11 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
                 let inputs = inputs.clone();
                 let peer = peer.clone();
                 let drain = inputs.drain.clone();
-                drain.spawn(async move { tunnel(inputs, peer, req, respond).await });
+                let running = active.clone();
+                drain.spawn(async move {
+                    tunnel(inputs, peer, req, respond).await;
+                    drop(running);
+                });
             }
             Err(e) => {
                 if !e.is_go_away() && !e.is_io() {
