@@ -13,9 +13,7 @@
 //! peer without counting against the sender's receive buffer, so TCP alone would not push back on
 //! a fast client with a slow server: when the count reaches the daemon's limit
 //! (`NM_SPLICE_CONTROL`), the cookie goes out on `NM_SPLICE_EVENTS`, and the daemon measures the
-//! backlog and pauses the direction if it is too big. Until it has looked, nothing more is moved:
-//! segments past the limit are passed to the socket like a paused direction's, so the bound does
-//! not depend on how fast the daemon answers.
+//! backlog and pauses the direction if it is too big.
 //!
 //! A paused direction is not taken out of `NM_SPLICE`: a verdict detached while a segment is on
 //! its way through it drops that segment (the kernel applies "drop" when it finds no program), and
@@ -63,12 +61,8 @@ fn try_splice(ctx: &SkBuffContext) -> u32 {
         .copied()
         .unwrap_or_default();
     // Move only when everything passed before is across: the daemon wrote it to the peer before
-    // it said so, and this segment goes after it in the peer's send queue. And move nothing past
-    // the limit the daemon set until it has looked: what arrives meanwhile is passed to this
-    // socket (charged to its receive buffer, so TCP pushes back), so the kernel never holds more
-    // than the window for a slow receiver, however late the daemon's look comes.
-    let under_limit = ctl.limit == 0 || c.moved + c.passed < ctl.limit;
-    let kernel = ctl.paused == 0 && c.passed == ctl.relayed && under_limit;
+    // it said so, and this segment goes after it in the peer's send queue.
+    let kernel = ctl.paused == 0 && c.passed == ctl.relayed;
     let mut key = cookie;
     if kernel && SPLICE_PEER.redirect_skb(ctx, &mut key, 0) == i64::from(SK_PASS) {
         c.moved += len;

@@ -384,9 +384,7 @@ fn look(
         maps.control(dir.from, dir.ctl);
         return Ok(());
     }
-    // What waits for the receiver: moved bytes it has not taken, and bytes the verdict passed
-    // (past its limit, before this look) that this task has not relayed yet.
-    let left = backlog(maps, dir, to)? + c.passed.saturating_sub(dir.ctl.relayed);
+    let left = backlog(maps, dir, to)?;
     if left <= window {
         dir.ctl.limit = arrived + (window - left).max(1);
         maps.control(dir.from, dir.ctl);
