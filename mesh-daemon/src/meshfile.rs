@@ -35,6 +35,16 @@
 //!       - principals: [spiffe://cluster.local/ns/demo/sa/client-sa]
 //!       - namespaces: [monitoring]
 //!     ports: [7000]             # destination ports (empty: all)
+//! httpRoutes:                   # Gateway API HTTPRoutes attached to a Service (GAMMA)
+//!   - name: echo-split
+//!     namespace: demo
+//!     spec:                     # an HTTPRoute's spec, field for field
+//!       parentRefs: [{ kind: Service, name: echo, port: 80 }]
+//!       rules:
+//!         - matches: [{ path: { type: PathPrefix, value: /api } }]
+//!           backendRefs: [{ name: echo-v1, port: 80, weight: 90 }, { name: echo-v2, port: 80, weight: 10 }]
+//!           timeouts: { request: 5s }
+//! grpcRoutes: []                # the same, with a GRPCRoute's spec
 //! ```
 
 use std::{
@@ -49,8 +59,9 @@ use serde::Deserialize;
 /// Nodes, proxy modes and policies have one shape in every source; the mesh file reads them as
 /// the desired model defines them.
 pub use crate::state::desired::{NodeSpec, PolicyAction, PolicySource, PolicySpec, ProxyMode};
+use crate::state::routes::{RouteDesc, RouteKind};
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshFile {
     #[serde(default)]
@@ -61,6 +72,24 @@ pub struct MeshFile {
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
     pub authorization_policies: Vec<PolicySpec>,
+    /// Gateway API HTTPRoutes attached to services (GAMMA); `spec` is an HTTPRoute's spec.
+    #[serde(default)]
+    pub http_routes: Vec<RouteSpec>,
+    /// Gateway API GRPCRoutes attached to services; `spec` is a GRPCRoute's spec.
+    #[serde(default)]
+    pub grpc_routes: Vec<RouteSpec>,
+    /// `httpRoutes` and `grpcRoutes` read into the upstream types (filled in by [`parse`]).
+    #[serde(skip)]
+    pub routes: Vec<RouteDesc>,
+}
+
+/// A route as the mesh file holds it: a Kubernetes object's name, namespace and `spec`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteSpec {
+    pub name: String,
+    pub namespace: String,
+    pub spec: serde_norway::Value,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -145,7 +174,7 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshFile, MeshFileError> {
         line,
         message,
     };
-    let file: MeshFile = if text.trim().is_empty() {
+    let mut file: MeshFile = if text.trim().is_empty() {
         MeshFile::default()
     } else {
         serde_norway::from_str(text).map_err(|e| {
@@ -156,14 +185,14 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshFile, MeshFileError> {
             err(line, msg)
         })?
     };
-    validate(&file)
+    validate(&mut file)
         .map_err(|(section, needle, message)| err(line_of(text, section, &needle), message))?;
     Ok(file)
 }
 
 /// Checks what the YAML schema cannot: references and uniqueness. An error is
 /// (section, text to find its line by, message).
-fn validate(f: &MeshFile) -> Result<(), (&'static str, String, String)> {
+fn validate(f: &mut MeshFile) -> Result<(), (&'static str, String, String)> {
     let mut node_names = HashSet::new();
     let mut addrs = HashSet::new();
     for n in &f.nodes {
@@ -347,7 +376,115 @@ fn validate(f: &MeshFile) -> Result<(), (&'static str, String, String)> {
             ));
         }
     }
+    f.routes = read_routes(f)?;
+    crate::state::routes::compile(&f.routes, |ns, name| {
+        f.services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
+            .map(|s| crate::state::routes::ServiceRef {
+                namespace: &s.namespace,
+                name: &s.name,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| (p.port, std::net::SocketAddr::new(IpAddr::V4(s.vip), p.port)))
+                    .collect(),
+            })
+    })
+    .map_err(|m| {
+        // The message starts with the route's kind and namespace/name: find its line by name.
+        let section = if m.starts_with("GRPCRoute") {
+            "grpcRoutes"
+        } else {
+            "httpRoutes"
+        };
+        let name = m
+            .split_once(' ')
+            .and_then(|(_, rest)| rest.split_once(':'))
+            .and_then(|(id, _)| id.split_once('/'))
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_default();
+        (section, format!("name: {name}"), m)
+    })?;
     Ok(())
+}
+
+/// The routes' `spec`s read into the upstream Gateway API types. Those types accept unknown
+/// fields, so a misspelt one (`matchs:`) is found by reading the spec back and comparing: a
+/// route that silently matched everything would be worse than an error.
+fn read_routes(f: &MeshFile) -> Result<Vec<RouteDesc>, (&'static str, String, String)> {
+    let mut out = Vec::new();
+    for (section, kind, list) in [
+        ("httpRoutes", "HTTPRoute", &f.http_routes),
+        ("grpcRoutes", "GRPCRoute", &f.grpc_routes),
+    ] {
+        for r in list {
+            let id = format!("{kind} {}/{}", r.namespace, r.name);
+            let at = format!("name: {}", r.name);
+            name_ok("route", &r.name).map_err(|m| (section, at.clone(), m))?;
+            name_ok("namespace", &r.namespace).map_err(|m| (section, at.clone(), m))?;
+            let bad = |e: String| (section, at.clone(), format!("{id}: spec: {e}"));
+            let (kind, back) = if section == "httpRoutes" {
+                let spec: gateway_api::experimental::httproutes::HttpRouteSpec =
+                    serde_norway::from_value(r.spec.clone()).map_err(|e| bad(e.to_string()))?;
+                let back = serde_norway::to_value(&spec).map_err(|e| bad(e.to_string()))?;
+                (RouteKind::Http(Box::new(spec)), back)
+            } else {
+                let spec: gateway_api::grpcroutes::GrpcRouteSpec =
+                    serde_norway::from_value(r.spec.clone()).map_err(|e| bad(e.to_string()))?;
+                let back = serde_norway::to_value(&spec).map_err(|e| bad(e.to_string()))?;
+                (RouteKind::Grpc(Box::new(spec)), back)
+            };
+            if let Some(path) = unknown_field(&r.spec, &back, String::new()) {
+                return Err(bad(format!(
+                    "unknown field `{path}`; see the Gateway API {} reference for the fields",
+                    if section == "httpRoutes" {
+                        "HTTPRoute"
+                    } else {
+                        "GRPCRoute"
+                    }
+                )));
+            }
+            out.push(RouteDesc {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                kind,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The first key of `given` that did not survive reading into the typed spec (`back`).
+fn unknown_field(
+    given: &serde_norway::Value,
+    back: &serde_norway::Value,
+    at: String,
+) -> Option<String> {
+    use serde_norway::Value;
+    match (given, back) {
+        (Value::Mapping(g), Value::Mapping(b)) => g.iter().find_map(|(k, v)| {
+            let name = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
+            let path = if at.is_empty() {
+                name
+            } else {
+                format!("{at}.{name}")
+            };
+            match b.get(k) {
+                Some(bv) => unknown_field(v, bv, path),
+                // an explicit null reads back as absent
+                None if v.is_null() => None,
+                None => Some(path),
+            }
+        }),
+        (Value::Sequence(g), Value::Sequence(b)) => g
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (gv, bv))| unknown_field(gv, bv, format!("{at}[{i}]"))),
+        (Value::Tagged(g), _) => unknown_field(&g.value, back, at),
+        _ => None,
+    }
 }
 
 fn name_ok(what: &str, name: &str) -> Result<(), String> {
@@ -387,6 +524,45 @@ fn line_of(text: &str, section: &str, needle: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_are_read_checked_and_named_by_line() {
+        let base = format!(
+            "{GOOD}  - name: echo-v2\n    namespace: demo\n    vip: 10.96.0.12\n    ports: [{{ port: 80, targetPort: 7000 }}]\n    selector: {{ app: echo }}\n"
+        );
+        let with = |spec: &str| {
+            format!("{base}httpRoutes:\n  - name: split\n    namespace: demo\n    spec:\n{spec}")
+        };
+        let good = with(
+            "      parentRefs: [{ kind: Service, name: echo, port: 80 }]\n      rules:\n        - backendRefs: [{ name: echo, port: 80, weight: 90 }, { name: echo-v2, port: 80, weight: 10 }]\n",
+        );
+        let f = parse(Path::new("m.yaml"), &good).expect("good routes");
+        assert_eq!(f.routes.len(), 1);
+        let typo = with(
+            "      parentRefs: [{ kind: Service, name: echo }]\n      rules:\n        - matchs: [{ path: { value: /x } }]\n",
+        );
+        let e = parse(Path::new("m.yaml"), &typo).expect_err("typo");
+        assert!(e.message.contains("unknown field `rules[0].matchs`"), "{e}");
+        let line = good
+            .lines()
+            .position(|l| l.contains("name: split"))
+            .map(|i| i + 1);
+        assert_eq!(e.line, line, "{e}");
+        let bad_regex = with(
+            "      parentRefs: [{ kind: Service, name: echo }]\n      rules:\n        - matches: [{ path: { type: RegularExpression, value: '[' } }]\n",
+        );
+        let e = parse(Path::new("m.yaml"), &bad_regex).expect_err("regex");
+        assert!(
+            e.message.contains("HTTPRoute demo/split") && e.message.contains("invalid"),
+            "{e}"
+        );
+        assert_eq!(e.line, line, "{e}");
+        let unknown_backend = with(
+            "      parentRefs: [{ kind: Service, name: echo }]\n      rules:\n        - backendRefs: [{ name: echo-v9, port: 80 }]\n",
+        );
+        let e = parse(Path::new("m.yaml"), &unknown_backend).expect_err("backend");
+        assert!(e.message.contains("demo/echo-v9"), "{e}");
+    }
 
     const GOOD: &str = "\
 nodes:

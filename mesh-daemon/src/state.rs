@@ -9,6 +9,7 @@
 //! with a departed workload's id cannot be attributed to a newcomer.
 
 pub mod desired;
+pub mod routes;
 
 use std::{
     collections::HashMap,
@@ -138,8 +139,10 @@ pub struct Snapshot {
     pub services: HashMap<SocketAddr, Arc<Service>>,
     /// L4 authorization policies, enforced where the destination runs.
     pub policies: Vec<PolicySpec>,
-    /// Routes attached to services (the L7 work; none yet).
+    /// Routes attached to services, as the source gave them (for `/config_dump`).
     pub routes: Vec<RouteDesc>,
+    /// The same routes compiled, keyed by the VIP:port of the service port they attach to.
+    pub route_tables: HashMap<SocketAddr, Arc<routes::RouteTable>>,
 }
 
 impl Snapshot {
@@ -347,6 +350,21 @@ impl State {
                 );
             }
         }
+        snap.route_tables = routes::compile(&desired.routes, |ns, name| {
+            desired
+                .services
+                .iter()
+                .find(|s| s.namespace == ns && s.name == name)
+                .map(|s| routes::ServiceRef {
+                    namespace: &s.namespace,
+                    name: &s.name,
+                    ports: s
+                        .ports
+                        .iter()
+                        .map(|p| (p.port, SocketAddr::new(IpAddr::V4(s.vip), p.port)))
+                        .collect(),
+                })
+        })?;
         Ok(snap)
     }
 }

@@ -64,7 +64,7 @@ pub fn to_desired(f: &MeshFile) -> Desired {
             })
             .collect(),
         policies: f.authorization_policies.clone(),
-        routes: Vec::new(),
+        routes: f.routes.clone(),
     }
 }
 

@@ -10,14 +10,16 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::routes::{RouteDesc, RouteKind};
+
 /// Everything a source says the mesh holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
     pub nodes: Vec<NodeSpec>,
     pub workloads: Vec<WorkloadDesc>,
     pub services: Vec<ServiceDesc>,
     pub policies: Vec<PolicySpec>,
-    /// HTTPRoute/GRPCRoute attached to services (the L7 work fills these in; none yet).
+    /// HTTPRoute/GRPCRoute attached to services (GAMMA), with the upstream `spec` types.
     pub routes: Vec<RouteDesc>,
 }
 
@@ -155,17 +157,6 @@ impl AppProtocol {
             )),
         }
     }
-}
-
-/// A route attached to a service (Gateway API GAMMA: a Service as parentRef). A placeholder for
-/// the L7 work: it names the route and its service, and nothing reads it yet.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RouteDesc {
-    pub namespace: String,
-    pub name: String,
-    /// The service (namespace/name) the route is attached to.
-    pub service: String,
 }
 
 /// An L4 authorization policy (the project's AuthorizationPolicy CRD will carry the same).
