@@ -173,6 +173,9 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
         tap: tap.clone(),
         splice,
         drain: drain.clone(),
+        l7: Default::default(),
+        l7_enabled: cfg.l7 == OnOff::On,
+        detect_timeout: cfg.detect_timeout,
     });
     let ebpf: admin::EbpfDump = {
         // Weak: the admin thread must not keep the programs alive past the daemon.

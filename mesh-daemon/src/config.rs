@@ -127,6 +127,16 @@ pub struct RunArgs {
     /// at once. Kubernetes' terminationGracePeriodSeconds should exceed it.
     #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "30s", value_parser = identity::parse_duration)]
     pub drain_timeout: Duration,
+    /// L7 on service ports: HTTP/1.1 and HTTP/2 (gRPC) connections are served per request
+    /// (routes, per-request balancing, request metrics); other protocols stay L4. Off: every
+    /// connection is relayed as bytes.
+    #[arg(long, env = "NODEMESH_L7", value_enum, default_value = "on")]
+    pub l7: OnOff,
+    /// How long protocol detection waits for a client's first bytes on a service port without
+    /// `appProtocol`. The upstream is connected in parallel after 5 ms, so a server that speaks
+    /// first (MySQL, SMTP) is never held back; a client silent for this long is relayed as TCP.
+    #[arg(long, env = "NODEMESH_DETECT_TIMEOUT", default_value = "100ms", value_parser = identity::parse_duration)]
+    pub detect_timeout: Duration,
 }
 
 /// `4096`, `64KiB`, `4MiB`: a size in bytes (at least 16 KiB, at most 1 GiB).
@@ -208,6 +218,9 @@ pub struct Config {
     pub splice_window: u64,
     #[serde(serialize_with = "seconds")]
     pub drain_timeout: Duration,
+    pub l7: OnOff,
+    #[serde(serialize_with = "seconds")]
+    pub detect_timeout: Duration,
     /// Derived: where local pods are reached from (the node's meshSource; a sidecar: 127.0.0.6).
     pub mesh_source: Ipv4Addr,
     /// Derived: which workloads this daemon serves.
@@ -249,6 +262,13 @@ impl RunArgs {
                 "--admin {} is not a loopback address; the admin port must stay on the node \
                  (127.0.0.1)",
                 self.admin
+            ));
+        }
+        if self.detect_timeout.is_zero() || self.detect_timeout > Duration::from_secs(10) {
+            return conflict(format!(
+                "--detect-timeout {:?} must be above 0 and at most 10s; clients that are silent \
+                 longer are relayed as TCP (set appProtocol on the service port to skip detection)",
+                self.detect_timeout
             ));
         }
         if self.drain_timeout > Duration::from_secs(3600) {
@@ -362,6 +382,8 @@ impl RunArgs {
             sockmap: self.sockmap,
             splice_window: self.splice_window,
             drain_timeout: self.drain_timeout,
+            l7: self.l7,
+            detect_timeout: self.detect_timeout,
             mesh_source,
             scope,
             node_spec,

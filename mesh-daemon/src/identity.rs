@@ -199,12 +199,22 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let n: u64 = n
         .parse()
         .map_err(|_| format!("{s:?} does not start with a number; write e.g. 90s, 1m, 24h"))?;
+    if unit == "ms" {
+        if n == 0 {
+            return Err(format!("{s:?} is zero; give a positive duration"));
+        }
+        return Ok(std::time::Duration::from_millis(n));
+    }
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+            ));
+        }
     };
     if secs == 0 {
         return Err(format!("{s:?} is zero; give a positive duration"));

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub protocol_detections: IntCounterVec,
+    /// HTTP connections that ended in a protocol error (malformed, headers too large, header
+    /// timeout), by reason.
+    pub http_errors: IntCounterVec,
 }
 
 /// Labels of the request families, in this order.
@@ -225,7 +228,7 @@ impl Metrics {
             ),
             requests: vec(
                 "requests_total",
-                "HTTP/gRPC requests through the proxy (filled in by the L7 work)",
+                "HTTP/gRPC requests through the proxy",
                 &REQUEST_LABELS,
             ),
             request_duration: reg(
@@ -233,7 +236,7 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "request_duration_seconds",
-                        "HTTP/gRPC request latency seen by the proxy (filled in by the L7 work)",
+                        "HTTP/gRPC request latency seen by the proxy, to the response's headers",
                     )
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -245,8 +248,14 @@ impl Metrics {
             ),
             protocol_detections: vec(
                 "protocol_detections_total",
-                "Outbound protocol detection results, by protocol (filled in by the L7 work)",
-                &["protocol"],
+                "Outbound connections to service ports by protocol (http1, h2, opaque) and how it \
+                 was known (detected, timeout, server_first, closed, app_protocol)",
+                &["protocol", "how"],
+            ),
+            http_errors: vec(
+                "http_errors_total",
+                "HTTP connections that ended in a protocol error, by reason",
+                &["reporter", "reason"],
             ),
             registry,
         }

@@ -3,13 +3,16 @@
 //! source address, and relaying bytes with half-close and reset carried end to end.
 
 pub mod balance;
+pub mod detect;
 pub mod h2;
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
 pub mod route;
 pub mod splice;
+pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -33,6 +36,12 @@ pub struct Inputs {
     pub splice: Option<Arc<crate::ebpf::loader::SpliceMaps>>,
     /// Connection tasks, and the signal to stop accepting and, later, to reset what is open.
     pub drain: crate::drain::Drain,
+    /// L7: balancers and pooled endpoint connections.
+    pub l7: http::L7,
+    /// Whether service ports are served at L7 (`--l7`); off: every connection is L4.
+    pub l7_enabled: bool,
+    /// How long detection waits for a client's first bytes (`--detect-timeout`).
+    pub detect_timeout: Duration,
 }
 
 impl Inputs {
@@ -110,6 +119,8 @@ pub async fn prune_caches(
             .filter_map(|w| snap.proxy_for(w))
             .collect();
         inputs.hbone.retain(&sources, &destinations, &proxies);
+        let local_ids = snap.local_workloads().map(|w| w.id).collect();
+        inputs.l7.retain(&live, &local_ids);
     }
 }
 

@@ -66,6 +66,8 @@ pub struct ServiceSpec {
     pub port: u16,
     pub target_port: u16,
     pub app: String,
+    /// The port's `appProtocol` (None: detected).
+    pub app_protocol: Option<&'static str>,
 }
 
 impl ServiceSpec {
@@ -76,7 +78,13 @@ impl ServiceSpec {
             port,
             target_port,
             app: app.into(),
+            app_protocol: None,
         }
+    }
+
+    pub fn app_protocol(mut self, p: &'static str) -> Self {
+        self.app_protocol = Some(p);
+        self
     }
 }
 
@@ -343,8 +351,15 @@ impl Topology {
         for s in services {
             let _ = writeln!(
                 y,
-                "  - name: {}\n    namespace: demo\n    vip: {}\n    ports: [{{ port: {}, targetPort: {} }}]\n    selector: {{ app: {} }}",
-                s.name, s.vip, s.port, s.target_port, s.app
+                "  - name: {}\n    namespace: demo\n    vip: {}\n    ports: [{{ port: {}, targetPort: {}{} }}]\n    selector: {{ app: {} }}",
+                s.name,
+                s.vip,
+                s.port,
+                s.target_port,
+                s.app_protocol
+                    .map(|p| format!(", appProtocol: {p}"))
+                    .unwrap_or_default(),
+                s.app
             );
         }
         y

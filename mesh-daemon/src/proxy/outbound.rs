@@ -13,14 +13,19 @@ use std::{
     time::Duration,
 };
 
+use bytes::BytesMut;
 use mesh_common::{AF_INET, ConnKey};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
 use tracing::{debug, info, warn};
 
 use super::{
     Hop, Inputs,
     balance::Outstanding,
-    hbone,
+    detect::{self, How, Protocol},
+    hbone, http,
     relay::relay,
     route::{self, Destination, Route},
 };
@@ -129,8 +134,53 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     };
     let (src, orig) = (admitted.source, admitted.orig);
     let _ = client.set_nodelay(true);
+    let mut client = client;
+    let destination = route::resolve(&snap, orig);
+    // L7: a service port that speaks HTTP is served per request (its appProtocol says, or its
+    // first bytes do). Bytes read while detecting are replayed to whichever path takes them.
+    let mut early = BytesMut::new();
+    let mut keep_detecting = false;
+    if let Destination::Service(svc) = &destination
+        && inputs.l7_enabled
+    {
+        use crate::state::desired::AppProtocol;
+        let hinted = match svc.protocol {
+            Some(AppProtocol::Tcp) => Some(Protocol::Opaque),
+            Some(AppProtocol::Http) => Some(Protocol::Http1),
+            Some(AppProtocol::H2c | AppProtocol::Grpc) => Some(Protocol::Http2),
+            None => None,
+        };
+        let known = match hinted {
+            Some(p) => Some((p, How::AppProtocol)),
+            None => {
+                let grace = detect::GRACE.min(inputs.detect_timeout);
+                match tokio::time::timeout(grace, detect::read_until_known(&mut client, &mut early))
+                    .await
+                {
+                    Ok(Ok(known)) => Some(known),
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "client failed before its protocol was known");
+                        return;
+                    }
+                    // Silent so far: connect the upstream in parallel and keep listening.
+                    Err(_) => {
+                        keep_detecting = true;
+                        None
+                    }
+                }
+            }
+        };
+        if let Some((protocol, how)) = known {
+            count_detection(&inputs, protocol, how);
+            if protocol != Protocol::Opaque {
+                drop(snap);
+                serve_http(&inputs, client, early, &src, orig, protocol).await;
+                return;
+            }
+        }
+    }
     // The destination, then (for a service) the endpoint, then the route to it.
-    let (target, picked) = match route::resolve(&snap, orig) {
+    let (target, picked) = match destination {
         Destination::Service(svc) => match inputs.balancer.pick(&svc.endpoints) {
             Some((ep, guard)) => (ep.addr, Some((ep.addr, guard))),
             None => {
@@ -200,7 +250,6 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         bytes,
         reason,
     };
-    let mut client = client;
     let result = match decision {
         Route::Refuse(reason) => {
             warn!(%peer, dst = %orig, reason, "no route for captured connection");
@@ -214,6 +263,18 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             match crate::socket::connect_marked(target, inputs.proxy_mark, source).await {
                 Ok(mut upstream) => {
                     mark_endpoint(&inputs, &picked, true);
+                    if keep_detecting
+                        && let Some(protocol) =
+                            keep_listening(&inputs, &mut client, &mut early, &mut upstream).await
+                    {
+                        drop(upstream);
+                        serve_http(&inputs, client, early, &src, orig, protocol).await;
+                        return;
+                    }
+                    if let Err(e) = replay(&mut client, &mut early, &mut upstream).await {
+                        debug!(%peer, error = %e, "connection failed while replaying its first bytes");
+                        return;
+                    }
                     inputs.metrics.opened(&labels);
                     inputs.tap("open", &labels, hop(None, None));
                     match inputs.splice.as_deref().filter(|_| local) {
@@ -250,6 +311,18 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             match inputs.hbone.connect(via, target, ends).await {
                 Ok(mut tunnel) => {
                     mark_endpoint(&inputs, &picked, true);
+                    if keep_detecting
+                        && let Some(protocol) =
+                            keep_listening(&inputs, &mut client, &mut early, &mut tunnel).await
+                    {
+                        drop(tunnel);
+                        serve_http(&inputs, client, early, &src, orig, protocol).await;
+                        return;
+                    }
+                    if let Err(e) = replay(&mut client, &mut early, &mut tunnel).await {
+                        debug!(%peer, error = %e, "connection failed while replaying its first bytes");
+                        return;
+                    }
                     inputs.metrics.opened(&labels);
                     inputs.tap("open", &labels, hop(None, None));
                     relay(&mut client, &mut tunnel, inputs.drain.deadline()).await
@@ -276,6 +349,79 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         hop(result.as_ref().ok().copied(), err.as_deref()),
     );
     drop(picked);
+}
+
+fn count_detection(inputs: &Inputs, protocol: Protocol, how: How) {
+    inputs
+        .metrics
+        .protocol_detections
+        .with_label_values(&[protocol.label(), how.label()])
+        .inc();
+}
+
+/// Serves a connection at L7 (see [`http`]).
+async fn serve_http(
+    inputs: &Arc<Inputs>,
+    client: TcpStream,
+    early: BytesMut,
+    src: &Arc<crate::state::Workload>,
+    service: SocketAddr,
+    protocol: Protocol,
+) {
+    let td = inputs.identity.trust_domain().to_string();
+    info!(source = %src.display(), dst = %service, protocol = protocol.label(), "captured connection served at L7");
+    let c = http::Client {
+        source: src.clone(),
+        source_id: src.identity(&td),
+        service,
+        protocol,
+    };
+    http::serve(
+        inputs.clone(),
+        super::upstream::Prefixed::new(early, client),
+        c,
+    )
+    .await;
+}
+
+/// Detection goes on after the upstream is connected (the client was silent through the
+/// grace period): the client's bytes, the upstream's greeting (a server-first protocol, relayed
+/// at once) or the timeout decide. `Some`: the client speaks HTTP, and L7 takes it over.
+async fn keep_listening<U: AsyncRead + AsyncWrite + Unpin>(
+    inputs: &Inputs,
+    client: &mut TcpStream,
+    early: &mut BytesMut,
+    upstream: &mut U,
+) -> Option<Protocol> {
+    let mut greeting = BytesMut::with_capacity(4096);
+    let remaining = inputs.detect_timeout.saturating_sub(detect::GRACE);
+    let (protocol, how) = tokio::select! {
+        r = detect::read_until_known(client, early) => r.unwrap_or((Protocol::Opaque, How::Closed)),
+        _ = upstream.read_buf(&mut greeting) => (Protocol::Opaque, How::ServerFirst),
+        () = tokio::time::sleep(remaining) => (Protocol::Opaque, How::Timeout),
+    };
+    count_detection(inputs, protocol, how);
+    if protocol != Protocol::Opaque {
+        return Some(protocol);
+    }
+    if !greeting.is_empty() && client.write_all(&greeting).await.is_err() {
+        // The relay finds the client gone next.
+        debug!("client gone before the server's greeting reached it");
+    }
+    None
+}
+
+/// Sends the bytes detection read on to the upstream, before the relay takes over.
+async fn replay<U: AsyncWrite + Unpin>(
+    _client: &mut TcpStream,
+    early: &mut BytesMut,
+    upstream: &mut U,
+) -> std::io::Result<()> {
+    if !early.is_empty() {
+        upstream.write_all(early).await?;
+        early.clear();
+    }
+    Ok(())
 }
 
 /// Same node with `--sockmap on`: the kernel splices the two sockets; user space relays only when

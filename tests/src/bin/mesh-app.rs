@@ -41,6 +41,42 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         delay_ms: u64,
     },
+    /// HTTP/1.1 and h2c on one port: every response says who served it (`x-served-by: NAME` and
+    /// the body), after `--delay-ms`.
+    HttpServer {
+        addr: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// A server-speaks-first protocol (as SMTP or MySQL): greets each connection with
+    /// `220 NAME ready`, then echoes.
+    GreetServer {
+        addr: SocketAddr,
+        #[arg(long, default_value = "server")]
+        name: String,
+    },
+    /// Connects and waits for the server's greeting without sending anything; prints
+    /// `first_byte_ms=N greeting=...`.
+    AwaitGreeting { addr: SocketAddr },
+    /// HTTP/2 (h2c, prior knowledge) client on ONE connection: `--requests` GETs of
+    /// `/PREFIX<i>`, `--concurrency` at a time (hyper's client; curl 7.88 cannot multiplex against
+    /// hyper servers). Prints `ok=N errors=E served=name:count,...`.
+    H2Load {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        requests: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value = "/r")]
+        prefix: String,
+    },
+    /// Runs a program inside the pod (a real client: curl, h2load).
+    Exec {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Hold `--conns` connections open to an echo server and send a small request on one of them
     /// every `--every-ms` (round robin) for `--secs`: an idle pod with a trickle of traffic.
     Hold(HoldOpts),
@@ -109,6 +145,25 @@ fn main() -> ExitCode {
         nodemesh_tests::netns::enter(&PathBuf::from("/run/netns").join(ns));
     }
     match cli.cmd {
+        Cmd::HttpServer {
+            addr,
+            name,
+            delay_ms,
+        } => report(http_server(addr, name, Duration::from_millis(delay_ms))),
+        Cmd::GreetServer { addr, name } => report(greet_server(addr, &name)),
+        Cmd::AwaitGreeting { addr } => report(await_greeting(addr)),
+        Cmd::H2Load {
+            addr,
+            requests,
+            concurrency,
+            prefix,
+        } => report(h2_load(addr, requests, concurrency, &prefix)),
+        Cmd::Exec { argv } => {
+            use std::os::unix::process::CommandExt;
+            let e = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+            println!("error=exec {}: {e}", argv[0]);
+            ExitCode::FAILURE
+        }
         Cmd::Connect(o) => report(repeat_connect(&o)),
         Cmd::Hold(o) => report(hold(&o)),
         Cmd::EchoServer { addr }
@@ -132,6 +187,155 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn http_server(addr: SocketAddr, name: String, delay: Duration) -> std::io::Result<String> {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("listening on {addr}");
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |_req: hyper::Request<hyper::body::Incoming>| {
+                        let name = name.clone();
+                        async move {
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(
+                                format!("{name}\n"),
+                            )));
+                            if let Ok(v) = name.parse() {
+                                resp.headers_mut().insert("x-served-by", v);
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+fn h2_load(
+    addr: SocketAddr,
+    requests: usize,
+    concurrency: usize,
+    prefix: &str,
+) -> std::io::Result<String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency.max(1) {
+            let (mut sender, next, prefix) = (sender.clone(), next.clone(), prefix.to_string());
+            tasks.push(tokio::spawn(async move {
+                let mut served: std::collections::BTreeMap<String, u32> = Default::default();
+                let mut errors = 0u32;
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= requests {
+                        break;
+                    }
+                    let req = hyper::Request::get(format!("http://{addr}{prefix}{i}"))
+                        .body(Empty::<bytes::Bytes>::new())
+                        .expect("request");
+                    let r = async {
+                        sender.ready().await?;
+                        let resp = sender.send_request(req).await?;
+                        let ok = resp.status().is_success();
+                        let who = resp
+                            .headers()
+                            .get("x-served-by")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("unknown")
+                            .to_string();
+                        resp.into_body().collect().await?;
+                        Ok::<_, hyper::Error>((ok, who))
+                    }
+                    .await;
+                    match r {
+                        Ok((true, who)) => *served.entry(who).or_default() += 1,
+                        Ok((false, _)) | Err(_) => errors += 1,
+                    }
+                }
+                (served, errors)
+            }));
+        }
+        let mut served: std::collections::BTreeMap<String, u32> = Default::default();
+        let mut errors = 0;
+        for t in tasks {
+            let (s, e) = t.await.map_err(std::io::Error::other)?;
+            for (k, v) in s {
+                *served.entry(k).or_default() += v;
+            }
+            errors += e;
+        }
+        let ok: u32 = served.values().sum();
+        let list: Vec<String> = served.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        Ok(format!("ok={ok} errors={errors} served={}", list.join(",")))
+    })
+}
+
+fn greet_server(addr: SocketAddr, name: &str) -> std::io::Result<String> {
+    let listener = TcpListener::bind(addr)?;
+    println!("listening on {addr}");
+    for conn in listener.incoming() {
+        let mut s = conn?;
+        let greeting = format!("220 {name} ready\r\n");
+        std::thread::spawn(move || {
+            let _ = s.write_all(greeting.as_bytes());
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(String::new())
+}
+
+fn await_greeting(addr: SocketAddr) -> std::io::Result<String> {
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf)?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let greeting = String::from_utf8_lossy(&buf[..n]).trim().replace(' ', "_");
+    // Then it is an echo: the connection is a plain TCP one end to end.
+    s.write_all(b"ping")?;
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back)?;
+    Ok(format!(
+        "first_byte_ms={ms:.1} greeting={greeting} echo={}",
+        if &back == b"ping" { "ok" } else { "MISMATCH" }
+    ))
 }
 
 /// Prints the result line (or `error=<kind> <cause>`) and exits accordingly.

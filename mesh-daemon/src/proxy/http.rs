@@ -1,0 +1,847 @@
+//! L7 on the source side: a captured connection to a service port that speaks HTTP/1.1 or
+//! HTTP/2 (h2c, gRPC) is served here instead of relayed. Each request is routed on its own:
+//! the service's HTTPRoute/GRPCRoute rules ([`crate::state::routes`]) pick a rule, the rule's
+//! weighted backendRefs a backend service, and that service's balancer — power of two choices
+//! over peak-EWMA latency (tower's `p2c` over `PeakEwma`, as in linkerd2-proxy) — an endpoint.
+//! Requests of one client connection therefore spread over every endpoint (no gRPC
+//! one-connection imbalance).
+//!
+//! Endpoint connections are pooled per (source workload, endpoint) and reused: an HTTP/2
+//! connection multiplexes, HTTP/1.1 keeps idle connections. A remote endpoint's connection is an
+//! HBONE tunnel (mTLS with the source workload's SVID, as for L4); a local one is a TCP
+//! connection from the mesh source, authorized per request with the same policy check as L4.
+//! The request's version is kept end to end (HTTP/1.1 stays HTTP/1.1), so `Host`/`:authority`,
+//! trailers and streaming bodies pass unchanged; bodies stream, never buffered whole.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tower::{
+    Service, ServiceExt, balance::p2c::Balance, buffer::Buffer, discover::ServiceList,
+    load::PeakEwma,
+};
+use tracing::{debug, warn};
+
+use super::{
+    Inputs,
+    detect::Protocol,
+    hbone,
+    route::{self, Route},
+    upstream::{Prefixed, Upstream},
+};
+use crate::{
+    identity::Identity,
+    state::{Service as MeshService, Workload, routes},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+pub type RespBody = BoxBody<Bytes, hyper::Error>;
+type Balanced = Buffer<Request<Incoming>, BoxFuture<Result<Response<Incoming>, BoxError>>>;
+
+/// Header a refused request carries the proxy's reason in.
+pub const ERROR_HEADER: &str = "x-nodemesh-error";
+/// Largest request or response header section (a bigger one: 431).
+pub const MAX_HEADERS: usize = 64 << 10;
+/// A client has this long to send a request's headers (slowloris).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle HTTP/1.1 connections kept per endpoint and source.
+const IDLE_PER_ENDPOINT: usize = 16;
+/// Peak-EWMA: the latency assumed for an endpoint before it has answered, and how fast old
+/// samples fade.
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+const DECAY: Duration = Duration::from_secs(1);
+/// How long a connection waits for its source workload's first SVID.
+const SVID_WAIT: Duration = Duration::from_secs(5);
+
+/// Who sent a connection and which service port it was for.
+pub struct Client {
+    pub source: Arc<Workload>,
+    pub source_id: Identity,
+    /// The service's VIP:port (the connection's original destination).
+    pub service: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// The L7 caches: a balancer per (source, backend service port, protocol), and pooled
+/// connections per (source, endpoint, protocol).
+#[derive(Default)]
+pub struct L7 {
+    balancers: Mutex<HashMap<BalancerKey, (Vec<SocketAddr>, Balanced)>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct BalancerKey {
+    source: u32,
+    backend: SocketAddr,
+    h2: bool,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: u32,
+    endpoint: SocketAddr,
+    h2: bool,
+}
+
+impl L7 {
+    /// Drops balancers and pools of endpoints and sources no longer in the mesh.
+    pub fn retain(
+        &self,
+        endpoints: &std::collections::HashSet<SocketAddr>,
+        sources: &std::collections::HashSet<u32>,
+    ) {
+        lock(&self.pools)
+            .retain(|k, _| endpoints.contains(&k.endpoint) && sources.contains(&k.source));
+        lock(&self.balancers).retain(|k, (eps, _)| {
+            sources.contains(&k.source) && eps.iter().all(|e| endpoints.contains(e))
+        });
+    }
+
+    pub fn sizes(&self) -> (usize, usize) {
+        (lock(&self.balancers).len(), lock(&self.pools).len())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves one client connection as HTTP until it ends. `io` replays the bytes detection read.
+pub async fn serve(inputs: Arc<Inputs>, io: Prefixed<TcpStream>, client: Client) {
+    let client = Arc::new(client);
+    let h2 = client.protocol == Protocol::Http2;
+    let svc = {
+        let (inputs, client) = (inputs.clone(), client.clone());
+        hyper::service::service_fn(move |req| request(inputs.clone(), client.clone(), req))
+    };
+    let io = TokioIo::new(io);
+    let drain = inputs.drain.clone();
+    let result = if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADERS as u32)
+            .max_concurrent_streams(1000)
+            // RFC 9113 rapid reset (CVE-2023-44487): hyper's bound on streams reset before they
+            // were served; past it the connection gets GOAWAY.
+            .max_pending_accept_reset_streams(Some(50))
+            .max_local_error_reset_streams(Some(1024))
+            .initial_stream_window_size(hbone::STREAM_WINDOW)
+            .initial_connection_window_size(hbone::CONNECTION_WINDOW);
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = drain.draining() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn => r,
+                    () = drain.deadline() => Ok(()),
+                }
+            }
+        }
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_HEADERS.max(8192))
+            .keep_alive(true);
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = drain.draining() => {
+                // HTTP/1.1: the response in flight gets `Connection: close`.
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn => r,
+                    () = drain.deadline() => Ok(()),
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(source = %client.source.display(), error = %e, "HTTP connection from a client ended with an error");
+        inputs
+            .metrics
+            .http_errors
+            .with_label_values(&["outbound", http_error_reason(&e)])
+            .inc();
+    }
+}
+
+/// A bounded reason for a client connection's protocol error.
+fn http_error_reason(e: &hyper::Error) -> &'static str {
+    if e.is_parse_too_large() {
+        "headers_too_large"
+    } else if e.is_parse() {
+        "malformed"
+    } else if e.is_timeout() {
+        "header_timeout"
+    } else if e.is_incomplete_message() {
+        "incomplete"
+    } else {
+        "protocol"
+    }
+}
+
+/// What a request was sent to, for its metrics.
+#[derive(Clone)]
+struct Picked(Arc<Workload>);
+
+async fn request(
+    inputs: Arc<Inputs>,
+    client: Arc<Client>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    let grpc = is_grpc(req.headers());
+    let snap = inputs.state.snapshot();
+    let service = snap.services.get(&client.service).cloned();
+    let decided = decide(&snap, &client, &req);
+    drop(snap);
+    let (route_label, service_label) = (
+        decided
+            .as_ref()
+            .map_or_else(|_| "".to_string(), |d| d.route_label()),
+        service.as_ref().map_or_else(
+            || "unknown".to_string(),
+            |s| format!("{}/{}", s.namespace, s.name),
+        ),
+    );
+    let (resp, dst) = match decided {
+        Err(resp) => (resp, None),
+        Ok(d) => forward(&inputs, &client, d, req).await,
+    };
+    record(
+        &inputs,
+        &client,
+        &service_label,
+        &route_label,
+        dst.as_deref(),
+        &resp,
+        grpc,
+        start,
+    );
+    Ok(resp)
+}
+
+/// The routing decision for one request.
+struct Decision {
+    rule: Option<Arc<routes::Rule>>,
+    backend: SocketAddr,
+    /// The request, rewritten.
+    parts_uri: Option<http::Uri>,
+    headers_modified: Option<HeaderMap>,
+}
+
+impl Decision {
+    fn route_label(&self) -> String {
+        self.rule
+            .as_ref()
+            .map_or_else(String::new, |r| r.route.clone())
+    }
+}
+
+#[allow(clippy::result_large_err)] // the Err is the response itself, returned at once
+fn decide(
+    snap: &crate::state::Snapshot,
+    client: &Client,
+    req: &Request<Incoming>,
+) -> Result<Decision, Response<RespBody>> {
+    let Some(table) = snap
+        .route_tables
+        .get(&client.service)
+        .filter(|t| !t.is_empty_for(&client.source.namespace))
+    else {
+        // No route: the service itself.
+        return Ok(Decision {
+            rule: None,
+            backend: client.service,
+            parts_uri: None,
+            headers_modified: None,
+        });
+    };
+    let view = routes::RequestView {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+    };
+    let Some(sel) = table.select(&client.source.namespace, &view) else {
+        // GAMMA: with routes attached, a request none matches is not the service's.
+        return Err(local_response(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "no route of this service matches the request",
+        ));
+    };
+    if let Some(rd) = &sel.rule.redirect {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or_default();
+        let location = routes::redirect_location(rd, sel.matched, req.uri(), host);
+        let mut resp = local_response(rd.status, "", "");
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp.headers_mut().remove(ERROR_HEADER);
+        return Err(resp);
+    }
+    let total = routes::total_weight(&sel.rule.backends);
+    let backend = if total == 0 {
+        None
+    } else {
+        routes::pick_backend(&sel.rule.backends, rand::random_range(0..total))
+    };
+    let Some(backend) = backend else {
+        // The spec: a rule without usable backends answers 500.
+        return Err(local_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no_backend",
+            "the matching route rule has no backend with weight",
+        ));
+    };
+    let mut headers = None;
+    let mut uri = None;
+    if sel.rule.rewrite.is_some() || !sel.rule.request_headers.is_empty() {
+        let mut h = req.headers().clone();
+        if let Some(rw) = &sel.rule.rewrite {
+            uri = Some(routes::apply_rewrite(rw, sel.matched, req.uri(), &mut h));
+        }
+        sel.rule.request_headers.apply(&mut h);
+        headers = Some(h);
+    }
+    Ok(Decision {
+        rule: Some(sel.rule.clone()),
+        backend: backend.addr,
+        parts_uri: uri,
+        headers_modified: headers,
+    })
+}
+
+async fn forward(
+    inputs: &Arc<Inputs>,
+    client: &Arc<Client>,
+    d: Decision,
+    req: Request<Incoming>,
+) -> (Response<RespBody>, Option<Arc<Workload>>) {
+    let (mut parts, body) = req.into_parts();
+    if let Some(u) = d.parts_uri {
+        parts.uri = u;
+    }
+    if let Some(h) = d.headers_modified {
+        parts.headers = h;
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    let req = Request::from_parts(parts, body);
+    let balancer = match balancer(inputs, client, d.backend) {
+        Ok(b) => b,
+        Err(resp) => return (resp, None),
+    };
+    let timeouts = d.rule.as_ref().map(|r| r.timeouts).unwrap_or_default();
+    let limit = match (timeouts.request, timeouts.backend_request) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    // Boxed with its concrete type: the buffer's future otherwise defeats the Send check of
+    // hyper's HTTP/2 executor (a higher-ranked lifetime in the error conversion).
+    let call: BoxFuture<Result<Response<Incoming>, BoxError>> = Box::pin(balancer.oneshot(req));
+    let result = match limit {
+        Some(t) => match tokio::time::timeout(t, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                return (
+                    local_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        "the route's timeout passed before the backend answered",
+                    ),
+                    None,
+                );
+            }
+        },
+        None => call.await,
+    };
+    match result {
+        Ok(resp) => {
+            let picked = resp.extensions().get::<Picked>().map(|p| p.0.clone());
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(rule) = &d.rule {
+                rule.response_headers.apply(&mut parts.headers);
+            }
+            (Response::from_parts(parts, body.boxed()), picked)
+        }
+        Err(e) => {
+            let (status, reason) = match e.downcast_ref::<Refused>() {
+                Some(r) => (r.status, r.reason),
+                None => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+            };
+            warn!(source = %client.source.display(), backend = %d.backend, error = %e, "request failed");
+            (local_response(status, reason, &e.to_string()), None)
+        }
+    }
+}
+
+/// The balancer for (source, backend), rebuilt when the backend's endpoints change.
+#[allow(clippy::result_large_err)] // the Err is the response itself, returned at once
+fn balancer(
+    inputs: &Arc<Inputs>,
+    client: &Arc<Client>,
+    backend: SocketAddr,
+) -> Result<Balanced, Response<RespBody>> {
+    let snap = inputs.state.snapshot();
+    let Some(svc) = snap.services.get(&backend).cloned() else {
+        return Err(local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_service",
+            "the backend service is no longer in the mesh",
+        ));
+    };
+    if svc.endpoints.is_empty() {
+        return Err(local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            route::NO_ENDPOINTS,
+            &format!("service {}/{} has no endpoints", svc.namespace, svc.name),
+        ));
+    }
+    let h2 = client.protocol == Protocol::Http2;
+    let key = BalancerKey {
+        source: client.source.id,
+        backend,
+        h2,
+    };
+    let addrs: Vec<SocketAddr> = svc.endpoints.iter().map(|e| e.addr).collect();
+    let mut balancers = lock(&inputs.l7.balancers);
+    if let Some((eps, b)) = balancers.get(&key)
+        && *eps == addrs
+    {
+        return Ok(b.clone());
+    }
+    let endpoints: Vec<_> = svc
+        .endpoints
+        .iter()
+        .map(|e| {
+            let pool = pool(inputs, client, e.addr, h2);
+            PeakEwma::new(
+                Endpoint {
+                    inner: Arc::new(EndpointInner {
+                        inputs: inputs.clone(),
+                        client: client.clone(),
+                        service: svc.clone(),
+                        target: e.addr,
+                        workload: e.workload.clone(),
+                        pool,
+                    }),
+                    warming: None,
+                },
+                DEFAULT_RTT,
+                DECAY.as_nanos() as f64,
+                tower::load::CompleteOnResponse::default(),
+            )
+        })
+        .collect();
+    let balance = Balance::new(ServiceList::new(endpoints));
+    let boxed = tower::util::BoxService::new(balance);
+    // Buffer spawns the balancer's worker; it must run on the data-plane runtime (we are on it).
+    let b = Buffer::new(boxed, 1024);
+    balancers.insert(key, (addrs, b.clone()));
+    inputs
+        .metrics
+        .state_entries
+        .with_label_values(&["l7_balancers"])
+        .set(balancers.len() as i64);
+    Ok(b)
+}
+
+fn pool(inputs: &Arc<Inputs>, client: &Client, endpoint: SocketAddr, h2: bool) -> Arc<Pool> {
+    let key = PoolKey {
+        source: client.source.id,
+        endpoint,
+        h2,
+    };
+    let mut pools = lock(&inputs.l7.pools);
+    let p = pools
+        .entry(key)
+        .or_insert_with(|| Arc::new(Pool::default()))
+        .clone();
+    inputs
+        .metrics
+        .state_entries
+        .with_label_values(&["l7_pools"])
+        .set(pools.len() as i64);
+    p
+}
+
+/// Pooled connections to one endpoint for one source.
+#[derive(Default)]
+struct Pool {
+    h2: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Incoming>>>,
+    h1: Mutex<Vec<hyper::client::conn::http1::SendRequest<Incoming>>>,
+}
+
+/// A refusal decided on the way to an endpoint (policy, no certificate, tunnel refused).
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+struct Refused {
+    status: StatusCode,
+    reason: &'static str,
+    detail: String,
+}
+
+/// One endpoint, as a tower service the balancer picks among. An HTTP/2 endpoint connects in
+/// `poll_ready` (as linkerd2-proxy's endpoint stacks do), so the balancer picks among endpoints
+/// that can take a request now, and a connection's handshake never counts as a request's latency
+/// in the peak-EWMA (one slow handshake would otherwise starve an endpoint for the decay time).
+struct Endpoint {
+    inner: Arc<EndpointInner>,
+    warming: Option<BoxFuture<()>>,
+}
+
+struct EndpointInner {
+    inputs: Arc<Inputs>,
+    client: Arc<Client>,
+    service: Arc<MeshService>,
+    target: SocketAddr,
+    workload: Arc<Workload>,
+    pool: Arc<Pool>,
+}
+
+impl Service<Request<Incoming>> for Endpoint {
+    type Response = Response<Incoming>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<Incoming>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.inner.client.protocol == Protocol::Http2 {
+            if self.warming.is_none() && !self.inner.h2_live() {
+                let inner = self.inner.clone();
+                self.warming = Some(Box::pin(async move {
+                    // A failure here is reported by the request that tries again in `call`.
+                    let _ = inner.h2_sender().await;
+                }));
+            }
+            if let Some(f) = self.warming.as_mut() {
+                if f.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.warming = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let ep = self.inner.clone();
+        Box::pin(async move {
+            let mut resp = ep.send(req).await?;
+            resp.extensions_mut().insert(Picked(ep.workload.clone()));
+            Ok(resp)
+        })
+    }
+}
+
+impl EndpointInner {
+    /// Whether a usable HTTP/2 connection is pooled (one being made counts as not yet).
+    fn h2_live(&self) -> bool {
+        self.pool
+            .h2
+            .try_lock()
+            .is_ok_and(|g| g.as_ref().is_some_and(|s| !s.is_closed()))
+    }
+
+    /// The pooled HTTP/2 connection, made if there is none (one at a time).
+    async fn h2_sender(
+        &self,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Incoming>, BoxError> {
+        let mut guard = self.pool.h2.lock().await;
+        if let Some(s) = guard.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
+        let (decision, source_ip) = {
+            let snap = self.inputs.state.snapshot();
+            (route::route(&snap, self.target), snap.mesh_source())
+        };
+        let io = self.open(&decision, source_ip).await?;
+        let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(hbone::STREAM_WINDOW)
+            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADERS as u32)
+            .handshake(TokioIo::new(io))
+            .await?;
+        self.inputs.drain.spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "HTTP/2 endpoint connection ended");
+            }
+        });
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
+        let snap = self.inputs.state.snapshot();
+        let decision = route::route(&snap, self.target);
+        // Same node: this proxy is the destination's too, and enforces its policies per request.
+        if let Route::Local { target, workload } = &decision {
+            let checked = route::authorize(&snap, &self.client.source_id, workload, target.port());
+            self.inputs
+                .count_verdict(checked.as_ref().map_or_else(|r| r.verdict.as_ref(), Some));
+            if let Err(r) = checked {
+                return Err(Box::new(Refused {
+                    status: StatusCode::FORBIDDEN,
+                    reason: "denied",
+                    detail: r.detail,
+                }));
+            }
+        }
+        let source_ip = snap.mesh_source();
+        drop(snap);
+        if self.client.protocol == Protocol::Http2 {
+            let mut sender = self.h2_sender().await?;
+            sender.ready().await?;
+            Ok(sender.send_request(req).await?)
+        } else {
+            let idle = {
+                let mut idle = lock(&self.pool.h1);
+                let mut found = None;
+                while let Some(s) = idle.pop() {
+                    if s.is_ready() {
+                        found = Some(s);
+                        break;
+                    }
+                }
+                found
+            };
+            let mut sender = match idle {
+                Some(s) => s,
+                None => {
+                    let io = self.open(&decision, source_ip).await?;
+                    let (s, conn) = hyper::client::conn::http1::Builder::new()
+                        .max_buf_size(MAX_HEADERS.max(8192))
+                        .handshake(TokioIo::new(io))
+                        .await?;
+                    self.inputs.drain.spawn(async move {
+                        if let Err(e) = conn.with_upgrades().await {
+                            debug!(error = %e, "HTTP/1.1 endpoint connection ended");
+                        }
+                    });
+                    s
+                }
+            };
+            let resp = sender.send_request(req).await?;
+            // Back to the pool once the response's body is read (HTTP/1.1 carries one exchange
+            // at a time).
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    let mut idle = lock(&pool.h1);
+                    if idle.len() < IDLE_PER_ENDPOINT {
+                        idle.push(sender);
+                    }
+                }
+            });
+            Ok(resp)
+        }
+    }
+
+    /// A new connection to the endpoint: TCP to a local pod, an HBONE tunnel to a remote one.
+    async fn open(
+        &self,
+        decision: &Route,
+        source_ip: Option<std::net::IpAddr>,
+    ) -> Result<Upstream, BoxError> {
+        match decision {
+            Route::Local { target, .. } => {
+                let s = crate::socket::connect_marked(*target, self.inputs.proxy_mark, source_ip)
+                    .await?;
+                let _ = s.set_nodelay(true);
+                Ok(Upstream::Tcp(s))
+            }
+            Route::Remote {
+                via,
+                target,
+                workload,
+            } => {
+                let src_id = &self.client.source_id;
+                if self
+                    .inputs
+                    .identity
+                    .wait_for(src_id, SVID_WAIT)
+                    .await
+                    .is_none()
+                {
+                    return Err(Box::new(Refused {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        reason: "no_certificate",
+                        detail: format!(
+                            "no SVID for {src_id} yet (is the CA reachable?): not sending plaintext"
+                        ),
+                    }));
+                }
+                let td = self.inputs.identity.trust_domain().to_string();
+                let dst_id = workload.identity(&td);
+                let ends = hbone::Ends {
+                    source: src_id,
+                    source_workload: &self.client.source.display(),
+                    destination: &dst_id,
+                };
+                match self.inputs.hbone.connect(*via, *target, ends).await {
+                    Ok(t) => Ok(Upstream::Tunnel(t)),
+                    Err(e) => Err(Box::new(Refused {
+                        status: StatusCode::BAD_GATEWAY,
+                        reason: e.reason(),
+                        detail: e.to_string(),
+                    })),
+                }
+            }
+            Route::Passthrough(_) | Route::Refuse(_) => Err(Box::new(Refused {
+                status: StatusCode::BAD_GATEWAY,
+                reason: "not_meshed",
+                detail: format!(
+                    "endpoint {} of {}/{} is not a meshed pod",
+                    self.target, self.service.namespace, self.service.name
+                ),
+            })),
+        }
+    }
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// RFC 9110 §7.6.1: headers for this hop only are not forwarded (`TE: trailers` is, for gRPC).
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<http::HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        if n != header::TE {
+            h.remove(n);
+        }
+    }
+    for n in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::UPGRADE,
+        header::TRAILER,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// A response the proxy makes itself, with its reason in `x-nodemesh-error`.
+fn local_response(status: StatusCode, reason: &str, detail: &str) -> Response<RespBody> {
+    let body = if detail.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::from(format!("{detail}\n"))
+    };
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    if !reason.is_empty()
+        && let Ok(v) = HeaderValue::from_str(reason)
+    {
+        resp.headers_mut().insert(ERROR_HEADER, v);
+    }
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record(
+    inputs: &Inputs,
+    client: &Client,
+    service: &str,
+    route: &str,
+    dst: Option<&Workload>,
+    resp: &Response<RespBody>,
+    grpc: bool,
+    start: Instant,
+) {
+    let td = inputs.identity.trust_domain();
+    let code = resp.status().as_u16().to_string();
+    let grpc_status = if grpc {
+        resp.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 2 && v.bytes().all(|b| b.is_ascii_digit()))
+            .unwrap_or("")
+            .to_string()
+    } else {
+        String::new()
+    };
+    let labels = [
+        "outbound".to_string(),
+        client.source.name.clone(),
+        client.source.namespace.clone(),
+        client.source_id.to_string(),
+        dst.map_or("unknown".into(), |w| w.name.clone()),
+        dst.map_or("unknown".into(), |w| w.namespace.clone()),
+        dst.map_or("unknown".into(), |w| w.identity(td).to_string()),
+        service.to_string(),
+        route.to_string(),
+        code,
+        grpc_status,
+    ];
+    let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+    inputs.metrics.requests.with_label_values(&l).inc();
+    inputs
+        .metrics
+        .request_duration
+        .with_label_values(&l[..9])
+        .observe(start.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_hop() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("host", "echo"),
+            ("traceparent", "00-abc-def-01"),
+        ] {
+            h.append(n, v.parse().expect("value"));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "te", "traceparent"]);
+    }
+}

@@ -1,0 +1,314 @@
+//! Privileged: L7 in the proxy itself — real HTTP clients (curl, HTTP/1.1 keep-alive and h2c
+//! multiplexed on one connection) and real hyper servers in pod namespaces, through the node
+//! proxy and, in the second test, through sidecars.
+//!
+//! Node 1 holds the client; node 2 holds every server, so each endpoint of a service is as far
+//! from the client as the others (peak-EWMA then has only the servers' own speed to go by).
+//! - `web` (3 endpoints) and `web-v2` (1, the canary): one h2c connection's requests spread over
+//!   all three, then an HTTPRoute splits `web` 90/10 with `web-v2`;
+//! - `lag` (2 fast endpoints and one 200 ms slower): the slow one gets the smallest share;
+//! - `greet` (a server that speaks first, no appProtocol) and `raw` (the same with
+//!   `appProtocol: tcp`): the greeting arrives within the detection timeout, and a tcp port is
+//!   never detected.
+
+use std::{collections::HashMap, time::Duration};
+
+use nodemesh_tests::{
+    require_root,
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, sample},
+};
+
+const WEB: &str = "10.96.0.20";
+const LAG: &str = "10.96.0.22";
+const GREET: &str = "10.96.0.23:25";
+const RAW: &str = "10.96.0.24:25";
+
+#[test]
+fn node_proxy_routes_and_balances_each_request() {
+    require_root("node_proxy_routes_and_balances_each_request");
+    l7(false);
+}
+
+#[test]
+fn sidecars_route_and_balance_each_request_the_same_way() {
+    require_root("sidecars_route_and_balance_each_request_the_same_way");
+    l7(true);
+}
+
+fn pods() -> Vec<PodSpec> {
+    let mut p = vec![PodSpec::meshed("client", 0, "client")];
+    for (name, app) in [
+        ("web-1", "web"),
+        ("web-2", "web"),
+        ("web-3", "web"),
+        ("canary", "canary"),
+        ("lag-1", "lag"),
+        ("lag-2", "lag"),
+        ("lag-slow", "lag"),
+        ("greeter", "greet"),
+    ] {
+        p.push(PodSpec::meshed(name, 1, app));
+    }
+    p
+}
+
+fn services() -> Vec<ServiceSpec> {
+    vec![
+        ServiceSpec::new("web", WEB, 80, 8080, "web"),
+        ServiceSpec::new("web-v2", "10.96.0.21", 80, 8080, "canary"),
+        ServiceSpec::new("lag", LAG, 80, 8080, "lag"),
+        ServiceSpec::new("greet", "10.96.0.23", 25, 2525, "greet"),
+        ServiceSpec::new("raw", "10.96.0.24", 25, 2525, "greet").app_protocol("tcp"),
+    ]
+}
+
+const SPLIT: &str = "\
+httpRoutes:
+  - name: canary
+    namespace: demo
+    spec:
+      parentRefs: [{ kind: Service, name: web, port: 80 }]
+      rules:
+        - backendRefs: [{ name: web, port: 80, weight: 90 }, { name: web-v2, port: 80, weight: 10 }]
+";
+
+/// Runs curl in the client pod; returns how many responses each server gave.
+fn curl(t: &Topology, args: &[&str]) -> HashMap<String, u32> {
+    let p = t.pod("client");
+    let mut a = vec![
+        "exec",
+        "--",
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "60",
+    ];
+    a.extend_from_slice(&["-w", "%{http_code} %header{x-served-by}\\n"]);
+    a.extend_from_slice(args);
+    let out = nodemesh_tests::mesh_app(&p.cgroup, p.ns.name(), &a);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    if !errors.is_empty() {
+        println!(
+            "curl: {}",
+            errors.lines().take(5).collect::<Vec<_>>().join("\n      ")
+        );
+    }
+    let mut by = HashMap::new();
+    for line in text.lines() {
+        let (code, who) = line.split_once(' ').unwrap_or((line, ""));
+        let key = if code == "200" {
+            who.to_string()
+        } else {
+            format!("status {code}")
+        };
+        *by.entry(key).or_insert(0) += 1;
+    }
+    by
+}
+
+fn l7(sidecar: bool) {
+    let pods = pods();
+    let services = services();
+    let tag = if sidecar { "l7s" } else { "l7n" };
+    let mut t = Topology::build(tag, 2, &pods, &services);
+    t.start(DaemonOpts {
+        sidecar,
+        ..DaemonOpts::default()
+    });
+    for (pod, delay) in [
+        ("web-1", "0"),
+        ("web-2", "0"),
+        ("web-3", "0"),
+        ("canary", "0"),
+        ("lag-1", "0"),
+        ("lag-2", "0"),
+        ("lag-slow", "200"),
+    ] {
+        t.serve_with(
+            pod,
+            "http-server",
+            8080,
+            &["--name", pod, "--delay-ms", delay],
+        );
+    }
+    t.serve_with("greeter", "greet-server", 2525, &["--name", "greeter"]);
+    // The client's proxy: its node's daemon, or its own sidecar.
+    let scrape = |t: &Topology| {
+        if sidecar {
+            t.scrape_pod("client")
+        } else {
+            t.scrape(0)
+        }
+    };
+
+    // 1. One h2c connection, 900 requests multiplexed on it: every endpoint serves a third.
+    let by = h2_load(&t, &format!("{WEB}:80"), 900, 8);
+    println!("h2c, one connection, 900 requests: {by:?}");
+    let metrics = scrape(&t);
+    let h2_conns = sample(
+        &metrics,
+        "nodemesh_protocol_detections_total",
+        &[("protocol", "h2")],
+    );
+    assert_eq!(h2_conns, 1, "curl must have used one connection\n{metrics}");
+    if by.len() != 3 {
+        println!("{}", t.daemon(0).output());
+    }
+    for pod in ["web-1", "web-2", "web-3"] {
+        let n = by.get(pod).copied().unwrap_or(0);
+        assert!(
+            (255..=345).contains(&n),
+            "{pod} served {n} of 900 (want 33% ± 5%): {by:?}"
+        );
+    }
+    let served = sample(
+        &metrics,
+        "nodemesh_requests_total",
+        &[
+            ("reporter", "outbound"),
+            ("destination_service", "demo/web"),
+            ("response_code", "200"),
+        ],
+    );
+    assert_eq!(
+        served, 900,
+        "request metrics count every request\n{metrics}"
+    );
+
+    // 2. An HTTPRoute splits web 90/10 with the canary: 1000 HTTP/1.1 requests on keep-alive.
+    let reloads = sample(
+        &scrape(&t),
+        "nodemesh_config_reloads_total",
+        &[("result", "ok")],
+    );
+    t.rewrite_mesh_file(&format!("{}{SPLIT}", t.mesh_yaml(&pods, &services)));
+    let wait = std::time::Instant::now();
+    while sample(
+        &scrape(&t),
+        "nodemesh_config_reloads_total",
+        &[("result", "ok")],
+    ) <= reloads
+    {
+        assert!(
+            wait.elapsed() < Duration::from_secs(10),
+            "the route was never loaded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let by = curl(&t, &[&format!("http://{WEB}/s[1-1000]")]);
+    println!("HTTP/1.1, 90/10 split, 1000 requests: {by:?}");
+    let canary = by.get("canary").copied().unwrap_or(0);
+    let stable: u32 = ["web-1", "web-2", "web-3"]
+        .iter()
+        .map(|p| by.get(*p).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(canary + stable, 1000, "every request succeeds: {by:?}");
+    assert!(
+        (70..=130).contains(&canary),
+        "the canary got {canary} of 1000 (want 10% ± 3): {by:?}"
+    );
+    let routed = sample(
+        &scrape(&t),
+        "nodemesh_requests_total",
+        &[("route", "demo/canary")],
+    );
+    assert_eq!(routed, 1000, "the route names its requests");
+
+    // 3. Peak-EWMA: an endpoint 200 ms slower than its peers gets the smallest share.
+    let by = h2_load(&t, &format!("{LAG}:80"), 300, 4);
+    println!("h2c, one endpoint 200 ms slower, 300 requests: {by:?}");
+    let slow = by.get("lag-slow").copied().unwrap_or(0);
+    for fast in ["lag-1", "lag-2"] {
+        let n = by.get(fast).copied().unwrap_or(0);
+        assert!(
+            slow < n,
+            "the slow endpoint served {slow}, {fast} only {n}: {by:?}"
+        );
+    }
+    assert_eq!(by.values().sum::<u32>(), 300, "{by:?}");
+
+    // 4. A server that speaks first, without appProtocol: the greeting comes through within
+    //    the detection timeout (100 ms), and the connection is plain TCP after it.
+    let (ok, out) = run(&t, &["await-greeting", GREET]);
+    println!("server-first through detection: {out}");
+    assert!(
+        ok && out.contains("greeting=220_greeter_ready") && out.contains("echo=ok"),
+        "{out}"
+    );
+    let ms: f64 = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("first_byte_ms="))
+        .and_then(|v| v.parse().ok())
+        .expect("first_byte_ms");
+    assert!(
+        ms < 100.0,
+        "the greeting took {ms} ms: detection held it back"
+    );
+    let server_first = [("protocol", "opaque"), ("how", "server_first")];
+    assert_eq!(
+        sample(
+            &scrape(&t),
+            "nodemesh_protocol_detections_total",
+            &server_first
+        ),
+        1
+    );
+
+    // 5. appProtocol: tcp is never detected: the same server through `raw`.
+    let (ok, out) = run(&t, &["await-greeting", RAW]);
+    println!("server-first with appProtocol tcp: {out}");
+    assert!(ok && out.contains("echo=ok"), "{out}");
+    let metrics = scrape(&t);
+    assert_eq!(
+        sample(
+            &metrics,
+            "nodemesh_protocol_detections_total",
+            &[("protocol", "opaque"), ("how", "app_protocol")]
+        ),
+        1
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "nodemesh_protocol_detections_total",
+            &server_first
+        ),
+        1,
+        "the tcp port was detected\n{metrics}"
+    );
+}
+
+/// Runs mesh-app's HTTP/2 client (one connection) in the client pod; responses by server.
+fn h2_load(t: &Topology, addr: &str, requests: usize, concurrency: usize) -> HashMap<String, u32> {
+    let (ok, out) = run(
+        t,
+        &[
+            "h2-load",
+            addr,
+            "--requests",
+            &requests.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+        ],
+    );
+    assert!(ok && out.contains("errors=0"), "h2-load failed: {out}");
+    out.split("served=")
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
+        .collect()
+}
+
+fn run(t: &Topology, args: &[&str]) -> (bool, String) {
+    let p = t.pod("client");
+    let out = nodemesh_tests::mesh_app(&p.cgroup, p.ns.name(), args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
