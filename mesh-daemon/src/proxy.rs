@@ -8,6 +8,7 @@ pub mod h2;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
+pub mod l7cache;
 pub mod outbound;
 pub mod relay;
 pub mod route;
@@ -37,7 +38,7 @@ pub struct Inputs {
     /// Connection tasks, and the signal to stop accepting and, later, to reset what is open.
     pub drain: crate::drain::Drain,
     /// L7: balancers and pooled endpoint connections.
-    pub l7: http::L7,
+    pub l7: l7cache::L7,
     /// Whether service ports are served at L7 (`--l7`); off: every connection is L4.
     pub l7_enabled: bool,
     /// How long detection waits for a client's first bytes (`--detect-timeout`).

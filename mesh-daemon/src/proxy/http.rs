@@ -14,10 +14,9 @@
 //! trailers and streaming bodies pass unchanged; bodies stream, never buffered whole.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -46,10 +45,8 @@ use crate::{
     state::{Service as MeshService, Workload, routes},
 };
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+use super::l7cache::{Balanced, BalancerKey, BoxError, BoxFuture, Pool, PoolKey, lock};
 pub type RespBody = BoxBody<Bytes, hyper::Error>;
-type Balanced = Buffer<Request<Incoming>, BoxFuture<Result<Response<Incoming>, BoxError>>>;
 
 /// Header a refused request carries the proxy's reason in.
 pub const ERROR_HEADER: &str = "x-nodemesh-error";
@@ -73,51 +70,6 @@ pub struct Client {
     /// The service's VIP:port (the connection's original destination).
     pub service: SocketAddr,
     pub protocol: Protocol,
-}
-
-/// The L7 caches: a balancer per (source, backend service port, protocol), and pooled
-/// connections per (source, endpoint, protocol).
-#[derive(Default)]
-pub struct L7 {
-    balancers: Mutex<HashMap<BalancerKey, (Vec<SocketAddr>, Balanced)>>,
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-}
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct BalancerKey {
-    source: u32,
-    backend: SocketAddr,
-    h2: bool,
-}
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct PoolKey {
-    source: u32,
-    endpoint: SocketAddr,
-    h2: bool,
-}
-
-impl L7 {
-    /// Drops balancers and pools of endpoints and sources no longer in the mesh.
-    pub fn retain(
-        &self,
-        endpoints: &std::collections::HashSet<SocketAddr>,
-        sources: &std::collections::HashSet<u32>,
-    ) {
-        lock(&self.pools)
-            .retain(|k, _| endpoints.contains(&k.endpoint) && sources.contains(&k.source));
-        lock(&self.balancers).retain(|k, (eps, _)| {
-            sources.contains(&k.source) && eps.iter().all(|e| endpoints.contains(e))
-        });
-    }
-
-    pub fn sizes(&self) -> (usize, usize) {
-        (lock(&self.balancers).len(), lock(&self.pools).len())
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Serves one client connection as HTTP until it ends. `io` replays the bytes detection read.
@@ -488,13 +440,6 @@ fn pool(inputs: &Arc<Inputs>, client: &Client, endpoint: SocketAddr, h2: bool) -
         .with_label_values(&["l7_pools"])
         .set(pools.len() as i64);
     p
-}
-
-/// Pooled connections to one endpoint for one source.
-#[derive(Default)]
-struct Pool {
-    h2: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Incoming>>>,
-    h1: Mutex<Vec<hyper::client::conn::http1::SendRequest<Incoming>>>,
 }
 
 /// A refusal decided on the way to an endpoint (policy, no certificate, tunnel refused).
