@@ -59,7 +59,7 @@ const IDLE_PER_ENDPOINT: usize = 16;
 /// Peak-EWMA: the latency assumed for an endpoint before it has answered, and how fast old
 /// samples fade.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
-const DECAY: Duration = Duration::from_secs(1);
+const DECAY: Duration = Duration::from_millis(250);
 /// How long a connection waits for its source workload's first SVID.
 const SVID_WAIT: Duration = Duration::from_secs(5);
 

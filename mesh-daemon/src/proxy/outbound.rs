@@ -140,6 +140,9 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     // first bytes do). Bytes read while detecting are replayed to whichever path takes them.
     let mut early = BytesMut::new();
     let mut keep_detecting = false;
+    // Bytes detection carried outside the relay (the client's replayed, the server's greeting),
+    // added to the relay's counts.
+    let mut pre = (0u64, 0u64);
     if let Destination::Service(svc) = &destination
         && inputs.l7_enabled
     {
@@ -264,14 +267,20 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 Ok(mut upstream) => {
                     mark_endpoint(&inputs, &picked, true);
                     if keep_detecting
-                        && let Some(protocol) =
-                            keep_listening(&inputs, &mut client, &mut early, &mut upstream).await
+                        && let Some(protocol) = keep_listening(
+                            &inputs,
+                            &mut client,
+                            &mut early,
+                            &mut upstream,
+                            &mut pre.1,
+                        )
+                        .await
                     {
                         drop(upstream);
                         serve_http(&inputs, client, early, &src, orig, protocol).await;
                         return;
                     }
-                    if let Err(e) = replay(&mut client, &mut early, &mut upstream).await {
+                    if let Err(e) = replay(&mut early, &mut upstream, &mut pre.0).await {
                         debug!(%peer, error = %e, "connection failed while replaying its first bytes");
                         return;
                     }
@@ -312,14 +321,20 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 Ok(mut tunnel) => {
                     mark_endpoint(&inputs, &picked, true);
                     if keep_detecting
-                        && let Some(protocol) =
-                            keep_listening(&inputs, &mut client, &mut early, &mut tunnel).await
+                        && let Some(protocol) = keep_listening(
+                            &inputs,
+                            &mut client,
+                            &mut early,
+                            &mut tunnel,
+                            &mut pre.1,
+                        )
+                        .await
                     {
                         drop(tunnel);
                         serve_http(&inputs, client, early, &src, orig, protocol).await;
                         return;
                     }
-                    if let Err(e) = replay(&mut client, &mut early, &mut tunnel).await {
+                    if let Err(e) = replay(&mut early, &mut tunnel, &mut pre.0).await {
                         debug!(%peer, error = %e, "connection failed while replaying its first bytes");
                         return;
                     }
@@ -336,6 +351,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             }
         }
     };
+    let result = result.map(|(sent, received)| (sent + pre.0, received + pre.1));
     match &result {
         Ok((sent, received)) => debug!(%peer, sent, received, "connection closed"),
         Err(e) => debug!(%peer, error = %e, "connection ended with an error (reset passed on)"),
@@ -392,6 +408,7 @@ async fn keep_listening<U: AsyncRead + AsyncWrite + Unpin>(
     client: &mut TcpStream,
     early: &mut BytesMut,
     upstream: &mut U,
+    greeted: &mut u64,
 ) -> Option<Protocol> {
     let mut greeting = BytesMut::with_capacity(4096);
     let remaining = inputs.detect_timeout.saturating_sub(detect::GRACE);
@@ -404,21 +421,26 @@ async fn keep_listening<U: AsyncRead + AsyncWrite + Unpin>(
     if protocol != Protocol::Opaque {
         return Some(protocol);
     }
-    if !greeting.is_empty() && client.write_all(&greeting).await.is_err() {
-        // The relay finds the client gone next.
-        debug!("client gone before the server's greeting reached it");
+    if !greeting.is_empty() {
+        if client.write_all(&greeting).await.is_err() {
+            // The relay finds the client gone next.
+            debug!("client gone before the server's greeting reached it");
+        } else {
+            *greeted += greeting.len() as u64;
+        }
     }
     None
 }
 
 /// Sends the bytes detection read on to the upstream, before the relay takes over.
 async fn replay<U: AsyncWrite + Unpin>(
-    _client: &mut TcpStream,
     early: &mut BytesMut,
     upstream: &mut U,
+    replayed: &mut u64,
 ) -> std::io::Result<()> {
     if !early.is_empty() {
         upstream.write_all(early).await?;
+        *replayed += early.len() as u64;
         early.clear();
     }
     Ok(())

@@ -71,6 +71,22 @@ pub struct Rule {
     pub retry: Option<RetryPolicy>,
 }
 
+impl Rule {
+    fn new(route: &RouteDesc, rule: String, backends: Vec<Backend>) -> Self {
+        Self {
+            route: format!("{}/{}", route.namespace, route.name),
+            rule,
+            backends,
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+            rewrite: None,
+            redirect: None,
+            timeouts: Timeouts::default(),
+            retry: None,
+        }
+    }
+}
+
 /// A weighted backendRef: a service port, by its VIP:port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -629,6 +645,39 @@ fn value_match(what: &str, regex_type: bool, value: &str) -> Result<ValueMatch, 
     }
 }
 
+/// A header modifier filter of any route kind (their generated types differ only in name).
+macro_rules! modifier_of {
+    ($what:expr, $m:expr) => {
+        modifier(
+            $what,
+            $m.set
+                .iter()
+                .flatten()
+                .map(|h| (h.name.as_str(), h.value.as_str()))
+                .collect(),
+            $m.add
+                .iter()
+                .flatten()
+                .map(|h| (h.name.as_str(), h.value.as_str()))
+                .collect(),
+            $m.remove.iter().flatten().map(String::as_str).collect(),
+        )
+    };
+}
+
+/// A parentRef or backendRef of any route kind as a [`Ref`].
+macro_rules! ref_of {
+    ($r:expr) => {
+        Ref {
+            group: $r.group.as_deref(),
+            kind: $r.kind.as_deref(),
+            name: &$r.name,
+            namespace: $r.namespace.as_deref(),
+            port: $r.port,
+        }
+    };
+}
+
 fn modifier(
     what: &str,
     set: Vec<(&str, &str)>,
@@ -692,13 +741,7 @@ fn compile_http<'a>(
         spec.parent_refs
             .iter()
             .flatten()
-            .map(|p| Ref {
-                group: p.group.as_deref(),
-                kind: p.kind.as_deref(),
-                name: &p.name,
-                namespace: p.namespace.as_deref(),
-                port: p.port,
-            })
+            .map(|p| ref_of!(p))
             .collect(),
         service,
     )?;
@@ -724,13 +767,7 @@ fn compile_http<'a>(
                 .flatten()
                 .map(|b| {
                     (
-                        Ref {
-                            group: b.group.as_deref(),
-                            kind: b.kind.as_deref(),
-                            name: &b.name,
-                            namespace: b.namespace.as_deref(),
-                            port: b.port,
-                        },
+                        ref_of!(b),
                         b.weight,
                         b.filters.as_ref().is_some_and(|f| !f.is_empty()),
                     )
@@ -739,17 +776,11 @@ fn compile_http<'a>(
             service,
         )
         .map_err(|e| format!("{what}: {e}"))?;
-        let mut rule = Rule {
-            route: format!("{}/{}", route.namespace, route.name),
-            rule: r.name.clone().unwrap_or_else(|| ri.to_string()),
+        let mut rule = Rule::new(
+            route,
+            r.name.clone().unwrap_or_else(|| ri.to_string()),
             backends,
-            request_headers: HeaderModifier::default(),
-            response_headers: HeaderModifier::default(),
-            rewrite: None,
-            redirect: None,
-            timeouts: Timeouts::default(),
-            retry: None,
-        };
+        );
         for f in r.filters.iter().flatten() {
             http_filter(&what, f, &matches, &mut rule)?;
         }
@@ -901,40 +932,14 @@ fn http_filter(
                 .request_header_modifier
                 .as_ref()
                 .ok_or_else(|| missing("RequestHeaderModifier"))?;
-            rule.request_headers = modifier(
-                &format!("{what} RequestHeaderModifier"),
-                m.set
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.as_str(), h.value.as_str()))
-                    .collect(),
-                m.add
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.as_str(), h.value.as_str()))
-                    .collect(),
-                m.remove.iter().flatten().map(String::as_str).collect(),
-            )?;
+            rule.request_headers = modifier_of!(&format!("{what} RequestHeaderModifier"), m)?;
         }
         T::ResponseHeaderModifier => {
             let m = f
                 .response_header_modifier
                 .as_ref()
                 .ok_or_else(|| missing("ResponseHeaderModifier"))?;
-            rule.response_headers = modifier(
-                &format!("{what} ResponseHeaderModifier"),
-                m.set
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.as_str(), h.value.as_str()))
-                    .collect(),
-                m.add
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.as_str(), h.value.as_str()))
-                    .collect(),
-                m.remove.iter().flatten().map(String::as_str).collect(),
-            )?;
+            rule.response_headers = modifier_of!(&format!("{what} ResponseHeaderModifier"), m)?;
         }
         T::UrlRewrite => {
             let u = f
@@ -1036,13 +1041,7 @@ fn compile_grpc<'a>(
         spec.parent_refs
             .iter()
             .flatten()
-            .map(|p| Ref {
-                group: p.group.as_deref(),
-                kind: p.kind.as_deref(),
-                name: &p.name,
-                namespace: p.namespace.as_deref(),
-                port: p.port,
-            })
+            .map(|p| ref_of!(p))
             .collect(),
         service,
     )?;
@@ -1068,13 +1067,7 @@ fn compile_grpc<'a>(
                 .flatten()
                 .map(|b| {
                     (
-                        Ref {
-                            group: b.group.as_deref(),
-                            kind: b.kind.as_deref(),
-                            name: &b.name,
-                            namespace: b.namespace.as_deref(),
-                            port: b.port,
-                        },
+                        ref_of!(b),
                         b.weight,
                         b.filters.as_ref().is_some_and(|f| !f.is_empty()),
                     )
@@ -1083,54 +1076,24 @@ fn compile_grpc<'a>(
             service,
         )
         .map_err(|e| format!("{what}: {e}"))?;
-        let mut rule = Rule {
-            route: format!("{}/{}", route.namespace, route.name),
-            rule: r.name.clone().unwrap_or_else(|| ri.to_string()),
+        let mut rule = Rule::new(
+            route,
+            r.name.clone().unwrap_or_else(|| ri.to_string()),
             backends,
-            request_headers: HeaderModifier::default(),
-            response_headers: HeaderModifier::default(),
-            rewrite: None,
-            redirect: None,
-            timeouts: Timeouts::default(),
-            retry: None,
-        };
+        );
         for f in r.filters.iter().flatten() {
             use gr::GrpcRouteRulesFiltersType as T;
             match f.r#type {
                 T::RequestHeaderModifier => {
                     if let Some(m) = &f.request_header_modifier {
-                        rule.request_headers = modifier(
-                            &format!("{what} RequestHeaderModifier"),
-                            m.set
-                                .iter()
-                                .flatten()
-                                .map(|h| (h.name.as_str(), h.value.as_str()))
-                                .collect(),
-                            m.add
-                                .iter()
-                                .flatten()
-                                .map(|h| (h.name.as_str(), h.value.as_str()))
-                                .collect(),
-                            m.remove.iter().flatten().map(String::as_str).collect(),
-                        )?;
+                        rule.request_headers =
+                            modifier_of!(&format!("{what} RequestHeaderModifier"), m)?;
                     }
                 }
                 T::ResponseHeaderModifier => {
                     if let Some(m) = &f.response_header_modifier {
-                        rule.response_headers = modifier(
-                            &format!("{what} ResponseHeaderModifier"),
-                            m.set
-                                .iter()
-                                .flatten()
-                                .map(|h| (h.name.as_str(), h.value.as_str()))
-                                .collect(),
-                            m.add
-                                .iter()
-                                .flatten()
-                                .map(|h| (h.name.as_str(), h.value.as_str()))
-                                .collect(),
-                            m.remove.iter().flatten().map(String::as_str).collect(),
-                        )?;
+                        rule.response_headers =
+                            modifier_of!(&format!("{what} ResponseHeaderModifier"), m)?;
                     }
                 }
                 T::RequestMirror | T::ExtensionRef => {
