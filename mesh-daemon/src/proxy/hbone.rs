@@ -35,7 +35,11 @@ use crate::{
 /// The HBONE port of every proxy (a node's, or a sidecar's in its pod).
 pub const PORT: u16 = crate::state::HBONE_PORT;
 pub use super::route::SOURCE_HEADER;
-/// Header carrying the destination proxy's reason for a refused CONNECT.
+/// How long a connection (or an L7 endpoint connection) waits for its source workload's first
+/// SVID before it is refused: a pod's first connection may arrive before its certificate.
+pub const SVID_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Header carrying the proxy's reason for a refusal: a refused CONNECT, or a request L7 answered
+/// itself.
 pub const ERROR_HEADER: &str = "x-nodemesh-error";
 /// Flow-control windows: HTTP/2's 64 KiB default would cap a tunnel's throughput far below TCP's.
 pub const STREAM_WINDOW: u32 = 4 << 20;

@@ -48,8 +48,7 @@ use crate::{
 use super::l7cache::{Balanced, BalancerKey, BoxError, BoxFuture, Pool, PoolKey, lock};
 pub type RespBody = BoxBody<Bytes, hyper::Error>;
 
-/// Header a refused request carries the proxy's reason in.
-pub const ERROR_HEADER: &str = "x-nodemesh-error";
+use super::hbone::ERROR_HEADER;
 /// Largest request or response header section (a bigger one: 431).
 pub const MAX_HEADERS: usize = 64 << 10;
 /// A client has this long to send a request's headers (slowloris).
@@ -60,8 +59,6 @@ const IDLE_PER_ENDPOINT: usize = 16;
 /// samples fade.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 const DECAY: Duration = Duration::from_millis(250);
-/// How long a connection waits for its source workload's first SVID.
-const SVID_WAIT: Duration = Duration::from_secs(5);
 
 /// Who sent a connection and which service port it was for.
 pub struct Client {
@@ -82,55 +79,47 @@ pub async fn serve(inputs: Arc<Inputs>, io: Prefixed<TcpStream>, client: Client)
     };
     let io = TokioIo::new(io);
     let drain = inputs.drain.clone();
-    let result = if h2 {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEADERS as u32)
-            .max_concurrent_streams(1000)
-            // RFC 9113 rapid reset (CVE-2023-44487): hyper's bound on streams reset before they
-            // were served; past it the connection gets GOAWAY.
-            .max_pending_accept_reset_streams(Some(50))
-            .max_local_error_reset_streams(Some(1024))
-            .initial_stream_window_size(hbone::STREAM_WINDOW)
-            .initial_connection_window_size(hbone::CONNECTION_WINDOW);
-        let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = drain.draining() => {
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn => r,
-                    () = drain.deadline() => Ok(()),
-                }
-            }
-        }
-    } else {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEADERS.max(8192))
-            .keep_alive(true);
-        let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = drain.draining() => {
-                // HTTP/1.1: the response in flight gets `Connection: close`.
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn => r,
-                    () = drain.deadline() => Ok(()),
-                }
+    // One builder for both versions (hyper-util's `auto`), told the version detection found.
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADERS.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADERS as u32)
+        .max_concurrent_streams(1000)
+        // RFC 9113 rapid reset (CVE-2023-44487): hyper's bound on streams reset before they were
+        // served; past it the connection gets GOAWAY.
+        .max_pending_accept_reset_streams(50)
+        .max_local_error_reset_streams(1024)
+        .initial_stream_window_size(hbone::STREAM_WINDOW)
+        .initial_connection_window_size(hbone::CONNECTION_WINDOW);
+    let b = if h2 { b.http2_only() } else { b.http1_only() };
+    let conn = b.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = drain.draining() => {
+            // HTTP/2: GOAWAY; HTTP/1.1: the response in flight gets `Connection: close`.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn => r,
+                () = drain.deadline() => Ok(()),
             }
         }
     };
     if let Err(e) = result {
         debug!(source = %client.source.display(), error = %e, "HTTP connection from a client ended with an error");
+        // auto's errors are boxed; hyper's own say which limit was hit.
+        let reason = e
+            .downcast_ref::<hyper::Error>()
+            .map_or("protocol", http_error_reason);
         inputs
             .metrics
             .http_errors
-            .with_label_values(&["outbound", http_error_reason(&e)])
+            .with_label_values(&["outbound", reason])
             .inc();
     }
 }
@@ -163,20 +152,22 @@ async fn request(
     let grpc = is_grpc(req.headers());
     let snap = inputs.state.snapshot();
     let service = snap.services.get(&client.service).cloned();
-    let decided = decide(&snap, &client, &req);
+    // The rule, the backend and its balancer, all from one snapshot.
+    let decided = decide(&snap, &client, &req)
+        .and_then(|d| balancer(&inputs, &client, &snap, d.backend).map(|b| (d, b)));
     drop(snap);
     let (route_label, service_label) = (
         decided
             .as_ref()
-            .map_or_else(|_| "".to_string(), |d| d.route_label()),
+            .map_or_else(|_| "".to_string(), |(d, _)| d.route_label()),
         service.as_ref().map_or_else(
             || "unknown".to_string(),
             |s| format!("{}/{}", s.namespace, s.name),
         ),
     );
     let (resp, dst) = match decided {
-        Err(resp) => (resp, None),
-        Ok(d) => forward(&inputs, &client, d, req).await,
+        Err(resp) => (*resp, None),
+        Ok((d, balancer)) => forward(&client, d, balancer, req).await,
     };
     record(
         &inputs,
@@ -208,12 +199,11 @@ impl Decision {
     }
 }
 
-#[allow(clippy::result_large_err)] // the Err is the response itself, returned at once
 fn decide(
     snap: &crate::state::Snapshot,
     client: &Client,
     req: &Request<Incoming>,
-) -> Result<Decision, Response<RespBody>> {
+) -> Result<Decision, Answer> {
     let Some(table) = snap
         .route_tables
         .get(&client.service)
@@ -235,7 +225,7 @@ fn decide(
     };
     let Some(sel) = table.select(&client.source.namespace, &view) else {
         // GAMMA: with routes attached, a request none matches is not the service's.
-        return Err(local_response(
+        return Err(answer(
             StatusCode::NOT_FOUND,
             "no_route",
             "no route of this service matches the request",
@@ -253,8 +243,7 @@ fn decide(
         if let Ok(v) = HeaderValue::from_str(&location) {
             resp.headers_mut().insert(header::LOCATION, v);
         }
-        resp.headers_mut().remove(ERROR_HEADER);
-        return Err(resp);
+        return Err(Box::new(resp));
     }
     let total = routes::total_weight(&sel.rule.backends);
     let backend = if total == 0 {
@@ -264,7 +253,7 @@ fn decide(
     };
     let Some(backend) = backend else {
         // The spec: a rule without usable backends answers 500.
-        return Err(local_response(
+        return Err(answer(
             StatusCode::INTERNAL_SERVER_ERROR,
             "no_backend",
             "the matching route rule has no backend with weight",
@@ -289,9 +278,9 @@ fn decide(
 }
 
 async fn forward(
-    inputs: &Arc<Inputs>,
     client: &Arc<Client>,
     d: Decision,
+    balancer: Balanced,
     req: Request<Incoming>,
 ) -> (Response<RespBody>, Option<Arc<Workload>>) {
     let (mut parts, body) = req.into_parts();
@@ -303,10 +292,6 @@ async fn forward(
     }
     strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, body);
-    let balancer = match balancer(inputs, client, d.backend) {
-        Ok(b) => b,
-        Err(resp) => return (resp, None),
-    };
     let timeouts = d.rule.as_ref().map(|r| r.timeouts).unwrap_or_default();
     let limit = match (timeouts.request, timeouts.backend_request) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -353,22 +338,21 @@ async fn forward(
 }
 
 /// The balancer for (source, backend), rebuilt when the backend's endpoints change.
-#[allow(clippy::result_large_err)] // the Err is the response itself, returned at once
 fn balancer(
     inputs: &Arc<Inputs>,
     client: &Arc<Client>,
+    snap: &crate::state::Snapshot,
     backend: SocketAddr,
-) -> Result<Balanced, Response<RespBody>> {
-    let snap = inputs.state.snapshot();
+) -> Result<Balanced, Answer> {
     let Some(svc) = snap.services.get(&backend).cloned() else {
-        return Err(local_response(
+        return Err(answer(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_service",
             "the backend service is no longer in the mesh",
         ));
     };
     if svc.endpoints.is_empty() {
-        return Err(local_response(
+        return Err(answer(
             StatusCode::SERVICE_UNAVAILABLE,
             route::NO_ENDPOINTS,
             &format!("service {}/{} has no endpoints", svc.namespace, svc.name),
@@ -380,13 +364,15 @@ fn balancer(
         backend,
         h2,
     };
-    let addrs: Vec<SocketAddr> = svc.endpoints.iter().map(|e| e.addr).collect();
     let mut balancers = lock(&inputs.l7.balancers);
+    // The common case, per request: the same endpoints as last time (compared, not collected).
     if let Some((eps, b)) = balancers.get(&key)
-        && *eps == addrs
+        && eps.len() == svc.endpoints.len()
+        && eps.iter().zip(&svc.endpoints).all(|(a, e)| *a == e.addr)
     {
         return Ok(b.clone());
     }
+    let addrs: Vec<SocketAddr> = svc.endpoints.iter().map(|e| e.addr).collect();
     let endpoints: Vec<_> = svc
         .endpoints
         .iter()
@@ -629,7 +615,7 @@ impl EndpointInner {
                 if self
                     .inputs
                     .identity
-                    .wait_for(src_id, SVID_WAIT)
+                    .wait_for(src_id, hbone::SVID_WAIT)
                     .await
                     .is_none()
                 {
@@ -702,6 +688,13 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.get(header::TE).is_some_and(|v| v != "trailers") {
         h.remove(header::TE);
     }
+}
+
+/// A response the proxy answers with instead of forwarding (boxed: it is the rare path).
+type Answer = Box<Response<RespBody>>;
+
+fn answer(status: StatusCode, reason: &str, detail: &str) -> Answer {
+    Box::new(local_response(status, reason, detail))
 }
 
 /// A response the proxy makes itself, with its reason in `x-nodemesh-error`.

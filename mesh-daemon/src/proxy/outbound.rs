@@ -10,7 +10,6 @@
 use std::{
     net::{Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use bytes::BytesMut;
@@ -28,10 +27,8 @@ use super::{
     hbone, http,
     relay::relay,
     route::{self, Destination, Route},
+    upstream::Upstream,
 };
-
-/// How long a connection waits for its source workload's first SVID.
-const SVID_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -253,51 +250,24 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         bytes,
         reason,
     };
-    let result = match decision {
+    // Open the upstream: one TCP hop (same node, or outside the mesh) or an HBONE tunnel.
+    let opened = match decision {
         Route::Refuse(reason) => {
             warn!(%peer, dst = %orig, reason, "no route for captured connection");
             refuse(&inputs, client, reason);
             return;
         }
-        // Same node, or outside the mesh: one TCP hop. Local pods are reached from the mesh
-        // source (what STRICT pods accept); other destinations from the node's own address.
+        // Local pods are reached from the mesh source (what STRICT pods accept); other
+        // destinations from the node's own address.
         Route::Local { target, .. } | Route::Passthrough(target) => {
             let source = if local { source_ip } else { None };
-            match crate::socket::connect_marked(target, inputs.proxy_mark, source).await {
-                Ok(mut upstream) => {
-                    mark_endpoint(&inputs, &picked, true);
-                    if keep_detecting
-                        && let Some(protocol) = keep_listening(
-                            &inputs,
-                            &mut client,
-                            &mut early,
-                            &mut upstream,
-                            &mut pre.1,
-                        )
-                        .await
-                    {
-                        drop(upstream);
-                        serve_http(&inputs, client, early, &src, orig, protocol).await;
-                        return;
-                    }
-                    if let Err(e) = replay(&mut early, &mut upstream, &mut pre.0).await {
-                        debug!(%peer, error = %e, "connection failed while replaying its first bytes");
-                        return;
-                    }
-                    inputs.metrics.opened(&labels);
-                    inputs.tap("open", &labels, hop(None, None));
-                    match inputs.splice.as_deref().filter(|_| local) {
-                        Some(maps) => relay_local(&inputs, maps, &mut client, &mut upstream).await,
-                        None => relay(&mut client, &mut upstream, inputs.drain.deadline()).await,
-                    }
-                }
-                Err(e) => {
+            crate::socket::connect_marked(target, inputs.proxy_mark, source)
+                .await
+                .map(Upstream::Tcp)
+                .map_err(|e| {
                     warn!(%target, error = %e, "upstream refused the connection");
-                    mark_endpoint(&inputs, &picked, false);
-                    refuse(&inputs, client, "upstream_refused");
-                    return;
-                }
-            }
+                    "upstream_refused"
+                })
         }
         Route::Remote {
             via,
@@ -306,7 +276,12 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         } => {
             // The tunnel speaks as the source workload; a pod's first connection may arrive before
             // its first certificate, so wait briefly rather than refuse.
-            if inputs.identity.wait_for(&src_id, SVID_WAIT).await.is_none() {
+            if inputs
+                .identity
+                .wait_for(&src_id, hbone::SVID_WAIT)
+                .await
+                .is_none()
+            {
                 warn!(%peer, source = %src_id, "no SVID for the source workload yet (is the CA reachable?): refusing rather than sending plaintext");
                 refuse(&inputs, client, "no_certificate");
                 return;
@@ -317,39 +292,46 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 source_workload: &src.display(),
                 destination: &dst_id,
             };
-            match inputs.hbone.connect(via, target, ends).await {
-                Ok(mut tunnel) => {
-                    mark_endpoint(&inputs, &picked, true);
-                    if keep_detecting
-                        && let Some(protocol) = keep_listening(
-                            &inputs,
-                            &mut client,
-                            &mut early,
-                            &mut tunnel,
-                            &mut pre.1,
-                        )
-                        .await
-                    {
-                        drop(tunnel);
-                        serve_http(&inputs, client, early, &src, orig, protocol).await;
-                        return;
-                    }
-                    if let Err(e) = replay(&mut early, &mut tunnel, &mut pre.0).await {
-                        debug!(%peer, error = %e, "connection failed while replaying its first bytes");
-                        return;
-                    }
-                    inputs.metrics.opened(&labels);
-                    inputs.tap("open", &labels, hop(None, None));
-                    relay(&mut client, &mut tunnel, inputs.drain.deadline()).await
-                }
-                Err(e) => {
+            inputs
+                .hbone
+                .connect(via, target, ends)
+                .await
+                .map(Upstream::Tunnel)
+                .map_err(|e| {
                     warn!(%target, error = %e, "HBONE tunnel failed");
-                    mark_endpoint(&inputs, &picked, false);
-                    refuse(&inputs, client, e.reason());
-                    return;
-                }
-            }
+                    e.reason()
+                })
         }
+    };
+    let mut upstream = match opened {
+        Ok(u) => u,
+        Err(reason) => {
+            mark_endpoint(&inputs, &picked, false);
+            refuse(&inputs, client, reason);
+            return;
+        }
+    };
+    mark_endpoint(&inputs, &picked, true);
+    // A client silent through detection's grace period: its bytes, the server's greeting or the
+    // timeout decide now; HTTP goes to L7 and the spare upstream is dropped.
+    if keep_detecting
+        && let Some(protocol) =
+            keep_listening(&inputs, &mut client, &mut early, &mut upstream, &mut pre.1).await
+    {
+        drop(upstream);
+        serve_http(&inputs, client, early, &src, orig, protocol).await;
+        return;
+    }
+    if let Err(e) = replay(&mut early, &mut upstream, &mut pre.0).await {
+        debug!(%peer, error = %e, "connection failed while replaying its first bytes");
+        return;
+    }
+    inputs.metrics.opened(&labels);
+    inputs.tap("open", &labels, hop(None, None));
+    let result = match (&mut upstream, inputs.splice.as_deref().filter(|_| local)) {
+        // Same node with --sockmap on: the kernel splices the proxy's two sockets.
+        (Upstream::Tcp(tcp), Some(maps)) => relay_local(&inputs, maps, &mut client, tcp).await,
+        _ => relay(&mut client, &mut upstream, inputs.drain.deadline()).await,
     };
     let result = result.map(|(sent, received)| (sent + pre.0, received + pre.1));
     match &result {

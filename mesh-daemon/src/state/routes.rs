@@ -203,6 +203,16 @@ pub struct RequestView<'a> {
 }
 
 impl Match {
+    /// What a rule without `matches` matches: every request (a `/` prefix).
+    pub fn everything() -> Self {
+        Self {
+            path: PathMatch::Prefix("/".into()),
+            method: None,
+            headers: vec![],
+            query: vec![],
+        }
+    }
+
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
         let path_ok = match &self.path {
             PathMatch::Exact(p) => req.path == p,
@@ -261,19 +271,17 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// The first value of query parameter `name`, percent-decoded (`+` is a space).
+/// The first value of query parameter `name`, decoded as a form (`+` is a space) with the
+/// decoder `/tap` uses; a badly encoded parameter matches nothing.
 fn query_first(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k) == name).then(|| decode(v))
+        if crate::tap::percent_decode(k)? == name {
+            crate::tap::percent_decode(v)
+        } else {
+            None
+        }
     })
-}
-
-fn decode(s: &str) -> String {
-    let s = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&s)
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 #[derive(Debug)]
@@ -678,6 +686,23 @@ macro_rules! ref_of {
     };
 }
 
+/// A rule's backendRefs of any route kind: (the ref, its weight, whether it has filters).
+macro_rules! backend_refs_of {
+    ($r:expr) => {
+        $r.backend_refs
+            .iter()
+            .flatten()
+            .map(|b| {
+                (
+                    ref_of!(b),
+                    b.weight,
+                    b.filters.as_ref().is_some_and(|f| !f.is_empty()),
+                )
+            })
+            .collect()
+    };
+}
+
 fn modifier(
     what: &str,
     set: Vec<(&str, &str)>,
@@ -747,40 +772,18 @@ fn compile_http<'a>(
     )?;
     let mut rules = Vec::new();
     for (ri, r) in spec.rules.iter().flatten().enumerate() {
-        let what = format!("rule {}", r.name.clone().unwrap_or_else(|| ri.to_string()));
+        let name = r.name.clone().unwrap_or_else(|| ri.to_string());
+        let what = format!("rule {name}");
         let matches: Vec<Match> = match r.matches.as_deref() {
-            None | Some([]) => vec![Match {
-                path: PathMatch::Prefix("/".into()),
-                method: None,
-                headers: vec![],
-                query: vec![],
-            }],
+            None | Some([]) => vec![Match::everything()],
             Some(ms) => ms
                 .iter()
                 .map(|m| http_match(&what, m))
                 .collect::<Result<_, _>>()?,
         };
-        let backends = backends(
-            route,
-            r.backend_refs
-                .iter()
-                .flatten()
-                .map(|b| {
-                    (
-                        ref_of!(b),
-                        b.weight,
-                        b.filters.as_ref().is_some_and(|f| !f.is_empty()),
-                    )
-                })
-                .collect(),
-            service,
-        )
-        .map_err(|e| format!("{what}: {e}"))?;
-        let mut rule = Rule::new(
-            route,
-            r.name.clone().unwrap_or_else(|| ri.to_string()),
-            backends,
-        );
+        let backends =
+            backends(route, backend_refs_of!(r), service).map_err(|e| format!("{what}: {e}"))?;
+        let mut rule = Rule::new(route, name, backends);
         for f in r.filters.iter().flatten() {
             http_filter(&what, f, &matches, &mut rule)?;
         }
@@ -1047,40 +1050,18 @@ fn compile_grpc<'a>(
     )?;
     let mut rules = Vec::new();
     for (ri, r) in spec.rules.iter().flatten().enumerate() {
-        let what = format!("rule {}", r.name.clone().unwrap_or_else(|| ri.to_string()));
+        let name = r.name.clone().unwrap_or_else(|| ri.to_string());
+        let what = format!("rule {name}");
         let matches: Vec<Match> = match r.matches.as_deref() {
-            None | Some([]) => vec![Match {
-                path: PathMatch::Prefix("/".into()),
-                method: None,
-                headers: vec![],
-                query: vec![],
-            }],
+            None | Some([]) => vec![Match::everything()],
             Some(ms) => ms
                 .iter()
                 .map(|m| grpc_match(&what, m))
                 .collect::<Result<_, _>>()?,
         };
-        let backends = backends(
-            route,
-            r.backend_refs
-                .iter()
-                .flatten()
-                .map(|b| {
-                    (
-                        ref_of!(b),
-                        b.weight,
-                        b.filters.as_ref().is_some_and(|f| !f.is_empty()),
-                    )
-                })
-                .collect(),
-            service,
-        )
-        .map_err(|e| format!("{what}: {e}"))?;
-        let mut rule = Rule::new(
-            route,
-            r.name.clone().unwrap_or_else(|| ri.to_string()),
-            backends,
-        );
+        let backends =
+            backends(route, backend_refs_of!(r), service).map_err(|e| format!("{what}: {e}"))?;
+        let mut rule = Rule::new(route, name, backends);
         for f in r.filters.iter().flatten() {
             use gr::GrpcRouteRulesFiltersType as T;
             match f.r#type {
