@@ -15,13 +15,14 @@ use std::{collections::HashMap, time::Duration};
 
 use nodemesh_tests::{
     require_root,
-    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, sample},
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, sample, wait_sample},
 };
 
 const WEB: &str = "10.96.0.20";
 const LAG: &str = "10.96.0.22";
 const GREET: &str = "10.96.0.23:25";
 const RAW: &str = "10.96.0.24:25";
+const CHAT: &str = "10.96.0.25:80";
 
 #[test]
 fn node_proxy_routes_and_balances_each_request() {
@@ -46,6 +47,7 @@ fn pods() -> Vec<PodSpec> {
         ("lag-2", "lag"),
         ("lag-slow", "lag"),
         ("greeter", "greet"),
+        ("chat", "chat"),
     ] {
         p.push(PodSpec::meshed(name, 1, app));
     }
@@ -59,6 +61,7 @@ fn services() -> Vec<ServiceSpec> {
         ServiceSpec::new("lag", LAG, 80, 8080, "lag"),
         ServiceSpec::new("greet", "10.96.0.23", 25, 2525, "greet"),
         ServiceSpec::new("raw", "10.96.0.24", 25, 2525, "greet").app_protocol("tcp"),
+        ServiceSpec::new("chat", "10.96.0.25", 80, 8080, "chat"),
     ]
 }
 
@@ -135,6 +138,7 @@ fn l7(sidecar: bool) {
         );
     }
     t.serve_with("greeter", "greet-server", 2525, &["--name", "greeter"]);
+    t.serve_with("chat", "ws-server", 8080, &["--name", "chat"]);
     // The client's proxy: its node's daemon, or its own sidecar.
     let scrape = |t: &Topology| {
         if sidecar {
@@ -278,6 +282,169 @@ fn l7(sidecar: bool) {
         ),
         1,
         "the tcp port was detected\n{metrics}"
+    );
+
+    // 6. WebSocket: the upgrade passes through L7 (detected as HTTP/1.1), then the connection is
+    //    bytes between a real client and server.
+    let (ok, out) = run(&t, &["ws-client", CHAT, "--messages", "20"]);
+    println!("WebSocket through L7: {out}");
+    assert!(
+        ok && out.contains("ws=ok status=101") && out.contains("served_by=chat"),
+        "{out}"
+    );
+    assert_eq!(
+        sample(
+            &scrape(&t),
+            "nodemesh_requests_total",
+            &[
+                ("destination_service", "demo/chat"),
+                ("response_code", "101")
+            ]
+        ),
+        1
+    );
+
+    // 7. Bad input, each while a good HTTP/2 client keeps calling the same service.
+    let p = t.pod("client");
+    let mut good = {
+        let mut cmd = std::process::Command::new(nodemesh_tests::bin("mesh-app"));
+        cmd.arg("--cgroup")
+            .arg(&p.cgroup)
+            .args(["--netns", p.ns.name(), "h2-load", &format!("{WEB}:80")])
+            .args(["--requests", "3000", "--concurrency", "2"]);
+        nodemesh_tests::process::Proc::spawn("good client", cmd)
+    };
+    let web = format!("{WEB}:80");
+    let errors = |t: &Topology, reason: &str| {
+        sample(
+            &scrape(t),
+            "nodemesh_http_errors_total",
+            &[("reporter", "outbound"), ("reason", reason)],
+        )
+    };
+    let cases: [(&str, &str, usize, &str, &str); 3] = [
+        (
+            "malformed header",
+            "GET / HTTP/1.1\\r\\nHost: web\\r\\nBad Header\\r\\n\\r\\n",
+            0,
+            "status=400",
+            "malformed",
+        ),
+        (
+            "70 KiB header",
+            "GET / HTTP/1.1\\r\\nHost: web\\r\\n\\r\\n",
+            70_000,
+            "status=431",
+            "headers_too_large",
+        ),
+        (
+            "two Content-Lengths",
+            "POST / HTTP/1.1\\r\\nHost: web\\r\\nContent-Length: 5\\r\\nContent-Length: 6\\r\\n\\r\\nhello!",
+            0,
+            "status=400",
+            "malformed",
+        ),
+    ];
+    for (what, send, big, want, reason) in cases {
+        let before = errors(&t, reason);
+        let big = big.to_string();
+        let (_, out) = run(
+            &t,
+            &[
+                "raw",
+                &web,
+                "--send",
+                send,
+                "--big-header",
+                &big,
+                "--wait-ms",
+                "3000",
+            ],
+        );
+        println!("{what}: {out}");
+        assert!(
+            out.contains(want) && out.contains("served_by=none"),
+            "{what}: want {want}, never forwarded: {out}"
+        );
+        assert!(
+            errors(&t, reason) > before,
+            "{what}: http_errors_total{{reason={reason}}} must count it"
+        );
+    }
+    // Content-Length with Transfer-Encoding: hyper's parser drops the Content-Length (RFC 9112
+    // §6.3), so the request reaches the server framed one way only (chunked), and the client's
+    // connection is closed after the answer: nothing can be smuggled behind it.
+    let (_, out) = run(
+        &t,
+        &[
+            "raw",
+            &web,
+            "--send",
+            "POST / HTTP/1.1\\r\\nHost: web\\r\\nContent-Length: 5\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n5\\r\\nhello\\r\\n0\\r\\n\\r\\nGET /smuggled HTTP/1.1\\r\\nHost: web\\r\\n\\r\\n",
+            "--wait-ms",
+            "3000",
+        ],
+    );
+    println!("Content-Length with Transfer-Encoding: {out}");
+    assert!(
+        out.contains("framing=chunked") && out.contains("closed=true"),
+        "{out}"
+    );
+    let smuggled = sample(
+        &scrape(&t),
+        "nodemesh_requests_total",
+        &[
+            ("destination_service", "demo/web"),
+            ("response_code", "404"),
+        ],
+    );
+    assert_eq!(smuggled, 0, "the request behind it was never served");
+    for (kind, count) in [("rapid-reset", "5000"), ("continuation", "20000")] {
+        let (_, out) = run(&t, &["h2-flood", &web, "--kind", kind, "--count", count]);
+        println!("HTTP/2 {kind} flood: {out}");
+        assert!(
+            out.starts_with("goaway=") || out.starts_with("closed"),
+            "{kind}: the connection must be ended: {out}"
+        );
+    }
+    let before = errors(&t, "header_timeout");
+    let (_, out) = run(
+        &t,
+        &[
+            "raw",
+            &web,
+            "--send",
+            "GET / HTTP/1.1\\r\\nHost: web\\r\\n",
+            "--wait-ms",
+            "15000",
+        ],
+    );
+    println!("slowloris (headers never end): {out}");
+    assert!(
+        out.contains("closed=true") && out.contains("served_by=none"),
+        "{out}"
+    );
+    let ms: u64 = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("after_ms="))
+        .and_then(|v| v.parse().ok())
+        .expect("after_ms");
+    assert!(
+        (9_000..14_000).contains(&ms),
+        "closed after {ms} ms, want about 10 s"
+    );
+    assert!(
+        errors(&t, "header_timeout") > before,
+        "slowloris must be counted"
+    );
+    let status = good
+        .wait_exit(Duration::from_secs(60))
+        .expect("the good client finishes");
+    let out = good.output();
+    println!("good client meanwhile: {}", out.trim());
+    assert!(
+        status.success() && out.contains("ok=3000 errors=0"),
+        "{out}"
     );
 }
 

@@ -135,7 +135,14 @@ fn http_error_reason(e: &hyper::Error) -> &'static str {
     } else if e.is_incomplete_message() {
         "incomplete"
     } else {
-        "protocol"
+        // HTTP/2: h2 ends a connection that floods it (rapid reset, CONTINUATION, too many
+        // errors) with GOAWAY(ENHANCE_YOUR_CALM).
+        let h2 = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>());
+        match h2.and_then(h2::Error::reason) {
+            Some(h2::Reason::ENHANCE_YOUR_CALM) => "h2_flood",
+            Some(_) => "h2_protocol",
+            None => "protocol",
+        }
     }
 }
 
@@ -167,7 +174,7 @@ async fn request(
     );
     let (resp, dst) = match decided {
         Err(resp) => (*resp, None),
-        Ok((d, balancer)) => forward(&client, d, balancer, req).await,
+        Ok((d, balancer)) => forward(&inputs, &client, d, balancer, req).await,
     };
     record(
         &inputs,
@@ -278,11 +285,16 @@ fn decide(
 }
 
 async fn forward(
+    inputs: &Arc<Inputs>,
     client: &Arc<Client>,
     d: Decision,
     balancer: Balanced,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> (Response<RespBody>, Option<Arc<Workload>>) {
+    // An HTTP/1.1 upgrade (WebSocket, ...): the two hop-by-hop headers that ask for it go on to
+    // the endpoint, and after its 101 the two connections are joined as bytes.
+    let upgrade = upgrade_of(req.headers());
+    let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if let Some(u) = d.parts_uri {
         parts.uri = u;
@@ -291,6 +303,7 @@ async fn forward(
         parts.headers = h;
     }
     strip_hop_by_hop(&mut parts.headers);
+    keep_upgrade(&mut parts.headers, upgrade.as_ref());
     let req = Request::from_parts(parts, body);
     let timeouts = d.rule.as_ref().map(|r| r.timeouts).unwrap_or_default();
     let limit = match (timeouts.request, timeouts.backend_request) {
@@ -317,10 +330,38 @@ async fn forward(
         None => call.await,
     };
     match result {
-        Ok(resp) => {
+        Ok(mut resp) => {
             let picked = resp.extensions().get::<Picked>().map(|p| p.0.clone());
+            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let response_upgrade = if switched {
+                upgrade_of(resp.headers())
+            } else {
+                None
+            };
+            if let (Some(client_side), true) = (client_side, switched) {
+                let endpoint_side = hyper::upgrade::on(&mut resp);
+                let deadline = inputs.drain.clone();
+                inputs.drain.spawn(async move {
+                    let joined = async {
+                        let (c, e) = tokio::try_join!(client_side, endpoint_side)?;
+                        let (mut c, mut e) = (TokioIo::new(c), TokioIo::new(e));
+                        tokio::io::copy_bidirectional(&mut c, &mut e)
+                            .await
+                            .map_err(BoxError::from)
+                    };
+                    tokio::select! {
+                        r = joined => {
+                            if let Err(e) = r {
+                                debug!(error = %e, "upgraded connection ended with an error");
+                            }
+                        }
+                        () = deadline.deadline() => {}
+                    }
+                });
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            keep_upgrade(&mut parts.headers, response_upgrade.as_ref());
             if let Some(rule) = &d.rule {
                 rule.response_headers.apply(&mut parts.headers);
             }
@@ -659,6 +700,30 @@ fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The protocol an HTTP/1.1 message asks to upgrade to (`Connection: upgrade` with `Upgrade`).
+fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let asked = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asked
+        .then(|| h.get(header::UPGRADE).cloned())
+        .flatten()
+        // An `h2c` upgrade is dropped (as linkerd2-proxy does): the connection stays HTTP/1.1 at
+        // L7 rather than becoming opaque bytes after a 101.
+        .filter(|u| !u.as_bytes().eq_ignore_ascii_case(b"h2c"))
+}
+
+/// Puts back the two hop-by-hop headers of an upgrade, which the next hop needs.
+fn keep_upgrade(h: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
+    if let Some(u) = upgrade {
+        h.insert(header::UPGRADE, u.clone());
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
 }
 
 /// RFC 9110 §7.6.1: headers for this hop only are not forwarded (`TE: trailers` is, for gRPC).

