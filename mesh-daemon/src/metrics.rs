@@ -39,6 +39,10 @@ pub struct Metrics {
     /// HTTP connections that ended in a protocol error (malformed, headers too large, header
     /// timeout), by reason.
     pub http_errors: IntCounterVec,
+    /// L7 retries by result: `retried`, or `budget_exhausted` (a retry the budget refused).
+    pub retries: IntCounterVec,
+    /// Endpoints the circuit breaker ejected (consecutive failures, or a failed probe).
+    pub ejections: IntCounterVec,
 }
 
 /// Labels of the request families, in this order.
@@ -256,6 +260,17 @@ impl Metrics {
                 "http_errors_total",
                 "HTTP connections that ended in a protocol error, by reason",
                 &["reporter", "reason"],
+            ),
+            retries: vec(
+                "request_retries_total",
+                "Requests sent again by the proxy (retried), or not because the retry budget was \
+                 spent (budget_exhausted)",
+                &["destination_service", "route", "result"],
+            ),
+            ejections: vec(
+                "endpoint_ejections_total",
+                "Endpoints the circuit breaker took out of balancing after consecutive failures",
+                &["destination_service", "destination_workload"],
             ),
             registry,
         }

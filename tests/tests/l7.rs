@@ -23,6 +23,8 @@ const LAG: &str = "10.96.0.22";
 const GREET: &str = "10.96.0.23:25";
 const RAW: &str = "10.96.0.24:25";
 const CHAT: &str = "10.96.0.25:80";
+const HALF: &str = "10.96.0.26:80";
+const FLAKY: &str = "10.96.0.27:80";
 
 #[test]
 fn node_proxy_routes_and_balances_each_request() {
@@ -48,6 +50,13 @@ fn pods() -> Vec<PodSpec> {
         ("lag-slow", "lag"),
         ("greeter", "greet"),
         ("chat", "chat"),
+        ("half-1", "half"),
+        ("half-2", "half"),
+        ("half-3", "half"),
+        ("half-bad", "half"),
+        ("flaky-1", "flaky"),
+        ("flaky-2", "flaky"),
+        ("flaky-3", "flaky"),
     ] {
         p.push(PodSpec::meshed(name, 1, app));
     }
@@ -62,6 +71,8 @@ fn services() -> Vec<ServiceSpec> {
         ServiceSpec::new("greet", "10.96.0.23", 25, 2525, "greet"),
         ServiceSpec::new("raw", "10.96.0.24", 25, 2525, "greet").app_protocol("tcp"),
         ServiceSpec::new("chat", "10.96.0.25", 80, 8080, "chat"),
+        ServiceSpec::new("half", "10.96.0.26", 80, 8080, "half"),
+        ServiceSpec::new("flaky", "10.96.0.27", 80, 8080, "flaky"),
     ]
 }
 
@@ -73,7 +84,23 @@ httpRoutes:
       parentRefs: [{ kind: Service, name: web, port: 80 }]
       rules:
         - backendRefs: [{ name: web, port: 80, weight: 90 }, { name: web-v2, port: 80, weight: 10 }]
+  - name: retry-half
+    namespace: demo
+    spec:
+      parentRefs: [{ kind: Service, name: half, port: 80 }]
+      rules:
+        - backendRefs: [{ name: half, port: 80 }]
+          retry: { attempts: 3, codes: [503], backoff: 5ms }
 ";
+
+/// Removes a file when dropped (the broken endpoint's switch).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 
 /// Runs curl in the client pod; returns how many responses each server gave.
 fn curl(t: &Topology, args: &[&str]) -> HashMap<String, u32> {
@@ -139,6 +166,26 @@ fn l7(sidecar: bool) {
     }
     t.serve_with("greeter", "greet-server", 2525, &["--name", "greeter"]);
     t.serve_with("chat", "ws-server", 8080, &["--name", "chat"]);
+    for pod in ["half-1", "half-2", "half-3", "flaky-2", "flaky-3"] {
+        t.serve_with(pod, "http-server", 8080, &["--name", pod]);
+    }
+    // half the time 503
+    t.serve_with(
+        "half-bad",
+        "http-server",
+        8080,
+        &["--name", "half-bad", "--fail-every", "2"],
+    );
+    // 500 while the file exists
+    let broken =
+        RemoveOnDrop(std::env::temp_dir().join(format!("nm-{tag}-{}-broken", std::process::id())));
+    let broken_path = broken.0.to_string_lossy().to_string();
+    t.serve_with(
+        "flaky-1",
+        "http-server",
+        8080,
+        &["--name", "flaky-1", "--fail-file", &broken_path],
+    );
     // The client's proxy: its node's daemon, or its own sidecar.
     let scrape = |t: &Topology| {
         if sidecar {
@@ -461,11 +508,93 @@ fn l7(sidecar: bool) {
         status.success() && out.contains("ok=3000 errors=0"),
         "{out}"
     );
+
+    // 8. Retries within a budget: one of four endpoints answers 503 every other time; the route
+    //    retries 503 up to 3 times.
+    let started = std::time::Instant::now();
+    let (by, errors, out) = h2_load_counts(&t, HALF, 1000, 4);
+    let secs = started.elapsed().as_secs_f64();
+    let retried = sample(
+        &scrape(&t),
+        "nodemesh_request_retries_total",
+        &[("route", "demo/retry-half"), ("result", "retried")],
+    );
+    let refused = sample(
+        &scrape(&t),
+        "nodemesh_request_retries_total",
+        &[("route", "demo/retry-half"), ("result", "budget_exhausted")],
+    );
+    println!("retries: {out} in {secs:.1} s; retried={retried} budget_exhausted={refused}; {by:?}");
+    let ok = 1000 - errors;
+    assert!(ok >= 995, "success rate {ok}/1000 is under 99.5 %: {out}");
+    assert!(retried > 0, "the failures must have been retried");
+    // The budget: 20 % of requests plus 10 per second over its 10 s window.
+    assert!(
+        retried as f64 <= 0.2 * 1000.0 + 10.0 * 10.0,
+        "{retried} retries for 1000 requests is over the budget"
+    );
+
+    // 9. Circuit breaking: an endpoint that fails every request is ejected after 5 in a row;
+    //    within 1 s its traffic is on the healthy ones; after it recovers it is probed and
+    //    served again.
+    let _ = h2_load(&t, FLAKY, 30, 1);
+    std::fs::write(&broken.0, b"broken").expect("break flaky-1");
+    let (by, errors, _) = h2_load_counts(&t, FLAKY, 200, 2);
+    println!("flaky-1 breaks: {errors} failed of 200 before its ejection: {by:?}");
+    let ejections = sample(
+        &scrape(&t),
+        "nodemesh_endpoint_ejections_total",
+        &[("destination_workload", "flaky-1")],
+    );
+    assert!(ejections >= 1, "flaky-1 must be ejected");
+    assert!(
+        errors <= 10,
+        "{errors} failures: the breaker must eject after 5 in a row (plus those in flight)"
+    );
+    let (by, errors, _) = h2_load_counts(&t, FLAKY, 300, 2);
+    println!("while ejected: {by:?}");
+    let to_broken = by.get("flaky-1!").copied().unwrap_or(0);
+    assert!(
+        errors <= 2 && to_broken <= 2,
+        "an ejected endpoint gets at most a probe: {by:?}"
+    );
+    std::fs::remove_file(&broken.0).expect("repair flaky-1");
+    let repaired = std::time::Instant::now();
+    let back = loop {
+        let (by, _, _) = h2_load_counts(&t, FLAKY, 90, 2);
+        let n = by.get("flaky-1").copied().unwrap_or(0);
+        if n >= 15 {
+            break by;
+        }
+        assert!(
+            repaired.elapsed() < Duration::from_secs(20),
+            "flaky-1 never got traffic again: {by:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "flaky-1 repaired, probed and back after {:.1} s: {back:?}",
+        repaired.elapsed().as_secs_f64()
+    );
 }
 
-/// Runs mesh-app's HTTP/2 client (one connection) in the client pod; responses by server.
+/// Runs mesh-app's HTTP/2 client (one connection) in the client pod; responses by server, which
+/// must all succeed.
 fn h2_load(t: &Topology, addr: &str, requests: usize, concurrency: usize) -> HashMap<String, u32> {
-    let (ok, out) = run(
+    let (by, errors, out) = h2_load_counts(t, addr, requests, concurrency);
+    assert_eq!(errors, 0, "h2-load failed: {out}");
+    by
+}
+
+/// [`h2_load`] where requests may fail: (good answers by server, with `name!` for a server's
+/// failed answers; failures; the output line).
+fn h2_load_counts(
+    t: &Topology,
+    addr: &str,
+    requests: usize,
+    concurrency: usize,
+) -> (HashMap<String, u32>, u32, String) {
+    let (_, out) = run(
         t,
         &[
             "h2-load",
@@ -476,14 +605,21 @@ fn h2_load(t: &Topology, addr: &str, requests: usize, concurrency: usize) -> Has
             &concurrency.to_string(),
         ],
     );
-    assert!(ok && out.contains("errors=0"), "h2-load failed: {out}");
-    out.split("served=")
+    assert!(out.starts_with("ok="), "h2-load did not run: {out}");
+    let errors = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("errors="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX);
+    let by = out
+        .split("served=")
         .nth(1)
         .unwrap_or_default()
         .split(',')
         .filter_map(|kv| kv.split_once(':'))
         .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
-        .collect()
+        .collect();
+    (by, errors, out)
 }
 
 fn run(t: &Topology, args: &[&str]) -> (bool, String) {

@@ -22,9 +22,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower::{
@@ -45,7 +45,10 @@ use crate::{
     state::{Service as MeshService, Workload, routes},
 };
 
-use super::l7cache::{Balanced, BalancerKey, BoxError, BoxFuture, Pool, PoolKey, lock};
+use super::l7cache::{
+    Backend, Balanced, BalancerKey, BoxError, BoxFuture, Pool, PoolKey, ReqBody, lock,
+};
+use tower::retry::budget::{Budget, TpsBudget};
 pub type RespBody = BoxBody<Bytes, hyper::Error>;
 
 use super::hbone::ERROR_HEADER;
@@ -174,7 +177,17 @@ async fn request(
     );
     let (resp, dst) = match decided {
         Err(resp) => (*resp, None),
-        Ok((d, balancer)) => forward(&inputs, &client, d, balancer, req).await,
+        Ok((d, backend)) => {
+            forward(
+                &inputs,
+                &client,
+                d,
+                backend,
+                (&service_label, &route_label),
+                req,
+            )
+            .await
+        }
     };
     record(
         &inputs,
@@ -288,9 +301,11 @@ async fn forward(
     inputs: &Arc<Inputs>,
     client: &Arc<Client>,
     d: Decision,
-    balancer: Balanced,
+    backend: Arc<BackendRef>,
+    labels: (&str, &str),
     mut req: Request<Incoming>,
 ) -> (Response<RespBody>, Option<Arc<Workload>>) {
+    let (service_label, route_label) = labels;
     // An HTTP/1.1 upgrade (WebSocket, ...): the two hop-by-hop headers that ask for it go on to
     // the endpoint, and after its 101 the two connections are joined as bytes.
     let upgrade = upgrade_of(req.headers());
@@ -304,30 +319,114 @@ async fn forward(
     }
     strip_hop_by_hop(&mut parts.headers);
     keep_upgrade(&mut parts.headers, upgrade.as_ref());
-    let req = Request::from_parts(parts, body);
     let timeouts = d.rule.as_ref().map(|r| r.timeouts).unwrap_or_default();
-    let limit = match (timeouts.request, timeouts.backend_request) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    // Boxed with its concrete type: the buffer's future otherwise defeats the Send check of
-    // hyper's HTTP/2 executor (a higher-ranked lifetime in the error conversion).
-    let call: BoxFuture<Result<Response<Incoming>, BoxError>> = Box::pin(balancer.oneshot(req));
-    let result = match limit {
-        Some(t) => match tokio::time::timeout(t, call).await {
-            Ok(r) => r,
-            Err(_) => {
+    let policy = d.rule.as_ref().and_then(|r| r.retry.as_ref());
+    // What may be sent again: a body kept in memory. Without a route's retry policy only a
+    // request without a body is, and only when no connection could be made (it never reached
+    // the app); with one, an idempotent request whose body is at most MAX_REPLAY is kept and
+    // retried on the policy's status codes too. Upgrades and bigger bodies stream, once.
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    let keep = upgrade.is_none()
+        && (body.is_end_stream() || (policy.is_some() && idempotent && small(&parts.headers)));
+    let (replay, mut stream) = if !keep {
+        (None, Some(body.boxed()))
+    } else if body.is_end_stream() {
+        (Some(Bytes::new()), None)
+    } else {
+        match http_body_util::Limited::new(body, MAX_REPLAY)
+            .collect()
+            .await
+        {
+            Ok(c) => (Some(c.to_bytes()), None),
+            Err(e) => {
                 return (
                     local_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        "the route's timeout passed before the backend answered",
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        &format!("the request body could not be read: {e}"),
                     ),
                     None,
                 );
             }
-        },
-        None => call.await,
+        }
+    };
+    let status_retries = policy.is_some() && idempotent;
+    let (max_retries, codes, backoff) = match policy {
+        Some(p) => (
+            p.attempts,
+            p.codes.as_slice(),
+            p.backoff.unwrap_or(RETRY_BACKOFF),
+        ),
+        None => (1, &[][..], RETRY_BACKOFF),
+    };
+    let budget = backend.budget.clone();
+    let run = async {
+        budget.deposit();
+        let body = |stream: &mut Option<ReqBody>| match &replay {
+            Some(b) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
+            None => stream.take().unwrap_or_else(|| {
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed()
+            }),
+        };
+        let mut outcome = attempt(
+            &backend.balancer,
+            &parts,
+            body(&mut stream),
+            timeouts.backend_request,
+        )
+        .await;
+        let mut retried = 0;
+        while replay.is_some() && retried < max_retries && outcome.retryable(status_retries, codes)
+        {
+            if !budget.withdraw() {
+                inputs
+                    .metrics
+                    .retries
+                    .with_label_values(&[service_label, route_label, "budget_exhausted"])
+                    .inc();
+                break;
+            }
+            inputs
+                .metrics
+                .retries
+                .with_label_values(&[service_label, route_label, "retried"])
+                .inc();
+            tokio::time::sleep((backoff * 2u32.pow(retried.min(6))).min(MAX_RETRY_BACKOFF)).await;
+            retried += 1;
+            outcome = attempt(
+                &backend.balancer,
+                &parts,
+                body(&mut stream),
+                timeouts.backend_request,
+            )
+            .await;
+        }
+        outcome
+    };
+    let outcome = match timeouts.request {
+        Some(t) => tokio::time::timeout(t, run)
+            .await
+            .unwrap_or(Attempt::TimedOut),
+        None => run.await,
+    };
+    let result = match outcome {
+        Attempt::Answered(r) => Ok(r),
+        Attempt::Failed(e) => Err(e),
+        Attempt::TimedOut => {
+            return (
+                local_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    "the route's timeout passed before the backend answered",
+                ),
+                None,
+            );
+        }
     };
     match result {
         Ok(mut resp) => {
@@ -378,13 +477,76 @@ async fn forward(
     }
 }
 
+/// Largest body kept in memory so a request can be retried.
+const MAX_REPLAY: usize = 64 << 10;
+/// First wait before a retry when the route gives no backoff; it doubles per retry.
+const RETRY_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Whether a body's declared length lets it be kept for a retry.
+fn small(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n <= MAX_REPLAY)
+}
+
+/// One attempt's outcome.
+enum Attempt {
+    Answered(Response<Incoming>),
+    Failed(BoxError),
+    TimedOut,
+}
+
+impl Attempt {
+    /// Worth another attempt: no connection could be made (the request never reached the app),
+    /// or (`statuses`) the endpoint answered with one of the policy's codes.
+    fn retryable(&self, statuses: bool, codes: &[u16]) -> bool {
+        match self {
+            Attempt::Answered(r) => statuses && codes.contains(&r.status().as_u16()),
+            Attempt::Failed(e) => e.downcast_ref::<Refused>().is_some_and(|r| r.retryable),
+            Attempt::TimedOut => false,
+        }
+    }
+}
+
+async fn attempt(
+    balancer: &Balanced,
+    parts: &http::request::Parts,
+    body: ReqBody,
+    limit: Option<Duration>,
+) -> Attempt {
+    let req = Request::from_parts(parts.clone(), body);
+    // Boxed with its concrete type: the buffer's future otherwise defeats the Send check of
+    // hyper's HTTP/2 executor (a higher-ranked lifetime in the error conversion).
+    let call: BoxFuture<Result<Response<Incoming>, BoxError>> =
+        Box::pin(balancer.clone().oneshot(req));
+    let r = match limit {
+        Some(t) => match tokio::time::timeout(t, call).await {
+            Ok(r) => r,
+            Err(_) => return Attempt::TimedOut,
+        },
+        None => call.await,
+    };
+    match r {
+        Ok(resp) => Attempt::Answered(resp),
+        Err(e) => Attempt::Failed(e),
+    }
+}
+
+/// A backend's balancer and retry budget, as one request uses them.
+pub struct BackendRef {
+    balancer: Balanced,
+    budget: Arc<TpsBudget>,
+}
+
 /// The balancer for (source, backend), rebuilt when the backend's endpoints change.
 fn balancer(
     inputs: &Arc<Inputs>,
     client: &Arc<Client>,
     snap: &crate::state::Snapshot,
     backend: SocketAddr,
-) -> Result<Balanced, Answer> {
+) -> Result<Arc<BackendRef>, Answer> {
     let Some(svc) = snap.services.get(&backend).cloned() else {
         return Err(answer(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -407,11 +569,17 @@ fn balancer(
     };
     let mut balancers = lock(&inputs.l7.balancers);
     // The common case, per request: the same endpoints as last time (compared, not collected).
-    if let Some((eps, b)) = balancers.get(&key)
-        && eps.len() == svc.endpoints.len()
-        && eps.iter().zip(&svc.endpoints).all(|(a, e)| *a == e.addr)
+    if let Some(b) = balancers.get(&key)
+        && b.endpoints.len() == svc.endpoints.len()
+        && b.endpoints
+            .iter()
+            .zip(&svc.endpoints)
+            .all(|(a, e)| *a == e.addr)
     {
-        return Ok(b.clone());
+        return Ok(Arc::new(BackendRef {
+            balancer: b.balancer.clone(),
+            budget: b.budget.clone(),
+        }));
     }
     let addrs: Vec<SocketAddr> = svc.endpoints.iter().map(|e| e.addr).collect();
     let endpoints: Vec<_> = svc
@@ -430,6 +598,7 @@ fn balancer(
                         pool,
                     }),
                     warming: None,
+                    ejected: None,
                 },
                 DEFAULT_RTT,
                 DECAY.as_nanos() as f64,
@@ -441,13 +610,28 @@ fn balancer(
     let boxed = tower::util::BoxService::new(balance);
     // Buffer spawns the balancer's worker; it must run on the data-plane runtime (we are on it).
     let b = Buffer::new(boxed, 1024);
-    balancers.insert(key, (addrs, b.clone()));
+    // The budget outlives a rebuild of the balancer (a change of endpoints).
+    let budget = balancers.get(&key).map_or_else(
+        || Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+        |old| old.budget.clone(),
+    );
+    balancers.insert(
+        key,
+        Backend {
+            endpoints: addrs,
+            balancer: b.clone(),
+            budget: budget.clone(),
+        },
+    );
     inputs
         .metrics
         .state_entries
         .with_label_values(&["l7_balancers"])
         .set(balancers.len() as i64);
-    Ok(b)
+    Ok(Arc::new(BackendRef {
+        balancer: b,
+        budget,
+    }))
 }
 
 fn pool(inputs: &Arc<Inputs>, client: &Client, endpoint: SocketAddr, h2: bool) -> Arc<Pool> {
@@ -476,6 +660,19 @@ struct Refused {
     status: StatusCode,
     reason: &'static str,
     detail: String,
+    /// No connection could be made, so the request never reached the app: safe to send again.
+    retryable: bool,
+}
+
+impl Refused {
+    fn connect(e: impl std::fmt::Display) -> Box<Self> {
+        Box::new(Refused {
+            status: StatusCode::BAD_GATEWAY,
+            reason: "connect_failed",
+            detail: e.to_string(),
+            retryable: true,
+        })
+    }
 }
 
 /// One endpoint, as a tower service the balancer picks among. An HTTP/2 endpoint connects in
@@ -485,6 +682,8 @@ struct Refused {
 struct Endpoint {
     inner: Arc<EndpointInner>,
     warming: Option<BoxFuture<()>>,
+    /// The end of the breaker's backoff, while ejected.
+    ejected: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 struct EndpointInner {
@@ -496,12 +695,27 @@ struct EndpointInner {
     pool: Arc<Pool>,
 }
 
-impl Service<Request<Incoming>> for Endpoint {
+impl Service<Request<ReqBody>> for Endpoint {
     type Response = Response<Incoming>;
     type Error = BoxError;
     type Future = BoxFuture<Result<Response<Incoming>, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Ejected by its breaker: not ready (the balancer picks among the others) until the
+        // backoff ends; then it takes requests again and the next result decides.
+        let ejected = lock(&self.inner.pool.breaker).ejected_until();
+        if let Some(until) = ejected {
+            let until = tokio::time::Instant::from_std(until);
+            let sleep = match &mut self.ejected {
+                Some(s) if s.deadline() == until => s,
+                slot => slot.insert(Box::pin(tokio::time::sleep_until(until))),
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.ejected = None;
+            lock(&self.inner.pool.breaker).readmit();
+        }
         if self.inner.client.protocol == Protocol::Http2 {
             if self.warming.is_none() && !self.inner.h2_live() {
                 let inner = self.inner.clone();
@@ -520,10 +734,30 @@ impl Service<Request<Incoming>> for Endpoint {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let ep = self.inner.clone();
         Box::pin(async move {
-            let mut resp = ep.send(req).await?;
+            let result = ep.send(req).await;
+            // A policy's refusal is not the endpoint's failure.
+            let ok = match &result {
+                Ok(r) => !r.status().is_server_error(),
+                Err(e) => e
+                    .downcast_ref::<Refused>()
+                    .is_some_and(|r| r.status == StatusCode::FORBIDDEN),
+            };
+            let ejected = lock(&ep.pool.breaker).record(ok, Instant::now());
+            if let Some(backoff) = ejected {
+                warn!(endpoint = %ep.target, workload = %ep.workload.display(), ?backoff, "endpoint ejected after consecutive failures; probing it again after the backoff");
+                ep.inputs
+                    .metrics
+                    .ejections
+                    .with_label_values(&[
+                        &format!("{}/{}", ep.service.namespace, ep.service.name),
+                        &ep.workload.name,
+                    ])
+                    .inc();
+            }
+            let mut resp = result?;
             resp.extensions_mut().insert(Picked(ep.workload.clone()));
             Ok(resp)
         })
@@ -542,7 +776,7 @@ impl EndpointInner {
     /// The pooled HTTP/2 connection, made if there is none (one at a time).
     async fn h2_sender(
         &self,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Incoming>, BoxError> {
+    ) -> Result<hyper::client::conn::http2::SendRequest<ReqBody>, BoxError> {
         let mut guard = self.pool.h2.lock().await;
         if let Some(s) = guard.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
@@ -558,7 +792,8 @@ impl EndpointInner {
             .initial_connection_window_size(hbone::CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADERS as u32)
             .handshake(TokioIo::new(io))
-            .await?;
+            .await
+            .map_err(Refused::connect)?;
         self.inputs.drain.spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "HTTP/2 endpoint connection ended");
@@ -568,7 +803,7 @@ impl EndpointInner {
         Ok(s)
     }
 
-    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
+    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, BoxError> {
         let snap = self.inputs.state.snapshot();
         let decision = route::route(&snap, self.target);
         // Same node: this proxy is the destination's too, and enforces its policies per request.
@@ -581,6 +816,7 @@ impl EndpointInner {
                     status: StatusCode::FORBIDDEN,
                     reason: "denied",
                     detail: r.detail,
+                    retryable: false,
                 }));
             }
         }
@@ -609,7 +845,8 @@ impl EndpointInner {
                     let (s, conn) = hyper::client::conn::http1::Builder::new()
                         .max_buf_size(MAX_HEADERS.max(8192))
                         .handshake(TokioIo::new(io))
-                        .await?;
+                        .await
+                        .map_err(Refused::connect)?;
                     self.inputs.drain.spawn(async move {
                         if let Err(e) = conn.with_upgrades().await {
                             debug!(error = %e, "HTTP/1.1 endpoint connection ended");
@@ -643,7 +880,8 @@ impl EndpointInner {
         match decision {
             Route::Local { target, .. } => {
                 let s = crate::socket::connect_marked(*target, self.inputs.proxy_mark, source_ip)
-                    .await?;
+                    .await
+                    .map_err(Refused::connect)?;
                 let _ = s.set_nodelay(true);
                 Ok(Upstream::Tcp(s))
             }
@@ -666,6 +904,7 @@ impl EndpointInner {
                         detail: format!(
                             "no SVID for {src_id} yet (is the CA reachable?): not sending plaintext"
                         ),
+                        retryable: false,
                     }));
                 }
                 let td = self.inputs.identity.trust_domain().to_string();
@@ -681,6 +920,8 @@ impl EndpointInner {
                         status: StatusCode::BAD_GATEWAY,
                         reason: e.reason(),
                         detail: e.to_string(),
+                        // The destination proxy's refusal (a policy, not a local pod) stands.
+                        retryable: !matches!(e, hbone::HboneError::Refused { .. }),
                     })),
                 }
             }
@@ -691,6 +932,7 @@ impl EndpointInner {
                     "endpoint {} of {}/{} is not a meshed pod",
                     self.target, self.service.namespace, self.service.name
                 ),
+                retryable: false,
             })),
         }
     }

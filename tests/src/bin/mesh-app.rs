@@ -49,6 +49,12 @@ enum Cmd {
         name: String,
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Every Nth request is answered 503 (0: never).
+        #[arg(long, default_value_t = 0)]
+        fail_every: u64,
+        /// While this file exists, every request is answered 500 (a broken endpoint).
+        #[arg(long)]
+        fail_file: Option<PathBuf>,
     },
     /// A server-speaks-first protocol (as SMTP or MySQL): greets each connection with
     /// `220 NAME ready`, then echoes.
@@ -186,7 +192,15 @@ fn main() -> ExitCode {
             addr,
             name,
             delay_ms,
-        } => report(http_server(addr, name, Duration::from_millis(delay_ms))),
+            fail_every,
+            fail_file,
+        } => report(http_server(
+            addr,
+            name,
+            Duration::from_millis(delay_ms),
+            fail_every,
+            fail_file,
+        )),
         Cmd::GreetServer { addr, name } => report(greet_server(addr, &name)),
         Cmd::AwaitGreeting { addr } => report(await_greeting(addr)),
         Cmd::Raw {
@@ -235,7 +249,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn http_server(addr: SocketAddr, name: String, delay: Duration) -> std::io::Result<String> {
+fn http_server(
+    addr: SocketAddr,
+    name: String,
+    delay: Duration,
+    fail_every: u64,
+    fail_file: Option<PathBuf>,
+) -> std::io::Result<String> {
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let fail_file = std::sync::Arc::new(fail_file);
     use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -249,10 +271,19 @@ fn http_server(addr: SocketAddr, name: String, delay: Duration) -> std::io::Resu
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
             let name = name.clone();
+            let (served, fail_file) = (served.clone(), fail_file.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
                         let name = name.clone();
+                        let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        let status = if fail_file.as_ref().as_ref().is_some_and(|f| f.exists()) {
+                            500
+                        } else if fail_every > 0 && n % fail_every == 0 {
+                            503
+                        } else {
+                            200
+                        };
                         // How the request was framed when it reached the server (the smuggling
                         // test): one way only, whatever the client sent.
                         let framing = if req.headers().contains_key("content-length") {
@@ -269,6 +300,8 @@ fn http_server(addr: SocketAddr, name: String, delay: Duration) -> std::io::Resu
                             let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(
                                 format!("{name}\n"),
                             )));
+                            *resp.status_mut() =
+                                hyper::StatusCode::from_u16(status).expect("a status");
                             if let Ok(v) = name.parse() {
                                 resp.headers_mut().insert("x-served-by", v);
                             }
@@ -339,7 +372,11 @@ fn h2_load(
                     .await;
                     match r {
                         Ok((true, who)) => *served.entry(who).or_default() += 1,
-                        Ok((false, _)) | Err(_) => errors += 1,
+                        Ok((false, who)) => {
+                            errors += 1;
+                            *served.entry(format!("{who}!")).or_default() += 1;
+                        }
+                        Err(_) => errors += 1,
                     }
                 }
                 (served, errors)
@@ -354,7 +391,12 @@ fn h2_load(
             }
             errors += e;
         }
-        let ok: u32 = served.values().sum();
+        // `name!` counts a server's failed answers; `ok` only the good ones.
+        let ok: u32 = served
+            .iter()
+            .filter(|(k, _)| !k.ends_with('!'))
+            .map(|(_, v)| v)
+            .sum();
         let list: Vec<String> = served.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         Ok(format!("ok={ok} errors={errors} served={}", list.join(",")))
     })
