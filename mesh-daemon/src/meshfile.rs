@@ -35,6 +35,10 @@
 //!       - principals: [spiffe://cluster.local/ns/demo/sa/client-sa]
 //!       - namespaces: [monitoring]
 //!     ports: [7000]             # destination ports (empty: all)
+//!     to:                       # request rules (L7): any entry matches; within one, every list
+//!       - methods: [POST]
+//!         paths: [/admin, /admin/*]    # exact, prefix with a trailing *, suffix with a leading *
+//!         headers: { x-team: blue* }
 //! httpRoutes:                   # Gateway API HTTPRoutes attached to a Service (GAMMA)
 //!   - name: echo-split
 //!     namespace: demo
@@ -375,6 +379,46 @@ fn validate(f: &mut MeshFile) -> Result<(), (&'static str, String, String)> {
                 format!("policy {id}: port 0 is not a port"),
             ));
         }
+        for op in &p.to {
+            if let Some(m) = op
+                .methods
+                .iter()
+                .find(|m| http::Method::from_bytes(m.as_bytes()).is_err() || m.is_empty())
+            {
+                return Err((
+                    "authorizationPolicies",
+                    m.clone(),
+                    format!("policy {id}: {m:?} is not an HTTP method"),
+                ));
+            }
+            if let Some(path) = op.paths.iter().chain(op.headers.values()).find(|v| {
+                let inner = v
+                    .strip_suffix('*')
+                    .or_else(|| v.strip_prefix('*'))
+                    .unwrap_or(v);
+                v.is_empty() || inner.contains('*')
+            }) {
+                return Err((
+                    "authorizationPolicies",
+                    path.clone(),
+                    format!(
+                        "policy {id}: {path:?}: a path or header value is exact, a prefix ending in \
+                         `*` or a suffix starting with `*`"
+                    ),
+                ));
+            }
+            if let Some(path) = op
+                .paths
+                .iter()
+                .find(|p| !p.starts_with('/') && !p.starts_with('*'))
+            {
+                return Err((
+                    "authorizationPolicies",
+                    path.clone(),
+                    format!("policy {id}: path {path:?} must start with / (or *)"),
+                ));
+            }
+        }
     }
     f.routes = read_routes(f)?;
     crate::state::routes::compile(&f.routes, |ns, name| {
@@ -524,6 +568,27 @@ fn line_of(text: &str, section: &str, needle: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_rules_of_policies_are_checked() {
+        let with = |to: &str| {
+            format!(
+                "{GOOD}authorizationPolicies:\n  - name: p\n    namespace: demo\n    action: DENY\n    to: [{to}]\n"
+            )
+        };
+        let ok = parse(Path::new("m"), &with("{ methods: [POST], paths: [/admin, /admin/*, '*.png'], headers: { x-team: 'blue*' } }"))
+            .expect("good rules");
+        assert_eq!(ok.authorization_policies[0].to[0].paths.len(), 3);
+        for (to, needle) in [
+            ("{ methods: ['PO ST'] }", "not an HTTP method"),
+            ("{ paths: [admin] }", "must start with /"),
+            ("{ paths: ['/a*b'] }", "a prefix ending in"),
+            ("{ pathz: [/a] }", "unknown field"),
+        ] {
+            let e = parse(Path::new("m"), &with(to)).expect_err(to);
+            assert!(e.message.contains(needle), "{to}: {e}");
+        }
+    }
 
     #[test]
     fn routes_are_read_checked_and_named_by_line() {

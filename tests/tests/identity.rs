@@ -526,6 +526,7 @@ fn attacks_are_refused_and_counted_while_legitimate_traffic_flows() {
                                 source: &id("client-sa"),
                                 source_workload: "demo/client",
                                 destination: &id("server-sa"),
+                                protocol: None,
                             },
                         )
                         .await;

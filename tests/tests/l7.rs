@@ -24,6 +24,7 @@ const GREET: &str = "10.96.0.23:25";
 const RAW: &str = "10.96.0.24:25";
 const CHAT: &str = "10.96.0.25:80";
 const HALF: &str = "10.96.0.26:80";
+const WEB_DIRECT: &str = "10.96.0.28";
 const FLAKY: &str = "10.96.0.27:80";
 
 #[test]
@@ -39,7 +40,10 @@ fn sidecars_route_and_balance_each_request_the_same_way() {
 }
 
 fn pods() -> Vec<PodSpec> {
-    let mut p = vec![PodSpec::meshed("client", 0, "client")];
+    let mut p = vec![
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("client2", 0, "client2"),
+    ];
     for (name, app) in [
         ("web-1", "web"),
         ("web-2", "web"),
@@ -73,6 +77,8 @@ fn services() -> Vec<ServiceSpec> {
         ServiceSpec::new("chat", "10.96.0.25", 80, 8080, "chat"),
         ServiceSpec::new("half", "10.96.0.26", 80, 8080, "half"),
         ServiceSpec::new("flaky", "10.96.0.27", 80, 8080, "flaky"),
+        // web's pods again, without the canary route (the authorization phase)
+        ServiceSpec::new("web-direct", "10.96.0.28", 80, 8080, "web"),
     ]
 }
 
@@ -91,6 +97,13 @@ httpRoutes:
       rules:
         - backendRefs: [{ name: half, port: 80 }]
           retry: { attempts: 3, codes: [503], backoff: 5ms }
+authorizationPolicies:
+  - name: no-admin-posts-from-client
+    namespace: demo
+    selector: { app: web }
+    action: DENY
+    from: [{ principals: [spiffe://cluster.local/ns/demo/sa/client-sa] }]
+    to: [{ methods: [POST], paths: [/admin, /admin/*] }]
 ";
 
 /// Removes a file when dropped (the broken endpoint's switch).
@@ -186,6 +199,18 @@ fn l7(sidecar: bool) {
         8080,
         &["--name", "flaky-1", "--fail-file", &broken_path],
     );
+    // The destination's proxy for `web`'s pods: node 2's daemon, or (sidecars) every web pod's.
+    let scrape_dst = |t: &Topology| {
+        if sidecar {
+            ["web-1", "web-2", "web-3", "canary"]
+                .iter()
+                .map(|p| t.scrape_pod(p))
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else {
+            t.scrape(1)
+        }
+    };
     // The client's proxy: its node's daemon, or its own sidecar.
     let scrape = |t: &Topology| {
         if sidecar {
@@ -509,6 +534,55 @@ fn l7(sidecar: bool) {
         "{out}"
     );
 
+    // 10. L7 authorization at the destination: a DENY for the client's POSTs to /admin of web's
+    //     pods. (Its opaque TCP to them would be refused: a DENY about requests fails closed.)
+    let url = |path: &str| format!("http://{WEB_DIRECT}{path}");
+    let denied_before = sample(
+        &scrape_dst(&t),
+        "nodemesh_authorization_decisions_total",
+        &[
+            ("result", "deny"),
+            ("policy", "demo/no-admin-posts-from-client"),
+        ],
+    );
+    let cases = [
+        ("client", "POST", "/admin", "403"),
+        ("client", "POST", "/admin/users", "403"),
+        ("client", "GET", "/admin", "200"),
+        ("client", "GET", "/", "200"),
+        ("client", "POST", "/", "200"),
+        ("client2", "POST", "/admin", "200"),
+    ];
+    for (pod, method, path, want) in cases {
+        let got = curl_status(&t, pod, method, &url(path));
+        println!("{pod}: {method} {path} -> {got}");
+        assert_eq!(got, want, "{pod}: {method} {path}");
+    }
+    let denied = sample(
+        &scrape_dst(&t),
+        "nodemesh_authorization_decisions_total",
+        &[
+            ("result", "deny"),
+            ("policy", "demo/no-admin-posts-from-client"),
+        ],
+    );
+    assert_eq!(
+        denied - denied_before,
+        2,
+        "each denied request is counted where it was decided"
+    );
+    // The destination's request metrics (reporter="inbound") saw the same.
+    let inbound_403 = sample(
+        &scrape_dst(&t),
+        "nodemesh_requests_total",
+        &[
+            ("reporter", "inbound"),
+            ("source_workload", "client"),
+            ("response_code", "403"),
+        ],
+    );
+    assert_eq!(inbound_403, 2, "inbound request metrics");
+
     // 8. Retries within a budget: one of four endpoints answers 503 every other time; the route
     //    retries 503 up to 3 times.
     let started = std::time::Instant::now();
@@ -576,6 +650,28 @@ fn l7(sidecar: bool) {
         "flaky-1 repaired, probed and back after {:.1} s: {back:?}",
         repaired.elapsed().as_secs_f64()
     );
+}
+
+/// An HTTP/1.1 request with curl from `pod`; its status code.
+fn curl_status(t: &Topology, pod: &str, method: &str, url: &str) -> String {
+    let p = t.pod(pod);
+    let args = [
+        "exec",
+        "--",
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "10",
+        "-X",
+        method,
+        "-w",
+        "%{http_code}",
+        url,
+    ];
+    let out = nodemesh_tests::mesh_app(&p.cgroup, p.ns.name(), &args);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Runs mesh-app's HTTP/2 client (one connection) in the client pod; responses by server, which

@@ -194,6 +194,8 @@ pub struct Ends<'a> {
     pub source_workload: &'a str,
     /// The identity the destination pod must prove.
     pub destination: &'a Identity,
+    /// `http1` or `h2` when the tunnel carries L7 requests (`x-nodemesh-protocol`); None: bytes.
+    pub protocol: Option<&'static str>,
 }
 
 impl Client {
@@ -224,10 +226,14 @@ impl Client {
         let mut failed = None;
         for fresh in [false, true] {
             let (sender, generation) = self.sender(&key, failed).await?;
-            let req = Request::builder()
+            let mut req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
-                .header(SOURCE_HEADER, ends.source_workload)
+                .header(SOURCE_HEADER, ends.source_workload);
+            if let Some(p) = ends.protocol {
+                req = req.header(super::route::PROTOCOL_HEADER, p);
+            }
+            let req = req
                 .body(())
                 .expect("a CONNECT request to a socket address is valid");
             let sent = match sender.ready().await {

@@ -36,6 +36,7 @@ use tracing::{debug, warn};
 use super::{
     Inputs,
     detect::Protocol,
+    h2::H2Stream,
     hbone,
     route::{self, Route},
     upstream::{Prefixed, Upstream},
@@ -75,12 +76,34 @@ pub struct Client {
 /// Serves one client connection as HTTP until it ends. `io` replays the bytes detection read.
 pub async fn serve(inputs: Arc<Inputs>, io: Prefixed<TcpStream>, client: Client) {
     let client = Arc::new(client);
-    let h2 = client.protocol == Protocol::Http2;
     let svc = {
         let (inputs, client) = (inputs.clone(), client.clone());
         hyper::service::service_fn(move |req| request(inputs.clone(), client.clone(), req))
     };
-    let io = TokioIo::new(io);
+    let who = client.source.display();
+    serve_connection(&inputs, io, client.protocol, svc, "outbound", &who).await;
+}
+
+/// Serves one connection as HTTP of the given version until it ends or the drain's deadline;
+/// the drain sends GOAWAY (HTTP/2) or `Connection: close` (HTTP/1.1). Protocol errors are
+/// counted by reason.
+async fn serve_connection<I, S>(
+    inputs: &Inputs,
+    io: I,
+    protocol: Protocol,
+    svc: S,
+    reporter: &'static str,
+    who: &str,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<RespBody>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let drain = inputs.drain.clone();
     // One builder for both versions (hyper-util's `auto`), told the version detection found.
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -99,13 +122,16 @@ pub async fn serve(inputs: Arc<Inputs>, io: Prefixed<TcpStream>, client: Client)
         .max_local_error_reset_streams(1024)
         .initial_stream_window_size(hbone::STREAM_WINDOW)
         .initial_connection_window_size(hbone::CONNECTION_WINDOW);
-    let b = if h2 { b.http2_only() } else { b.http1_only() };
-    let conn = b.serve_connection_with_upgrades(io, svc);
+    let b = if protocol == Protocol::Http2 {
+        b.http2_only()
+    } else {
+        b.http1_only()
+    };
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
         () = drain.draining() => {
-            // HTTP/2: GOAWAY; HTTP/1.1: the response in flight gets `Connection: close`.
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 r = conn => r,
@@ -114,7 +140,7 @@ pub async fn serve(inputs: Arc<Inputs>, io: Prefixed<TcpStream>, client: Client)
         }
     };
     if let Err(e) = result {
-        debug!(source = %client.source.display(), error = %e, "HTTP connection from a client ended with an error");
+        debug!(peer = who, reporter, error = %e, "HTTP connection ended with an error");
         // auto's errors are boxed; hyper's own say which limit was hit.
         let reason = e
             .downcast_ref::<hyper::Error>()
@@ -122,9 +148,162 @@ pub async fn serve(inputs: Arc<Inputs>, io: Prefixed<TcpStream>, client: Client)
         inputs
             .metrics
             .http_errors
-            .with_label_values(&["outbound", reason])
+            .with_label_values(&[reporter, reason])
             .inc();
     }
+}
+
+/// A tunnel of requests the HBONE server admitted: who proved to send it, and the pod it is for.
+pub struct Tunnel {
+    pub source_id: Identity,
+    /// The source workload's name, when its claim checked out (else `unknown`).
+    pub source_workload: String,
+    pub dst: Arc<Workload>,
+    pub target: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// The pod's side of a tunnel of requests: one connection carries them all.
+enum PodSender {
+    H1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+/// The destination side of L7: serves a tunnel's requests to its pod over one connection, each
+/// checked against the pod's policies with its method, path and headers (L7 authorization; 403
+/// when denied) and counted with `reporter="inbound"`.
+pub async fn serve_inbound(inputs: Arc<Inputs>, tunnel: H2Stream, pod: TcpStream, t: Tunnel) {
+    let _ = pod.set_nodelay(true);
+    let io = TokioIo::new(pod);
+    let sender = if t.protocol == Protocol::Http2 {
+        let hs = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(hbone::STREAM_WINDOW)
+            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADERS as u32)
+            .handshake(io)
+            .await;
+        match hs {
+            Ok((s, conn)) => {
+                inputs.drain.spawn(async move {
+                    let _ = conn.await;
+                });
+                PodSender::H2(s)
+            }
+            Err(e) => {
+                warn!(target = %t.target, error = %e, "HTTP/2 to the pod failed");
+                return;
+            }
+        }
+    } else {
+        let hs = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(MAX_HEADERS.max(8192))
+            .handshake(io)
+            .await;
+        match hs {
+            Ok((s, conn)) => {
+                inputs.drain.spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+                PodSender::H1(tokio::sync::Mutex::new(s))
+            }
+            Err(e) => {
+                warn!(target = %t.target, error = %e, "HTTP/1.1 to the pod failed");
+                return;
+            }
+        }
+    };
+    let protocol = t.protocol;
+    let who = t.source_id.to_string();
+    let ctx = Arc::new((t, sender));
+    let svc = {
+        let inputs = inputs.clone();
+        hyper::service::service_fn(move |req| inbound_request(inputs.clone(), ctx.clone(), req))
+    };
+    serve_connection(&inputs, tunnel, protocol, svc, "inbound", &who).await;
+}
+
+async fn inbound_request(
+    inputs: Arc<Inputs>,
+    ctx: Arc<(Tunnel, PodSender)>,
+    mut req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    let (t, sender) = (&ctx.0, &ctx.1);
+    let grpc = is_grpc(req.headers());
+    let checked = {
+        let snap = inputs.state.snapshot();
+        let attrs = crate::authz::RequestAttrs {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            headers: req.headers(),
+        };
+        route::authorize(
+            &snap,
+            &t.source_id,
+            &t.dst,
+            t.target.port(),
+            crate::authz::Check::Request(&attrs),
+        )
+    };
+    inputs.count_verdict(checked.as_ref().map_or_else(|r| r.verdict.as_ref(), Some));
+    let resp = match checked {
+        Err(r) => {
+            warn!(source = %t.source_id, method = %req.method(), path = req.uri().path(), "{}", r.detail);
+            local_response(StatusCode::FORBIDDEN, "denied", &r.detail)
+        }
+        Ok(_) => {
+            let client_side = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
+            let sent = match sender {
+                PodSender::H2(s) => {
+                    let mut s = s.clone();
+                    match s.ready().await {
+                        Ok(()) => s.send_request(req).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                PodSender::H1(m) => {
+                    let mut s = m.lock().await;
+                    match s.ready().await {
+                        Ok(()) => s.send_request(req).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match sent {
+                Ok(mut resp) => {
+                    if let (Some(c), true) = (
+                        client_side,
+                        resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+                    ) {
+                        join_upgrade(&inputs, c, &mut resp);
+                    }
+                    resp.map(BodyExt::boxed)
+                }
+                Err(e) => {
+                    warn!(target = %t.target, error = %e, "request to the pod failed");
+                    local_response(StatusCode::BAD_GATEWAY, "upstream_failed", &e.to_string())
+                }
+            }
+        }
+    };
+    let src = Source {
+        workload: &t.source_workload,
+        namespace: &t.source_id.namespace,
+        principal: &t.source_id,
+    };
+    record(
+        &inputs,
+        "inbound",
+        &src,
+        "unknown",
+        "",
+        Some(&t.dst),
+        &resp,
+        grpc,
+        start,
+    );
+    Ok(resp)
 }
 
 /// A bounded reason for a client connection's protocol error.
@@ -189,9 +368,15 @@ async fn request(
             .await
         }
     };
+    let src = Source {
+        workload: &client.source.name,
+        namespace: &client.source.namespace,
+        principal: &client.source_id,
+    };
     record(
         &inputs,
-        &client,
+        "outbound",
+        &src,
         &service_label,
         &route_label,
         dst.as_deref(),
@@ -438,25 +623,7 @@ async fn forward(
                 None
             };
             if let (Some(client_side), true) = (client_side, switched) {
-                let endpoint_side = hyper::upgrade::on(&mut resp);
-                let deadline = inputs.drain.clone();
-                inputs.drain.spawn(async move {
-                    let joined = async {
-                        let (c, e) = tokio::try_join!(client_side, endpoint_side)?;
-                        let (mut c, mut e) = (TokioIo::new(c), TokioIo::new(e));
-                        tokio::io::copy_bidirectional(&mut c, &mut e)
-                            .await
-                            .map_err(BoxError::from)
-                    };
-                    tokio::select! {
-                        r = joined => {
-                            if let Err(e) = r {
-                                debug!(error = %e, "upgraded connection ended with an error");
-                            }
-                        }
-                        () = deadline.deadline() => {}
-                    }
-                });
+                join_upgrade(inputs, client_side, &mut resp);
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -808,7 +975,18 @@ impl EndpointInner {
         let decision = route::route(&snap, self.target);
         // Same node: this proxy is the destination's too, and enforces its policies per request.
         if let Route::Local { target, workload } = &decision {
-            let checked = route::authorize(&snap, &self.client.source_id, workload, target.port());
+            let attrs = crate::authz::RequestAttrs {
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                headers: req.headers(),
+            };
+            let checked = route::authorize(
+                &snap,
+                &self.client.source_id,
+                workload,
+                target.port(),
+                crate::authz::Check::Request(&attrs),
+            );
             self.inputs
                 .count_verdict(checked.as_ref().map_or_else(|r| r.verdict.as_ref(), Some));
             if let Err(r) = checked {
@@ -913,6 +1091,8 @@ impl EndpointInner {
                     source: src_id,
                     source_workload: &self.client.source.display(),
                     destination: &dst_id,
+                    // The destination serves the tunnel as HTTP and checks each request.
+                    protocol: Some(self.client.protocol.label()),
                 };
                 match self.inputs.hbone.connect(*via, *target, ends).await {
                     Ok(t) => Ok(Upstream::Tunnel(t)),
@@ -942,6 +1122,34 @@ fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// After an endpoint's 101: the client's connection and the endpoint's are joined as bytes until
+/// both end (or the drain's deadline).
+fn join_upgrade(
+    inputs: &Inputs,
+    client_side: hyper::upgrade::OnUpgrade,
+    resp: &mut Response<Incoming>,
+) {
+    let endpoint_side = hyper::upgrade::on(resp);
+    let deadline = inputs.drain.clone();
+    inputs.drain.spawn(async move {
+        let joined = async {
+            let (c, e) = tokio::try_join!(client_side, endpoint_side)?;
+            let (mut c, mut e) = (TokioIo::new(c), TokioIo::new(e));
+            tokio::io::copy_bidirectional(&mut c, &mut e)
+                .await
+                .map_err(BoxError::from)
+        };
+        tokio::select! {
+            r = joined => {
+                if let Err(e) = r {
+                    debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            () = deadline.deadline() => {}
+        }
+    });
 }
 
 /// The protocol an HTTP/1.1 message asks to upgrade to (`Connection: upgrade` with `Upgrade`).
@@ -1021,10 +1229,18 @@ fn local_response(status: StatusCode, reason: &str, detail: &str) -> Response<Re
     resp
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Who sent a request, for its metrics: workload name, namespace, principal.
+struct Source<'a> {
+    workload: &'a str,
+    namespace: &'a str,
+    principal: &'a Identity,
+}
+
+#[allow(clippy::too_many_arguments)] // each is one label group of the request families
 fn record(
     inputs: &Inputs,
-    client: &Client,
+    reporter: &str,
+    src: &Source<'_>,
     service: &str,
     route: &str,
     dst: Option<&Workload>,
@@ -1045,10 +1261,10 @@ fn record(
         String::new()
     };
     let labels = [
-        "outbound".to_string(),
-        client.source.name.clone(),
-        client.source.namespace.clone(),
-        client.source_id.to_string(),
+        reporter.to_string(),
+        src.workload.to_string(),
+        src.namespace.to_string(),
+        src.principal.to_string(),
         dst.map_or("unknown".into(), |w| w.name.clone()),
         dst.map_or("unknown".into(), |w| w.namespace.clone()),
         dst.map_or("unknown".into(), |w| w.identity(td).to_string()),

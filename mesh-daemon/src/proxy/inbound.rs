@@ -257,7 +257,30 @@ async fn tunnel(
         reason,
     };
     inputs.tap("open", &labels, hop(None, None));
+    // A tunnel of requests from a source proxy's L7: served as HTTP, each request checked.
+    let protocol = match req
+        .headers()
+        .get(route::PROTOCOL_HEADER)
+        .map(|v| v.as_bytes())
+    {
+        Some(b"http1") => Some(super::detect::Protocol::Http1),
+        Some(b"h2") => Some(super::detect::Protocol::Http2),
+        _ => None,
+    };
     let mut tunnel = H2Stream::new(send, req.into_body());
+    if let Some(protocol) = protocol {
+        let t = super::http::Tunnel {
+            source_id: peer.ids.source.clone(),
+            source_workload: labels[1].clone(),
+            dst: dst.clone(),
+            target,
+            protocol,
+        };
+        super::http::serve_inbound(inputs.clone(), tunnel, pod, t).await;
+        inputs.metrics.finished(&labels, &Ok((0, 0)));
+        inputs.tap("close", &labels, hop(None, None));
+        return;
+    }
     let mut pod = pod;
     // Counted from the source's side: what it sent arrived through the tunnel.
     let r = relay(&mut pod, &mut tunnel, inputs.drain.deadline())

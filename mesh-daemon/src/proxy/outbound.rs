@@ -213,7 +213,13 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     // Same node: no HBONE hop, so this proxy is also the destination's and enforces its policies
     // here, with the identity the kernel attributed.
     if let Route::Local { target, workload } = &decision {
-        let checked = route::authorize(&snap, &src_id, workload, target.port());
+        let checked = route::authorize(
+            &snap,
+            &src_id,
+            workload,
+            target.port(),
+            crate::authz::Check::Connection { http: false },
+        );
         inputs.count_verdict(checked.as_ref().map_or_else(|r| r.verdict.as_ref(), Some));
         if let Err(r) = checked {
             let policy = r.verdict.as_ref().map_or("", |v| v.policy());
@@ -291,6 +297,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 source: &src_id,
                 source_workload: &src.display(),
                 destination: &dst_id,
+                protocol: None,
             };
             inputs
                 .hbone

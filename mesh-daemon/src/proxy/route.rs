@@ -37,6 +37,9 @@ pub const RECORD_MAX_AGE: Duration = Duration::from_secs(10);
 /// identity (namespace + service account), so the destination uses this for its workload label,
 /// and only when it names a known workload with exactly the proven identity.
 pub const SOURCE_HEADER: &str = "x-nodemesh-source-workload";
+/// Header on a CONNECT whose tunnel carries HTTP from the source proxy's L7 (`http1` or `h2`):
+/// the destination proxy serves it as HTTP too, and checks each request.
+pub const PROTOCOL_HEADER: &str = "x-nodemesh-protocol";
 
 /// Why a connection was refused: a bounded reason label (metrics, tap), the HTTP status an
 /// inbound CONNECT is answered with, the policy verdict when a policy decided it, and a sentence
@@ -229,8 +232,9 @@ pub fn authorize(
     source: &Identity,
     dst: &Workload,
     port: u16,
+    check: authz::Check<'_>,
 ) -> Result<Verdict, Refusal> {
-    let verdict = authz::authorize(&snap.policies, source, dst, port);
+    let verdict = authz::authorize(&snap.policies, source, dst, port, check);
     if verdict.allowed() {
         return Ok(verdict);
     }
@@ -319,7 +323,15 @@ pub fn admit(
             ),
         ));
     }
-    let verdict = authorize(snap, &peer.source, &dst, target.port())?;
+    // A tunnel of requests is checked per request as well (by the destination's L7).
+    let http = headers.contains_key(PROTOCOL_HEADER);
+    let verdict = authorize(
+        snap,
+        &peer.source,
+        &dst,
+        target.port(),
+        authz::Check::Connection { http },
+    )?;
     // The workload name is a claim; it is believed only when it names a workload with exactly
     // the identity the certificate proved.
     let source_workload = headers

@@ -172,6 +172,24 @@ pub struct PolicySpec {
     pub from: Vec<PolicySource>,
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Request rules (L7): any entry matches; within one, every given list must match.
+    #[serde(default)]
+    pub to: Vec<PolicyOperation>,
+}
+
+/// What a request must be for a policy's `to` rule to match (Istio's `operation`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyOperation {
+    /// HTTP methods (any).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Paths: exact, a prefix with a trailing `*`, or a suffix with a leading `*` (any).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Headers that must all be present, each with a value (same syntax as paths).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

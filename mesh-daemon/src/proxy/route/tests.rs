@@ -93,6 +93,7 @@ fn outbound(snap: &Snapshot, rec: &OrigDst) -> String {
                 &admitted.source.identity(TD),
                 &workload,
                 target.port(),
+                crate::authz::Check::Connection { http: false },
             ) {
                 Ok(_) => format!("local {target} {}", workload.name),
                 Err(r) => format!(
@@ -256,7 +257,14 @@ fn same_node_policy_denies_by_source_namespace() {
     let s = snap();
     let evil = Identity::new(TD, "evil", "e");
     let c = s.workloads_by_ip[&"10.1.1.3".parse::<IpAddr>().expect("ip")].clone();
-    let r = authorize(&s, &evil, &c, 80).expect_err("denied");
+    let r = authorize(
+        &s,
+        &evil,
+        &c,
+        80,
+        crate::authz::Check::Connection { http: false },
+    )
+    .expect_err("denied");
     assert_eq!((r.reason, r.status), ("denied", StatusCode::FORBIDDEN));
     assert_eq!(r.verdict.expect("verdict").policy(), "x/no-evil");
 }
