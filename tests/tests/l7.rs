@@ -583,6 +583,65 @@ fn l7(sidecar: bool) {
     );
     assert_eq!(inbound_403, 2, "inbound request metrics");
 
+    // 11. Bodies stream both ways: 100 MiB up and 100 MiB down through L7 (and the tunnel),
+    //     with the proxies' peak memory growing by less than 32 MiB.
+    let pids: Vec<u32> = t
+        .daemons
+        .iter()
+        .flatten()
+        .map(|p| p.pid())
+        .chain(t.sidecars.iter().map(|(_, p)| p.pid()))
+        .collect();
+    let rss0: Vec<u64> = pids
+        .iter()
+        .map(|pid| {
+            // "5" resets the peak (VmHWM) to the current RSS.
+            std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
+            proc_kib(*pid, "VmRSS:")
+        })
+        .collect();
+    const HUNDRED_MIB: u64 = 100 << 20;
+    let p = t.pod("client");
+    let upload = format!(
+        "head -c {HUNDRED_MIB} /dev/zero | curl -sS --max-time 120 -T - -w ' status=%{{http_code}}' http://{WEB_DIRECT}/upload"
+    );
+    let out =
+        nodemesh_tests::mesh_app(&p.cgroup, p.ns.name(), &["exec", "--", "sh", "-c", &upload]);
+    let up = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    println!("100 MiB upload: {up}");
+    assert!(
+        up.contains(&format!("received={HUNDRED_MIB}")) && up.contains("status=200"),
+        "{up}"
+    );
+    let out = nodemesh_tests::mesh_app(
+        &p.cgroup,
+        p.ns.name(),
+        &[
+            "exec",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "120",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{http_code}",
+            &format!("http://{WEB_DIRECT}/download?bytes={HUNDRED_MIB}"),
+        ],
+    );
+    let down = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    println!("100 MiB download: {down}");
+    assert_eq!(down, format!("{HUNDRED_MIB} 200"));
+    for (pid, rss) in pids.iter().zip(&rss0) {
+        let growth = proc_kib(*pid, "VmHWM:").saturating_sub(*rss);
+        println!("  proxy {pid}: peak RSS grew by {} KiB", growth);
+        assert!(
+            growth < 32 << 10,
+            "proxy {pid}'s peak RSS grew by {growth} KiB streaming 100 MiB"
+        );
+    }
+
     // 8. Retries within a budget: one of four endpoints answers 503 every other time; the route
     //    retries 503 up to 3 times.
     let started = std::time::Instant::now();
@@ -650,6 +709,16 @@ fn l7(sidecar: bool) {
         "flaky-1 repaired, probed and back after {:.1} s: {back:?}",
         repaired.elapsed().as_secs_f64()
     );
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// An HTTP/1.1 request with curl from `pod`; its status code.

@@ -294,12 +294,55 @@ fn http_server(
                             "none"
                         };
                         async move {
+                            use http_body_util::BodyExt;
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
                             }
-                            let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(
-                                format!("{name}\n"),
-                            )));
+                            // /upload: read the body to its end, answer `received=N`;
+                            // /download?bytes=N: stream N bytes in 64 KiB chunks.
+                            let path = req.uri().path().to_string();
+                            let query = req.uri().query().unwrap_or_default().to_string();
+                            let body = if path == "/upload" {
+                                let mut body = req.into_body();
+                                let mut n = 0u64;
+                                while let Some(frame) = body.frame().await {
+                                    match frame {
+                                        Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                                        Err(_) => break,
+                                    }
+                                }
+                                Full::new(bytes::Bytes::from(format!("received={n}\n")))
+                                    .map_err(|never| match never {})
+                                    .boxed()
+                            } else if let Some(n) = path
+                                .eq("/download")
+                                .then(|| {
+                                    query
+                                        .strip_prefix("bytes=")
+                                        .and_then(|v| v.parse::<u64>().ok())
+                                })
+                                .flatten()
+                            {
+                                let chunk = bytes::Bytes::from(vec![b'x'; 64 << 10]);
+                                let chunks = futures_util::stream::unfold(n, move |left| {
+                                    let chunk = chunk.clone();
+                                    async move {
+                                        (left > 0).then(|| {
+                                            let take = left.min(chunk.len() as u64);
+                                            let frame = hyper::body::Frame::data(
+                                                chunk.slice(..take as usize),
+                                            );
+                                            (Ok::<_, std::convert::Infallible>(frame), left - take)
+                                        })
+                                    }
+                                });
+                                http_body_util::StreamBody::new(chunks).boxed()
+                            } else {
+                                Full::new(bytes::Bytes::from(format!("{name}\n")))
+                                    .map_err(|never| match never {})
+                                    .boxed()
+                            };
+                            let mut resp = hyper::Response::new(body);
                             *resp.status_mut() =
                                 hyper::StatusCode::from_u16(status).expect("a status");
                             if let Ok(v) = name.parse() {
