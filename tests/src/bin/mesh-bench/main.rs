@@ -48,15 +48,21 @@ enum Mode {
     BaselineLocal,
     NodeLocal,
     NodeLocalSockmap,
+    /// Node mode with L7: the client calls a service VIP whose HTTPRoute is in force.
+    NodeL7,
+    /// Sidecar mode with L7, the same way.
+    SidecarL7,
 }
 
-const MODES: [Mode; 6] = [
+const MODES: [Mode; 8] = [
     Mode::Baseline,
     Mode::Sidecar,
     Mode::Node,
     Mode::BaselineLocal,
     Mode::NodeLocal,
     Mode::NodeLocalSockmap,
+    Mode::NodeL7,
+    Mode::SidecarL7,
 ];
 
 impl Mode {
@@ -68,6 +74,8 @@ impl Mode {
             Self::BaselineLocal => "baseline (same node)",
             Self::NodeLocal => "node (same node)",
             Self::NodeLocalSockmap => "node+sockmap (same node)",
+            Self::NodeL7 => "node L7",
+            Self::SidecarL7 => "sidecar L7",
         }
     }
     fn tag(self) -> &'static str {
@@ -78,7 +86,14 @@ impl Mode {
             Self::BaselineLocal => "bl",
             Self::NodeLocal => "bo",
             Self::NodeLocalSockmap => "bk",
+            Self::NodeL7 => "b7",
+            Self::SidecarL7 => "bz",
         }
+    }
+    /// Requests go to a service VIP with a route, served per request (the other modes call the
+    /// server pod's address: L4).
+    fn is_l7(self) -> bool {
+        matches!(self, Self::NodeL7 | Self::SidecarL7)
     }
     /// No mesh at all.
     fn is_baseline(self) -> bool {

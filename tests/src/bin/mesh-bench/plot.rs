@@ -14,13 +14,15 @@ use crate::{
 type Error = Box<dyn std::error::Error>;
 
 /// One colour per mode, in [`MODES`] order.
-const MODE_COLOURS: [RGBColor; 6] = [
+const MODE_COLOURS: [RGBColor; 8] = [
     RGBColor(0x88, 0x88, 0x88),
     RGBColor(0xd9, 0x5f, 0x02),
     RGBColor(0x1b, 0x9e, 0x77),
     RGBColor(0xbb, 0xbb, 0xbb),
     RGBColor(0x66, 0xa6, 0x1e),
     RGBColor(0x75, 0x70, 0xb3),
+    RGBColor(0xe7, 0x29, 0x8a),
+    RGBColor(0xa6, 0x76, 0x1d),
 ];
 
 const FONT: &str = "sans-serif";

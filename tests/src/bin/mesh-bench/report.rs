@@ -10,8 +10,9 @@ use crate::{
     measurement::Machine,
     plot,
     scenarios::{
-        CONNECT_BYTES, H2_STREAMS, LATENCY_CONNS, LATENCY_RPS, LatencyRound, MAX_CONNS, Measure,
-        Runs, ScalePoint, ScaleRound, Scenario, WARM_UP_SECS,
+        CONNECT_BYTES, H2_STREAMS, LATENCY_CONNS, LATENCY_H2_CONNS, LATENCY_H2_STREAMS,
+        LATENCY_RPS, LatencyRound, MAX_CONNS, Measure, Runs, ScalePoint, ScaleRound, Scenario,
+        WARM_UP_SECS,
     },
     statistics::{Stat, ratio},
     topology::{HOLD_CONNS, HOLD_EVERY_MS, RESPONSE_BYTES},
@@ -316,6 +317,38 @@ fn markdown(r: &Results, notes: &str) -> String {
             );
         }
     }
+    // L7 in the node proxy: what a route in force adds, against node L4 and sidecar L7.
+    for (what, runs_of) in [
+        ("HTTP/1.1", &runs.latency_http1_1000rps),
+        ("h2c", &runs.latency_h2c_1000rps),
+    ] {
+        let added = |mode| runs_of.added(mode, |x| Some(x.p99_us));
+        match (
+            added(Mode::NodeL7),
+            added(Mode::Node),
+            added(Mode::SidecarL7),
+        ) {
+            (Ok(l7), Ok(l4), Ok(s7)) => {
+                let r = l7.median / l4.median;
+                let _ = writeln!(
+                    md,
+                    "| node L7 adds at most 1.25× node L4's p99 ({what}, 1000 req/s) | node L7 +{:.0} µs, node L4 +{:.0} µs (ratio {r:.2}); against sidecar L7 +{:.0} µs: ratio {:.2} | {} |",
+                    l7.median,
+                    l4.median,
+                    s7.median,
+                    l7.median / s7.median,
+                    if r <= 1.25 { "met" } else { "**not met**" }
+                );
+            }
+            (a, b, c) => {
+                let _ = writeln!(
+                    md,
+                    "| node L7 adds at most 1.25× node L4's p99 ({what}, 1000 req/s) | {} | failed |",
+                    a.err().or(b.err()).or(c.err()).unwrap_or_default()
+                );
+            }
+        }
+    }
     // Not a target: what the same-node fast path changes, beside the relay it replaces.
     let cmp = |stat: &dyn Fn(Mode) -> Result<Stat, String>, what: &str, d: usize| match (
         stat(Mode::NodeLocalSockmap),
@@ -398,6 +431,42 @@ fn markdown(r: &Results, notes: &str) -> String {
         );
     }
     failures(&mut md, &[Scenario::Latency]);
+
+    let h2lat = &runs.latency_h2c_1000rps;
+    let _ = writeln!(
+        md,
+        "\n## Latency at a fixed {LATENCY_RPS} req/s (HTTP/2 with prior knowledge, as gRPC rides: \
+         {LATENCY_H2_CONNS} connections × {LATENCY_H2_STREAMS} streams)\n\n\
+         The L7 modes call a service VIP with an HTTPRoute in force, so every request is routed \
+         and balanced by the proxy; `node` and `sidecar` call the pod's address (L4).\n\n\
+         | mode | p50 µs | p99 µs | added p50 | added p99 | proxy CPU s / 1000 req |\n|---|---|---|---|---|---|"
+    );
+    for mode in MODES {
+        let g = |f: Measure<LatencyRound>| fmt(&h2lat.stat(mode, |x| Some(f(x))), 0);
+        let a = |f: Measure<LatencyRound>| {
+            if mode.is_baseline() {
+                "—".to_string()
+            } else {
+                fmt(&h2lat.added(mode, |x| Some(f(x))), 0)
+            }
+        };
+        let cpu = if mode.is_baseline() {
+            "—".into()
+        } else {
+            fmt(&h2lat.stat(mode, |x| x.proxy_cpu_s_per_1000_req), 3)
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            mode.name(),
+            g(p50),
+            g(p99),
+            a(p50),
+            a(p99),
+            cpu
+        );
+    }
+    failures(&mut md, &[Scenario::LatencyH2]);
 
     let _ = writeln!(
         md,

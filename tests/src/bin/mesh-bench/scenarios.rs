@@ -21,14 +21,16 @@ use crate::{
     statistics::percentile,
     stopped,
     topology::{
-        Bed, ECHO_PORT, HTTP_PORT, IPERF_PORT, ScaleBed, held, in_pod, proxies, proxies_alive,
-        scale_bed,
+        Bed, ECHO_PORT, IPERF_PORT, ScaleBed, held, in_pod, proxies, proxies_alive, scale_bed,
     },
 };
 
 /// The Istio method: 1000 req/s over 16 connections, 1 KB responses.
 pub const LATENCY_RPS: f64 = 1000.0;
 pub const LATENCY_CONNS: u32 = 16;
+/// The HTTP/2 (h2c, as gRPC rides) latency run: 1000 req/s over 4 connections of 8 streams.
+pub const LATENCY_H2_CONNS: u32 = 4;
+pub const LATENCY_H2_STREAMS: u32 = 8;
 pub const MAX_CONNS: u32 = 64;
 pub const H2_STREAMS: u32 = 10;
 /// h2load's warm-up before it starts counting, in the latency and max-rate runs.
@@ -193,6 +195,7 @@ impl<T: fmt::Debug> ByMode<T> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
     Latency,
+    LatencyH2,
     MaxRpsHttp1,
     MaxRpsHttp2,
     TcpSingleStream,
@@ -200,8 +203,9 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Latency,
+        Self::LatencyH2,
         Self::MaxRpsHttp1,
         Self::MaxRpsHttp2,
         Self::TcpSingleStream,
@@ -212,6 +216,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Self::Latency => "latency_http1_1000rps",
+            Self::LatencyH2 => "latency_h2c_1000rps",
             Self::MaxRpsHttp1 => "max_rps_http1",
             Self::MaxRpsHttp2 => "max_rps_http2",
             Self::TcpSingleStream => "tcp_single_stream",
@@ -225,6 +230,7 @@ impl Scenario {
 #[derive(Debug, Default, Serialize)]
 pub struct Runs {
     pub latency_http1_1000rps: ByMode<LatencyRound>,
+    pub latency_h2c_1000rps: ByMode<LatencyRound>,
     pub max_rps_http1: ByMode<MaxRpsRound>,
     pub max_rps_http2: ByMode<MaxRpsRound>,
     pub new_connections: ByMode<ConnRateRound>,
@@ -241,10 +247,22 @@ impl Runs {
         bed: Option<&mut Result<Bed, String>>,
         plan: &Plan,
     ) -> String {
+        // The L7 modes differ from node/sidecar only in what they do with requests.
+        if mode.is_l7()
+            && matches!(
+                scenario,
+                Scenario::TcpSingleStream | Scenario::NewConnections
+            )
+        {
+            return "not an L7 scenario".into();
+        }
         match scenario {
             Scenario::Latency => self
                 .latency_http1_1000rps
-                .record(mode, attempt(bed, |b| latency(b, plan))),
+                .record(mode, attempt(bed, |b| latency(b, plan, false))),
+            Scenario::LatencyH2 => self
+                .latency_h2c_1000rps
+                .record(mode, attempt(bed, |b| latency(b, plan, true))),
             Scenario::MaxRpsHttp1 => self
                 .max_rps_http1
                 .record(mode, attempt(bed, |b| max_rps(b, plan, false))),
@@ -264,6 +282,7 @@ impl Runs {
     pub fn failure(&self, scenario: Scenario, mode: Mode) -> Option<&str> {
         match scenario {
             Scenario::Latency => self.latency_http1_1000rps.failure(mode),
+            Scenario::LatencyH2 => self.latency_h2c_1000rps.failure(mode),
             Scenario::MaxRpsHttp1 => self.max_rps_http1.failure(mode),
             Scenario::MaxRpsHttp2 => self.max_rps_http2.failure(mode),
             Scenario::TcpSingleStream => self.tcp_single_stream.failure(mode),
@@ -292,22 +311,29 @@ fn attempt<T>(
     }
 }
 
-/// HTTP/1.1 at a fixed 1000 req/s over 16 connections, 1 KB responses; per-request latencies
-/// from h2load's log; the proxies' CPU over the run.
-fn latency(bed: &mut Bed, plan: &Plan) -> Result<LatencyRound, String> {
+/// A fixed 1000 req/s, 1 KB responses: HTTP/1.1 over 16 connections, or (`h2`) HTTP/2 with prior
+/// knowledge (as gRPC rides) over 4 connections of 8 streams; per-request latencies from
+/// h2load's log; the proxies' CPU over the run.
+fn latency(bed: &mut Bed, plan: &Plan, h2: bool) -> Result<LatencyRound, String> {
     let log = std::env::temp_dir().join(format!("mesh-bench-{}.log", bed.mode.tag()));
     let _ = std::fs::remove_file(&log);
     let pids: Vec<u32> = proxies(&bed.t).iter().map(|(_, p)| *p).collect();
     let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
     let mut cmd = in_pod(&bed.t, "client", Path::new("h2load"));
-    cmd.args(["--h1", "-t", "1"])
-        .args(["-c", &LATENCY_CONNS.to_string()])
-        .arg(format!("--rps={}", LATENCY_RPS / f64::from(LATENCY_CONNS)))
+    let conns = if h2 { LATENCY_H2_CONNS } else { LATENCY_CONNS };
+    if h2 {
+        cmd.args(["-m", &LATENCY_H2_STREAMS.to_string()]);
+    } else {
+        cmd.arg("--h1");
+    }
+    cmd.args(["-t", "1"])
+        .args(["-c", &conns.to_string()])
+        .arg(format!("--rps={}", LATENCY_RPS / f64::from(conns)))
         .args(["-D", &plan.latency_secs.to_string()])
         .args(["--warm-up-time", &WARM_UP_SECS.to_string()])
         .arg("--log-file")
         .arg(&log)
-        .arg(format!("http://{}:{HTTP_PORT}/", bed.server_ip));
+        .arg(format!("http://{}/", bed.http_addr));
     let out = run(&mut cmd)?;
     let cpu1: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
     let (ok, rps) = h2load_summary(&out)?;
@@ -339,7 +365,7 @@ fn max_rps(bed: &mut Bed, plan: &Plan, h2: bool) -> Result<MaxRpsRound, String> 
     cmd.args(["-t", "1", "-c", &MAX_CONNS.to_string()])
         .args(["-D", &plan.max_secs.to_string()])
         .args(["--warm-up-time", &WARM_UP_SECS.to_string()])
-        .arg(format!("http://{}:{HTTP_PORT}/", bed.server_ip));
+        .arg(format!("http://{}/", bed.http_addr));
     let out = run(&mut cmd)?;
     let (_, rps) = h2load_summary(&out)?;
     Ok(MaxRpsRound { rps })

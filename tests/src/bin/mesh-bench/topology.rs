@@ -11,7 +11,7 @@ use nodemesh_tests::{
     bin,
     cgroup::join_on_exec,
     process::Proc,
-    topology::{DaemonOpts, PodSpec, Topology},
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology},
 };
 
 use crate::Mode;
@@ -31,7 +31,23 @@ pub struct Bed {
     pub mode: Mode,
     pub t: Topology,
     pub server_ip: String,
+    /// Where the HTTP scenarios send requests: the server pod (L4), or the service VIP with a
+    /// route in force (L7 modes).
+    pub http_addr: String,
 }
+
+/// The L7 modes' service in front of the server pod, and its route.
+const SERVICE_VIP: &str = "10.96.0.50";
+const ROUTE: &str = "\
+httpRoutes:
+  - name: bench
+    namespace: demo
+    spec:
+      parentRefs: [{ kind: Service, name: server, port: 80 }]
+      rules:
+        - matches: [{ path: { type: PathPrefix, value: / } }]
+          backendRefs: [{ name: server, port: 80 }]
+";
 
 /// A scale topology with its clients holding connections.
 pub type ScaleBed = (Topology, Vec<Proc>);
@@ -57,20 +73,39 @@ pub fn build_bed(mode: Mode) -> Result<Bed, String> {
             ..PodSpec::meshed("server", server_node, "server")
         },
     ];
-    let mut t = Topology::build(mode.tag(), 2, &pods, &[]);
+    let services = if mode.is_l7() {
+        vec![ServiceSpec::new(
+            "server",
+            SERVICE_VIP,
+            80,
+            HTTP_PORT,
+            "server",
+        )]
+    } else {
+        vec![]
+    };
+    let mut t = Topology::build(mode.tag(), 2, &pods, &services);
     match mode {
         Mode::Baseline | Mode::BaselineLocal => {}
-        Mode::Sidecar => t.start(DaemonOpts {
+        Mode::Sidecar | Mode::SidecarL7 => t.start(DaemonOpts {
             sidecar: true,
             ..defaults()
         }),
-        Mode::Node | Mode::NodeLocal => t.start(defaults()),
+        Mode::Node | Mode::NodeLocal | Mode::NodeL7 => t.start(defaults()),
         Mode::NodeLocalSockmap => t.start(DaemonOpts {
             sockmap: true,
             ..defaults()
         }),
     }
     let server_ip = t.pod("server").ip.clone();
+    let http_addr = if mode.is_l7() {
+        t.rewrite_mesh_file(&format!("{}{ROUTE}", t.mesh_yaml(&pods, &services)));
+        // The daemons read the file once a second.
+        std::thread::sleep(Duration::from_secs(3));
+        format!("{SERVICE_VIP}:80")
+    } else {
+        format!("{server_ip}:{HTTP_PORT}")
+    };
     tune(&t);
     let upstreams: [(&str, Vec<String>, &str); 3] = [
         (
@@ -113,7 +148,12 @@ pub fn build_bed(mode: Mode) -> Result<Bed, String> {
         p.wait_for(ready, Duration::from_secs(10));
         t.servers.push(p);
     }
-    Ok(Bed { mode, t, server_ip })
+    Ok(Bed {
+        mode,
+        t,
+        server_ip,
+        http_addr,
+    })
 }
 
 /// Load generators reuse TIME_WAIT ports, and a per-node proxy reaching one pod from one mesh
