@@ -20,7 +20,8 @@ usage: cargo xtask <command>
   test    fmt check, clippy -D warnings (host and eBPF), unit tests, privileged end-to-end tests
   imports check that mesh-daemon's modules import one way (no cycle); part of `test`
   bench   measurements, medians and ratios from one run. `bench [--quick]`: baseline, sidecar,
-          node and node+sockmap side by side (h2load, iperf3; latency at 1000 req/s, max req/s,
+          node, node+sockmap and the L7 modes (node L7, sidecar L7: a route in force) side by
+          side (h2load, iperf3; latency at 1000 req/s HTTP/1.1 and h2c, max req/s,
           one TCP stream, new connections/s, memory and CPU for 1-100 pods per node); writes
           bench/results.json, bench/RESULTS.md and SVG plots (~25 min; --quick about 6).
           `bench tls` compares the rustls crypto providers; `bench scrape` measures whether
