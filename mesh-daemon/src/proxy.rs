@@ -122,6 +122,14 @@ pub async fn prune_caches(
         inputs.hbone.retain(&sources, &destinations, &proxies);
         let local_ids = snap.local_workloads().map(|w| w.id).collect();
         inputs.l7.retain(&live, &local_ids);
+        let (balancers, pools) = inputs.l7.sizes();
+        for (table, n) in [("l7_balancers", balancers), ("l7_pools", pools)] {
+            inputs
+                .metrics
+                .state_entries
+                .with_label_values(&[table])
+                .set(n as i64);
+        }
     }
 }
 

@@ -94,7 +94,8 @@ enum Cmd {
     },
     /// Sends raw bytes (`\r` and `\n` escapes understood), optionally a header of `--big-header`
     /// bytes before the final blank line, then reads until the peer closes or `--wait-ms`.
-    /// Prints `status=CODE|none closed=true|false after_ms=N served_by=NAME|none`.
+    /// Prints `status=CODE|none closed=true|false after_ms=N served_by=NAME|none framing=...
+    /// responses=N`.
     Raw {
         addr: SocketAddr,
         #[arg(long)]
@@ -249,6 +250,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime of mesh-app's async servers and clients: one worker, like a small pod.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+}
+
 fn http_server(
     addr: SocketAddr,
     name: String,
@@ -260,10 +269,7 @@ fn http_server(
     let fail_file = std::sync::Arc::new(fail_file);
     use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         println!("listening on {addr}");
@@ -372,10 +378,7 @@ fn h2_load(
 ) -> std::io::Result<String> {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async move {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let _ = stream.set_nodelay(true);
@@ -486,8 +489,9 @@ fn raw(addr: SocketAddr, send: &str, big_header: usize, wait: Duration) -> std::
             .unwrap_or("none")
             .to_string()
     };
+    let responses = text.lines().filter(|l| l.starts_with("HTTP/1.")).count();
     Ok(format!(
-        "status={status} closed={closed} after_ms={} served_by={} framing={}",
+        "status={status} closed={closed} after_ms={} served_by={} framing={} responses={responses}",
         start.elapsed().as_millis(),
         header("x-served-by: "),
         header("x-framing: "),
@@ -574,10 +578,7 @@ fn h2_flood(addr: SocketAddr, kind: &str, count: usize) -> std::io::Result<Strin
 fn ws_server(addr: SocketAddr, name: String) -> std::io::Result<String> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         println!("listening on {addr}");
