@@ -905,14 +905,23 @@ impl Service<Request<ReqBody>> for Endpoint {
         let ep = self.inner.clone();
         Box::pin(async move {
             let result = ep.send(req).await;
-            // A policy's refusal is not the endpoint's failure.
-            let ok = match &result {
-                Ok(r) => !r.status().is_server_error(),
+            // What the endpoint did: a 5xx, or no connection to it. A policy's refusal, or a stream
+            // error on a live connection (a concurrency limit, a reset under load), is not its
+            // failure; and a backend's only endpoint is never ejected (nobody would take its
+            // requests, they would wait for the backoff instead).
+            let failed = match &result {
+                Ok(r) => Some(r.status().is_server_error()),
                 Err(e) => e
                     .downcast_ref::<Refused>()
-                    .is_some_and(|r| r.status == StatusCode::FORBIDDEN),
+                    .filter(|r| r.retryable)
+                    .map(|_| true),
             };
-            let ejected = lock(&ep.pool.breaker).record(ok, Instant::now());
+            let ejected = match failed {
+                Some(failed) if ep.service.endpoints.len() > 1 => {
+                    lock(&ep.pool.breaker).record(!failed, Instant::now())
+                }
+                _ => None,
+            };
             if let Some(backoff) = ejected {
                 warn!(endpoint = %ep.target, workload = %ep.workload.display(), ?backoff, "endpoint ejected after consecutive failures; probing it again after the backoff");
                 ep.inputs
