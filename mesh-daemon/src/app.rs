@@ -160,6 +160,10 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
         .loaded
         .store(true, std::sync::atomic::Ordering::Release);
     let tap = Tap::default();
+    let access_log = match &cfg.access_log {
+        Some(path) => mesh_daemon::tap::AccessLog::open(path).map_err(anyhow::Error::msg)?,
+        None => Default::default(),
+    };
     let drain = Drain::new();
     let inputs = Arc::new(Inputs {
         orig,
@@ -171,6 +175,7 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
         identity: identity.clone(),
         tls,
         tap: tap.clone(),
+        access_log,
         splice,
         drain: drain.clone(),
         l7: Default::default(),

@@ -137,6 +137,11 @@ pub struct RunArgs {
     /// first (MySQL, SMTP) is never held back; a client silent for this long is relayed as TCP.
     #[arg(long, env = "NODEMESH_DETECT_TIMEOUT", default_value = "100ms", value_parser = identity::parse_duration)]
     pub detect_timeout: Duration,
+    /// A JSON access log: one line per L7 request (the fields `/tap` shows), to this file, or to
+    /// standard output with `-`. Written off the data path: when the disk falls behind, lines are
+    /// dropped and counted (`nodemesh_access_log_dropped_total`), requests never wait.
+    #[arg(long, env = "NODEMESH_ACCESS_LOG", value_name = "PATH|-")]
+    pub access_log: Option<PathBuf>,
 }
 
 /// `4096`, `64KiB`, `4MiB`: a size in bytes (at least 16 KiB, at most 1 GiB).
@@ -221,6 +226,7 @@ pub struct Config {
     pub l7: OnOff,
     #[serde(serialize_with = "seconds")]
     pub detect_timeout: Duration,
+    pub access_log: Option<PathBuf>,
     /// Derived: where local pods are reached from (the node's meshSource; a sidecar: 127.0.0.6).
     pub mesh_source: Ipv4Addr,
     /// Derived: which workloads this daemon serves.
@@ -384,6 +390,7 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             l7: self.l7,
             detect_timeout: self.detect_timeout,
+            access_log: self.access_log,
             mesh_source,
             scope,
             node_spec,

@@ -48,6 +48,7 @@
 //!         - matches: [{ path: { type: PathPrefix, value: /api } }]
 //!           backendRefs: [{ name: echo-v1, port: 80, weight: 90 }, { name: echo-v2, port: 80, weight: 10 }]
 //!           timeouts: { request: 5s }
+//!     rateLimit: { requestsPerSecond: 100, burst: 20 }   # optional; per client workload: 429
 //! grpcRoutes: []                # the same, with a GRPCRoute's spec
 //! ```
 
@@ -94,6 +95,37 @@ pub struct RouteSpec {
     pub name: String,
     pub namespace: String,
     pub spec: serde_norway::Value,
+    /// A local rate limit on the route's requests, per client workload (Gateway API has no such
+    /// field; in Kubernetes it will be the route's `nodemesh.io/rate-limit` annotation).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    pub requests_per_second: u32,
+    /// How many may come at once (default: one second's worth).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+impl RateLimitSpec {
+    fn check(&self) -> Result<crate::state::routes::RateLimit, String> {
+        use std::num::NonZeroU32;
+        let rps = NonZeroU32::new(self.requests_per_second).ok_or(
+            "rateLimit.requestsPerSecond is 0; give a positive rate, or remove rateLimit for no limit",
+        )?;
+        let burst = match self.burst {
+            None => rps,
+            Some(b) => NonZeroU32::new(b)
+                .ok_or("rateLimit.burst is 0: no request could ever pass; give at least 1")?,
+        };
+        Ok(crate::state::routes::RateLimit {
+            requests_per_second: rps,
+            burst,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -489,10 +521,17 @@ fn read_routes(f: &MeshFile) -> Result<Vec<RouteDesc>, (&'static str, String, St
                     }
                 )));
             }
+            let rate_limit = r
+                .rate_limit
+                .as_ref()
+                .map(RateLimitSpec::check)
+                .transpose()
+                .map_err(|m| (section, at.clone(), format!("{id}: {m}")))?;
             out.push(RouteDesc {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
                 kind,
+                rate_limit,
             });
         }
     }
@@ -627,6 +666,22 @@ mod tests {
         );
         let e = parse(Path::new("m.yaml"), &unknown_backend).expect_err("backend");
         assert!(e.message.contains("demo/echo-v9"), "{e}");
+        let limited = format!("{good}    rateLimit: {{ requestsPerSecond: 50 }}\n");
+        let f = parse(Path::new("m.yaml"), &limited).expect("a rate limit");
+        let rl = f.routes[0].rate_limit.expect("rate limit read");
+        assert_eq!((rl.requests_per_second.get(), rl.burst.get()), (50, 50));
+        for (bad, needle) in [
+            ("{ requestsPerSecond: 0 }", "requestsPerSecond is 0"),
+            ("{ requestsPerSecond: 5, burst: 0 }", "burst is 0"),
+            ("{ rps: 5 }", "unknown field"),
+        ] {
+            let e = parse(
+                Path::new("m.yaml"),
+                &format!("{good}    rateLimit: {bad}\n"),
+            )
+            .expect_err(bad);
+            assert!(e.message.contains(needle), "{bad}: {e}");
+        }
     }
 
     const GOOD: &str = "\

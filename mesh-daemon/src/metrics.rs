@@ -31,8 +31,8 @@ pub struct Metrics {
     pub state_entries: IntGaugeVec,
     /// Connections a drain ended: `finished` on their own, `reset` at the deadline.
     pub drain_connections: IntCounterVec,
-    /// HTTP/gRPC families: defined now so dashboards and `meshctl` need no change when the L7
-    /// work parses requests; no samples until then.
+    /// HTTP/gRPC requests, counted when the response ends (a gRPC status is in its trailers),
+    /// and their latency from the request's headers to the response's end.
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub protocol_detections: IntCounterVec,
@@ -43,10 +43,14 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Endpoints the circuit breaker ejected (consecutive failures, or a failed probe).
     pub ejections: IntCounterVec,
+    /// Requests a route's local rate limit refused (429 / RESOURCE_EXHAUSTED).
+    pub rate_limited: IntCounterVec,
+    /// Access-log lines dropped because the writer was behind.
+    pub access_log_dropped: IntCounter,
 }
 
 /// Labels of the request families, in this order.
-pub const REQUEST_LABELS: [&str; 11] = [
+pub const REQUEST_LABELS: [&str; 13] = [
     "reporter",
     "source_workload",
     "source_namespace",
@@ -57,6 +61,11 @@ pub const REQUEST_LABELS: [&str; 11] = [
     "destination_service",
     "route",
     "response_code",
+    // `2xx` ... `5xx`
+    "response_class",
+    // `failure`: a 5xx, a gRPC status other than OK, or a response stream that broke; else
+    // `success` (linkerd's classification)
+    "classification",
     "grpc_status",
 ];
 
@@ -240,7 +249,8 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "request_duration_seconds",
-                        "HTTP/gRPC request latency seen by the proxy, to the response's headers",
+                        "HTTP/gRPC request latency seen by the proxy, from the request's headers \
+                         to the response's end",
                     )
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -271,6 +281,20 @@ impl Metrics {
                 "endpoint_ejections_total",
                 "Endpoints the circuit breaker took out of balancing after consecutive failures",
                 &["destination_service", "destination_workload"],
+            ),
+            rate_limited: vec(
+                "requests_rate_limited_total",
+                "Requests refused by a route's local rate limit (429, or gRPC RESOURCE_EXHAUSTED), \
+                 by the client workload",
+                &["destination_service", "route", "source_workload"],
+            ),
+            access_log_dropped: reg(
+                &registry,
+                IntCounter::new(
+                    "access_log_dropped_total",
+                    "Access-log lines dropped because its writer fell behind (requests never wait)",
+                )
+                .expect("static metric definitions are valid"),
             ),
             registry,
         }

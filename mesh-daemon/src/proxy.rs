@@ -9,6 +9,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod l7cache;
+pub mod observe;
 pub mod outbound;
 pub mod relay;
 pub mod route;
@@ -33,6 +34,8 @@ pub struct Inputs {
     pub tls: tokio_rustls::TlsAcceptor,
     /// Live connection events for `/tap`.
     pub tap: crate::tap::Tap,
+    /// The JSON access log of requests (`--access-log`), if on.
+    pub access_log: crate::tap::AccessLog,
     /// The same-node fast path's maps (`--sockmap on`).
     pub splice: Option<Arc<crate::ebpf::loader::SpliceMaps>>,
     /// Connection tasks, and the signal to stop accepting and, later, to reset what is open.
@@ -76,8 +79,7 @@ impl Inputs {
             bytes_sent: hop.bytes.map(|b| b.0),
             bytes_received: hop.bytes.map(|b| b.1),
             reason: hop.reason.map(str::to_string),
-            path: None,
-            status: None,
+            http: None,
         });
     }
 }
@@ -122,6 +124,12 @@ pub async fn prune_caches(
         inputs.hbone.retain(&sources, &destinations, &proxies);
         let local_ids = snap.local_workloads().map(|w| w.id).collect();
         inputs.l7.retain(&live, &local_ids);
+        let limits = snap
+            .route_tables
+            .values()
+            .flat_map(|t| t.rate_limits())
+            .collect();
+        inputs.l7.retain_limiters(&limits);
         let (balancers, pools) = inputs.l7.sizes();
         for (table, n) in [("l7_balancers", balancers), ("l7_pools", pools)] {
             inputs

@@ -1,18 +1,20 @@
-//! Live connection events for `/tap`: the event, the fan-out to followers, and the filter.
+//! Live connection and request events for `/tap`: the event, the fan-out to followers, the
+//! filter, and the JSON access log (the same events, one line per request, to a file).
 //! A leaf: the proxy publishes here and the admin endpoint reads here, so neither imports the
 //! other.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{io::Write as _, path::Path, sync::Arc, time::SystemTime};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-/// One connection event, as `/tap` streams it (one JSON object per line).
+/// One connection or request event, as `/tap` streams it (one JSON object per line).
 #[derive(Clone, Debug, Serialize)]
 pub struct TapEvent {
     /// Unix time, seconds.
     pub ts: f64,
-    /// `open`, `close` or `refused`.
+    /// `open`, `close` or `refused` (a connection), `request` (an L7 request, once its response
+    /// ended).
     pub event: &'static str,
     pub reporter: String,
     pub source_workload: String,
@@ -33,11 +35,30 @@ pub struct TapEvent {
     pub bytes_received: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// HTTP fields, filled in once the proxy parses HTTP (the L7 work).
+    /// A request's fields (`event: request`).
+    #[serde(flatten)]
+    pub http: Option<Box<HttpEvent>>,
+}
+
+/// What a request event adds.
+#[derive(Clone, Debug, Serialize)]
+pub struct HttpEvent {
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub status: u16,
+    /// gRPC: the status from the trailers (or a trailers-only response).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
+    pub grpc_status: Option<u8>,
+    /// From the request's headers to the response's end.
+    pub latency_ms: f64,
+    /// `namespace/name` of the HTTPRoute/GRPCRoute that matched, if one did.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub http_route: String,
+    /// The destination service (`namespace/name`).
+    pub service: String,
+    /// `http1` or `h2`.
+    pub protocol: &'static str,
 }
 
 /// Fan-out of connection events to `/tap` followers. Costs a check of the follower count (a short
@@ -135,12 +156,72 @@ impl TapFilter {
             .namespace
             .as_ref()
             .is_none_or(|n| *n == e.source_namespace || *n == e.destination_namespace);
-        let path = self
-            .path
-            .as_ref()
-            .is_none_or(|p| e.path.as_ref().is_some_and(|ep| ep.starts_with(p.as_str())));
-        let status = self.status.is_none_or(|s| e.status == Some(s));
+        let path = self.path.as_ref().is_none_or(|p| {
+            e.http
+                .as_ref()
+                .is_some_and(|h| h.path.starts_with(p.as_str()))
+        });
+        let status = self
+            .status
+            .is_none_or(|s| e.http.as_ref().is_some_and(|h| h.status == s));
         wl && ns && path && status
+    }
+}
+
+/// The JSON access log: request events, one JSON object per line, written by a thread of its own
+/// so no request waits on the disk. A full queue (the disk far behind) drops lines; each is
+/// counted by the caller.
+#[derive(Clone, Default)]
+pub struct AccessLog {
+    tx: Option<tokio::sync::mpsc::Sender<Arc<TapEvent>>>,
+}
+
+impl AccessLog {
+    /// Opens (appends to) `path`, or standard output for `-`; the error names the file.
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let out: Box<dyn std::io::Write + Send> = if path == Path::new("-") {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| {
+                        format!(
+                            "--access-log {}: cannot open it for appending: {e}; give a writable \
+                             file, or - for standard output",
+                            path.display()
+                        )
+                    })?,
+            )
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Arc<TapEvent>>(8192);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let mut w = std::io::BufWriter::new(out);
+                while let Some(e) = rx.blocking_recv() {
+                    let _ = serde_json::to_writer(&mut w, &*e);
+                    let _ = w.write_all(b"\n");
+                    // Flush when caught up: lines reach the file promptly, in batches under load.
+                    if rx.is_empty() {
+                        let _ = w.flush();
+                    }
+                }
+                let _ = w.flush();
+            })
+            .map_err(|e| format!("--access-log: cannot start its writer thread: {e}"))?;
+        Ok(Self { tx: Some(tx) })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Queues a line; false when it was dropped (the writer is behind).
+    pub fn log(&self, e: Arc<TapEvent>) -> bool {
+        self.tx.as_ref().is_none_or(|tx| tx.try_send(e).is_ok())
     }
 }
 
@@ -185,8 +266,7 @@ mod tests {
             bytes_sent: None,
             bytes_received: None,
             reason: None,
-            path: None,
-            status: None,
+            http: None,
         }
     }
 
@@ -205,9 +285,26 @@ mod tests {
         assert_eq!(http.path.as_deref(), Some("/api"));
         assert!(!http.matches(&event("a", "b")), "L4 events carry no path");
         let mut e = event("a", "b");
-        e.path = Some("/api/v1".into());
-        e.status = Some(200);
+        e.event = "request";
+        e.http = Some(Box::new(HttpEvent {
+            method: "GET".into(),
+            authority: "web".into(),
+            path: "/api/v1".into(),
+            status: 200,
+            grpc_status: None,
+            latency_ms: 1.5,
+            http_route: String::new(),
+            service: "demo/web".into(),
+            protocol: "http1",
+        }));
         assert!(http.matches(&e));
+        // one flat JSON object, the request's fields beside the connection's
+        let v = serde_json::to_value(&e).expect("json");
+        assert_eq!(v["path"], "/api/v1");
+        assert_eq!(v["status"], 200);
+        assert!(v.get("http").is_none() && v.get("grpc_status").is_none());
+        e.http.as_mut().expect("http").path = "/other".into();
+        assert!(!http.matches(&e));
     }
 
     #[test]

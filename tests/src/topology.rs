@@ -121,6 +121,8 @@ pub struct DaemonOpts {
     pub sidecar: bool,
     /// `--drain-timeout` (None: the daemon's default, 30 s).
     pub drain_timeout: Option<&'static str>,
+    /// `--access-log` for every daemon and sidecar, at [`Topology::access_log`].
+    pub access_log: bool,
 }
 
 impl Default for DaemonOpts {
@@ -134,6 +136,7 @@ impl Default for DaemonOpts {
             bundle_refresh: "1s",
             sidecar: false,
             drain_timeout: None,
+            access_log: false,
         }
     }
 }
@@ -470,7 +473,16 @@ impl Topology {
             .arg(self.pin_dir(i))
             .args(["--metrics", &format!("{}:15020", n.ip)]);
         self.common_run_args(&mut d, i);
+        if self.opts.access_log {
+            d.arg("--access-log").arg(self.access_log(&n.name));
+        }
         d
+    }
+
+    /// The access log of node `name`'s daemon, or of pod `name`'s sidecar (with
+    /// `DaemonOpts::access_log`).
+    pub fn access_log(&self, name: &str) -> PathBuf {
+        self.mesh_file.with_file_name(format!("access-{name}.log"))
     }
 
     /// The flags node daemons and sidecars share (on node `node`'s token).
@@ -560,6 +572,9 @@ impl Topology {
             .arg(self.sidecar_pin_dir(&p.name))
             .args(["--metrics", &format!("{}:15020", p.ip)]);
         self.common_run_args(&mut d, p.node);
+        if self.opts.access_log {
+            d.arg("--access-log").arg(self.access_log(&p.name));
+        }
         crate::cgroup::join_on_exec(&mut d, &p.cgroup);
         d
     }

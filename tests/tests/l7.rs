@@ -4,8 +4,11 @@
 //!
 //! Node 1 holds the client; node 2 holds every server, so each endpoint of a service is as far
 //! from the client as the others (peak-EWMA then has only the servers' own speed to go by).
-//! - `web` (3 endpoints) and `web-v2` (1, the canary): one h2c connection's requests spread over
-//!   all three, then an HTTPRoute splits `web` 90/10 with `web-v2`;
+//! - `rpc` (3 gRPC endpoints, tonic): one channel's 900 calls spread over all three; unary,
+//!   server, client and bidirectional streaming RPCs, and a status in the trailers;
+//! - `web` (3 endpoints) and `web-v2` (1, the canary): an HTTPRoute splits `web` 90/10;
+//! - `limited` and `rpc-limited`: routes with a local rate limit (429 / RESOURCE_EXHAUSTED), a
+//!   bucket per client workload;
 //! - `lag` (2 fast endpoints and one 200 ms slower): the slow one gets the smallest share;
 //! - `greet` (a server that speaks first, no appProtocol) and `raw` (the same with
 //!   `appProtocol: tcp`): the greeting arrives within the detection timeout, and a tcp port is
@@ -26,6 +29,10 @@ const CHAT: &str = "10.96.0.25:80";
 const HALF: &str = "10.96.0.26:80";
 const WEB_DIRECT: &str = "10.96.0.28";
 const FLAKY: &str = "10.96.0.27:80";
+const RPC: &str = "10.96.0.30:80";
+const LIMITED: &str = "10.96.0.31";
+const RPC_LIMITED: &str = "10.96.0.32:80";
+const IDLE: &str = "10.96.0.33";
 
 #[test]
 fn node_proxy_routes_and_balances_each_request() {
@@ -61,6 +68,10 @@ fn pods() -> Vec<PodSpec> {
         ("flaky-1", "flaky"),
         ("flaky-2", "flaky"),
         ("flaky-3", "flaky"),
+        ("rpc-1", "rpc"),
+        ("rpc-2", "rpc"),
+        ("rpc-3", "rpc"),
+        ("idler", "idle"),
     ] {
         p.push(PodSpec::meshed(name, 1, app));
     }
@@ -79,6 +90,10 @@ fn services() -> Vec<ServiceSpec> {
         ServiceSpec::new("flaky", "10.96.0.27", 80, 8080, "flaky"),
         // web's pods again, without the canary route (the authorization phase)
         ServiceSpec::new("web-direct", "10.96.0.28", 80, 8080, "web"),
+        ServiceSpec::new("rpc", "10.96.0.30", 80, 8080, "rpc"),
+        ServiceSpec::new("limited", "10.96.0.31", 80, 8080, "web"),
+        ServiceSpec::new("rpc-limited", "10.96.0.32", 80, 8080, "rpc").app_protocol("grpc"),
+        ServiceSpec::new("idle", "10.96.0.33", 80, 8080, "idle"),
     ]
 }
 
@@ -97,6 +112,22 @@ httpRoutes:
       rules:
         - backendRefs: [{ name: half, port: 80 }]
           retry: { attempts: 3, codes: [503], backoff: 5ms }
+  - name: limit-web
+    namespace: demo
+    spec:
+      parentRefs: [{ kind: Service, name: limited, port: 80 }]
+      rules:
+        - backendRefs: [{ name: limited, port: 80 }]
+    rateLimit: { requestsPerSecond: 2, burst: 5 }
+grpcRoutes:
+  - name: limit-rpc
+    namespace: demo
+    spec:
+      parentRefs: [{ kind: Service, name: rpc-limited, port: 80 }]
+      rules:
+        - matches: [{ method: { service: nodemesh.test.Echo, method: Who } }]
+          backendRefs: [{ name: rpc-limited, port: 80 }]
+    rateLimit: { requestsPerSecond: 2, burst: 5 }
 authorizationPolicies:
   - name: no-admin-posts-from-client
     namespace: demo
@@ -159,6 +190,7 @@ fn l7(sidecar: bool) {
     let mut t = Topology::build(tag, 2, &pods, &services);
     t.start(DaemonOpts {
         sidecar,
+        access_log: true,
         ..DaemonOpts::default()
     });
     for (pod, delay) in [
@@ -179,6 +211,16 @@ fn l7(sidecar: bool) {
     }
     t.serve_with("greeter", "greet-server", 2525, &["--name", "greeter"]);
     t.serve_with("chat", "ws-server", 8080, &["--name", "chat"]);
+    // closes its idle keep-alive connections after 300 ms, without a word
+    t.serve_with(
+        "idler",
+        "http-server",
+        8080,
+        &["--name", "idler", "--idle-close-ms", "300"],
+    );
+    for pod in ["rpc-1", "rpc-2", "rpc-3"] {
+        t.serve_with(pod, "grpc-server", 8080, &["--name", pod]);
+    }
     for pod in ["half-1", "half-2", "half-3", "flaky-2", "flaky-3"] {
         t.serve_with(pod, "http-server", 8080, &["--name", pod]);
     }
@@ -220,39 +262,117 @@ fn l7(sidecar: bool) {
         }
     };
 
-    // 1. One h2c connection, 900 requests multiplexed on it: every endpoint serves a third.
-    let by = h2_load(&t, &format!("{WEB}:80"), 900, 8);
-    println!("h2c, one connection, 900 requests: {by:?}");
+    // 1. A gRPC client (tonic) on one channel — one HTTP/2 connection — makes 900 calls: every
+    //    endpoint serves a third (no one-connection imbalance).
+    let (_, out) = run(
+        &t,
+        &["grpc-load", RPC, "--calls", "900", "--concurrency", "8"],
+    );
+    println!("gRPC, one channel, 900 calls: {out}");
+    let by = served_by(&out);
     let metrics = scrape(&t);
     let h2_conns = sample(
         &metrics,
         "nodemesh_protocol_detections_total",
         &[("protocol", "h2")],
     );
-    assert_eq!(h2_conns, 1, "curl must have used one connection\n{metrics}");
-    if by.len() != 3 {
-        println!("{}", t.daemon(0).output());
-    }
-    for pod in ["web-1", "web-2", "web-3"] {
+    assert_eq!(
+        h2_conns, 1,
+        "the client must have used one connection\n{metrics}"
+    );
+    assert!(out.starts_with("ok=900 errors=0 "), "{out}");
+    for pod in ["rpc-1", "rpc-2", "rpc-3"] {
         let n = by.get(pod).copied().unwrap_or(0);
         assert!(
             (255..=345).contains(&n),
             "{pod} served {n} of 900 (want 33% ± 5%): {by:?}"
         );
     }
-    let served = sample(
-        &metrics,
-        "nodemesh_requests_total",
-        &[
-            ("reporter", "outbound"),
-            ("destination_service", "demo/web"),
-            ("response_code", "200"),
-        ],
+    // Counted when each response ended, with the status from its trailers.
+    let ok_calls = [
+        ("reporter", "outbound"),
+        ("destination_service", "demo/rpc"),
+        ("response_code", "200"),
+        ("grpc_status", "0"),
+        ("classification", "success"),
+    ];
+    let served = wait_sample(|| scrape(&t), "nodemesh_requests_total", &ok_calls, 900);
+    assert_eq!(served, 900, "request metrics count every call\n{metrics}");
+    // The JSON access log has a line per call, on both sides.
+    let client_log = t.access_log(if sidecar { "client" } else { &t.nodes[0].name });
+    let who_lines = || {
+        std::fs::read_to_string(&client_log)
+            .expect("the client side's access log")
+            .lines()
+            .filter(|l| l.contains("\"path\":\"/nodemesh.test.Echo/Who\""))
+            .map(str::to_string)
+            .collect::<Vec<String>>()
+    };
+    // written by the log's own thread, a moment after the request was counted
+    let waited = std::time::Instant::now();
+    let mut calls = who_lines();
+    while calls.len() < 900 && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        calls = who_lines();
+    }
+    println!(
+        "access log: {} calls, e.g. {}",
+        calls.len(),
+        calls.first().map_or("", String::as_str)
     );
+    assert_eq!(calls.len(), 900, "one access-log line per call");
+    let line: serde_json::Value = serde_json::from_str(&calls[0]).expect("JSON lines");
+    assert_eq!(line["event"], "request");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["grpc_status"], 0);
+    assert_eq!(line["source_workload"], "client");
+    assert_eq!(line["mtls"], true, "it crossed to node 2 inside HBONE");
+    assert!(
+        line["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{line}"
+    );
+
+    // 1a. A pod that closes idle keep-alive connections (as most servers do after a while): the
+    //     proxies' pooled connection to it ends with it, and the next request is served, not
+    //     answered 502 by a tunnel whose pod connection is gone.
+    for i in 0..3 {
+        assert_eq!(
+            curl_status(&t, "client", "GET", &format!("http://{IDLE}/idle{i}")),
+            "200",
+            "request {i} after the pod closed its idle connection"
+        );
+        std::thread::sleep(Duration::from_millis(800));
+    }
+
+    // 1b. /tap shows each request when its response ends: method, authority, path, status,
+    //     latency, both ends.
+    let tap_ns = if sidecar {
+        t.pod("client").ns.path()
+    } else {
+        t.nodes[0].ns.path()
+    };
+    let mut tap = {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net={}", tap_ns.display()))
+            .arg(nodemesh_tests::bin("meshctl"))
+            .args(["tap", "--path", "/tapped", "--count", "1"]);
+        nodemesh_tests::process::Proc::spawn("meshctl tap", c)
+    };
+    tap.wait_for("following", Duration::from_secs(5));
     assert_eq!(
-        served, 900,
-        "request metrics count every request\n{metrics}"
+        curl_status(&t, "client", "GET", &format!("http://{WEB}/tapped?x=1")),
+        "200"
     );
+    let line = tap.wait_for("request ", Duration::from_secs(5));
+    println!("meshctl tap: {line}");
+    for want in [
+        "demo/client -> demo/web-",
+        &format!("GET {WEB}/tapped 200 "),
+        "service=demo/web",
+        "(http1)",
+    ] {
+        assert!(line.contains(want), "want {want:?} in {line}");
+    }
 
     // 2. An HTTPRoute splits web 90/10 with the canary: 1000 HTTP/1.1 requests on keep-alive.
     let reloads = sample(
@@ -292,6 +412,70 @@ fn l7(sidecar: bool) {
         &[("route", "demo/canary")],
     );
     assert_eq!(routed, 1000, "the route names its requests");
+
+    // 2b. Local rate limits (2/s, burst 5), a bucket per client workload: 20 requests at once
+    //     from `client` get 5 to 9 answers and 429s with retry-after; `client2` keeps its own.
+    let codes = |pod: &str, n: usize| {
+        let p = t.pod(pod);
+        let script = format!(
+            "for i in $(seq {n}); do curl -s -o /dev/null -w '%{{http_code}} ' http://{LIMITED}/r$i; done; \
+             curl -s -D - -o /dev/null http://{LIMITED}/last | tr -d '\\r' | grep -i '^retry-after' || true"
+        );
+        let out =
+            nodemesh_tests::mesh_app(&p.cgroup, p.ns.name(), &["exec", "--", "sh", "-c", &script]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = codes("client", 20);
+    println!("client, 20 requests at a 2/s limit: {out}");
+    let ok = out.matches("200").count();
+    let limited = out.matches("429").count();
+    // the burst of 5, plus 2 a second for as long as the 20 take
+    assert!((5..=9).contains(&ok) && ok + limited == 20, "{out}");
+    assert!(
+        out.to_lowercase().contains("retry-after: "),
+        "429 says when: {out}"
+    );
+    let out2 = codes("client2", 1);
+    println!("client2 meanwhile: {out2}");
+    assert!(
+        out2.starts_with("200"),
+        "client2 has its own bucket: {out2}"
+    );
+    let counted = sample(
+        &scrape(&t),
+        "nodemesh_requests_rate_limited_total",
+        &[("route", "demo/limit-web"), ("source_workload", "client")],
+    );
+    assert!(
+        (limited..=limited + 1).contains(&(counted as usize)),
+        "each refusal is counted ({counted}; {limited} and perhaps the last probe)"
+    );
+    // gRPC: RESOURCE_EXHAUSTED (8), a status rather than an HTTP code.
+    let (_, out) = run(
+        &t,
+        &[
+            "grpc-load",
+            RPC_LIMITED,
+            "--calls",
+            "20",
+            "--concurrency",
+            "1",
+        ],
+    );
+    println!("gRPC, 20 calls at a 2/s limit: {out}");
+    let ok: u32 = out
+        .split("codes=")
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once(':'))
+        .filter(|(k, _)| *k == "0")
+        .map(|(_, v)| v.parse().unwrap_or(0))
+        .sum();
+    assert!(
+        (5..=9).contains(&ok) && out.contains(",8:"),
+        "some calls pass, the rest get RESOURCE_EXHAUSTED: {out}"
+    );
 
     // 3. Peak-EWMA: an endpoint 200 ms slower than its peers gets the smallest share.
     let by = h2_load(&t, &format!("{LAG}:80"), 300, 4);
@@ -374,6 +558,30 @@ fn l7(sidecar: bool) {
             ]
         ),
         1
+    );
+
+    // 6b. gRPC streaming through L7: server, client and bidirectional streams of 20 messages,
+    //     and a status that arrives in the trailers after a stream's messages.
+    let (ok, out) = run(&t, &["grpc-streams", RPC, "--messages", "20"]);
+    println!("gRPC streams: {out}");
+    for want in [
+        "server_stream=ok",
+        "client_stream=ok",
+        "bidi=ok round_trips=20",
+        "trailer_status=14",
+    ] {
+        assert!(ok && out.contains(want), "want {want}: {out}");
+    }
+    let unavailable = [
+        ("reporter", "outbound"),
+        ("destination_service", "demo/rpc"),
+        ("grpc_status", "14"),
+        ("classification", "failure"),
+    ];
+    assert_eq!(
+        wait_sample(|| scrape(&t), "nodemesh_requests_total", &unavailable, 1),
+        1,
+        "the trailers' status is the request's"
     );
 
     // 7. Bad input, each while a good HTTP/2 client keeps calling the same service.
@@ -780,6 +988,20 @@ fn h2_load_counts(
         .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
         .collect();
     (by, errors, out)
+}
+
+/// `served=a:1,b:2` of a mesh-app client's output.
+fn served_by(out: &str) -> HashMap<String, u32> {
+    out.split("served=")
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
+        .collect()
 }
 
 fn run(t: &Topology, args: &[&str]) -> (bool, String) {

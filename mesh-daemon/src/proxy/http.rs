@@ -23,7 +23,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -38,6 +38,7 @@ use super::{
     detect::Protocol,
     h2::H2Stream,
     hbone,
+    observe::{self, Source},
     route::{self, Route},
     upstream::{Prefixed, Upstream},
 };
@@ -49,8 +50,8 @@ use crate::{
 use super::l7cache::{
     Backend, Balanced, BalancerKey, BoxError, BoxFuture, Pool, PoolKey, ReqBody, lock,
 };
+pub use observe::RespBody;
 use tower::retry::budget::{Budget, TpsBudget};
-pub type RespBody = BoxBody<Bytes, hyper::Error>;
 
 use super::hbone::ERROR_HEADER;
 /// Largest request or response header section (a bigger one: 431).
@@ -81,12 +82,13 @@ pub async fn serve(inputs: Arc<Inputs>, io: Prefixed<TcpStream>, client: Client)
         hyper::service::service_fn(move |req| request(inputs.clone(), client.clone(), req))
     };
     let who = client.source.display();
-    serve_connection(&inputs, io, client.protocol, svc, "outbound", &who).await;
+    let stop = std::future::pending();
+    serve_connection(&inputs, io, client.protocol, svc, "outbound", &who, stop).await;
 }
 
 /// Serves one connection as HTTP of the given version until it ends or the drain's deadline;
-/// the drain sends GOAWAY (HTTP/2) or `Connection: close` (HTTP/1.1). Protocol errors are
-/// counted by reason.
+/// the drain — or `stop` — sends GOAWAY (HTTP/2) or `Connection: close` (HTTP/1.1). Protocol
+/// errors are counted by reason.
 async fn serve_connection<I, S>(
     inputs: &Inputs,
     io: I,
@@ -94,6 +96,7 @@ async fn serve_connection<I, S>(
     svc: S,
     reporter: &'static str,
     who: &str,
+    stop: impl Future<Output = ()>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
@@ -138,6 +141,13 @@ async fn serve_connection<I, S>(
                 () = drain.deadline() => Ok(()),
             }
         }
+        () = stop => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn => r,
+                () = drain.deadline() => Ok(()),
+            }
+        }
     };
     if let Err(e) = result {
         debug!(peer = who, reporter, error = %e, "HTTP connection ended with an error");
@@ -175,6 +185,10 @@ enum PodSender {
 pub async fn serve_inbound(inputs: Arc<Inputs>, tunnel: H2Stream, pod: TcpStream, t: Tunnel) {
     let _ = pod.set_nodelay(true);
     let io = TokioIo::new(pod);
+    // When the pod ends its connection (an idle keep-alive closed, a GOAWAY), the tunnel ends
+    // too, gracefully, so the source proxy opens a new one — a tunnel must never outlive the
+    // pod connection behind it and answer 502 for ever.
+    let (pod_gone, pod_gone_rx) = tokio::sync::oneshot::channel::<()>();
     let sender = if t.protocol == Protocol::Http2 {
         let hs = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -187,6 +201,7 @@ pub async fn serve_inbound(inputs: Arc<Inputs>, tunnel: H2Stream, pod: TcpStream
             Ok((s, conn)) => {
                 inputs.drain.spawn(async move {
                     let _ = conn.await;
+                    let _ = pod_gone.send(());
                 });
                 PodSender::H2(s)
             }
@@ -204,6 +219,7 @@ pub async fn serve_inbound(inputs: Arc<Inputs>, tunnel: H2Stream, pod: TcpStream
             Ok((s, conn)) => {
                 inputs.drain.spawn(async move {
                     let _ = conn.with_upgrades().await;
+                    let _ = pod_gone.send(());
                 });
                 PodSender::H1(tokio::sync::Mutex::new(s))
             }
@@ -220,7 +236,11 @@ pub async fn serve_inbound(inputs: Arc<Inputs>, tunnel: H2Stream, pod: TcpStream
         let inputs = inputs.clone();
         hyper::service::service_fn(move |req| inbound_request(inputs.clone(), ctx.clone(), req))
     };
-    serve_connection(&inputs, tunnel, protocol, svc, "inbound", &who).await;
+    let stop = async move {
+        // sent, or its sender dropped: either way the pod's connection is over
+        let _ = pod_gone_rx.await;
+    };
+    serve_connection(&inputs, tunnel, protocol, svc, "inbound", &who, stop).await;
 }
 
 async fn inbound_request(
@@ -228,9 +248,9 @@ async fn inbound_request(
     ctx: Arc<(Tunnel, PodSender)>,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
-    let start = Instant::now();
     let (t, sender) = (&ctx.0, &ctx.1);
-    let grpc = is_grpc(req.headers());
+    let start = observe::Start::of(&inputs, &req, t.protocol);
+    let grpc = start.grpc();
     let checked = {
         let snap = inputs.state.snapshot();
         let attrs = crate::authz::RequestAttrs {
@@ -292,18 +312,18 @@ async fn inbound_request(
         namespace: &t.source_id.namespace,
         principal: &t.source_id,
     };
-    record(
+    let resp = if grpc { for_grpc(resp) } else { resp };
+    Ok(observe::observe(
         &inputs,
         "inbound",
         &src,
         "unknown",
         "",
         Some(&t.dst),
-        &resp,
-        grpc,
+        true,
         start,
-    );
-    Ok(resp)
+        resp,
+    ))
 }
 
 /// A bounded reason for a client connection's protocol error.
@@ -337,23 +357,21 @@ async fn request(
     client: Arc<Client>,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
-    let start = Instant::now();
-    let grpc = is_grpc(req.headers());
+    let start = observe::Start::of(&inputs, &req, client.protocol);
+    let grpc = start.grpc();
     let snap = inputs.state.snapshot();
-    let service = snap.services.get(&client.service).cloned();
-    // The rule, the backend and its balancer, all from one snapshot.
+    let service_label = snap.services.get(&client.service).map_or_else(
+        || "unknown".to_string(),
+        |s| format!("{}/{}", s.namespace, s.name),
+    );
+    // The rule, its rate limit, the backend and its balancer, all from one snapshot.
     let decided = decide(&snap, &client, &req)
+        .and_then(|d| admit(&inputs, &client, &service_label, &d).map(|()| d))
         .and_then(|d| balancer(&inputs, &client, &snap, d.backend).map(|b| (d, b)));
     drop(snap);
-    let (route_label, service_label) = (
-        decided
-            .as_ref()
-            .map_or_else(|_| "".to_string(), |(d, _)| d.route_label()),
-        service.as_ref().map_or_else(
-            || "unknown".to_string(),
-            |s| format!("{}/{}", s.namespace, s.name),
-        ),
-    );
+    let route_label = decided
+        .as_ref()
+        .map_or_else(|_| "".to_string(), |(d, _)| d.route_label());
     let (resp, dst) = match decided {
         Err(resp) => (*resp, None),
         Ok((d, backend)) => {
@@ -373,18 +391,101 @@ async fn request(
         namespace: &client.source.namespace,
         principal: &client.source_id,
     };
-    record(
+    let resp = if grpc { for_grpc(resp) } else { resp };
+    // Whether the request crossed to another node inside HBONE (for the tap event only).
+    let mtls = start.published()
+        && dst
+            .as_deref()
+            .is_some_and(|w| !inputs.state.snapshot().is_local(w));
+    Ok(observe::observe(
         &inputs,
         "outbound",
         &src,
         &service_label,
         &route_label,
         dst.as_deref(),
-        &resp,
-        grpc,
+        mtls,
         start,
+        resp,
+    ))
+}
+
+/// A route's local rate limit, per source workload: over it, 429 with `retry-after`.
+fn admit(
+    inputs: &Inputs,
+    client: &Client,
+    service_label: &str,
+    d: &Decision,
+) -> Result<(), Answer> {
+    let Some((rule, limit)) = d.rule.as_ref().and_then(|r| r.rate_limit.map(|l| (r, l))) else {
+        return Ok(());
+    };
+    let limiter = inputs.l7.limiter(&rule.route, limit);
+    let Err(not_until) = limiter.check_key(&client.source.id) else {
+        return Ok(());
+    };
+    use governor::clock::Clock as _;
+    let wait = not_until.wait_time_from(limiter.clock().now());
+    inputs
+        .metrics
+        .rate_limited
+        .with_label_values(&[service_label, &rule.route, &client.source.name])
+        .inc();
+    let mut resp = local_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        &format!(
+            "route {} allows {}/{} {} requests a second (burst {}); retry after {wait:?}",
+            rule.route,
+            client.source.namespace,
+            client.source.name,
+            limit.requests_per_second,
+            limit.burst
+        ),
     );
-    Ok(resp)
+    // Whole seconds, rounded up (RFC 9110 §10.2.3).
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    Err(Box::new(resp))
+}
+
+/// A gRPC client reads a status, not an HTTP code: the proxy's own answers (those carrying
+/// `x-nodemesh-error`) become trailers-only gRPC responses with the matching status (RESOURCE_EXHAUSTED
+/// for a rate limit, PERMISSION_DENIED for a policy, UNAVAILABLE when no endpoint can answer).
+/// An app's responses pass as they are.
+fn for_grpc(resp: Response<RespBody>) -> Response<RespBody> {
+    let Some(reason) = resp.headers().get(ERROR_HEADER).cloned() else {
+        return resp;
+    };
+    if observe::is_grpc(resp.headers()) {
+        // Already a gRPC answer (the destination's proxy made it).
+        return resp;
+    }
+    let code: u8 = match resp.status() {
+        StatusCode::BAD_REQUEST => 3,            // INVALID_ARGUMENT
+        StatusCode::FORBIDDEN => 7,              // PERMISSION_DENIED
+        StatusCode::NOT_FOUND => 12,             // UNIMPLEMENTED
+        StatusCode::TOO_MANY_REQUESTS => 8,      // RESOURCE_EXHAUSTED
+        StatusCode::GATEWAY_TIMEOUT => 4,        // DEADLINE_EXCEEDED
+        StatusCode::INTERNAL_SERVER_ERROR => 13, // INTERNAL
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
+        _ => 2,                                  // UNKNOWN
+    };
+    let mut out = local_response(StatusCode::OK, "", "");
+    let h = out.headers_mut();
+    h.insert(ERROR_HEADER, reason.clone());
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    // grpc-message is percent-encoded; the reason is a bounded token (`rate_limited`).
+    h.insert("grpc-message", reason);
+    if let Some(ra) = resp.headers().get(header::RETRY_AFTER) {
+        h.insert(header::RETRY_AFTER, ra.clone());
+    }
+    out
 }
 
 /// The routing decision for one request.
@@ -743,17 +844,34 @@ fn balancer(
             .zip(&svc.endpoints)
             .all(|(a, e)| *a == e.addr)
     {
+        if b.all_ejected(Instant::now()) {
+            return Err(answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "endpoints_ejected",
+                &format!(
+                    "every endpoint of {}/{} failed repeatedly and is ejected by its circuit \
+                     breaker; they are probed again after their backoff",
+                    svc.namespace, svc.name
+                ),
+            ));
+        }
         return Ok(Arc::new(BackendRef {
             balancer: b.balancer.clone(),
             budget: b.budget.clone(),
         }));
     }
     let addrs: Vec<SocketAddr> = svc.endpoints.iter().map(|e| e.addr).collect();
+    let pools: Vec<Arc<Pool>> = svc
+        .endpoints
+        .iter()
+        .map(|e| pool(inputs, client, e.addr, h2))
+        .collect();
     let endpoints: Vec<_> = svc
         .endpoints
         .iter()
-        .map(|e| {
-            let pool = pool(inputs, client, e.addr, h2);
+        .zip(&pools)
+        .map(|(e, pool)| {
+            let pool = pool.clone();
             PeakEwma::new(
                 Endpoint {
                     inner: Arc::new(EndpointInner {
@@ -786,6 +904,7 @@ fn balancer(
         key,
         Backend {
             endpoints: addrs,
+            pools,
             balancer: b.clone(),
             budget: budget.clone(),
         },
@@ -830,6 +949,23 @@ struct Refused {
     /// No connection could be made, so the request never reached the app: safe to send again.
     retryable: bool,
 }
+
+/// A pooled connection that closed before it sent the request (the far end ended it while it
+/// was idle): the request never left, so it may go again; not the endpoint's failure.
+fn unsent(e: hyper::Error) -> BoxError {
+    if e.is_canceled() || e.is_closed() {
+        Box::new(Refused {
+            status: StatusCode::BAD_GATEWAY,
+            reason: UNSENT,
+            detail: format!("the pooled connection closed before the request was sent: {e}"),
+            retryable: true,
+        })
+    } else {
+        Box::new(e)
+    }
+}
+
+const UNSENT: &str = "connection_closed";
 
 impl Refused {
     fn connect(e: impl std::fmt::Display) -> Box<Self> {
@@ -913,7 +1049,7 @@ impl Service<Request<ReqBody>> for Endpoint {
                 Ok(r) => Some(r.status().is_server_error()),
                 Err(e) => e
                     .downcast_ref::<Refused>()
-                    .filter(|r| r.retryable)
+                    .filter(|r| r.retryable && r.reason != UNSENT)
                     .map(|_| true),
             };
             let ejected = match failed {
@@ -1011,8 +1147,8 @@ impl EndpointInner {
         drop(snap);
         if self.client.protocol == Protocol::Http2 {
             let mut sender = self.h2_sender().await?;
-            sender.ready().await?;
-            Ok(sender.send_request(req).await?)
+            sender.ready().await.map_err(unsent)?;
+            sender.send_request(req).await.map_err(unsent)
         } else {
             let idle = {
                 let mut idle = lock(&self.pool.h1);
@@ -1042,7 +1178,7 @@ impl EndpointInner {
                     s
                 }
             };
-            let resp = sender.send_request(req).await?;
+            let resp = sender.send_request(req).await.map_err(unsent)?;
             // Back to the pool once the response's body is read (HTTP/1.1 carries one exchange
             // at a time).
             let pool = self.pool.clone();
@@ -1125,12 +1261,6 @@ impl EndpointInner {
             })),
         }
     }
-}
-
-fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// After an endpoint's 101: the client's connection and the endpoint's are joined as bytes until
@@ -1238,59 +1368,6 @@ fn local_response(status: StatusCode, reason: &str, detail: &str) -> Response<Re
     resp
 }
 
-/// Who sent a request, for its metrics: workload name, namespace, principal.
-struct Source<'a> {
-    workload: &'a str,
-    namespace: &'a str,
-    principal: &'a Identity,
-}
-
-#[allow(clippy::too_many_arguments)] // each is one label group of the request families
-fn record(
-    inputs: &Inputs,
-    reporter: &str,
-    src: &Source<'_>,
-    service: &str,
-    route: &str,
-    dst: Option<&Workload>,
-    resp: &Response<RespBody>,
-    grpc: bool,
-    start: Instant,
-) {
-    let td = inputs.identity.trust_domain();
-    let code = resp.status().as_u16().to_string();
-    let grpc_status = if grpc {
-        resp.headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 2 && v.bytes().all(|b| b.is_ascii_digit()))
-            .unwrap_or("")
-            .to_string()
-    } else {
-        String::new()
-    };
-    let labels = [
-        reporter.to_string(),
-        src.workload.to_string(),
-        src.namespace.to_string(),
-        src.principal.to_string(),
-        dst.map_or("unknown".into(), |w| w.name.clone()),
-        dst.map_or("unknown".into(), |w| w.namespace.clone()),
-        dst.map_or("unknown".into(), |w| w.identity(td).to_string()),
-        service.to_string(),
-        route.to_string(),
-        code,
-        grpc_status,
-    ];
-    let l: Vec<&str> = labels.iter().map(String::as_str).collect();
-    inputs.metrics.requests.with_label_values(&l).inc();
-    inputs
-        .metrics
-        .request_duration
-        .with_label_values(&l[..9])
-        .observe(start.elapsed().as_secs_f64());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1313,5 +1390,37 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["host", "te", "traceparent"]);
+    }
+
+    #[test]
+    fn the_proxys_own_answers_reach_grpc_clients_as_statuses() {
+        for (status, reason, code) in [
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limited", "8"),
+            (StatusCode::FORBIDDEN, "denied", "7"),
+            (StatusCode::SERVICE_UNAVAILABLE, "endpoints_ejected", "14"),
+            (StatusCode::GATEWAY_TIMEOUT, "timeout", "4"),
+            (StatusCode::NOT_FOUND, "no_route", "12"),
+        ] {
+            let mut resp = local_response(status, reason, "detail");
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let g = for_grpc(resp);
+            assert_eq!(g.status(), StatusCode::OK, "{reason}");
+            assert_eq!(g.headers()["grpc-status"], code, "{reason}");
+            assert_eq!(g.headers()["grpc-message"], reason);
+            assert_eq!(g.headers()["content-type"], "application/grpc");
+            assert!(g.body().is_end_stream(), "trailers-only: no body");
+        }
+        // Converted once: the destination proxy's answer passes the source's unchanged.
+        let twice = for_grpc(for_grpc(local_response(
+            StatusCode::FORBIDDEN,
+            "denied",
+            "",
+        )));
+        assert_eq!(twice.headers()["grpc-status"], "7");
+        // An app's own response is the app's.
+        let mut app = local_response(StatusCode::SERVICE_UNAVAILABLE, "", "");
+        app.headers_mut().remove(ERROR_HEADER);
+        assert_eq!(for_grpc(app).status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -15,6 +15,8 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use tower::{buffer::Buffer, retry::budget::TpsBudget};
 
+use crate::state::routes::RateLimit;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 /// A balancer behind its buffer: cloned into every request of every connection that uses it.
@@ -23,12 +25,29 @@ pub type Balanced = Buffer<Request<ReqBody>, BoxFuture<Result<Response<Incoming>
 /// be sent again (a retry).
 pub type ReqBody = BoxBody<Bytes, hyper::Error>;
 
-/// A backend's balancer, the endpoints it was built for, and the backend's retry budget.
+/// A backend's balancer, the endpoints it was built for (and their pools, whose breakers say
+/// whether any can take a request), and the backend's retry budget.
 pub struct Backend {
     pub endpoints: Vec<SocketAddr>,
+    pub pools: Vec<Arc<Pool>>,
     pub balancer: Balanced,
     pub budget: Arc<TpsBudget>,
 }
+
+impl Backend {
+    /// Every endpoint is ejected by its breaker: a request would only wait for a backoff to end
+    /// (fail fast instead, as linkerd2-proxy does).
+    pub fn all_ejected(&self, now: Instant) -> bool {
+        !self.pools.is_empty()
+            && self
+                .pools
+                .iter()
+                .all(|p| lock(&p.breaker).ejected_until().is_some_and(|t| t > now))
+    }
+}
+
+/// A route's local rate limit: one token bucket per source workload (governor's GCRA).
+pub type Limiter = governor::DefaultKeyedRateLimiter<u32>;
 
 /// The L7 caches: a balancer per (source, backend service port, protocol), and pooled
 /// connections per (source, endpoint, protocol).
@@ -36,6 +55,8 @@ pub struct Backend {
 pub struct L7 {
     pub balancers: Mutex<HashMap<BalancerKey, Backend>>,
     pub pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// Rate limiters per (route, its limit): kept across reloads of an unchanged route.
+    pub limiters: Mutex<HashMap<(String, RateLimit), Arc<Limiter>>>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -64,6 +85,28 @@ impl L7 {
         lock(&self.balancers).retain(|k, b| {
             sources.contains(&k.source) && b.endpoints.iter().all(|e| endpoints.contains(e))
         });
+    }
+
+    /// The limiter of a route with a rate limit.
+    pub fn limiter(&self, route: &str, limit: RateLimit) -> Arc<Limiter> {
+        let mut l = lock(&self.limiters);
+        if let Some(found) = l.get(&(route.to_string(), limit)) {
+            return found.clone();
+        }
+        let quota = governor::Quota::per_second(limit.requests_per_second).allow_burst(limit.burst);
+        let made = Arc::new(Limiter::hashmap(quota));
+        l.insert((route.to_string(), limit), made.clone());
+        made
+    }
+
+    /// Keeps the limiters of routes (and limits) still in force; forgets sources whose buckets
+    /// are full again (they are as if new).
+    pub fn retain_limiters(&self, live: &std::collections::HashSet<(String, RateLimit)>) {
+        let mut l = lock(&self.limiters);
+        l.retain(|k, _| live.contains(k));
+        for lim in l.values() {
+            lim.retain_recent();
+        }
     }
 
     pub fn sizes(&self) -> (usize, usize) {

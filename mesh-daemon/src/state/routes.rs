@@ -27,6 +27,22 @@ pub struct RouteDesc {
     pub namespace: String,
     pub name: String,
     pub kind: RouteKind,
+    /// A local rate limit on the route's requests (not in the upstream types: the mesh file's
+    /// `rateLimit` beside `spec`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A local rate limit (token bucket): per source workload, each proxy enforcing its own, so a
+/// node proxy gives each of its pods the bucket its sidecar would have had (one noisy pod cannot
+/// spend another's). Over it: 429 with `retry-after`, or gRPC `RESOURCE_EXHAUSTED`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Tokens added per second (the sustained rate).
+    pub requests_per_second: std::num::NonZeroU32,
+    /// The bucket's size: how many requests may come at once.
+    pub burst: std::num::NonZeroU32,
 }
 
 /// The upstream types, unchanged: a Kubernetes object's `spec` maps onto them 1:1.
@@ -69,6 +85,7 @@ pub struct Rule {
     pub redirect: Option<Redirect>,
     pub timeouts: Timeouts,
     pub retry: Option<RetryPolicy>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Rule {
@@ -83,6 +100,7 @@ impl Rule {
             redirect: None,
             timeouts: Timeouts::default(),
             retry: None,
+            rate_limit: route.rate_limit,
         }
     }
 }
@@ -308,6 +326,14 @@ pub struct Selected<'a> {
 }
 
 impl RouteTable {
+    /// The (route, limit) of every rule with a rate limit.
+    pub fn rate_limits(&self) -> impl Iterator<Item = (String, RateLimit)> + '_ {
+        self.producer
+            .iter()
+            .chain(self.consumer.values().flatten())
+            .filter_map(|e| e.rule.rate_limit.map(|l| (e.rule.route.clone(), l)))
+    }
+
     /// The rule for a request from a client in `client_ns`; None: no route matches (the
     /// request goes to the service itself, as without routes — GAMMA answers 404 only when
     /// routes exist, see [`RouteTable::is_empty_for`]).

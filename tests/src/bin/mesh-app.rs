@@ -12,6 +12,9 @@ use std::{
 
 use clap::{Parser, Subcommand};
 
+#[path = "mesh-app/grpc.rs"]
+mod grpc;
+
 #[derive(Parser)]
 struct Cli {
     /// cgroup v2 folder to join before anything else (the "pod").
@@ -55,6 +58,9 @@ enum Cmd {
         /// While this file exists, every request is answered 500 (a broken endpoint).
         #[arg(long)]
         fail_file: Option<PathBuf>,
+        /// Closes an HTTP/1.1 keep-alive connection idle this long (as servers do), silently.
+        #[arg(long)]
+        idle_close_ms: Option<u64>,
     },
     /// A server-speaks-first protocol (as SMTP or MySQL): greets each connection with
     /// `220 NAME ready`, then echoes.
@@ -115,6 +121,32 @@ enum Cmd {
         kind: String,
         #[arg(long, default_value_t = 5000)]
         count: usize,
+    },
+    /// A gRPC server (tonic), service `nodemesh.test.Echo`: unary `Who`, server-streaming
+    /// `Count`, client-streaming `Sum`, bidirectional `Chat` (see mesh-app/grpc.rs).
+    GrpcServer {
+        addr: SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
+    /// gRPC unary calls on ONE channel (one HTTP/2 connection), `--concurrency` at a time.
+    /// Prints `ok=N errors=E served=NAME:count,... codes=CODE:count,...`.
+    GrpcLoad {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        calls: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// The request message (`fail:N` asks for status N).
+        #[arg(long, default_value = "who")]
+        ask: String,
+    },
+    /// Server, client and bidirectional streaming RPCs of `--messages` messages each, and a
+    /// server stream ending in status 14 after its messages. Prints each kind's result.
+    GrpcStreams {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        messages: usize,
     },
     /// Runs a program inside the pod (a real client: curl, h2load).
     Exec {
@@ -195,12 +227,14 @@ fn main() -> ExitCode {
             delay_ms,
             fail_every,
             fail_file,
+            idle_close_ms,
         } => report(http_server(
             addr,
             name,
             Duration::from_millis(delay_ms),
             fail_every,
             fail_file,
+            idle_close_ms.map(Duration::from_millis),
         )),
         Cmd::GreetServer { addr, name } => report(greet_server(addr, &name)),
         Cmd::AwaitGreeting { addr } => report(await_greeting(addr)),
@@ -219,6 +253,14 @@ fn main() -> ExitCode {
             concurrency,
             prefix,
         } => report(h2_load(addr, requests, concurrency, &prefix)),
+        Cmd::GrpcServer { addr, name } => report(grpc::server(addr, name)),
+        Cmd::GrpcLoad {
+            addr,
+            calls,
+            concurrency,
+            ask,
+        } => report(grpc::load(addr, calls, concurrency, ask)),
+        Cmd::GrpcStreams { addr, messages } => report(grpc::streams(addr, messages)),
         Cmd::Exec { argv } => {
             use std::os::unix::process::CommandExt;
             let e = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
@@ -264,6 +306,7 @@ fn http_server(
     delay: Duration,
     fail_every: u64,
     fail_file: Option<PathBuf>,
+    idle_close: Option<Duration>,
 ) -> std::io::Result<String> {
     let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let fail_file = std::sync::Arc::new(fail_file);
@@ -362,9 +405,15 @@ fn http_server(
                         }
                     },
                 );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Some(idle) = idle_close {
+                    // hyper's header timer runs while a keep-alive connection waits for its
+                    // next request: an idle connection is closed, without a word, after it.
+                    b.http1()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(idle);
+                }
+                let _ = b.serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     })

@@ -30,6 +30,7 @@ fn http_route(ns: &str, name: &str, spec: &str) -> RouteDesc {
         namespace: ns.into(),
         name: name.into(),
         kind: RouteKind::Http(Box::new(serde_norway::from_str(spec).expect("spec"))),
+        rate_limit: None,
     }
 }
 
@@ -38,6 +39,7 @@ fn grpc_route(name: &str, spec: &str) -> RouteDesc {
         namespace: "demo".into(),
         name: name.into(),
         kind: RouteKind::Grpc(Box::new(serde_norway::from_str(spec).expect("spec"))),
+        rate_limit: None,
     }
 }
 
@@ -240,6 +242,7 @@ fn consumer_routes_replace_producer_routes_for_their_namespace_only() {
             )
             .expect("spec"),
         )),
+        rate_limit: None,
     };
     let t = table(&[producer, consumer]);
     assert_eq!(
