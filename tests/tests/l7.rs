@@ -412,6 +412,30 @@ fn l7(sidecar: bool) {
         &[("route", "demo/canary")],
     );
     assert_eq!(routed, 1000, "the route names its requests");
+    // meshctl stat --by route: the route's requests, success rate and latency percentiles.
+    let (ns, metrics_addr) = if sidecar {
+        let p = t.pod("client");
+        (p.ns.path(), format!("{}:15020", p.ip))
+    } else {
+        (t.nodes[0].ns.path(), format!("{}:15020", t.nodes[0].ip))
+    };
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .arg(nodemesh_tests::bin("meshctl"))
+        .args(["stat", "--by", "route", "--node", &metrics_addr])
+        .output()
+        .expect("meshctl runs");
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    println!("meshctl stat --by route:\n{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("demo/web demo/canary "))
+        .unwrap_or_else(|| panic!("no row for the canary route:\n{table}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // SERVICE ROUTE CONNS OPEN SENT RECEIVED REQS SUCCESS P50 P95 P99
+    assert_eq!(cols[6], "1000", "{row}");
+    assert_eq!(cols[7], "100.0%", "{row}");
+    assert!(cols[10].ends_with("ms"), "a p99 from the histogram: {row}");
 
     // 2b. Local rate limits (2/s, burst 5), a bucket per client workload: 20 requests at once
     //     from `client` get 5 to 9 answers and 429s with retry-after; `client2` keeps its own.

@@ -51,20 +51,28 @@ enum Command {
         #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
         cgroup_root: Option<std::path::PathBuf>,
     },
-    /// Golden metrics per workload (as a destination) or per edge, summed over the nodes.
+    /// Golden metrics per workload (as a destination), per edge or per route, summed over the
+    /// nodes: connections, bytes, requests, success rate and latency percentiles.
     Stat {
         #[command(flatten)]
         nodes: Nodes,
-        /// Group by destination workload, or by (source, destination) edge.
+        /// Group by destination workload, (source, destination) edge, or service and route.
         #[arg(long, value_enum, default_value = "workload")]
         by: By,
+        /// How long to watch (`30s`, `1m`): rates and percentiles of that window (default:
+        /// totals since each daemon started).
+        #[arg(long, value_parser = mesh_daemon::identity::parse_duration)]
+        window: Option<Duration>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// The busiest edges right now (rates between two scrapes), refreshing.
+    /// The busiest edges, workloads or routes right now (requests per second, success rate and
+    /// latency between two scrapes), refreshing.
     Top {
         #[command(flatten)]
         nodes: Nodes,
+        #[arg(long, value_enum, default_value = "edge")]
+        by: By,
         /// Seconds between refreshes.
         #[arg(long, default_value_t = 2)]
         interval: u64,
@@ -79,7 +87,7 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Follow live connection events from a node's admin port.
+    /// Follow live connection and request events from a node's admin port.
     Tap {
         /// The node's admin endpoint (loopback only: run meshctl on the node).
         #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000")]
@@ -111,6 +119,7 @@ enum Command {
 enum By {
     Workload,
     Edge,
+    Route,
 }
 
 fn main() -> ExitCode {
@@ -126,12 +135,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             };
         }
-        Command::Stat { nodes, by, output } => stat(&nodes, by, output),
+        Command::Stat {
+            nodes,
+            by,
+            window,
+            output,
+        } => stat(&nodes, by, window, output),
         Command::Top {
             nodes,
+            by,
             interval,
             count,
-        } => top(&nodes, interval, count),
+        } => top(&nodes, by, interval, count),
         Command::Edges { nodes, output } => edges(&nodes, output),
         Command::Tap {
             admin,
@@ -300,53 +315,154 @@ struct Row {
     bytes_received: u64,
     requests: u64,
     success: u64,
+    /// `request_duration_seconds` buckets: upper bound in seconds (f64 bits, +Inf last) ->
+    /// cumulative count.
+    #[serde(skip)]
+    latency: BTreeMap<u64, u64>,
 }
 
 impl Row {
     fn success_rate(&self) -> Option<f64> {
         (self.requests > 0).then(|| self.success as f64 / self.requests as f64)
     }
+
+    /// What happened between `prev` and `self` (two scrapes of the same counters).
+    fn since(&self, prev: &Row) -> Row {
+        Row {
+            connections: self.connections.saturating_sub(prev.connections),
+            // open connections are a level, not a count
+            closed: self.closed,
+            bytes_sent: self.bytes_sent.saturating_sub(prev.bytes_sent),
+            bytes_received: self.bytes_received.saturating_sub(prev.bytes_received),
+            requests: self.requests.saturating_sub(prev.requests),
+            success: self.success.saturating_sub(prev.success),
+            latency: self
+                .latency
+                .iter()
+                .map(|(le, n)| {
+                    (
+                        *le,
+                        n.saturating_sub(prev.latency.get(le).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The latency quantile `q` in milliseconds, as Prometheus' `histogram_quantile` estimates
+    /// it from the buckets (linear within a bucket).
+    fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let buckets: Vec<(f64, u64)> = self
+            .latency
+            .iter()
+            .map(|(le, n)| (f64::from_bits(*le), *n))
+            .collect();
+        quantile(&buckets, q).map(|s| s * 1000.0)
+    }
 }
 
-/// Per key, from the source side (`reporter="outbound"`): every meshed connection is captured
-/// and counted exactly once there, same node or not.
-fn rows(samples: &[Sample], key: impl Fn(&Sample) -> String) -> BTreeMap<String, Row> {
+/// `histogram_quantile` over cumulative buckets sorted by upper bound (the last +Inf).
+fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut lower, mut below) = (0.0, 0u64);
+    for (le, n) in buckets {
+        if *n as f64 >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            let inside = (*n - below) as f64;
+            let frac = if inside > 0.0 {
+                (rank - below as f64) / inside
+            } else {
+                0.0
+            };
+            return Some(lower + (le - lower) * frac);
+        }
+        (lower, below) = (*le, *n);
+    }
+    Some(lower)
+}
+
+/// Per key, from the source side (`reporter="outbound"`): every meshed connection and request
+/// is captured and counted exactly once there, same node or not.
+fn rows(samples: &[Sample], key: impl Fn(&Sample) -> Option<String>) -> BTreeMap<String, Row> {
     let mut out: BTreeMap<String, Row> = BTreeMap::new();
     for s in samples.iter().filter(|s| s.label("reporter") == "outbound") {
         let v = s.value as u64;
         let field = match s.name.as_str() {
-            "nodemesh_tcp_connections_opened_total" => |r: &mut Row, v| r.connections += v,
-            "nodemesh_tcp_connections_closed_total" => |r: &mut Row, v| r.closed += v,
-            "nodemesh_tcp_sent_bytes_total" => |r: &mut Row, v| r.bytes_sent += v,
-            "nodemesh_tcp_received_bytes_total" => |r: &mut Row, v| r.bytes_received += v,
-            "nodemesh_requests_total" => |r: &mut Row, v| r.requests += v,
+            "nodemesh_tcp_connections_opened_total" => {
+                |r: &mut Row, v, _: &Sample| r.connections += v
+            }
+            "nodemesh_tcp_connections_closed_total" => |r: &mut Row, v, _: &Sample| r.closed += v,
+            "nodemesh_tcp_sent_bytes_total" => |r: &mut Row, v, _: &Sample| r.bytes_sent += v,
+            "nodemesh_tcp_received_bytes_total" => {
+                |r: &mut Row, v, _: &Sample| r.bytes_received += v
+            }
+            "nodemesh_requests_total" => |r: &mut Row, v, s: &Sample| {
+                r.requests += v;
+                // linkerd's classification: a 5xx, a gRPC status other than OK, a broken stream
+                let failed = match s.label("classification") {
+                    "" => s.label("response_code").starts_with('5'),
+                    c => c == "failure",
+                };
+                if !failed {
+                    r.success += v;
+                }
+            },
+            "nodemesh_request_duration_seconds_bucket" => |r: &mut Row, v, s: &Sample| {
+                let le = match s.label("le") {
+                    "+Inf" => f64::INFINITY,
+                    le => le.parse().unwrap_or(f64::INFINITY),
+                };
+                *r.latency.entry(le.to_bits()).or_default() += v;
+            },
             _ => continue,
         };
-        let row = out.entry(key(s)).or_default();
-        field(row, v);
-        if s.name == "nodemesh_requests_total" && !s.label("response_code").starts_with('5') {
-            row.success += v;
-        }
+        let Some(k) = key(s) else { continue };
+        field(out.entry(k).or_default(), v, s);
     }
     out
 }
 
-fn workload_key(s: &Sample) -> String {
-    format!(
+fn workload_key(s: &Sample) -> Option<String> {
+    Some(format!(
         "{}/{}",
         s.label("destination_namespace"),
         s.label("destination_workload")
-    )
+    ))
 }
 
-fn edge_key(s: &Sample) -> String {
-    format!(
+fn edge_key(s: &Sample) -> Option<String> {
+    Some(format!(
         "{}/{} -> {}/{}",
         s.label("source_namespace"),
         s.label("source_workload"),
         s.label("destination_namespace"),
         s.label("destination_workload")
-    )
+    ))
+}
+
+/// Requests only: `service route` (`[default]` for requests no route matched).
+fn route_key(s: &Sample) -> Option<String> {
+    s.name.starts_with("nodemesh_request").then(|| {
+        let route = match s.label("route") {
+            "" => "[default]",
+            r => r,
+        };
+        format!("{} {route}", s.label("destination_service"))
+    })
+}
+
+fn key_of(by: By) -> fn(&Sample) -> Option<String> {
+    match by {
+        By::Workload => workload_key,
+        By::Edge => edge_key,
+        By::Route => route_key,
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -358,43 +474,84 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-fn stat(nodes: &Nodes, by: By, output: Output) -> Result<(), String> {
-    let samples = scrape(nodes)?;
-    let rows = match by {
-        By::Workload => rows(&samples, workload_key),
-        By::Edge => rows(&samples, edge_key),
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| {
+        if v < 10.0 {
+            format!("{v:.2}ms")
+        } else {
+            format!("{v:.0}ms")
+        }
+    })
+}
+
+fn stat(nodes: &Nodes, by: By, window: Option<Duration>, output: Output) -> Result<(), String> {
+    // With a window: what happened during it (two scrapes); without: since each daemon started.
+    let (rows, secs) = match window {
+        Some(w) => {
+            let before = rows(&scrape(nodes)?, key_of(by));
+            let started = Instant::now();
+            std::thread::sleep(w.max(Duration::from_secs(1)));
+            let after = rows(&scrape(nodes)?, key_of(by));
+            let secs = started.elapsed().as_secs_f64();
+            let delta = after
+                .iter()
+                .map(|(k, r)| {
+                    (
+                        k.clone(),
+                        r.since(&before.get(k).cloned().unwrap_or_default()),
+                    )
+                })
+                .collect::<BTreeMap<_, _>>();
+            (delta, Some(secs))
+        }
+        None => (rows(&scrape(nodes)?, key_of(by)), None),
     };
     if output == Output::Json {
         let v: Vec<_> = rows
             .iter()
-            .map(|(k, r)| serde_json::json!({ "name": k, "stats": r, "success_rate": r.success_rate() }))
+            .map(|(k, r)| {
+                serde_json::json!({
+                    "name": k,
+                    "stats": r,
+                    "success_rate": r.success_rate(),
+                    "requests_per_second": secs.map(|s| r.requests as f64 / s),
+                    "latency_ms_p50": r.quantile_ms(0.5),
+                    "latency_ms_p95": r.quantile_ms(0.95),
+                    "latency_ms_p99": r.quantile_ms(0.99),
+                })
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
     }
-    let head = if by == By::Workload {
-        "WORKLOAD"
-    } else {
-        "EDGE"
+    let head = match by {
+        By::Workload => "WORKLOAD",
+        By::Edge => "EDGE",
+        By::Route => "SERVICE ROUTE",
     };
+    let reqs = if secs.is_some() { "RPS" } else { "REQS" };
     println!(
-        "{head:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8}",
-        "CONNS", "OPEN", "SENT", "RECEIVED", "REQS", "SUCCESS"
+        "{head:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "CONNS", "OPEN", "SENT", "RECEIVED", reqs, "SUCCESS", "P50", "P95", "P99"
     );
     for (k, r) in &rows {
+        let requests = match (r.requests, secs) {
+            (0, _) => "-".to_string(),
+            (n, Some(s)) => format!("{:.1}", n as f64 / s),
+            (n, None) => n.to_string(),
+        };
         println!(
-            "{k:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8}",
+            "{k:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
             r.connections,
             r.connections.saturating_sub(r.closed),
             human_bytes(r.bytes_sent),
             human_bytes(r.bytes_received),
-            if r.requests > 0 {
-                r.requests.to_string()
-            } else {
-                "-".into()
-            },
+            requests,
             r.success_rate()
                 .map_or("-".into(), |s| format!("{:.1}%", s * 100.0)),
+            ms(r.quantile_ms(0.5)),
+            ms(r.quantile_ms(0.95)),
+            ms(r.quantile_ms(0.99)),
         );
     }
     if rows.is_empty() {
@@ -403,45 +560,60 @@ fn stat(nodes: &Nodes, by: By, output: Output) -> Result<(), String> {
     Ok(())
 }
 
-fn top(nodes: &Nodes, interval: u64, count: Option<u64>) -> Result<(), String> {
+fn top(nodes: &Nodes, by: By, interval: u64, count: Option<u64>) -> Result<(), String> {
     let tty = std::io::stdout().is_terminal();
-    let mut prev = rows(&scrape(nodes)?, edge_key);
+    let key = key_of(by);
+    let mut prev = rows(&scrape(nodes)?, key);
     let mut last = Instant::now();
     let mut n = 0;
     loop {
         std::thread::sleep(Duration::from_secs(interval.max(1)));
-        let now = rows(&scrape(nodes)?, edge_key);
+        let now = rows(&scrape(nodes)?, key);
         let secs = last.elapsed().as_secs_f64();
         last = Instant::now();
-        let mut ranked: Vec<(f64, f64, &String, &Row)> = now
+        let mut ranked: Vec<(f64, f64, &String, Row)> = now
             .iter()
             .map(|(k, r)| {
-                let p = prev.get(k).cloned().unwrap_or_default();
-                let conns = (r.connections.saturating_sub(p.connections)) as f64 / secs;
-                let bytes = ((r.bytes_sent + r.bytes_received)
-                    .saturating_sub(p.bytes_sent + p.bytes_received))
-                    as f64
-                    / secs;
-                (conns, bytes, k, r)
+                let d = r.since(&prev.get(k).cloned().unwrap_or_default());
+                let rps = d.requests as f64 / secs;
+                let bytes = (d.bytes_sent + d.bytes_received) as f64 / secs;
+                (rps, bytes, k, d)
             })
             .collect();
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(b.0.total_cmp(&a.0)));
+        // busiest first: requests, then bytes
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)));
         if tty {
             print!("\x1b[2J\x1b[H");
         }
         println!(
-            "meshctl top — {} node(s), every {interval}s (Ctrl-C to stop)\n{:<52} {:>9} {:>12} {:>6}",
+            "meshctl top — {} node(s), every {interval}s (Ctrl-C to stop)\n{:<52} {:>8} {:>8} {:>8} {:>8} {:>9} {:>12} {:>6}",
             nodes.nodes.len(),
-            "EDGE",
+            match by {
+                By::Workload => "WORKLOAD",
+                By::Edge => "EDGE",
+                By::Route => "SERVICE ROUTE",
+            },
+            "RPS",
+            "SUCCESS",
+            "P50",
+            "P99",
             "CONNS/s",
             "BYTES/s",
             "OPEN"
         );
-        for (c, b, k, r) in ranked.iter().take(20) {
+        for (rps, b, k, d) in ranked.iter().take(20) {
+            let open = now
+                .get(*k)
+                .map_or(0, |r| r.connections.saturating_sub(r.closed));
             println!(
-                "{k:<52} {c:>9.1} {:>12} {:>6}",
+                "{k:<52} {rps:>8.1} {:>8} {:>8} {:>8} {:>9.1} {:>12} {:>6}",
+                d.success_rate()
+                    .map_or("-".into(), |s| format!("{:.1}%", s * 100.0)),
+                ms(d.quantile_ms(0.5)),
+                ms(d.quantile_ms(0.99)),
+                d.connections as f64 / secs,
                 human_bytes(*b as u64) + "/s",
-                r.connections.saturating_sub(r.closed)
+                open
             );
         }
         let _ = std::io::stdout().flush();
@@ -557,6 +729,34 @@ fn tap(admin: &str, query: &str, count: Option<u64>, output: Output) -> Result<(
                 .and_then(|r| r.as_str())
                 .map(|r| format!(" reason={r:?}"))
                 .unwrap_or_default();
+            if f("event") == "request" {
+                let grpc = v
+                    .get("grpc_status")
+                    .map(|g| format!(" grpc-status={g}"))
+                    .unwrap_or_default();
+                let route = match f("http_route").as_str() {
+                    "" => String::new(),
+                    r => format!(" route={r}"),
+                };
+                println!(
+                    "request {:<8} {}/{} -> {}/{} {} {}{} {} {:.2}ms{grpc} service={}{route} ({}){reason}",
+                    f("reporter"),
+                    f("source_namespace"),
+                    f("source_workload"),
+                    f("destination_namespace"),
+                    f("destination_workload"),
+                    f("method"),
+                    f("authority"),
+                    f("path"),
+                    v.get("status").and_then(|s| s.as_u64()).unwrap_or(0),
+                    v.get("latency_ms").and_then(|s| s.as_f64()).unwrap_or(0.0),
+                    f("service"),
+                    f("protocol"),
+                );
+                let _ = std::io::stdout().flush();
+                n += 1;
+                return Ok(count.is_none_or(|c| n < c));
+            }
             println!(
                 "{:<7} {:<8} {}/{} -> {}/{} ({}) route={} mtls={}{bytes}{reason}",
                 f("event"),
@@ -615,4 +815,41 @@ fn identity(admin: &str, output: Output) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_follow_histogram_quantile() {
+        // 10 under 1 ms, 80 more under 10 ms, 10 more under 100 ms
+        let b = [(0.001, 10), (0.01, 90), (0.1, 100), (f64::INFINITY, 100)];
+        let p50 = quantile(&b, 0.5).expect("p50");
+        assert!((p50 - 0.0055).abs() < 1e-9, "{p50}");
+        let p99 = quantile(&b, 0.99).expect("p99");
+        assert!((p99 - 0.091).abs() < 1e-9, "{p99}");
+        // beyond the last finite bucket: its bound
+        let over = [(0.001, 0), (f64::INFINITY, 5)];
+        assert_eq!(quantile(&over, 0.5), Some(0.001));
+        assert_eq!(quantile(&[(0.001, 0), (f64::INFINITY, 0)], 0.5), None);
+    }
+
+    #[test]
+    fn windows_subtract_counters_and_buckets() {
+        let mut a = Row {
+            requests: 10,
+            success: 9,
+            ..Row::default()
+        };
+        a.latency.insert(0.01f64.to_bits(), 10);
+        let mut b = a.clone();
+        b.requests = 30;
+        b.success = 19;
+        b.latency.insert(0.01f64.to_bits(), 30);
+        let d = b.since(&a);
+        assert_eq!((d.requests, d.success), (20, 10));
+        assert_eq!(d.success_rate(), Some(0.5));
+        assert_eq!(d.latency[&0.01f64.to_bits()], 20);
+    }
 }
