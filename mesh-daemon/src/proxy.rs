@@ -91,6 +91,9 @@ pub async fn prune_caches(
     inputs: Arc<Inputs>,
     mut snapshots: tokio::sync::watch::Receiver<Arc<crate::state::Snapshot>>,
 ) {
+    // The L7 tables' gauges exist from the start (a series appearing at the first prune, seconds
+    // later, would look like one that follows traffic).
+    l7_sizes(&inputs);
     loop {
         // On every change, and every few seconds against the current snapshot: a connection
         // still deciding on an older one may re-add an entry just after a change.
@@ -130,14 +133,18 @@ pub async fn prune_caches(
             .flat_map(|t| t.rate_limits())
             .collect();
         inputs.l7.retain_limiters(&limits);
-        let (balancers, pools) = inputs.l7.sizes();
-        for (table, n) in [("l7_balancers", balancers), ("l7_pools", pools)] {
-            inputs
-                .metrics
-                .state_entries
-                .with_label_values(&[table])
-                .set(n as i64);
-        }
+        l7_sizes(&inputs);
+    }
+}
+
+fn l7_sizes(inputs: &Inputs) {
+    let (balancers, pools) = inputs.l7.sizes();
+    for (table, n) in [("l7_balancers", balancers), ("l7_pools", pools)] {
+        inputs
+            .metrics
+            .state_entries
+            .with_label_values(&[table])
+            .set(n as i64);
     }
 }
 
