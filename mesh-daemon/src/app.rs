@@ -17,8 +17,12 @@ use anyhow::Context as _;
 use mesh_common::Counter;
 use mesh_daemon::{
     admin::{self, AdminInputs, Observability},
-    config::{Config, OnOff, RunArgs},
-    discovery::{self, file::FileSource},
+    config::{Config, Discovery, OnOff, RunArgs},
+    discovery::{
+        self,
+        file::FileSource,
+        kube::{KubeSource, model::View},
+    },
     drain::{self, Drain},
     ebpf::{
         cgroup,
@@ -43,23 +47,61 @@ pub fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
     // Contradicting flags are refused before anything is read, bound or attached.
     args.check()?;
     let cgroup_root = cgroup::resolve_root(args.cgroup_root.as_deref())?;
-    // The mesh file must be good at start: there is no earlier state to fall back on.
-    let file = meshfile::load(&args.mesh_file)?;
-    let cfg = args.resolve(&discovery::file::to_desired(&file), cgroup_root)?;
-    info!(config = %cfg.dump(), "starting");
+    let metrics = Arc::new(Metrics::new().with_process_metrics());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("dataplane")
         .build()
         .context("cannot start the data-plane runtime")?;
-    let result = rt.block_on(serve(cfg, log));
+    let result = rt.block_on(async {
+        let (cfg, source) = match args.discovery {
+            Discovery::File => {
+                // The mesh file must be good at start: there is no earlier state to fall back on.
+                let path = args.mesh_file.clone().unwrap_or_default();
+                let file = meshfile::load(&path)?;
+                let cfg = args.resolve(&discovery::file::to_desired(&file), cgroup_root)?;
+                (cfg, Source::File(path))
+            }
+            Discovery::Kube => {
+                // Without a first listing there is no state: wait for the API server (retrying
+                // with backoff and saying why), then place this daemon from what it listed.
+                let client = discovery::kube::client(args.kubeconfig.as_deref())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                let view = View {
+                    node: args.node.clone().unwrap_or_default(),
+                    cgroup_root: cgroup_root.clone(),
+                };
+                let mut source = KubeSource::start(client, view, metrics.clone())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                let first = source.initial().await;
+                let cfg = args.resolve(&first.desired, cgroup_root)?;
+                (cfg, Source::Kube(Box::new(source), first))
+            }
+        };
+        info!(config = %cfg.dump(), "starting");
+        serve(cfg, log, metrics, source).await
+    });
     // Tasks still running (a second signal cut the drain short) are dropped with the runtime;
     // their sockets close, and the pinned hooks keep new connections fail-closed.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     result
 }
 
-async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
+/// The source of the state, before the state exists.
+enum Source {
+    File(std::path::PathBuf),
+    /// Started, with its first model (the one the configuration was resolved from).
+    Kube(Box<KubeSource>, discovery::kube::model::Built),
+}
+
+async fn serve(
+    cfg: Config,
+    log: admin::LogControl,
+    metrics: Arc<Metrics>,
+    source: Source,
+) -> anyhow::Result<()> {
     // Bind everything before attaching: a port conflict must fail start-up before anything is
     // captured.
     let out_listener = Outbound::bind(SocketAddr::V4(cfg.outbound)).await?;
@@ -109,7 +151,6 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
         mesh_source: cfg.mesh_source,
         pin_dir: cfg.pin_dir.clone(),
     };
-    let metrics = Arc::new(Metrics::new().with_process_metrics());
     // Health and metrics answer from here on: /ready says what is still missing.
     let obs = Arc::new(Observability {
         metrics: metrics.clone(),
@@ -149,13 +190,24 @@ async fn serve(cfg: Config, log: admin::LogControl) -> anyhow::Result<()> {
     // The state, its first snapshot from the mesh file, and what follows it: enrollment in the
     // kernel and the certificates, each up to date with the first snapshot before "ready".
     let state = Arc::new(State::new(cfg.scope.clone(), cfg.cgroup_root.clone()));
-    let mut source = FileSource::new(cfg.mesh_file.clone(), state.clone(), metrics.clone());
-    source.load_initial().map_err(anyhow::Error::msg)?;
+    let follow: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match source {
+        Source::File(path) => {
+            let mut source = FileSource::new(path, state.clone(), metrics.clone());
+            source.load_initial().map_err(anyhow::Error::msg)?;
+            Box::pin(source.run())
+        }
+        Source::Kube(mut source, first) => {
+            source
+                .apply(&state, first)
+                .map_err(|e| anyhow::anyhow!("the state from Kubernetes is not usable: {e}"))?;
+            Box::pin(source.run(state.clone()))
+        }
+    };
     let mut enroller = Enroller::new(datapath.clone(), metrics.clone(), cfg.strict());
     enroller.reconcile(&state.snapshot());
     tokio::spawn(enroller.run(state.subscribe()));
     identity.follow(state.subscribe());
-    tokio::spawn(source.run());
+    tokio::spawn(follow);
     obs.ready
         .loaded
         .store(true, std::sync::atomic::Ordering::Release);

@@ -48,9 +48,17 @@ pub struct RunArgs {
     /// Sidecar mode: the pod this sidecar serves, as namespace/name in the mesh file.
     #[arg(long, env = "NODEMESH_WORKLOAD")]
     pub workload: Option<String>,
-    /// The mesh file (nodes, workloads, services); reloaded when it changes.
+    /// Where the mesh's state comes from: `file` (the mesh file, --mesh-file) or `kube` (the
+    /// Kubernetes API server: Pods, Namespaces, Services, EndpointSlices, routes, policies).
+    #[arg(long, env = "NODEMESH_DISCOVERY", value_enum, default_value = "file")]
+    pub discovery: Discovery,
+    /// The mesh file (nodes, workloads, services); reloaded when it changes. `--discovery file`.
     #[arg(long, env = "NODEMESH_MESH_FILE")]
-    pub mesh_file: PathBuf,
+    pub mesh_file: Option<PathBuf>,
+    /// `--discovery kube`: the kubeconfig to reach the API server with. Default: the pod's
+    /// service account in a cluster, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, env = "NODEMESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// cgroup v2 folder to attach the hooks under; every enrolled pod cgroup must be below it.
     /// Default: the cgroup v2 mount found in /proc/mounts.
     #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
@@ -201,7 +209,9 @@ pub struct Config {
     /// The node this daemon runs on (a sidecar: its pod's).
     pub node: String,
     pub workload: Option<String>,
-    pub mesh_file: PathBuf,
+    pub discovery: Discovery,
+    pub mesh_file: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
     pub cgroup_root: PathBuf,
     pub outbound: SocketAddrV4,
     pub hbone: SocketAddr,
@@ -263,6 +273,29 @@ impl RunArgs {
             }
             _ => {}
         }
+        match self.discovery {
+            Discovery::File if self.mesh_file.is_none() => {
+                return conflict(
+                    "--discovery file needs --mesh-file (or pass --discovery kube to read \
+                     Kubernetes)"
+                        .into(),
+                );
+            }
+            Discovery::File if self.kubeconfig.is_some() => {
+                return conflict(
+                    "--kubeconfig is only for --discovery kube; drop it, or pass --discovery kube"
+                        .into(),
+                );
+            }
+            Discovery::Kube if self.mesh_file.is_some() => {
+                return conflict(
+                    "--mesh-file is only for --discovery file; with --discovery kube the state \
+                     comes from the API server"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
         if !self.admin.ip().is_loopback() {
             return conflict(format!(
                 "--admin {} is not a loopback address; the admin port must stay on the node \
@@ -307,7 +340,7 @@ impl RunArgs {
                 .ok_or_else(|| {
                     placed(format!(
                         "node {name:?} is not in {}; pass --node with a name from its `nodes`",
-                        self.mesh_file.display()
+                        self.source_name()
                     ))
                 })
         };
@@ -334,7 +367,7 @@ impl RunArgs {
                 };
                 let w = file
                     .sidecar_workload(namespace, name)
-                    .map_err(|e| placed(format!("{e} (mesh file {})", self.mesh_file.display())))?;
+                    .map_err(|e| placed(format!("{e} ({})", self.source_name())))?;
                 if let Some(n) = &self.node
                     && *n != w.node
                 {
@@ -369,7 +402,9 @@ impl RunArgs {
             mode: self.mode,
             node: node_spec.name.clone(),
             workload: self.workload,
+            discovery: self.discovery,
             mesh_file: self.mesh_file,
+            kubeconfig: self.kubeconfig,
             cgroup_root,
             outbound,
             hbone,
@@ -396,6 +431,30 @@ impl RunArgs {
             node_spec,
         })
     }
+}
+
+impl RunArgs {
+    /// Where the state comes from, as errors name it.
+    fn source_name(&self) -> String {
+        match (&self.discovery, &self.mesh_file) {
+            (Discovery::File, Some(f)) => format!("the mesh file {}", f.display()),
+            (Discovery::File, None) => "the mesh file".into(),
+            (Discovery::Kube, _) => {
+                "Kubernetes (Node objects with an InternalIP; meshed pods of enrolled namespaces)"
+                    .into()
+            }
+        }
+    }
+}
+
+/// Where the mesh's state comes from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discovery {
+    /// The mesh file (`--mesh-file`), reloaded when it changes.
+    File,
+    /// The Kubernetes API server, watched.
+    Kube,
 }
 
 /// Two listeners collide when they share a port and an address, or one of them is the wildcard.

@@ -4,6 +4,7 @@
 //!
 //! - [`file`]: the mesh file, reloaded when it changes (the default for the demo, the tests and
 //!   hosts without Kubernetes).
-//! - Kubernetes (kube-rs watchers) will be the second source.
+//! - [`kube`]: Kubernetes (kube-rs watchers and reflectors; `--discovery kube`).
 
 pub mod file;
+pub mod kube;

@@ -8,6 +8,7 @@
 
 pub mod ca;
 pub mod caclient;
+pub mod cakube;
 pub mod manager;
 pub mod tls;
 

@@ -48,6 +48,9 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Print the AuthorizationPolicy CRD (`nodemesh.io/v1alpha1`) as YAML, generated from the
+    /// daemon's own types (deploy/crds/authorizationpolicies.yaml is this output).
+    Crd,
     /// Remove every program, link and map the mesh left pinned (after a crash, or to take a
     /// fail-closed node out of the mesh while no daemon runs).
     Uninstall {
@@ -60,7 +63,7 @@ enum Command {
 #[derive(Subcommand)]
 enum CaCommand {
     /// Serve SVID signing over HTTPS. Generates a root, signer and bundle in --dir at first start.
-    Serve(CaArgs),
+    Serve(Box<CaArgs>),
     /// One step of a root rotation (add-root, then activate, then retire), on --dir; a running CA
     /// picks each step up within a second.
     Rotate {
@@ -83,12 +86,31 @@ struct CaArgs {
     /// HTTPS listener for signing requests.
     #[arg(long, env = "NODEMESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// Who the nodes are and which pods run where: `file` (--tokens and --mesh-file) or `kube`
+    /// (TokenReview of each daemon's projected service-account token, and the pods' nodeName).
+    #[arg(long, env = "NODEMESH_DISCOVERY", value_enum, default_value = "file")]
+    discovery: config::Discovery,
     /// YAML map of node name to bootstrap token; a node may only get SVIDs for its own pods.
+    /// `--discovery file`.
     #[arg(long, env = "NODEMESH_CA_TOKENS")]
-    tokens: PathBuf,
-    /// The mesh file: which workload runs on which node.
+    tokens: Option<PathBuf>,
+    /// The mesh file: which workload runs on which node. `--discovery file`.
     #[arg(long, env = "NODEMESH_MESH_FILE")]
-    mesh_file: PathBuf,
+    mesh_file: Option<PathBuf>,
+    /// `--discovery kube`: the kubeconfig (default: the pod's service account, $KUBECONFIG).
+    #[arg(long, env = "NODEMESH_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// `--discovery kube`: the audience daemon tokens must be issued for.
+    #[arg(long, env = "NODEMESH_TOKEN_AUDIENCE", default_value = "nodemesh-ca")]
+    token_audience: String,
+    /// `--discovery kube`: the node daemons' service account, namespace/name; only its
+    /// pod-bound tokens may ask for SVIDs.
+    #[arg(
+        long,
+        env = "NODEMESH_DAEMON_SERVICE_ACCOUNT",
+        default_value = "nodemesh/nodemesh-daemon"
+    )]
+    daemon_service_account: String,
     /// SPIFFE trust domain.
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -178,10 +200,20 @@ fn main() -> ExitCode {
         },
         Command::Ca {
             command: CaCommand::Serve(args),
-        } => match serve_ca(args) {
+        } => match serve_ca(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mesh-daemon ca: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Crd => match mesh_daemon::discovery::kube::crd::yaml() {
+            Ok(y) => {
+                print!("{y}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-daemon crd: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -211,13 +243,34 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
             )
         })?;
         let metrics = Arc::new(Metrics::new().with_process_metrics());
+        let (tokens, mesh_file, kube) = match args.discovery {
+            config::Discovery::File => match (args.tokens, args.mesh_file) {
+                (Some(t), Some(m)) => (t, m, None),
+                _ => anyhow::bail!(
+                    "--discovery file needs --tokens and --mesh-file (or pass --discovery kube)"
+                ),
+            },
+            config::Discovery::Kube => {
+                let client = mesh_daemon::discovery::kube::client(args.kubeconfig.as_deref())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                let placement = identity::cakube::KubePlacement::new(
+                    client,
+                    args.token_audience.clone(),
+                    &args.daemon_service_account,
+                )
+                .map_err(anyhow::Error::msg)?;
+                (PathBuf::new(), PathBuf::new(), Some(placement))
+            }
+        };
         let ca = Ca::new(
             CaConfig {
                 dir: args.dir,
                 listen: args.listen,
                 trust_domain: args.trust_domain,
-                tokens: args.tokens,
-                mesh_file: args.mesh_file,
+                tokens,
+                mesh_file,
+                kube,
                 lifetime: args.lifetime,
                 sans: args.sans,
             },

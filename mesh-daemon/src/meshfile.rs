@@ -111,7 +111,7 @@ pub struct RateLimitSpec {
 }
 
 impl RateLimitSpec {
-    fn check(&self) -> Result<crate::state::routes::RateLimit, String> {
+    pub fn check(&self) -> Result<crate::state::routes::RateLimit, String> {
         use std::num::NonZeroU32;
         let rps = NonZeroU32::new(self.requests_per_second).ok_or(
             "rateLimit.requestsPerSecond is 0; give a positive rate, or remove rateLimit for no limit",

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// Access-log lines dropped because the writer was behind.
     pub access_log_dropped: IntCounter,
+    /// Kubernetes watches that failed (and were resumed with backoff), by kind.
+    pub kube_watch_errors: IntCounterVec,
+    /// Kubernetes objects left out of the mesh because they are malformed (logged once each).
+    pub kube_rejected_objects: IntGauge,
 }
 
 /// Labels of the request families, in this order.
@@ -127,7 +131,7 @@ impl Metrics {
             ),
             config_reloads: vec(
                 "config_reloads_total",
-                "Mesh file loads, by result (ok, error: the last good state stays in force)",
+                "Loads of the mesh state (mesh file or Kubernetes), by result (ok, error: the last good state stays in force)",
                 &["result"],
             ),
             enroll_failures: vec(
@@ -293,6 +297,21 @@ impl Metrics {
                 IntCounter::new(
                     "access_log_dropped_total",
                     "Access-log lines dropped because its writer fell behind (requests never wait)",
+                )
+                .expect("static metric definitions are valid"),
+            ),
+            kube_watch_errors: vec(
+                "kube_watch_errors_total",
+                "Kubernetes watches that failed and were resumed with backoff, by kind (the last \
+                 state stays in force meanwhile)",
+                &["kind"],
+            ),
+            kube_rejected_objects: reg(
+                &registry,
+                IntGauge::new(
+                    "kube_rejected_objects",
+                    "Kubernetes objects left out of the mesh because they are malformed (the log \
+                     names each)",
                 )
                 .expect("static metric definitions are valid"),
             ),

@@ -350,23 +350,32 @@ impl State {
                 );
             }
         }
-        snap.route_tables = routes::compile(&desired.routes, |ns, name| {
-            desired
-                .services
-                .iter()
-                .find(|s| s.namespace == ns && s.name == name)
-                .map(|s| routes::ServiceRef {
-                    namespace: &s.namespace,
-                    name: &s.name,
-                    ports: s
-                        .ports
-                        .iter()
-                        .map(|p| (p.port, SocketAddr::new(IpAddr::V4(s.vip), p.port)))
-                        .collect(),
-                })
-        })?;
+        snap.route_tables = compile_routes(desired, &desired.routes)?;
         Ok(snap)
     }
+}
+
+/// `routes` compiled against `desired`'s services. A source that must keep going past one bad
+/// route (Kubernetes) checks each route alone with it.
+pub fn compile_routes(
+    desired: &Desired,
+    routes: &[RouteDesc],
+) -> Result<HashMap<SocketAddr, Arc<routes::RouteTable>>, String> {
+    routes::compile(routes, |ns, name| {
+        desired
+            .services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
+            .map(|s| routes::ServiceRef {
+                namespace: &s.namespace,
+                name: &s.name,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| (p.port, SocketAddr::new(IpAddr::V4(s.vip), p.port)))
+                    .collect(),
+            })
+    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! so a test that cannot build its environment fails loudly instead of passing silently.
 
 pub mod cgroup;
+pub mod kube;
 pub mod netns;
 pub mod process;
 pub mod topology;

@@ -4,6 +4,7 @@
 //! types one command. Set-up never assumes a path: the nightly sysroot, its LLVM and the cgroup
 //! mount are all computed here.
 
+mod kube;
 mod modgraph;
 mod setup;
 
@@ -15,7 +16,11 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
   setup   install what building and testing need (idempotent): apt packages, nightly rust-src,
-          bpf-linker matched to nightly's LLVM, bpffs
+          bpf-linker matched to nightly's LLVM, bpffs, and the Kubernetes tests' etcd and
+          kube-apiserver (built once from Debian's source package, cached in /var/cache/nodemesh)
+  kube-test-server
+          a real API server on 127.0.0.1 (etcd + kube-apiserver, TokenRequest/TokenReview on)
+          until Ctrl-C; prints the kubeconfig to use
   demo    the main job: a meshed pod's connection captured in the kernel and proxied by the daemon
   test    fmt check, clippy -D warnings (host and eBPF), unit tests, privileged end-to-end tests
   imports check that mesh-daemon's modules import one way (no cycle); part of `test`
@@ -31,7 +36,8 @@ usage: cargo xtask <command>
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("setup") => setup::all(),
+        Some("setup") => setup::all().and_then(|()| kube::binaries().map(drop)),
+        Some("kube-test-server") => kube_test_server(),
         Some("demo") => demo(),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
@@ -88,6 +94,20 @@ fn demo() -> anyhow::Result<()> {
     run(&mut Command::new(target.join("debug/nodemesh-demo")))
 }
 
+fn kube_test_server() -> anyhow::Result<()> {
+    kube::binaries()?;
+    run(cargo().args([
+        "build",
+        "--package",
+        "nodemesh-tests",
+        "--bin",
+        "kube-test-server",
+    ]))?;
+    run(&mut Command::new(
+        setup::target_dir()?.join("debug/kube-test-server"),
+    ))
+}
+
 fn bench(args: &[String]) -> anyhow::Result<()> {
     require_root("cargo xtask bench")?;
     let quick = args.iter().any(|a| a == "--quick");
@@ -140,6 +160,8 @@ fn imports() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
     setup::all()?;
+    // The Kubernetes suite's API server (built once; the suites find it through the env).
+    kube::binaries()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     // One-way imports: a cycle between the daemon's modules fails the test run.
     imports()?;

@@ -606,8 +606,11 @@ pub struct CaConfig {
     pub dir: PathBuf,
     pub listen: SocketAddr,
     pub trust_domain: String,
+    /// Placement from files: the node tokens and the mesh file (unused with `kube`).
     pub tokens: PathBuf,
     pub mesh_file: PathBuf,
+    /// Placement from Kubernetes: TokenReview and the pods' nodeName.
+    pub kube: Option<super::cakube::KubePlacement>,
     pub lifetime: Duration,
     /// Extra names for the serving certificate (the listen IP is always in it).
     pub sans: Vec<String>,
@@ -615,7 +618,8 @@ pub struct CaConfig {
 
 struct Shared {
     cfg: CaConfig,
-    placement: RwLock<Arc<Placement>>,
+    /// From the files; None with Kubernetes placement.
+    placement: RwLock<Option<Arc<Placement>>>,
     authority: RwLock<Arc<Authority>>,
     serving: RwLock<Arc<CertifiedKey>>,
     requests: IntCounterVec,
@@ -652,7 +656,10 @@ impl Ca {
     /// Loads (or generates) the key material, checks the token file and binds the listener.
     pub async fn new(cfg: CaConfig, registry: &prometheus::Registry) -> Result<Self, CaError> {
         let authority = Authority::init_or_load(&cfg.dir, &cfg.trust_domain)?;
-        let placement = Placement::load(&cfg.tokens, &cfg.mesh_file)?;
+        let placement = match cfg.kube {
+            Some(_) => None,
+            None => Some(Arc::new(Placement::load(&cfg.tokens, &cfg.mesh_file)?)),
+        };
         let mut sans = cfg.sans.clone();
         if !cfg.listen.ip().is_unspecified() {
             sans.push(cfg.listen.ip().to_string());
@@ -677,7 +684,7 @@ impl Ca {
             .expect("registered once");
         let shared = Arc::new(Shared {
             cfg,
-            placement: RwLock::new(Arc::new(placement)),
+            placement: RwLock::new(placement),
             authority: RwLock::new(Arc::new(authority)),
             serving: RwLock::new(serving),
             requests,
@@ -744,11 +751,14 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if cached.stamps == now && !cached.recent {
+        if let Some(cached) = cached
+            && cached.stamps == now
+            && !cached.recent
+        {
             return Ok(cached);
         }
         let fresh = Arc::new(Placement::load(&self.cfg.tokens, &self.cfg.mesh_file)?);
-        *self.placement.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        *self.placement.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
         Ok(fresh)
     }
 }
@@ -846,20 +856,38 @@ async fn sign_request(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
-    let placement = match shared.placement() {
-        Ok(p) => p,
-        Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "error", e.to_string()),
-    };
-    let Some(node) = token
-        .as_deref()
-        .and_then(|t| placement.node_of(t))
-        .map(str::to_string)
-    else {
-        return err(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "no valid node token (Authorization: Bearer <token from the node's token file>)".into(),
-        );
+    // Who is asking: a node, by its token.
+    let (node, placement) = if let Some(kube) = &shared.cfg.kube {
+        let Some(token) = token.as_deref() else {
+            return err(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "no token (Authorization: Bearer <the daemon's projected service-account token>)"
+                    .into(),
+            );
+        };
+        match kube.node_of(token).await {
+            Ok(node) => (node, None),
+            Err(r) => return err(r.status, r.label, r.reason),
+        }
+    } else {
+        let placement = match shared.placement() {
+            Ok(p) => p,
+            Err(e) => return err(StatusCode::SERVICE_UNAVAILABLE, "error", e.to_string()),
+        };
+        let Some(node) = token
+            .as_deref()
+            .and_then(|t| placement.node_of(t))
+            .map(str::to_string)
+        else {
+            return err(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "no valid node token (Authorization: Bearer <token from the node's token file>)"
+                    .into(),
+            );
+        };
+        (node, Some(placement))
     };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -881,9 +909,20 @@ async fn sign_request(
             );
         }
     };
-    // Who runs where comes from the same control input the nodes read (the mesh file here; the
-    // Pods' nodeName in Kubernetes).
-    let on_node = |id: &Identity| placement.on_node(&node, id);
+    // Who runs where comes from the same control input the nodes read (the mesh file, or the
+    // Pods' nodeName in Kubernetes, asked now).
+    let on_kube_node = match (&shared.cfg.kube, &placement) {
+        (Some(kube), _) => match kube.identities_on(&node).await {
+            Ok(ids) => Some(ids),
+            Err(r) => return err(r.status, r.label, r.reason),
+        },
+        _ => None,
+    };
+    let on_node = |id: &Identity| match (&on_kube_node, &placement) {
+        (Some(ids), _) => ids.contains(&(id.namespace.clone(), id.service_account.clone())),
+        (None, Some(p)) => p.on_node(&node, id),
+        (None, None) => false,
+    };
     match authority.sign(&sign.csr, on_node, shared.cfg.lifetime) {
         Ok((id, issued)) => {
             info!(%node, identity = %id, lifetime = ?shared.cfg.lifetime, "issued SVID");

@@ -118,12 +118,42 @@ impl std::fmt::Display for CaUrl {
     }
 }
 
-/// A node's client for the CA: its address, its bootstrap token, and the mark its connections
-/// carry so no hook ever captures them.
+/// A node's client for the CA: its address, its token, and the mark its connections carry so no
+/// hook ever captures them.
 pub struct CaClient {
     url: CaUrl,
-    token: String,
+    token: Token,
     mark: u32,
+}
+
+/// The credential the CA authenticates a node with.
+pub enum Token {
+    /// A fixed bootstrap token (the mesh file's CA).
+    Fixed(String),
+    /// A file read again at every request: a Kubernetes projected service-account token, which
+    /// the kubelet rotates in place (the last good one is used if a read fails mid-rotation).
+    File {
+        path: std::path::PathBuf,
+        last: std::sync::Mutex<String>,
+    },
+}
+
+impl Token {
+    fn current(&self) -> String {
+        match self {
+            Self::Fixed(t) => t.clone(),
+            Self::File { path, last } => {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                if let Ok(t) = std::fs::read_to_string(path) {
+                    let t = t.trim();
+                    if !t.is_empty() {
+                        *last = t.to_string();
+                    }
+                }
+                last.clone()
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for CaClient {
@@ -134,7 +164,7 @@ impl std::fmt::Debug for CaClient {
 }
 
 impl CaClient {
-    pub fn new(url: CaUrl, token: String, mark: u32) -> Self {
+    pub fn new(url: CaUrl, token: Token, mark: u32) -> Self {
         Self { url, token, mark }
     }
 
@@ -152,6 +182,7 @@ impl CaClient {
         body: Option<String>,
     ) -> Result<Bytes, CaClientError> {
         let ca = self.url.to_string();
+        let token = self.token.current();
         let unreachable = |reason: String| CaClientError::Unreachable {
             ca: ca.clone(),
             reason,
@@ -186,10 +217,7 @@ impl CaClient {
                 .method(method)
                 .uri(path)
                 .header(hyper::header::HOST, ca.as_str())
-                .header(
-                    hyper::header::AUTHORIZATION,
-                    format!("Bearer {}", self.token),
-                )
+                .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(body.unwrap_or_default())))
                 .map_err(|e| CaClientError::Config(e.to_string()))?;

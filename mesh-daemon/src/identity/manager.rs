@@ -108,7 +108,7 @@ impl Manager {
         let token = read(&cfg.token_file)?.trim().to_string();
         if token.is_empty() {
             return Err(ManagerError::Config(format!(
-                "{} is empty; it must hold this node's bootstrap token",
+                "{} is empty; it must hold this node's token for the CA (a bootstrap token, or in Kubernetes the projected service-account token)",
                 cfg.token_file.display()
             )));
         }
@@ -116,7 +116,15 @@ impl Manager {
         let bundle = Bundle::new(vec![roots], String::new())
             .map_err(|e| ManagerError::Config(format!("{}: {e}", cfg.ca_bundle.display())))?;
         Ok(Arc::new(Self {
-            ca: CaClient::new(url, token, cfg.mark),
+            // Read again at every request: a projected token is rotated in place.
+            ca: CaClient::new(
+                url,
+                super::caclient::Token::File {
+                    path: cfg.token_file.clone(),
+                    last: std::sync::Mutex::new(token),
+                },
+                cfg.mark,
+            ),
             trust_domain: cfg.trust_domain,
             refresh: cfg.refresh,
             svids: RwLock::default(),

@@ -178,7 +178,7 @@ pub struct PolicySpec {
 }
 
 /// What a request must be for a policy's `to` rule to match (Istio's `operation`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PolicyOperation {
     /// HTTP methods (any).
@@ -192,7 +192,7 @@ pub struct PolicyOperation {
     pub headers: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 pub enum PolicyAction {
     #[serde(rename = "ALLOW")]
     Allow,
@@ -200,7 +200,7 @@ pub enum PolicyAction {
     Deny,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PolicySource {
     /// SPIFFE IDs.

@@ -1,0 +1,185 @@
+//! The CA's placement in Kubernetes (`mesh-daemon ca serve --discovery kube`): who is asking,
+//! and which identities run on its node, both from the API server.
+//!
+//! A node daemon presents its projected, audience-bound service-account token. The CA asks the
+//! TokenReview API whether it is valid for the CA's audience; the token must belong to the
+//! daemon's service account and be bound to a pod (Kubernetes puts the pod's name and uid in the
+//! review's `extra`). That pod must exist with the same uid, run as the daemon's service account
+//! and be scheduled on a node: that node is the caller. It may then get SVIDs only for
+//! identities (namespace, service account) of pods scheduled on that same node, read from the
+//! API server at each request — never from what the caller says.
+
+use std::collections::HashSet;
+
+use hyper::StatusCode;
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec},
+    core::v1::Pod,
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, PostParams},
+};
+
+const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+pub struct KubePlacement {
+    client: Client,
+    /// The audience daemon tokens must be issued for (the projected volume's `audience`).
+    audience: String,
+    /// The daemon's service account, `namespace/name`.
+    daemon_namespace: String,
+    daemon_account: String,
+}
+
+impl std::fmt::Debug for KubePlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubePlacement")
+            .field("audience", &self.audience)
+            .field(
+                "daemon",
+                &format!("{}/{}", self.daemon_namespace, self.daemon_account),
+            )
+            .finish()
+    }
+}
+
+/// Why a request is refused: its HTTP status, the `ca_requests_total` result label, the reason.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub label: &'static str,
+    pub reason: String,
+}
+
+fn refuse(status: StatusCode, label: &'static str, reason: String) -> Refusal {
+    Refusal {
+        status,
+        label,
+        reason,
+    }
+}
+
+impl KubePlacement {
+    /// `daemon_account` is `namespace/name`.
+    pub fn new(client: Client, audience: String, daemon_account: &str) -> Result<Self, String> {
+        let (ns, name) = daemon_account
+            .split_once('/')
+            .filter(|(n, a)| !n.is_empty() && !a.is_empty() && !a.contains('/'))
+            .ok_or_else(|| {
+                format!(
+                    "--daemon-service-account {daemon_account:?} is not namespace/name (e.g. \
+                     nodemesh/nodemesh-daemon)"
+                )
+            })?;
+        Ok(Self {
+            client,
+            audience,
+            daemon_namespace: ns.into(),
+            daemon_account: name.into(),
+        })
+    }
+
+    /// The node whose daemon holds `token`.
+    pub async fn node_of(&self, token: &str) -> Result<String, Refusal> {
+        let unauth = |reason: String| refuse(StatusCode::UNAUTHORIZED, "unauthenticated", reason);
+        let unavailable = |reason: String| refuse(StatusCode::SERVICE_UNAVAILABLE, "error", reason);
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let answer = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| unavailable(format!("TokenReview failed: {e}; is the API server up?")))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(unauth(format!(
+                "the token is not valid for audience {:?}: {}",
+                self.audience,
+                status
+                    .error
+                    .unwrap_or_else(|| "expired, revoked or for another audience".into())
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let want = format!(
+            "system:serviceaccount:{}:{}",
+            self.daemon_namespace, self.daemon_account
+        );
+        let username = user.username.unwrap_or_default();
+        if username != want {
+            return Err(unauth(format!(
+                "the token is {username:?}'s; only the node daemon's service account ({want}) \
+                 may ask for SVIDs"
+            )));
+        }
+        let extra = user.extra.unwrap_or_default();
+        let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+        let (Some(pod_name), Some(pod_uid)) = (first(POD_NAME), first(POD_UID)) else {
+            return Err(unauth(
+                "the token is not bound to a pod; mount a projected service-account token in \
+                 the daemon's pod (deploy/ does)"
+                    .into(),
+            ));
+        };
+        let pod = Api::<Pod>::namespaced(self.client.clone(), &self.daemon_namespace)
+            .get_opt(&pod_name)
+            .await
+            .map_err(|e| unavailable(format!("cannot read pod {pod_name}: {e}")))?
+            .ok_or_else(|| unauth(format!("the token's pod {pod_name} no longer exists")))?;
+        if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
+            return Err(unauth(format!(
+                "the token's pod {pod_name} was replaced (uid differs); the token is stale"
+            )));
+        }
+        let spec = pod.spec.unwrap_or_default();
+        if spec.service_account_name.as_deref() != Some(self.daemon_account.as_str()) {
+            return Err(unauth(format!(
+                "pod {pod_name} does not run as {}",
+                self.daemon_account
+            )));
+        }
+        spec.node_name.filter(|n| !n.is_empty()).ok_or_else(|| {
+            unauth(format!(
+                "the token's pod {pod_name} is not scheduled on a node"
+            ))
+        })
+    }
+
+    /// (namespace, service account) of every pod scheduled on `node` that has not ended.
+    pub async fn identities_on(&self, node: &str) -> Result<HashSet<(String, String)>, Refusal> {
+        let pods = Api::<Pod>::all(self.client.clone())
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .map_err(|e| {
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "error",
+                    format!("cannot list the pods of node {node}: {e}"),
+                )
+            })?;
+        Ok(pods
+            .items
+            .into_iter()
+            .filter(|p| {
+                !matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )
+            })
+            .filter_map(|p| {
+                let ns = p.metadata.namespace?;
+                let sa = p
+                    .spec
+                    .and_then(|s| s.service_account_name)
+                    .unwrap_or_else(|| "default".into());
+                Some((ns, sa))
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,245 @@
+//! A real Kubernetes API server for the tests: etcd and kube-apiserver on 127.0.0.1 with a static
+//! admin token, service-account signing keys and an issuer (so TokenRequest and TokenReview work),
+//! and a kubeconfig. Both processes stop, and their folder is removed, when the guard drops.
+//!
+//! The binaries come from `ETCD_BIN` / `KUBE_APISERVER_BIN`, else from where `cargo xtask setup`
+//! put them (etcd from Debian; kube-apiserver built once from Debian's source package and cached
+//! outside the repository). No kubelet, scheduler or controller-manager runs: the tests play
+//! kubelet themselves (Node objects, pod status, namespaces and cgroups).
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::process::Proc;
+
+/// Where `cargo xtask setup` caches the API server it builds (xtask/src/kube.rs has the same).
+pub const APISERVER_CACHE: &str = "/var/cache/nodemesh/kube-apiserver-v1.20.2/kube-apiserver";
+/// The admin's static bearer token (the token file's only entry).
+pub const ADMIN_TOKEN: &str = "nodemesh-test-admin";
+/// The audiences the API server accepts; the CA asks TokenReview for the first.
+pub const AUDIENCES: &str = "nodemesh-ca,https://kubernetes.default.svc";
+
+fn binary(env: &str, default: &str) -> PathBuf {
+    let p = std::env::var_os(env).map_or_else(|| PathBuf::from(default), PathBuf::from);
+    assert!(
+        p.is_file(),
+        "{} not found; run `cargo xtask setup` (it installs etcd and builds kube-apiserver once), \
+         or point {env} at one",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A running etcd + kube-apiserver.
+pub struct KubeServer {
+    dir: PathBuf,
+    etcd: Option<Proc>,
+    apiserver: Option<Proc>,
+    port: u16,
+    etcd_port: u16,
+    pub kubeconfig: PathBuf,
+}
+
+impl KubeServer {
+    /// Starts both and waits (up to 60 s) until the API server is ready.
+    pub fn start(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("nodemesh-kube-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("kube dir");
+        // The service-account signing key (ECDSA P-256); the API server reads the public half
+        // from the same file.
+        let key = rcgen::KeyPair::generate().expect("key");
+        std::fs::write(dir.join("sa.key"), key.serialize_pem()).expect("sa.key");
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"),
+        )
+        .expect("tokens.csv");
+        let mut s = Self {
+            kubeconfig: dir.join("kubeconfig"),
+            dir,
+            etcd: None,
+            apiserver: None,
+            port: free_port(),
+            etcd_port: free_port(),
+        };
+        s.start_etcd();
+        s.start_apiserver();
+        s.write_kubeconfig();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn start_etcd(&mut self) {
+        let etcd = binary("ETCD_BIN", "/usr/bin/etcd");
+        let client = format!("http://127.0.0.1:{}", self.etcd_port);
+        let mut cmd = Command::new(etcd);
+        cmd.arg("--data-dir")
+            .arg(self.dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", free_port()),
+            ])
+            .args(["--log-level", "warn"]);
+        self.etcd = Some(Proc::spawn("etcd", cmd));
+    }
+
+    fn start_apiserver(&mut self) {
+        let bin = binary("KUBE_APISERVER_BIN", APISERVER_CACHE);
+        let key = self.dir.join("sa.key");
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--etcd-servers",
+            &format!("http://127.0.0.1:{}", self.etcd_port),
+        ])
+        .args([
+            "--bind-address",
+            "127.0.0.1",
+            "--advertise-address",
+            "127.0.0.1",
+        ])
+        .args([
+            "--secure-port",
+            &self.port.to_string(),
+            "--insecure-port",
+            "0",
+        ])
+        .arg("--cert-dir")
+        .arg(self.dir.join("certs"))
+        .arg("--token-auth-file")
+        .arg(self.dir.join("tokens.csv"))
+        .arg("--service-account-key-file")
+        .arg(&key)
+        .arg("--service-account-signing-key-file")
+        .arg(&key)
+        .args(["--service-account-issuer", "https://kubernetes.default.svc"])
+        .args(["--api-audiences", AUDIENCES])
+        .args(["--authorization-mode", "RBAC"])
+        // No controller-manager creates service-account tokens for pods here.
+        .args(["--disable-admission-plugins", "ServiceAccount"])
+        .args(["--endpoint-reconciler-type", "none"])
+        .args(["--service-cluster-ip-range", "10.96.0.0/16"])
+        .args(["-v", "0"]);
+        self.apiserver = Some(Proc::spawn("kube-apiserver", cmd));
+        self.wait_ready();
+    }
+
+    /// Until `/readyz` answers 200 (60 s at most; panics with the server's last lines).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = Command::new("curl")
+                .args(["-skf", "-o", "/dev/null", "-H"])
+                .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+                .arg(format!("{}/readyz", self.url()))
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            let exited = self.apiserver.as_mut().is_none_or(Proc::has_exited);
+            if exited || Instant::now() > deadline {
+                let lines = self
+                    .apiserver
+                    .as_ref()
+                    .map(|p| p.lines().join("\n"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = lines.lines().rev().take(30).collect();
+                panic!(
+                    "kube-apiserver did not become ready (exited: {exited}); its last lines:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn write_kubeconfig(&self) {
+        // The server's self-signed serving certificate (written at its start) is the CA to trust.
+        let cert = std::fs::read(self.dir.join("certs/apiserver.crt")).expect("apiserver.crt");
+        let ca = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, cert);
+        std::fs::write(
+            &self.kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
+                 certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    token: {ADMIN_TOKEN}\n\
+                 contexts:\n- name: test\n  context: {{cluster: test, user: admin}}\ncurrent-context: test\n",
+                self.url()
+            ),
+        )
+        .expect("kubeconfig");
+    }
+
+    /// Stops the API server (etcd keeps the data) and starts it again on the same port.
+    pub fn restart_apiserver(&mut self, down_for: Duration) {
+        self.apiserver = None;
+        std::thread::sleep(down_for);
+        self.start_apiserver();
+    }
+
+    /// `kubectl` against this server; panics with its output unless it succeeds.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        self.kubectl_stdin(args, "")
+    }
+
+    /// `kubectl` with `input` on standard input (`apply -f -`).
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> String {
+        use std::io::Write as _;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl (installed on these machines; `apt-get install kubectl` elsewhere)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("kubectl stdin");
+        let out = child.wait_with_output().expect("kubectl");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}{err}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for KubeServer {
+    fn drop(&mut self) {
+        self.apiserver = None;
+        self.etcd = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
