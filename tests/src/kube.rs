@@ -44,6 +44,9 @@ fn free_port() -> u16 {
 /// A running etcd + kube-apiserver.
 pub struct KubeServer {
     dir: PathBuf,
+    /// The network namespace both run in (None: this process's), and the API server's address.
+    netns: Option<PathBuf>,
+    addr: String,
     etcd: Option<Proc>,
     apiserver: Option<Proc>,
     port: u16,
@@ -52,15 +55,21 @@ pub struct KubeServer {
 }
 
 impl KubeServer {
-    /// Starts both and waits (up to 60 s) until the API server is ready.
+    /// Starts both on 127.0.0.1 and waits (up to 60 s) until the API server is ready.
     pub fn start(tag: &str) -> Self {
+        Self::start_in(tag, None, "127.0.0.1")
+    }
+
+    /// Starts both inside network namespace `netns` (a test topology's fabric, so its nodes reach
+    /// the API server), the API server on `addr`.
+    pub fn start_in(tag: &str, netns: Option<&Path>, addr: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("nodemesh-kube-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("kube dir");
-        // The service-account signing key (ECDSA P-256); the API server reads the public half
-        // from the same file.
+        // The service-account signing key (ECDSA P-256) and its public half.
         let key = rcgen::KeyPair::generate().expect("key");
         std::fs::write(dir.join("sa.key"), key.serialize_pem()).expect("sa.key");
+        std::fs::write(dir.join("sa.pub"), key.public_key_pem()).expect("sa.pub");
         std::fs::write(
             dir.join("tokens.csv"),
             format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"),
@@ -69,6 +78,8 @@ impl KubeServer {
         let mut s = Self {
             kubeconfig: dir.join("kubeconfig"),
             dir,
+            netns: netns.map(Path::to_path_buf),
+            addr: addr.to_string(),
             etcd: None,
             apiserver: None,
             port: free_port(),
@@ -81,13 +92,25 @@ impl KubeServer {
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.addr, self.port)
+    }
+
+    /// `program`, run in the server's network namespace.
+    fn command(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
     }
 
     fn start_etcd(&mut self) {
         let etcd = binary("ETCD_BIN", "/usr/bin/etcd");
         let client = format!("http://127.0.0.1:{}", self.etcd_port);
-        let mut cmd = Command::new(etcd);
+        let mut cmd = self.command(&etcd);
         cmd.arg("--data-dir")
             .arg(self.dir.join("etcd"))
             .args([
@@ -107,16 +130,16 @@ impl KubeServer {
     fn start_apiserver(&mut self) {
         let bin = binary("KUBE_APISERVER_BIN", APISERVER_CACHE);
         let key = self.dir.join("sa.key");
-        let mut cmd = Command::new(bin);
+        let mut cmd = self.command(&bin);
         cmd.args([
             "--etcd-servers",
             &format!("http://127.0.0.1:{}", self.etcd_port),
         ])
         .args([
             "--bind-address",
-            "127.0.0.1",
+            &self.addr,
             "--advertise-address",
-            "127.0.0.1",
+            &self.addr,
         ])
         .args([
             "--secure-port",
@@ -129,7 +152,7 @@ impl KubeServer {
         .arg("--token-auth-file")
         .arg(self.dir.join("tokens.csv"))
         .arg("--service-account-key-file")
-        .arg(&key)
+        .arg(self.dir.join("sa.pub"))
         .arg("--service-account-signing-key-file")
         .arg(&key)
         .args(["--service-account-issuer", "https://kubernetes.default.svc"])
@@ -148,7 +171,8 @@ impl KubeServer {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let ok = Command::new("curl")
+            let ok = self
+                .command(Path::new("curl"))
                 .args(["-skf", "-o", "/dev/null", "-H"])
                 .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
                 .arg(format!("{}/readyz", self.url()))
@@ -205,7 +229,8 @@ impl KubeServer {
     /// `kubectl` with `input` on standard input (`apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> String {
         use std::io::Write as _;
-        let mut child = Command::new("kubectl")
+        let mut child = self
+            .command(Path::new("kubectl"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)

@@ -123,6 +123,10 @@ pub struct DaemonOpts {
     pub drain_timeout: Option<&'static str>,
     /// `--access-log` for every daemon and sidecar, at [`Topology::access_log`].
     pub access_log: bool,
+    /// `--discovery kube` with this kubeconfig for the daemons and the CA (TokenReview of each
+    /// node's token file, which then holds its daemon pod's bound token), instead of the mesh
+    /// file and bootstrap tokens.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for DaemonOpts {
@@ -137,6 +141,7 @@ impl Default for DaemonOpts {
             sidecar: false,
             drain_timeout: None,
             access_log: false,
+            kubeconfig: None,
         }
     }
 }
@@ -429,15 +434,19 @@ impl Topology {
             .arg(self.ca_dir())
             .args(["--listen", &format!("{CA_IP}:15012")])
             .args(["--metrics", &format!("{CA_IP}:15014")])
-            .arg("--tokens")
-            .arg(self.dir.0.join("tokens.yaml"))
-            .arg("--mesh-file")
-            .arg(&self.mesh_file)
-            .args(["--lifetime", self.opts.svid_lifetime])
-            .env(
-                "NODEMESH_LOG",
-                std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            .args(["--lifetime", self.opts.svid_lifetime]);
+        match &self.opts.kubeconfig {
+            Some(k) => c.args(["--discovery", "kube", "--kubeconfig"]).arg(k),
+            None => c
+                .arg("--tokens")
+                .arg(self.dir.0.join("tokens.yaml"))
+                .arg("--mesh-file")
+                .arg(&self.mesh_file),
+        };
+        c.env(
+            "NODEMESH_LOG",
+            std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info".into()),
+        );
         c
     }
 
@@ -464,10 +473,12 @@ impl Topology {
         d.arg(format!("--net={}", n.ns.path().display()))
             .arg(bin("mesh-daemon"))
             .arg("run")
-            .args(["--node", &n.name])
-            .arg("--mesh-file")
-            .arg(&self.mesh_file)
-            .arg("--cgroup-root")
+            .args(["--node", &n.name]);
+        match &self.opts.kubeconfig {
+            Some(k) => d.args(["--discovery", "kube", "--kubeconfig"]).arg(k),
+            None => d.arg("--mesh-file").arg(&self.mesh_file),
+        };
+        d.arg("--cgroup-root")
             .arg(self.node_cgroup_root(i))
             .arg("--pin-dir")
             .arg(self.pin_dir(i))

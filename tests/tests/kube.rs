@@ -1,0 +1,312 @@
+//! Privileged, against a real API server (etcd + kube-apiserver, from `cargo xtask setup`): two
+//! node daemons with `--discovery kube` and the CA with TokenReview, in network namespaces as
+//! nodes and pods. The test plays kubelet: it creates the Node objects and pods, sets each pod's
+//! status (IP, phase) and makes its cgroup at the kubelet's layout, and asks TokenRequest for each
+//! daemon pod's bound token.
+
+use std::time::{Duration, Instant};
+
+use nodemesh_tests::{
+    kube::KubeServer,
+    require_root,
+    topology::{CA_IP, DaemonOpts, PodSpec, ServiceSpec, Topology},
+};
+
+const VIP: &str = "10.96.0.10:80";
+
+fn node_yaml(name: &str, ip: &str, mesh_source: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    nodemesh.io/mesh-source: \"{mesh_source}\"\n"
+    ) + &format!("status:\n  addresses:\n  - {{type: InternalIP, address: \"{ip}\"}}\n")
+}
+
+fn pod_yaml(ns: &str, name: &str, node: &str, sa: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: {app}}}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers:\n  - {{name: app, image: app}}\n"
+    )
+}
+
+/// Waits until `f` holds, up to `limit`; returns how long it took.
+fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn daemons_mesh_kubernetes_pods_without_restarts() {
+    require_root("daemons_mesh_kubernetes_pods_without_restarts");
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("server", 1, "echo"),
+        // Runs before its namespace is labelled; meshed from its next connection on.
+        PodSpec::plain("late", 0),
+    ];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo")];
+    let mut t = Topology::build("kb", 2, &pods, &services);
+    let mut kube = KubeServer::start_in("kb", Some(&t.fabric.path()), CA_IP);
+    println!("kube-apiserver at {} (in the fabric namespace)", kube.url());
+
+    // --- the cluster, as an operator and the kubelet would make it ---
+    kube.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: nodemesh}\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: nodemesh-daemon, namespace: nodemesh}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {nodemesh.io/mode: node}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: late}\n",
+    );
+    kube.kubectl(&[
+        "create",
+        "-f",
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/crds/authorizationpolicies.yaml"
+        ),
+    ]);
+    for (i, n) in t.nodes.iter().enumerate() {
+        kube.kubectl_stdin(
+            &["apply", "-f", "-"],
+            &node_yaml(&n.name, &n.ip, &n.mesh_source),
+        );
+        // The daemon's own pod (hostNetwork) and its audience-bound token, as the projected
+        // volume in deploy/ gives it.
+        kube.kubectl_stdin(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: daemon-{0}, namespace: nodemesh}}\n\
+                 spec:\n  nodeName: {0}\n  hostNetwork: true\n  serviceAccountName: nodemesh-daemon\n  containers:\n  - {{name: d, image: d}}\n",
+                n.name
+            ),
+        );
+        let token = kube.kubectl(&[
+            "create",
+            "token",
+            "nodemesh-daemon",
+            "-n",
+            "nodemesh",
+            "--audience",
+            "nodemesh-ca",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &format!("daemon-{}", n.name),
+            "--duration",
+            "1h",
+        ]);
+        std::fs::write(t.token_file(i), token.trim()).expect("token file");
+    }
+    let placements = [
+        ("demo", "client", "client-sa"),
+        ("demo", "server", "server-sa"),
+        ("late", "late", "late-sa"),
+    ];
+    for (k, (ns, name, sa)) in placements.iter().enumerate() {
+        let node = t.nodes[t.pods[k].node].name.clone();
+        let app = if *name == "server" { "echo" } else { name };
+        kube.kubectl_stdin(&["apply", "-f", "-"], &pod_yaml(ns, name, &node, sa, app));
+        let uid = kube.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            ns,
+            name,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ]);
+        // The kubelet's cgroupfs layout (a pod without requests is BestEffort).
+        let cg = t
+            .cgroups
+            .child(&format!("{node}/kubepods/besteffort/pod{}", uid.trim()));
+        t.pods[k].cgroup = cg;
+        let ip = t.pods[k].ip.clone();
+        kube.kubectl(&[
+            "patch",
+            "pod",
+            "-n",
+            ns,
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(
+                r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#
+            ),
+        ]);
+    }
+    let server_ip = t.pod("server").ip.clone();
+    kube.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: demo}}\n\
+             spec:\n  clusterIP: 10.96.0.10\n  selector: {{app: echo}}\n  ports: [{{name: echo, port: 80, targetPort: 7000, appProtocol: tcp}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\n\
+             metadata: {{name: echo-1, namespace: demo, labels: {{kubernetes.io/service-name: echo}}}}\n\
+             addressType: IPv4\nports: [{{name: echo, port: 7000}}]\n\
+             endpoints: [{{addresses: [\"{server_ip}\"], conditions: {{ready: true}}}}]\n"
+        ),
+    );
+
+    // --- the mesh: daemons and the CA read all of it from the API server ---
+    t.start(DaemonOpts {
+        kubeconfig: Some(kube.kubeconfig.clone()),
+        ..DaemonOpts::default()
+    });
+    t.serve("server", "echo-server", 7000);
+    let enrolled = |t: &Topology, i: usize| t.metric(i, "nodemesh_enrolled_workloads", &[]);
+    assert_eq!(
+        enrolled(&t, 0),
+        1,
+        "node-1 enrolls client only (late's namespace is unlabelled)"
+    );
+    assert_eq!(enrolled(&t, 1), 1, "node-2 enrolls server");
+    let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+    assert!(ok && out.contains("echo=ok"), "client → echo VIP: {out}");
+    let mtls = t.wait_metric(
+        0,
+        "nodemesh_tls_handshakes_total",
+        &[("direction", "outbound"), ("result", "ok")],
+        1,
+    );
+    assert!(mtls >= 1, "client → server crossed nodes over mTLS");
+    let edge = |src: &'static str| {
+        [
+            ("reporter", "inbound"),
+            ("source_workload", src),
+            ("destination_workload", "server"),
+        ]
+    };
+    t.wait_metric(
+        1,
+        "nodemesh_tcp_connections_opened_total",
+        &edge("client"),
+        1,
+    );
+    println!("client → server over mTLS, SVIDs from the CA through TokenReview");
+
+    // The CA refuses node-1's token asking for the server's identity (its pod is on node-2).
+    let refused = ca_request(&t, 0, "demo", "server-sa");
+    assert!(
+        refused.starts_with("403") && refused.contains("node-1"),
+        "cross-node SVID request: {refused}"
+    );
+    println!("CA, node-1 asking for demo/server-sa: {refused}");
+
+    // --- a pod running before its namespace is labelled: meshed from its next connection ---
+    kube.kubectl(&["label", "namespace", "late", "nodemesh.io/mode=node"]);
+    let took = within(Duration::from_secs(10), "late enrolled", || {
+        enrolled(&t, 0) == 2
+    });
+    println!("namespace labelled: late enrolled on node-1 after {took:?}, no restart");
+    t.wait_metric(0, "nodemesh_svid_fetches_total", &[("result", "issued")], 2);
+    let (ok, out) = t.connect("late", VIP, &["--send", "4096"]);
+    assert!(
+        ok && out.contains("echo=ok"),
+        "late → echo VIP once meshed: {out}"
+    );
+    t.wait_metric(1, "nodemesh_tcp_connections_opened_total", &edge("late"), 1);
+
+    // --- an AuthorizationPolicy object denies late's identity within 2 s; client unaffected ---
+    kube.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {name: deny-late, namespace: demo}\n\
+         spec: {selector: {app: echo}, action: DENY, from: [{principals: [\"spiffe://cluster.local/ns/late/sa/late-sa\"]}]}\n",
+    );
+    let applied = Instant::now();
+    within(Duration::from_secs(2), "deny-late in force", || {
+        !t.connect("late", VIP, &["--send", "16"]).0
+    });
+    println!(
+        "AuthorizationPolicy deny-late in force after {:?}",
+        applied.elapsed()
+    );
+    let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+    assert!(ok && out.contains("echo=ok"), "client still allowed: {out}");
+
+    // --- the API server restarts mid-test: traffic keeps working, watches resume ---
+    let mut background =
+        t.connect_in_background("client", VIP, &["--send", "40960", "--pace-ms", "500"]);
+    kube.restart_apiserver(Duration::from_secs(2));
+    let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+    assert!(
+        ok && out.contains("echo=ok"),
+        "client → echo right after the restart: {out}"
+    );
+    let st = background
+        .wait_exit(Duration::from_secs(30))
+        .expect("background connection ends");
+    assert!(
+        st.success() && background.output().contains("echo=ok"),
+        "a connection across the restart: {}",
+        background.output()
+    );
+    kube.kubectl(&["delete", "authorizationpolicy", "-n", "demo", "deny-late"]);
+    within(
+        Duration::from_secs(30),
+        "the policy's deletion seen after the restart",
+        || t.connect("late", VIP, &["--send", "16"]).0,
+    );
+    println!("API server restarted: traffic went on, the watches resumed (policy deletion seen)");
+
+    // --- removing the label un-enrolls, without touching the other pods ---
+    kube.kubectl(&["label", "namespace", "late", "nodemesh.io/mode-"]);
+    within(Duration::from_secs(10), "late un-enrolled", || {
+        enrolled(&t, 0) == 1
+    });
+    let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+    assert!(
+        ok && out.contains("echo=ok"),
+        "client after late left: {out}"
+    );
+    println!("label removed: late un-enrolled; client still meshed");
+    drop(t);
+    drop(kube);
+}
+
+/// Asks the CA, with node `i`'s token, for an SVID of `ns/sa`; returns "<status> <body>".
+fn ca_request(t: &Topology, i: usize, ns: &str, sa: &str) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+            .try_into()
+            .expect("uri"),
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    let body = serde_json::json!({ "csr": csr }).to_string();
+    let token = std::fs::read_to_string(t.token_file(i)).expect("token");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", t.fabric.path().display()))
+        .args([
+            "curl",
+            "-sk",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            "POST",
+        ])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", token.trim()))
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body,
+        ])
+        .arg(format!("https://{CA_IP}:15012/v1/svid"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    format!("{code} {body}")
+}
