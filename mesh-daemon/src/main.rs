@@ -111,6 +111,14 @@ struct CaArgs {
         default_value = "nodemesh/nodemesh-daemon"
     )]
     daemon_service_account: String,
+    /// `--discovery kube`: the ConfigMap (in the daemons' namespace) the CA publishes its trust
+    /// bundle in, key `bundle.pem`, at start and whenever it changes (a root rotation).
+    #[arg(
+        long,
+        env = "NODEMESH_BUNDLE_CONFIGMAP",
+        default_value = "nodemesh-trust-bundle"
+    )]
+    bundle_configmap: String,
     /// SPIFFE trust domain.
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -260,6 +268,27 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
                     &args.daemon_service_account,
                 )
                 .map_err(anyhow::Error::msg)?;
+                // The bundle the daemons trust the CA with, kept in step with the CA's folder.
+                let bundle = args.dir.join("bundle.pem");
+                let cm = args.bundle_configmap.clone();
+                let publisher = placement.clone();
+                tokio::spawn(async move {
+                    let mut published = String::new();
+                    loop {
+                        if let Ok(pem) = tokio::fs::read_to_string(&bundle).await
+                            && pem != published
+                        {
+                            match publisher.publish_bundle(&cm, &pem).await {
+                                Ok(()) => {
+                                    info!(configmap = %cm, "trust bundle published");
+                                    published = pem;
+                                }
+                                Err(e) => warn!(error = %e, "retrying in 2 s"),
+                            }
+                        }
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    }
+                });
                 (PathBuf::new(), PathBuf::new(), Some(placement))
             }
         };

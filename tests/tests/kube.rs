@@ -194,6 +194,30 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         "cross-node SVID request: {refused}"
     );
     println!("CA, node-1 asking for demo/server-sa: {refused}");
+    // The CA publishes its trust bundle for the daemons to mount (deploy/ does).
+    within(
+        Duration::from_secs(10),
+        "the trust bundle ConfigMap",
+        || {
+            kube.kubectl(&["get", "configmap", "-n", "nodemesh", "-o", "name"])
+                .contains("nodemesh-trust-bundle")
+        },
+    );
+    let bundle = kube.kubectl(&[
+        "get",
+        "configmap",
+        "-n",
+        "nodemesh",
+        "nodemesh-trust-bundle",
+        "-o",
+        "jsonpath={.data.bundle\\.pem}",
+    ]);
+    let on_disk = std::fs::read_to_string(t.ca_dir().join("bundle.pem")).expect("bundle.pem");
+    assert_eq!(
+        bundle.trim(),
+        on_disk.trim(),
+        "the ConfigMap holds the CA's bundle"
+    );
 
     // --- a pod running before its namespace is labelled: meshed from its next connection ---
     kube.kubectl(&["label", "namespace", "late", "nodemesh.io/mode=node"]);

@@ -53,6 +53,26 @@ pub fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((etcd, apiserver))
 }
 
+/// `kubernetes-validate` (PyPI; offline schemas for Kubernetes 1.25-1.37), for the deploy suite.
+pub fn validator() -> anyhow::Result<()> {
+    let ok = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            "kubernetes-validate==1.37.0",
+        ]))
+        .context("cannot install kubernetes-validate from PyPI")?;
+    }
+    Ok(())
+}
+
 /// The Debian mirror the system's own sources name (deb822 or one-line form).
 fn system_mirror() -> String {
     let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];

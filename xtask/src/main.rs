@@ -36,7 +36,9 @@ usage: cargo xtask <command>
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("setup") => setup::all().and_then(|()| kube::binaries().map(drop)),
+        Some("setup") => setup::all()
+            .and_then(|()| kube::binaries().map(drop))
+            .and_then(|()| kube::validator()),
         Some("kube-test-server") => kube_test_server(),
         Some("demo") => demo(),
         Some("test") => test(),
@@ -160,8 +162,10 @@ fn imports() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
     setup::all()?;
-    // The Kubernetes suite's API server (built once; the suites find it through the env).
+    // The Kubernetes suites' API server (built once; the suites find it through the env) and
+    // the manifests' validator.
     kube::binaries()?;
+    kube::validator()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     // One-way imports: a cycle between the daemon's modules fails the test run.
     imports()?;

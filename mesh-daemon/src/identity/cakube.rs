@@ -24,6 +24,7 @@ use kube::{
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
+#[derive(Clone)]
 pub struct KubePlacement {
     client: Client,
     /// The audience daemon tokens must be issued for (the projected volume's `audience`).
@@ -79,6 +80,35 @@ impl KubePlacement {
             daemon_namespace: ns.into(),
             daemon_account: name.into(),
         })
+    }
+
+    /// Publishes the trust bundle (PEM) in ConfigMap `name` of the daemons' namespace, key
+    /// `bundle.pem`, by server-side apply: daemons mount it as their `--ca-bundle`.
+    pub async fn publish_bundle(&self, name: &str, pem: &str) -> Result<(), String> {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(self.daemon_namespace.clone()),
+                ..Default::default()
+            },
+            data: Some([("bundle.pem".to_string(), pem.to_string())].into()),
+            ..Default::default()
+        };
+        Api::<ConfigMap>::namespaced(self.client.clone(), &self.daemon_namespace)
+            .patch(
+                name,
+                &kube::api::PatchParams::apply("nodemesh-ca").force(),
+                &kube::api::Patch::Apply(&cm),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| {
+                format!(
+                    "cannot publish the trust bundle in ConfigMap {}/{name}: {e}",
+                    self.daemon_namespace
+                )
+            })
     }
 
     /// The node whose daemon holds `token`.
