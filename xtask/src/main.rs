@@ -17,7 +17,8 @@ usage: cargo xtask <command>
 
   setup   install what building and testing need (idempotent): apt packages, nightly rust-src,
           bpf-linker matched to nightly's LLVM, bpffs, and the Kubernetes tests' etcd and
-          kube-apiserver (built once from Debian's source package, cached in /var/cache/nodemesh)
+          kube-apiserver (built once from Debian's source package, cached in /var/cache/nodemesh);
+          `setup --build-only` skips the test tools
   kube-test-server
           a real API server on 127.0.0.1 (etcd + kube-apiserver, TokenRequest/TokenReview on)
           until Ctrl-C; prints the kubeconfig to use
@@ -36,6 +37,8 @@ usage: cargo xtask <command>
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        // `--build-only`: what building needs, not the test tools (an image build).
+        Some("setup") if args.iter().any(|a| a == "--build-only") => setup::all(),
         Some("setup") => setup::all()
             .and_then(|()| kube::binaries().map(drop))
             .and_then(|()| kube::validator()),
