@@ -113,6 +113,34 @@ impl Stores {
     }
 }
 
+/// Which of the kinds discovery reads the API server serves.
+struct Apis {
+    slices_v1: bool,
+    http_routes: bool,
+    grpc_routes: bool,
+    policies: bool,
+}
+
+impl Apis {
+    async fn probe(client: &Client) -> Result<Self, String> {
+        let served = |group_version: &'static str, plural: &'static str| async move {
+            match client.list_api_group_resources(group_version).await {
+                Ok(list) => Ok(list.resources.iter().any(|r| r.name == plural)),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+                Err(e) => Err(format!(
+                    "cannot ask the API server which APIs it serves ({group_version}): {e}"
+                )),
+            }
+        };
+        Ok(Self {
+            slices_v1: served("discovery.k8s.io/v1", "endpointslices").await?,
+            http_routes: served("gateway.networking.k8s.io/v1", "httproutes").await?,
+            grpc_routes: served("gateway.networking.k8s.io/v1", "grpcroutes").await?,
+            policies: served("nodemesh.io/v1alpha1", "authorizationpolicies").await?,
+        })
+    }
+}
+
 /// The last error of each kind's watch, for the start-up wait's messages.
 type LastErrors = Arc<Mutex<HashMap<&'static str, String>>>;
 
@@ -140,19 +168,24 @@ impl KubeSource {
             errors: errors.clone(),
             metrics: metrics.clone(),
         };
-        let served = |group_version: &'static str, plural: &'static str| {
-            let client = client.clone();
-            async move {
-                match client.list_api_group_resources(group_version).await {
-                    Ok(list) => Ok(list.resources.iter().any(|r| r.name == plural)),
-                    Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
-                    Err(e) => Err(format!(
-                        "cannot ask the API server which APIs it serves ({group_version}): {e}"
-                    )),
+        // Which APIs exist; an unreachable server is retried with backoff (nothing can be
+        // served before a first listing), saying why each time.
+        let mut delay = Duration::from_millis(500);
+        let apis = loop {
+            match Apis::probe(&client).await {
+                Ok(a) => break a,
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?delay, "the API server cannot be asked yet; retrying");
+                    metrics
+                        .kube_watch_errors
+                        .with_label_values(&["discovery"])
+                        .inc();
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
                 }
             }
         };
-        let slices = if served("discovery.k8s.io/v1", "endpointslices").await? {
+        let slices = if apis.slices_v1 {
             w.spawn(
                 Api::<EndpointSlice>::all(client.clone()),
                 "EndpointSlice",
@@ -172,24 +205,14 @@ impl KubeSource {
             found
         };
         const GATEWAY_FIX: &str = "the Gateway API CRDs are installed (see deploy/README.md)";
-        let http_routes = optional(
-            served("gateway.networking.k8s.io/v1", "httproutes").await?,
-            "HTTPRoute",
-            GATEWAY_FIX,
-        )
-        .then(|| {
+        let http_routes = optional(apis.http_routes, "HTTPRoute", GATEWAY_FIX).then(|| {
             w.spawn(
                 Api::<HttpRoute>::all(client.clone()),
                 "HTTPRoute",
                 strip_meta,
             )
         });
-        let grpc_routes = optional(
-            served("gateway.networking.k8s.io/v1", "grpcroutes").await?,
-            "GRPCRoute",
-            GATEWAY_FIX,
-        )
-        .then(|| {
+        let grpc_routes = optional(apis.grpc_routes, "GRPCRoute", GATEWAY_FIX).then(|| {
             w.spawn(
                 Api::<GrpcRoute>::all(client.clone()),
                 "GRPCRoute",
@@ -197,7 +220,7 @@ impl KubeSource {
             )
         });
         let policies = optional(
-            served("nodemesh.io/v1alpha1", "authorizationpolicies").await?,
+            apis.policies,
             "AuthorizationPolicy",
             "`kubectl apply -f deploy/crds/authorizationpolicies.yaml`",
         )
