@@ -287,6 +287,13 @@ impl RunArgs {
                         .into(),
                 );
             }
+            Discovery::Kube if self.mode == RunMode::Sidecar => {
+                return conflict(
+                    "--discovery kube is for node daemons; a sidecar reads the mesh file \
+                     (--discovery file), there is no sidecar injector for Kubernetes"
+                        .into(),
+                );
+            }
             Discovery::Kube if self.mesh_file.is_some() => {
                 return conflict(
                     "--mesh-file is only for --discovery file; with --discovery kube the state \

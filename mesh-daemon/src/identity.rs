@@ -16,6 +16,16 @@ use std::{fmt, sync::Arc};
 
 use rustls::crypto::CryptoProvider;
 
+/// Why the CA refused a signing request: the HTTP status, the `ca_requests_total` result label,
+/// and a reason for the node's log (the CA's checks and its Kubernetes placement share it).
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    pub status: hyper::StatusCode,
+    pub label: &'static str,
+    pub reason: String,
+}
+
 /// The trust domain when none is configured (Kubernetes' default cluster domain, as Istio uses).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 

@@ -20,8 +20,9 @@ use crate::process::Proc;
 pub const APISERVER_CACHE: &str = "/var/cache/nodemesh/kube-apiserver-v1.20.2/kube-apiserver";
 /// The admin's static bearer token (the token file's only entry).
 pub const ADMIN_TOKEN: &str = "nodemesh-test-admin";
-/// The audiences the API server accepts; the CA asks TokenReview for the first.
-pub const AUDIENCES: &str = "nodemesh-ca,https://kubernetes.default.svc";
+/// The audience the API server accepts for itself (the CA's, `nodemesh-ca`, is not one: a token
+/// for the CA is no API credential, and the CA asks TokenReview for its own audience).
+pub const AUDIENCES: &str = "https://kubernetes.default.svc";
 
 fn binary(env: &str, default: &str) -> PathBuf {
     let p = std::env::var_os(env).map_or_else(|| PathBuf::from(default), PathBuf::from);

@@ -194,6 +194,40 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         "cross-node SVID request: {refused}"
     );
     println!("CA, node-1 asking for demo/server-sa: {refused}");
+    // A token of the daemon for the API server's own audience, and a token of another service
+    // account for the CA's audience: neither speaks for a node.
+    let api_token = kube.kubectl(&[
+        "create",
+        "token",
+        "nodemesh-daemon",
+        "-n",
+        "nodemesh",
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        "daemon-node-1",
+    ]);
+    let refused = ca_request_with(&t, api_token.trim(), "demo", "client-sa");
+    assert!(
+        refused.starts_with("401") && refused.contains("audience"),
+        "default audience: {refused}"
+    );
+    kube.kubectl(&["create", "serviceaccount", "-n", "demo", "intruder"]);
+    let other = kube.kubectl(&[
+        "create",
+        "token",
+        "intruder",
+        "-n",
+        "demo",
+        "--audience",
+        "nodemesh-ca",
+    ]);
+    let refused = ca_request_with(&t, other.trim(), "demo", "client-sa");
+    assert!(
+        refused.starts_with("401") && refused.contains("only the node daemon"),
+        "another service account: {refused}"
+    );
+    println!("CA refuses a token for another audience and another service account's token");
     // The CA publishes its trust bundle for the daemons to mount (deploy/ does).
     within(
         Duration::from_secs(10),
@@ -293,6 +327,12 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
 
 /// Asks the CA, with node `i`'s token, for an SVID of `ns/sa`; returns "<status> <body>".
 fn ca_request(t: &Topology, i: usize, ns: &str, sa: &str) -> String {
+    let token = std::fs::read_to_string(t.token_file(i)).expect("token");
+    ca_request_with(t, token.trim(), ns, sa)
+}
+
+/// Asks the CA, with `token`, for an SVID of `ns/sa`; returns "<status> <body>".
+fn ca_request_with(t: &Topology, token: &str, ns: &str, sa: &str) -> String {
     let key = rcgen::KeyPair::generate().expect("key");
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     params.subject_alt_names = vec![rcgen::SanType::URI(
@@ -306,7 +346,6 @@ fn ca_request(t: &Topology, i: usize, ns: &str, sa: &str) -> String {
         .pem()
         .expect("pem");
     let body = serde_json::json!({ "csr": csr }).to_string();
-    let token = std::fs::read_to_string(t.token_file(i)).expect("token");
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={}", t.fabric.path().display()))
         .args([
@@ -320,7 +359,7 @@ fn ca_request(t: &Topology, i: usize, ns: &str, sa: &str) -> String {
             "POST",
         ])
         .arg("-H")
-        .arg(format!("Authorization: Bearer {}", token.trim()))
+        .arg(format!("Authorization: Bearer {token}"))
         .args([
             "-H",
             "Content-Type: application/json",

@@ -819,7 +819,7 @@ mod tests {
             strip_pod,
         );
         assert!(names(&f).is_empty());
-        // ... or one pod of an unlabelled namespace in, as a sidecar.
+        // ... or one pod of an unlabelled namespace in (as a sidecar it is refused: no injector).
         apply(
             &mut f.pods,
             pod(
@@ -833,8 +833,27 @@ mod tests {
         );
         mkcgroup(&f, "kubepods/besteffort/poduid-c");
         let b = build(&f);
+        assert!(b.desired.workloads.is_empty(), "no injector: refused {b:?}");
+        assert!(
+            b.rejected
+                .iter()
+                .any(|r| r.contains("other/c") && r.contains("sidecar")),
+            "{b:?}"
+        );
+        apply(
+            &mut f.pods,
+            pod(
+                "other",
+                "c",
+                "n1",
+                Some("10.210.1.9"),
+                json!({"nodemesh.io/mode": "node"}),
+            ),
+            strip_pod,
+        );
+        let b = build(&f);
         assert_eq!(b.desired.workloads.len(), 1);
-        assert_eq!(b.desired.workloads[0].mode, ProxyMode::Sidecar);
+        assert_eq!(b.desired.workloads[0].mode, ProxyMode::Node);
         // Removing the namespace's label un-enrolls the rest of it.
         apply(
             &mut f.pods,

@@ -226,14 +226,7 @@ pub struct Authority {
     pub signer: String,
 }
 
-/// Why a signing request was refused: the HTTP status and a reason for the node's log.
-#[derive(Debug, thiserror::Error)]
-#[error("{reason}")]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub label: &'static str,
-    pub reason: String,
-}
+pub use super::Refusal;
 
 fn refusal(status: StatusCode, label: &'static str, reason: String) -> Refusal {
     Refusal {

@@ -46,13 +46,7 @@ impl std::fmt::Debug for KubePlacement {
     }
 }
 
-/// Why a request is refused: its HTTP status, the `ca_requests_total` result label, the reason.
-#[derive(Debug)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub label: &'static str,
-    pub reason: String,
-}
+use super::Refusal;
 
 fn refuse(status: StatusCode, label: &'static str, reason: String) -> Refusal {
     Refusal {
@@ -127,6 +121,20 @@ impl KubePlacement {
             .await
             .map_err(|e| unavailable(format!("TokenReview failed: {e}; is the API server up?")))?;
         let status = answer.status.unwrap_or_default();
+        // An authenticator that ignores the requested audiences (a webhook, an old server) may
+        // say yes for any token: the answer must name the CA's audience itself.
+        let audience_ok = status
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.contains(&self.audience));
+        if status.authenticated == Some(true) && !audience_ok {
+            return Err(unauth(format!(
+                "the token is not issued for audience {:?} (the review names {:?}); mount a \
+                 projected token with that audience",
+                self.audience,
+                status.audiences.unwrap_or_default()
+            )));
+        }
         if status.authenticated != Some(true) {
             return Err(unauth(format!(
                 "the token is not valid for audience {:?}: {}",
@@ -162,6 +170,16 @@ impl KubePlacement {
             .await
             .map_err(|e| unavailable(format!("cannot read pod {pod_name}: {e}")))?
             .ok_or_else(|| unauth(format!("the token's pod {pod_name} no longer exists")))?;
+        let ended = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if pod.metadata.deletion_timestamp.is_some() || ended {
+            return Err(unauth(format!(
+                "the token's pod {pod_name} is terminating or has ended; its token no longer \
+                 speaks for a node"
+            )));
+        }
         if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
             return Err(unauth(format!(
                 "the token's pod {pod_name} was replaced (uid differs); the token is stale"
@@ -202,12 +220,17 @@ impl KubePlacement {
                     Some("Succeeded" | "Failed")
                 )
             })
+            // A mirror (static) pod is the kubelet's own say-so and runs with no service
+            // account: a compromised node could make one in any namespace. It earns no SVID.
+            .filter(|p| {
+                !p.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"))
+            })
             .filter_map(|p| {
                 let ns = p.metadata.namespace?;
-                let sa = p
-                    .spec
-                    .and_then(|s| s.service_account_name)
-                    .unwrap_or_else(|| "default".into());
+                let sa = p.spec?.service_account_name.filter(|s| !s.is_empty())?;
                 Some((ns, sa))
             })
             .collect())

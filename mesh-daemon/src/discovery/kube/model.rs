@@ -16,7 +16,7 @@
 //! - AuthorizationPolicy (`nodemesh.io/v1alpha1`) → [`PolicySpec`].
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -107,6 +107,13 @@ pub fn build(objects: &Objects, view: &View) -> Built {
     out.desired.nodes.sort_by(|a, b| a.name.cmp(&b.name));
     for pod in &objects.pods {
         match workload(pod, &modes, view) {
+            // Nothing injects sidecars in Kubernetes: a pod left to one would be unreachable (its
+            // peers would send HBONE to its own port), so it is reported and left out.
+            Ok(Some(w)) if w.mode == ProxyMode::Sidecar => out.rejected.push(format!(
+                "Pod {}/{}: nodemesh.io/mode=sidecar needs a sidecar, which Kubernetes discovery \
+                 does not inject; use mode node",
+                w.namespace, w.name
+            )),
             Ok(Some(w)) => out.desired.workloads.push(w),
             Ok(None) => {}
             Err(Incomplete(why)) => out.pending.push(format!("{}: {why}", obj_id(&**pod))),
@@ -115,19 +122,22 @@ pub fn build(objects: &Objects, view: &View) -> Built {
     out.desired
         .workloads
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    // Two pods claiming one IP (a stale object, a bad CNI): the first by name only, the other
-    // reported, so endpoints and policies never see one address as two workloads.
-    let mut seen = BTreeSet::new();
+    // Two pods claiming one IP (a stale object, a bad CNI, a lying node): neither is meshed,
+    // both are reported. Keeping one would let whoever sorts first take the other's traffic.
+    let mut claims: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+    for w in &out.desired.workloads {
+        *claims.entry(w.ip).or_default() += 1;
+    }
     let rejected = &mut out.rejected;
     out.desired.workloads.retain(|w| {
-        let first = seen.insert(w.ip);
-        if !first {
+        let alone = claims.get(&w.ip) == Some(&1);
+        if !alone {
             rejected.push(format!(
-                "Pod {}/{}: its IP {} is another meshed pod's too; left out",
+                "Pod {}/{}: its IP {} is another meshed pod's too; both left out until one goes",
                 w.namespace, w.name, w.ip
             ));
         }
-        first
+        alone
     });
     for svc in &objects.services {
         let Some(ns) = svc.metadata.namespace.as_deref() else {
@@ -264,10 +274,12 @@ fn workload(
     let (Some(mode), Some(spec)) = (mode, pod.spec.as_ref()) else {
         return Ok(None);
     };
-    if spec.host_network == Some(true) || pod.metadata.deletion_timestamp.is_some() {
-        // A host-network pod is the node itself; a terminating pod leaves now.
+    if spec.host_network == Some(true) {
+        // A host-network pod is the node itself.
         return Ok(None);
     }
+    // A terminating pod stays meshed while it drains (its endpoints' readiness takes it out of
+    // balancing); it leaves when its phase ends or its object goes.
     let status = pod.status.as_ref();
     if matches!(
         status.and_then(|s| s.phase.as_deref()),
