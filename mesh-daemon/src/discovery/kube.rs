@@ -50,7 +50,8 @@ use crate::{metrics::Metrics, state::State};
 /// Events that arrive together (a relist, a rollout) are applied once: the model is rebuilt this
 /// long after the first of them.
 const DEBOUNCE: Duration = Duration::from_millis(100);
-/// How often pods that are meshed but not complete (no cgroup yet) are looked at again.
+/// How soon pods that are meshed but not complete (no cgroup yet) are looked at again (doubling
+/// while nothing changes).
 const PENDING_RETRY: Duration = Duration::from_secs(1);
 
 /// A client from `kubeconfig`, or else the usual places (in-cluster service account,
@@ -151,9 +152,11 @@ pub struct KubeSource {
     changed: Arc<Notify>,
     errors: LastErrors,
     metrics: Arc<Metrics>,
-    /// The last model applied, and the rejections and pending pods already reported.
+    /// The last model applied, the rejections and pending pods already reported (each is said
+    /// once), and whether any pod is still pending.
     last: Option<crate::state::desired::Desired>,
     reported: BTreeSet<String>,
+    pending: bool,
 }
 
 impl KubeSource {
@@ -253,6 +256,7 @@ impl KubeSource {
             metrics,
             last: None,
             reported: BTreeSet::new(),
+            pending: false,
         })
     }
 
@@ -313,14 +317,21 @@ impl KubeSource {
             .map(|r| format!("rejected: {r}"))
             .chain(built.pending.iter().map(|p| format!("pending: {p}")))
             .collect();
-        for r in now.difference(&self.reported) {
-            // Each problem is said once, when it appears, not at every rebuild.
-            if r.starts_with("rejected") {
-                warn!(object = %r, "Kubernetes object left out of the mesh; fix the object (the rest of the mesh is unaffected)");
-            } else {
-                info!(pod = %r, "meshed pod not enrolled yet; looked at again every second");
-            }
+        for r in built
+            .rejected
+            .iter()
+            .filter(|r| !self.reported.contains(&format!("rejected: {r}")))
+        {
+            warn!(object = %r, "Kubernetes object left out of the mesh; fix the object (the rest of the mesh is unaffected)");
         }
+        for p in built
+            .pending
+            .iter()
+            .filter(|p| !self.reported.contains(&format!("pending: {p}")))
+        {
+            info!(pod = %p, "meshed pod not enrolled yet; looked at again soon");
+        }
+        self.pending = !built.pending.is_empty();
         self.metrics
             .kube_rejected_objects
             .set(built.rejected.len() as i64);
@@ -354,11 +365,17 @@ impl KubeSource {
 
     /// Follows every change until the process ends.
     pub async fn run(mut self, state: Arc<State>) {
+        // Pods waiting for their cgroup are looked at again, at once and then less often (up to
+        // every 5 s) while nothing else changes: a pod that never completes (a static pod)
+        // does not rebuild the model every second for ever.
+        let mut retry = PENDING_RETRY;
         loop {
-            let retry = !self.reported.iter().all(|r| r.starts_with("rejected"));
+            let pending = self.pending;
             tokio::select! {
-                () = self.changed.notified() => {}
-                () = tokio::time::sleep(PENDING_RETRY), if retry => {}
+                () = self.changed.notified() => retry = PENDING_RETRY,
+                () = tokio::time::sleep(retry), if pending => {
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                }
             }
             tokio::time::sleep(DEBOUNCE).await;
             let built = model::build(&self.stores.objects(), &self.view);
