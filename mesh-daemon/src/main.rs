@@ -50,7 +50,12 @@ enum Command {
     },
     /// Print the AuthorizationPolicy CRD (`nodemesh.io/v1alpha1`) as YAML, generated from the
     /// daemon's own types (deploy/crds/authorizationpolicies.yaml is this output).
-    Crd,
+    Crd {
+        /// Print instead the Gateway API HTTPRoute and GRPCRoute CRDs as the daemon reads them
+        /// (for test clusters; prefer the upstream release's, which validate more).
+        #[arg(long)]
+        gateway_api: bool,
+    },
     /// Remove every program, link and map the mesh left pinned (after a crash, or to take a
     /// fail-closed node out of the mesh while no daemon runs).
     Uninstall {
@@ -119,6 +124,10 @@ struct CaArgs {
         default_value = "nodemesh-trust-bundle"
     )]
     bundle_configmap: String,
+    /// `--discovery kube`: the Secret (in the daemons' namespace) that keeps the CA's keys: read
+    /// into --dir at start, created at first start, updated when the folder changes (a rotation).
+    #[arg(long, env = "NODEMESH_KEY_SECRET", default_value = "nodemesh-ca-keys")]
+    key_secret: String,
     /// SPIFFE trust domain.
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -215,7 +224,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Crd => match mesh_daemon::discovery::kube::crd::yaml() {
+        Command::Crd { gateway_api } => match if gateway_api {
+            mesh_daemon::discovery::kube::crd::gateway_api_yaml()
+        } else {
+            mesh_daemon::discovery::kube::crd::yaml()
+        } {
             Ok(y) => {
                 print!("{y}");
                 ExitCode::SUCCESS
@@ -268,20 +281,39 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
                     &args.daemon_service_account,
                 )
                 .map_err(anyhow::Error::msg)?;
-                // The bundle the daemons trust the CA with, kept in step with the CA's folder.
-                let bundle = args.dir.join("bundle.pem");
-                let cm = args.bundle_configmap.clone();
+                // The keys outlive the pod: the folder is a working copy of the Secret.
+                let source = placement
+                    .keys_from_secret(&args.key_secret, &args.dir, &args.trust_domain)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                info!(secret = %args.key_secret, ?source, "CA keys");
+                // The bundle the daemons trust the CA with, and the keys in their Secret, kept
+                // in step with the CA's folder (`ca rotate` changes both).
+                let dir = args.dir.clone();
+                let (cm, secret) = (args.bundle_configmap.clone(), args.key_secret.clone());
                 let publisher = placement.clone();
                 tokio::spawn(async move {
                     let mut published = String::new();
+                    let mut stored = identity::ca::key_material(&dir).unwrap_or_default();
                     loop {
-                        if let Ok(pem) = tokio::fs::read_to_string(&bundle).await
+                        if let Ok(pem) = tokio::fs::read_to_string(dir.join("bundle.pem")).await
                             && pem != published
                         {
                             match publisher.publish_bundle(&cm, &pem).await {
                                 Ok(()) => {
                                     info!(configmap = %cm, "trust bundle published");
                                     published = pem;
+                                }
+                                Err(e) => warn!(error = %e, "retrying in 2 s"),
+                            }
+                        }
+                        if let Ok(now) = identity::ca::key_material(&dir)
+                            && now != stored
+                        {
+                            match publisher.store_keys(&secret, &now).await {
+                                Ok(()) => {
+                                    info!(%secret, "CA keys changed in the folder; stored");
+                                    stored = now;
                                 }
                                 Err(e) => warn!(error = %e, "retrying in 2 s"),
                             }

@@ -712,6 +712,48 @@ impl Topology {
         )
     }
 
+    /// Runs curl in a pod with `args` (URLs, options), one line per response; returns how many
+    /// responses each server gave (its `x-served-by`), or `status <code>` for the others.
+    pub fn curl_by_server(
+        &self,
+        pod: &str,
+        args: &[&str],
+    ) -> std::collections::HashMap<String, u32> {
+        let p = self.pod(pod);
+        let mut a = vec![
+            "exec",
+            "--",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "60",
+        ];
+        a.extend_from_slice(&["-w", "%{http_code} %header{x-served-by}\\n"]);
+        a.extend_from_slice(args);
+        let out = crate::mesh_app(&p.cgroup, p.ns.name(), &a);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let errors = String::from_utf8_lossy(&out.stderr);
+        if !errors.is_empty() {
+            println!(
+                "curl: {}",
+                errors.lines().take(5).collect::<Vec<_>>().join("\n      ")
+            );
+        }
+        let mut by = std::collections::HashMap::new();
+        for line in text.lines() {
+            let (code, who) = line.split_once(' ').unwrap_or((line, ""));
+            let key = if code == "200" {
+                who.to_string()
+            } else {
+                format!("status {code}")
+            };
+            *by.entry(key).or_insert(0) += 1;
+        }
+        by
+    }
+
     /// node `i`'s `/metrics`, fetched from inside its namespace.
     pub fn scrape(&self, i: usize) -> String {
         http_get(

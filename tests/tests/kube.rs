@@ -45,8 +45,16 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         PodSpec::meshed("server", 1, "echo"),
         // Runs before its namespace is labelled; meshed from its next connection on.
         PodSpec::plain("late", 0),
+        // Backends of an HTTPRoute's 50/50 split, one on each node.
+        PodSpec::meshed("web-a", 1, "web-a"),
+        PodSpec::meshed("web-b", 0, "web-b"),
     ];
-    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo")];
+    let services = [
+        ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo"),
+        ServiceSpec::new("web", "10.96.0.20", 80, 8080, "web-a"),
+        ServiceSpec::new("web-a", "10.96.0.21", 80, 8080, "web-a"),
+        ServiceSpec::new("web-b", "10.96.0.22", 80, 8080, "web-b"),
+    ];
     let mut t = Topology::build("kb", 2, &pods, &services);
     let mut kube = KubeServer::start_in("kb", Some(&t.fabric.path()), CA_IP);
     println!("kube-apiserver at {} (in the fabric namespace)", kube.url());
@@ -66,6 +74,25 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
             env!("CARGO_MANIFEST_DIR"),
             "/../deploy/crds/authorizationpolicies.yaml"
         ),
+    ]);
+    // HTTPRoute and GRPCRoute: the daemons look for them at start. (1.20 refuses the upstream
+    // release's CEL rules; these are generated from the types the daemon reads.)
+    let gateway = std::process::Command::new(nodemesh_tests::bin("mesh-daemon"))
+        .args(["crd", "--gateway-api"])
+        .output()
+        .expect("mesh-daemon crd --gateway-api");
+    assert!(gateway.status.success(), "mesh-daemon crd --gateway-api");
+    kube.kubectl_stdin(
+        &["create", "-f", "-"],
+        &String::from_utf8_lossy(&gateway.stdout),
+    );
+    kube.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=30s",
+        "crd/httproutes.gateway.networking.k8s.io",
+        "crd/grpcroutes.gateway.networking.k8s.io",
+        "crd/authorizationpolicies.nodemesh.io",
     ]);
     for (i, n) in t.nodes.iter().enumerate() {
         kube.kubectl_stdin(
@@ -103,6 +130,8 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         ("demo", "client", "client-sa"),
         ("demo", "server", "server-sa"),
         ("late", "late", "late-sa"),
+        ("demo", "web-a", "web-sa"),
+        ("demo", "web-b", "web-sa"),
     ];
     for (k, (ns, name, sa)) in placements.iter().enumerate() {
         let node = t.nodes[t.pods[k].node].name.clone();
@@ -138,6 +167,7 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         ]);
     }
     let server_ip = t.pod("server").ip.clone();
+    let (web_a, web_b) = (t.pod("web-a").ip.clone(), t.pod("web-b").ip.clone());
     kube.kubectl_stdin(
         &["apply", "-f", "-"],
         &format!(
@@ -149,6 +179,24 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
              endpoints: [{{addresses: [\"{server_ip}\"], conditions: {{ready: true}}}}]\n"
         ),
     );
+    // web (HTTP) has web-a as its only endpoint until an HTTPRoute splits it over web-a and web-b.
+    for (name, vip, ip) in [
+        ("web", "10.96.0.20", &web_a),
+        ("web-a", "10.96.0.21", &web_a),
+        ("web-b", "10.96.0.22", &web_b),
+    ] {
+        kube.kubectl_stdin(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n\
+                 spec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\n\
+                 metadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+                 endpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}}}]\n"
+            ),
+        );
+    }
 
     // --- the mesh: daemons and the CA read all of it from the API server ---
     t.start(DaemonOpts {
@@ -156,13 +204,16 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         ..DaemonOpts::default()
     });
     t.serve("server", "echo-server", 7000);
+    for web in ["web-a", "web-b"] {
+        t.serve_with(web, "http-server", 8080, &["--name", web]);
+    }
     let enrolled = |t: &Topology, i: usize| t.metric(i, "nodemesh_enrolled_workloads", &[]);
     assert_eq!(
         enrolled(&t, 0),
-        1,
-        "node-1 enrolls client only (late's namespace is unlabelled)"
+        2,
+        "node-1 enrolls client and web-b (late's namespace is unlabelled)"
     );
-    assert_eq!(enrolled(&t, 1), 1, "node-2 enrolls server");
+    assert_eq!(enrolled(&t, 1), 2, "node-2 enrolls server and web-a");
     let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
     assert!(ok && out.contains("echo=ok"), "client → echo VIP: {out}");
     let mtls = t.wait_metric(
@@ -186,6 +237,37 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         1,
     );
     println!("client → server over mTLS, SVIDs from the CA through TokenReview");
+
+    // --- an HTTPRoute (GAMMA: a Service as its parent) splits web 50/50 over web-a and web-b ---
+    let web = "http://10.96.0.20";
+    let by = t.curl_by_server("client", &[&format!("{web}/before[1-20]")]);
+    assert_eq!(
+        by.get("web-a"),
+        Some(&20),
+        "before the route, web is web-a: {by:?}"
+    );
+    kube.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {name: split, namespace: demo}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n\
+         \x20 rules:\n  - backendRefs: [{name: web-a, port: 80, weight: 50}, {name: web-b, port: 80, weight: 50}]\n",
+    );
+    let took = within(Duration::from_secs(10), "the split in force", || {
+        t.curl_by_server("client", &[&format!("{web}/probe[1-10]")])
+            .contains_key("web-b")
+    });
+    let by = t.curl_by_server("client", &[&format!("{web}/split[1-1000]")]);
+    println!("HTTPRoute demo/split in force after {took:?}; 1000 requests: {by:?}");
+    let (a, b) = (
+        by.get("web-a").copied().unwrap_or(0),
+        by.get("web-b").copied().unwrap_or(0),
+    );
+    assert_eq!(a + b, 1000, "every request succeeds: {by:?}");
+    // 50 % ± 6 (about four standard deviations of a fair coin over 1000 draws).
+    assert!((440..=560).contains(&a), "web-a got {a} of 1000: {by:?}");
+    let routed = t.metric(0, "nodemesh_requests_total", &[("route", "demo/split")]);
+    assert!(routed >= 1000, "the route names its requests: {routed}");
 
     // The CA refuses node-1's token asking for the server's identity (its pod is on node-2).
     let refused = ca_request(&t, 0, "demo", "server-sa");
@@ -253,10 +335,38 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         "the ConfigMap holds the CA's bundle"
     );
 
+    // --- the CA's keys live in a Secret: rescheduled with an empty folder, it signs under the
+    // same root (the pod enrolled next gets its SVID from it, and the other node trusts that) ---
+    let kept = kube.kubectl(&[
+        "get",
+        "secret",
+        "-n",
+        "nodemesh",
+        "nodemesh-ca-keys",
+        "-o",
+        "jsonpath={.data.signer\\.key}",
+    ]);
+    let kept = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, kept.trim())
+        .expect("the Secret's signer.key is base64");
+    let signer_key = std::fs::read(t.ca_dir().join("signer.key")).expect("signer.key");
+    assert!(kept == signer_key, "the Secret holds the CA's signer key");
+    let mut ca = t.ca.take().expect("the CA runs");
+    ca.terminate(Duration::from_secs(5));
+    std::fs::remove_dir_all(t.ca_dir()).expect("empty the CA's folder");
+    std::fs::create_dir_all(t.ca_dir()).expect("CA folder");
+    t.start_ca();
+    let restored = std::fs::read_to_string(t.ca_dir().join("bundle.pem")).expect("bundle.pem");
+    assert_eq!(restored, on_disk, "the same root after the restart");
+    assert!(
+        t.ca.as_ref().expect("CA").output().contains("Restored"),
+        "the CA says it restored its keys"
+    );
+    println!("CA restarted with an empty folder: keys restored from Secret nodemesh-ca-keys");
+
     // --- a pod running before its namespace is labelled: meshed from its next connection ---
     kube.kubectl(&["label", "namespace", "late", "nodemesh.io/mode=node"]);
     let took = within(Duration::from_secs(10), "late enrolled", || {
-        enrolled(&t, 0) == 2
+        enrolled(&t, 0) == 3
     });
     println!("namespace labelled: late enrolled on node-1 after {took:?}, no restart");
     t.wait_metric(0, "nodemesh_svid_fetches_total", &[("result", "issued")], 2);
@@ -313,7 +423,7 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
     // --- removing the label un-enrolls, without touching the other pods ---
     kube.kubectl(&["label", "namespace", "late", "nodemesh.io/mode-"]);
     within(Duration::from_secs(10), "late un-enrolled", || {
-        enrolled(&t, 0) == 1
+        enrolled(&t, 0) == 2
     });
     let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
     assert!(

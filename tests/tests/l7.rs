@@ -148,39 +148,7 @@ impl Drop for RemoveOnDrop {
 
 /// Runs curl in the client pod; returns how many responses each server gave.
 fn curl(t: &Topology, args: &[&str]) -> HashMap<String, u32> {
-    let p = t.pod("client");
-    let mut a = vec![
-        "exec",
-        "--",
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "--max-time",
-        "60",
-    ];
-    a.extend_from_slice(&["-w", "%{http_code} %header{x-served-by}\\n"]);
-    a.extend_from_slice(args);
-    let out = nodemesh_tests::mesh_app(&p.cgroup, p.ns.name(), &a);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let errors = String::from_utf8_lossy(&out.stderr);
-    if !errors.is_empty() {
-        println!(
-            "curl: {}",
-            errors.lines().take(5).collect::<Vec<_>>().join("\n      ")
-        );
-    }
-    let mut by = HashMap::new();
-    for line in text.lines() {
-        let (code, who) = line.split_once(' ').unwrap_or((line, ""));
-        let key = if code == "200" {
-            who.to_string()
-        } else {
-            format!("status {code}")
-        };
-        *by.entry(key).or_insert(0) += 1;
-    }
-    by
+    t.curl_by_server("client", args)
 }
 
 fn l7(sidecar: bool) {

@@ -609,6 +609,7 @@ mod tests {
         services: Writer<Service>,
         slices: Writer<EndpointSlice>,
         routes: Writer<HttpRoute>,
+        grpc: Writer<GrpcRoute>,
         policies: Writer<AuthorizationPolicy>,
         stores: Stores,
         view: View,
@@ -633,6 +634,7 @@ mod tests {
         let (svc_r, services) = reflector::store();
         let (sl_r, slices) = reflector::store();
         let (rt_r, routes) = reflector::store();
+        let (grpc_r, grpc) = reflector::store();
         let (pol_r, policies) = reflector::store();
         let mut f = Fixture {
             nodes,
@@ -641,6 +643,7 @@ mod tests {
             services,
             slices,
             routes,
+            grpc,
             policies,
             stores: Stores {
                 nodes: nodes_r,
@@ -649,7 +652,7 @@ mod tests {
                 services: svc_r,
                 slices: sl_r,
                 http_routes: Some(rt_r),
-                grpc_routes: None,
+                grpc_routes: Some(grpc_r),
                 policies: Some(pol_r),
             },
             view: View {
@@ -674,6 +677,7 @@ mod tests {
         init(&mut f.services);
         init(&mut f.slices);
         init(&mut f.routes);
+        init(&mut f.grpc);
         init(&mut f.policies);
     }
 
@@ -1065,6 +1069,158 @@ mod tests {
         strip_meta(&mut p);
         f.policies.apply_watcher_event(&Event::Delete(p));
         assert!(build(&f).desired.policies.is_empty());
+    }
+
+    /// One kind's object through every watch event: applied (in the model), deleted (gone),
+    /// applied again, a relist that no longer lists it (gone at InitDone, not before), and a relist
+    /// that does (stays). `seen` says whether the model shows the object.
+    fn cycle<K: Resource<DynamicType = ()> + Clone>(
+        f: &mut Fixture,
+        writer: fn(&mut Fixture) -> &mut Writer<K>,
+        mut o: K,
+        strip: fn(&mut K),
+        seen: fn(&Built) -> bool,
+        kind: &str,
+    ) {
+        strip(&mut o);
+        assert!(!seen(&build(f)), "{kind}: not there before it is applied");
+        writer(f).apply_watcher_event(&Event::Apply(o.clone()));
+        assert!(seen(&build(f)), "{kind}: applied");
+        writer(f).apply_watcher_event(&Event::Delete(o.clone()));
+        assert!(!seen(&build(f)), "{kind}: deleted");
+        writer(f).apply_watcher_event(&Event::Apply(o.clone()));
+        assert!(seen(&build(f)), "{kind}: applied again");
+        // A restart or 410 Gone: the relist lists the others but not it (deleted while the watch
+        // was down).
+        let me = reflector::ObjectRef::from_obj(&o);
+        let others: Vec<K> = writer(f)
+            .as_reader()
+            .state()
+            .iter()
+            .filter(|x| reflector::ObjectRef::from_obj(&***x) != me)
+            .map(|x| (**x).clone())
+            .collect();
+        writer(f).apply_watcher_event(&Event::Init);
+        for x in &others {
+            writer(f).apply_watcher_event(&Event::InitApply(x.clone()));
+        }
+        assert!(seen(&build(f)), "{kind}: stays while the relist runs");
+        writer(f).apply_watcher_event(&Event::InitDone);
+        assert!(!seen(&build(f)), "{kind}: gone after a relist without it");
+        // A relist that lists it again.
+        writer(f).apply_watcher_event(&Event::Init);
+        for x in others {
+            writer(f).apply_watcher_event(&Event::InitApply(x));
+        }
+        writer(f).apply_watcher_event(&Event::InitApply(o));
+        writer(f).apply_watcher_event(&Event::InitDone);
+        assert!(seen(&build(f)), "{kind}: back after a relist with it");
+    }
+
+    #[test]
+    fn every_kind_follows_apply_delete_and_relist() {
+        let mut f = populated("kinds");
+        cycle(
+            &mut f,
+            |f| &mut f.nodes,
+            node("n3", "10.203.0.3"),
+            strip_node,
+            |b| b.desired.nodes.iter().any(|n| n.name == "n3"),
+            "Node",
+        );
+        // A namespace shows in the model through its pods.
+        apply(
+            &mut f.pods,
+            pod("extra", "e", "n2", Some("10.210.2.8"), json!({})),
+            strip_pod,
+        );
+        cycle(
+            &mut f,
+            |f| &mut f.namespaces,
+            ns("extra", Some("node")),
+            strip_meta,
+            |b| b.desired.workloads.iter().any(|w| w.name == "e"),
+            "Namespace",
+        );
+        cycle(
+            &mut f,
+            |f| &mut f.pods,
+            pod("demo", "d", "n2", Some("10.210.2.7"), json!({"app": "web"})),
+            strip_pod,
+            |b| b.desired.workloads.iter().any(|w| w.name == "d"),
+            "Pod",
+        );
+        cycle(
+            &mut f,
+            |f| &mut f.services,
+            svc("demo", "api", "10.96.0.12"),
+            strip_meta,
+            |b| b.desired.services.iter().any(|s| s.name == "api"),
+            "Service",
+        );
+        cycle(
+            &mut f,
+            |f| &mut f.slices,
+            slice("demo", "web-2", "web", &["10.210.2.9"], true),
+            strip_meta,
+            |b| {
+                b.desired.services.iter().any(|s| {
+                    s.name == "web"
+                        && matches!(&s.endpoints, Endpoints::Addresses(a)
+                            if a.contains(&"10.210.2.9".parse().expect("ip")))
+                })
+            },
+            "EndpointSlice",
+        );
+        cycle(
+            &mut f,
+            |f| &mut f.routes,
+            obj(
+                json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": "split", "namespace": "demo"},
+                "spec": {"parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
+                         "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+            ),
+            strip_meta,
+            |b| b.desired.routes.iter().any(|r| r.name == "split"),
+            "HTTPRoute",
+        );
+        cycle(
+            &mut f,
+            |f| &mut f.grpc,
+            obj(
+                json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+                "metadata": {"name": "rpc", "namespace": "demo"},
+                "spec": {"parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
+                         "rules": [{"matches": [{"method": {"service": "pkg.Echo", "method": "Say"}}],
+                                    "backendRefs": [{"name": "web", "port": 80}]}]}}),
+            ),
+            strip_meta,
+            |b| b.desired.routes.iter().any(|r| r.name == "rpc"),
+            "GRPCRoute",
+        );
+        cycle(
+            &mut f,
+            |f| &mut f.policies,
+            obj(
+                json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "deny-b", "namespace": "demo"},
+                "spec": {"action": "DENY", "from": [{"principals": ["spiffe://cluster.local/ns/demo/sa/b-sa"]}]}}),
+            ),
+            strip_meta,
+            |b| b.desired.policies.iter().any(|p| p.name == "deny-b"),
+            "AuthorizationPolicy",
+        );
+        // The rest of the model is what it was.
+        let b = build(&f);
+        assert!(b.rejected.is_empty(), "{b:?}");
+        let names: Vec<&str> = b
+            .desired
+            .workloads
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b", "d", "e"]);
     }
 
     #[test]

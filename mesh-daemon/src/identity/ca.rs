@@ -496,6 +496,88 @@ pub fn rotate(dir: &Path, trust_domain: &str, step: RotateStep) -> Result<String
     }
 }
 
+/// The files of a CA folder that hold its key material, including a rotation's staged (`next/`)
+/// and previous (`previous/`) roots: what a Kubernetes Secret keeps for the CA.
+pub const KEY_FILES: [&str; 13] = [
+    "root.pem",
+    "root.key",
+    "signer.pem",
+    "signer.key",
+    "bundle.pem",
+    "next/root.pem",
+    "next/root.key",
+    "next/signer.pem",
+    "next/signer.key",
+    "previous/root.pem",
+    "previous/root.key",
+    "previous/signer.pem",
+    "previous/signer.key",
+];
+
+/// A Secret's key for a folder file (`next/root.key` → `next.root.key`: keys cannot hold `/`).
+pub fn secret_key(file: &str) -> String {
+    file.replace('/', ".")
+}
+
+/// The folder's key material that exists, by Secret key.
+pub fn key_material(dir: &Path) -> Result<BTreeMap<String, String>, CaError> {
+    let mut m = BTreeMap::new();
+    for f in KEY_FILES {
+        let path = dir.join(f);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                m.insert(secret_key(f), text);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+    }
+    Ok(m)
+}
+
+/// Makes the folder hold exactly `material` (from [`key_material`], e.g. kept in a Secret): each
+/// file written atomically, keys private, files it does not list removed. Then checks that it
+/// loads, so a damaged Secret is an error naming the file, not a CA that signs nothing.
+pub fn restore_key_material(
+    dir: &Path,
+    trust_domain: &str,
+    material: &BTreeMap<String, String>,
+) -> Result<(), CaError> {
+    if let Some(unknown) = material
+        .keys()
+        .find(|k| !KEY_FILES.iter().any(|f| secret_key(f) == **k))
+    {
+        return Err(CaError::BadFile {
+            path: PathBuf::from(unknown),
+            message: format!(
+                "is not one of the CA's files ({}); was the Secret edited by hand?",
+                KEY_FILES.join(", ")
+            ),
+        });
+    }
+    for f in KEY_FILES {
+        let path = dir.join(f);
+        match material.get(&secret_key(f)) {
+            Some(text) => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+                }
+                write(&path, text, f.ends_with(".key"))?;
+            }
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            },
+        }
+    }
+    for sub in ["next", "previous"] {
+        // Empty staging folders mean nothing is staged (`rotate` looks for the folder).
+        let _ = std::fs::remove_dir(dir.join(sub));
+    }
+    Authority::load(dir, trust_domain).map(drop)
+}
+
 // === the server ===
 
 /// Node name → bootstrap token, from a YAML map (`node-1: <token>`).
@@ -950,6 +1032,47 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("PEM");
         assert_eq!(back, vec![der]);
+    }
+
+    #[test]
+    fn key_material_round_trips_through_a_secret_shape() {
+        let base = std::env::temp_dir().join(format!("nm-ca-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (a, b) = (base.join("a"), base.join("b"));
+        let ca = Authority::init_or_load(&a, "cluster.local").expect("generated");
+        rotate(&a, "cluster.local", RotateStep::AddRoot).expect("add-root");
+        let material = key_material(&a).expect("material");
+        assert!(
+            material.contains_key("next.signer.key"),
+            "{:?}",
+            material.keys()
+        );
+        // A stale file in the target folder that the Secret does not hold is removed.
+        std::fs::create_dir_all(b.join("previous")).expect("dir");
+        std::fs::write(b.join("previous/root.pem"), "stale").expect("stale");
+        restore_key_material(&b, "cluster.local", &material).expect("restored");
+        assert_eq!(key_material(&b).expect("material"), material);
+        assert!(!b.join("previous").exists());
+        let back = Authority::load(&b, "cluster.local").expect("loads");
+        assert_eq!(back.signer, ca.signer);
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(b.join("signer.key"))
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "keys are private: {mode:o}");
+        }
+        // A Secret edited by hand: a foreign key or a damaged signer is refused by name.
+        let mut foreign = material.clone();
+        foreign.insert("notes.txt".into(), "x".into());
+        let e = restore_key_material(&b, "cluster.local", &foreign).expect_err("refused");
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        let mut damaged = material;
+        damaged.insert("signer.pem".into(), "garbage".into());
+        let e = restore_key_material(&b, "cluster.local", &damaged).expect_err("refused");
+        assert!(e.to_string().contains("signer.pem"), "{e}");
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -9,13 +9,23 @@
 //! identities (namespace, service account) of pods scheduled on that same node, read from the
 //! API server at each request — never from what the caller says.
 
-use std::collections::HashSet;
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    time::Duration,
+};
 
 use hyper::StatusCode;
-use k8s_openapi::api::{
-    authentication::v1::{TokenReview, TokenReviewSpec},
-    core::v1::Pod,
+use k8s_openapi::{
+    ByteString,
+    api::{
+        authentication::v1::{TokenReview, TokenReviewSpec},
+        core::v1::{Pod, Secret},
+    },
 };
+use tracing::warn;
+
+use super::ca;
 use kube::{
     Api, Client,
     api::{ListParams, PostParams},
@@ -47,6 +57,33 @@ impl std::fmt::Debug for KubePlacement {
 }
 
 use super::Refusal;
+
+/// Where the CA's keys came from at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// The Secret held them.
+    Restored,
+    /// First start: generated, and stored in the Secret.
+    Created,
+}
+
+fn key_secret(name: &str, material: &BTreeMap<String, String>) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([("app.kubernetes.io/part-of".into(), "nodemesh".into())].into()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(
+            material
+                .iter()
+                .map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
 
 fn refuse(status: StatusCode, label: &'static str, reason: String) -> Refusal {
     Refusal {
@@ -100,6 +137,82 @@ impl KubePlacement {
             .map_err(|e| {
                 format!(
                     "cannot publish the trust bundle in ConfigMap {}/{name}: {e}",
+                    self.daemon_namespace
+                )
+            })
+    }
+
+    /// Makes the CA folder `dir` hold the keys kept in Secret `name` (in the CA's namespace):
+    /// restored when it exists, so a rescheduled CA signs under the same root and no node loses
+    /// trust; generated in `dir` and stored there when it does not (first start). Waits, retrying,
+    /// while the API server cannot say which: generating keys then would split the mesh's trust.
+    pub async fn keys_from_secret(
+        &self,
+        name: &str,
+        dir: &Path,
+        trust_domain: &str,
+    ) -> Result<KeySource, String> {
+        let api = Api::<Secret>::namespaced(self.client.clone(), &self.daemon_namespace);
+        let what = format!("Secret {}/{name}", self.daemon_namespace);
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let step = match api.get_opt(name).await {
+                Ok(Some(secret)) => {
+                    let mut material = BTreeMap::new();
+                    for (k, v) in secret.data.unwrap_or_default() {
+                        let text = String::from_utf8(v.0)
+                            .map_err(|_| format!("{what}: key {k} is not PEM text"))?;
+                        material.insert(k, text);
+                    }
+                    ca::restore_key_material(dir, trust_domain, &material).map_err(|e| {
+                        format!(
+                            "{what} holds unusable key material ({e}); fix or delete it (a new                              root then means every node must fetch the new bundle)"
+                        )
+                    })?;
+                    return Ok(KeySource::Restored);
+                }
+                Ok(None) => {
+                    ca::Authority::init_or_load(dir, trust_domain).map_err(|e| e.to_string())?;
+                    let material = ca::key_material(dir).map_err(|e| e.to_string())?;
+                    match api
+                        .create(&PostParams::default(), &key_secret(name, &material))
+                        .await
+                    {
+                        Ok(_) => return Ok(KeySource::Created),
+                        // Another CA replica stored its keys first: use those.
+                        Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            warn!(
+                error = %step,
+                retry_in = ?delay,
+                "cannot read or create {what} (the CA's keys); the CA's Role must allow get,                  create and patch on it"
+            );
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Stores the folder's key material in Secret `name` (after a root rotation in the folder).
+    pub async fn store_keys(
+        &self,
+        name: &str,
+        material: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        Api::<Secret>::namespaced(self.client.clone(), &self.daemon_namespace)
+            .patch(
+                name,
+                &kube::api::PatchParams::apply("nodemesh-ca").force(),
+                &kube::api::Patch::Apply(&key_secret(name, material)),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| {
+                format!(
+                    "cannot store the CA's keys in Secret {}/{name}: {e}",
                     self.daemon_namespace
                 )
             })
