@@ -79,7 +79,8 @@ fn outcome(name: &str, result: Result<String, String>) -> Outcome {
 }
 
 /// Formats outcomes as `[ok]`/`[FAIL]` lines; returns the text and whether all passed.
-pub fn render(outcomes: &[Outcome]) -> (String, bool) {
+/// The outcomes as `[ok]`/`[FAIL]` lines; `again` is the command to run after fixing.
+pub fn render(outcomes: &[Outcome], again: &str) -> (String, bool) {
     let mut s = String::new();
     let mut all = true;
     for o in outcomes {
@@ -91,10 +92,10 @@ pub fn render(outcomes: &[Outcome]) -> (String, bool) {
             }
         }
     }
-    s.push_str(if all {
-        "all checks passed\n"
+    s.push_str(&if all {
+        "all checks passed\n".to_string()
     } else {
-        "some checks failed; fix the lines marked [FAIL] and run `mesh-daemon check` again\n"
+        format!("some checks failed; fix the lines marked [FAIL] and run `{again}` again\n")
     });
     (s, all)
 }
@@ -240,14 +241,17 @@ mod tests {
 
     #[test]
     fn render_marks_failures() {
-        let (text, ok) = render(&[
-            outcome("a", Ok("fine".into())),
-            outcome("b", Err("broken; fix it".into())),
-        ]);
+        let (text, ok) = render(
+            &[
+                outcome("a", Ok("fine".into())),
+                outcome("b", Err("broken; fix it".into())),
+            ],
+            "mesh-daemon check",
+        );
         assert!(!ok);
         assert!(text.contains("[ok]   a: fine"));
         assert!(text.contains("[FAIL] b: broken; fix it"));
-        let (_, ok) = render(&[outcome("a", Ok("fine".into()))]);
+        let (_, ok) = render(&[outcome("a", Ok("fine".into()))], "mesh-daemon check");
         assert!(ok);
     }
 }

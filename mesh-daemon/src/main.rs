@@ -170,7 +170,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { cgroup_root } => {
             let outcomes = check::run(cgroup_root.as_deref());
-            let (text, ok) = check::render(&outcomes);
+            let (text, ok) = check::render(&outcomes, "mesh-daemon check");
             print!("{text}");
             if ok {
                 ExitCode::SUCCESS

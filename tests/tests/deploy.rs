@@ -1,7 +1,8 @@
 //! `deploy/`: it renders with `kubectl kustomize`, passes `kubernetes-validate --strict` for
 //! Kubernetes 1.29, and a real API server accepts it in a server-side dry run (through
 //! tests/deploy-1.20, which drops only what 1.20 lacks). The CRD in it is the one the daemon's
-//! types generate (a unit test in mesh-daemon checks that).
+//! types generate (a unit test in mesh-daemon checks that). Applied for real, `meshctl check
+//! --kube` names what does not run, and passes once the controllers' part is played.
 
 use std::process::{Command, Stdio};
 
@@ -84,4 +85,92 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
         "{out}"
     );
     assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/authorizationpolicies.nodemesh.io created (server dry run)"), "{out}");
+
+    // Applied for real, `meshctl check --kube` tells what is missing: this server has no
+    // controllers or kubelets, so nothing runs yet.
+    kube.kubectl_stdin(&["apply", "-f", "-"], &overlay);
+    let (ok, text) = cluster_check(&kube);
+    println!("meshctl check --kube, nothing running:\n{text}");
+    assert!(!ok, "fails while nothing runs:\n{text}");
+    for want in [
+        "[ok]   API server: Kubernetes v1.20",
+        "[ok]   AuthorizationPolicy CRD: nodemesh.io/v1alpha1 served",
+        "[ok]   Gateway API routes: HTTPRoute and GRPCRoute not installed",
+        "[FAIL] CA nodemesh-ca: 0 of 1 replicas available",
+        "[FAIL] trust bundle: ConfigMap nodemesh/nodemesh-trust-bundle not found",
+        "[FAIL] DaemonSet nodemesh-daemon: scheduled on no node",
+        "[ok]   enrolled namespaces: none yet",
+        "run `meshctl check --kube` again",
+    ] {
+        assert!(text.contains(want), "want {want:?} in:\n{text}");
+    }
+    // The controllers' and the CA's part, played: the CA available and its bundle published,
+    // the DaemonSet on two nodes of which one is ready, then both; a namespace enrolled.
+    let status = |kind: &str, name: &str, json: &str| {
+        kube.kubectl(&[
+            "patch",
+            kind,
+            "-n",
+            "nodemesh",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json,
+        ]);
+    };
+    status(
+        "deployment",
+        "nodemesh-ca",
+        r#"{"status":{"replicas":1,"readyReplicas":1,"availableReplicas":1}}"#,
+    );
+    let root = rcgen::generate_simple_self_signed(vec!["nodemesh-ca".into()]).expect("cert");
+    kube.kubectl(&[
+        "create",
+        "configmap",
+        "-n",
+        "nodemesh",
+        "nodemesh-trust-bundle",
+        &format!("--from-literal=bundle.pem={}", root.cert.pem()),
+    ]);
+    let ds = |ready: u32| {
+        format!(
+            r#"{{"status":{{"desiredNumberScheduled":2,"currentNumberScheduled":2,"numberMisscheduled":0,"numberReady":{ready},"updatedNumberScheduled":2,"numberAvailable":{ready}}}}}"#
+        )
+    };
+    status("daemonset", "nodemesh-daemon", &ds(1));
+    kube.kubectl(&["create", "namespace", "demo"]);
+    kube.kubectl(&["label", "namespace", "demo", "nodemesh.io/mode=node"]);
+    let (ok, text) = cluster_check(&kube);
+    assert!(!ok, "one node not ready fails:\n{text}");
+    assert!(
+        text.contains("[FAIL] DaemonSet nodemesh-daemon: 1 of 2 nodes ready"),
+        "{text}"
+    );
+    status("daemonset", "nodemesh-daemon", &ds(2));
+    let (ok, text) = cluster_check(&kube);
+    println!("meshctl check --kube, installed and running:\n{text}");
+    assert!(ok, "passes once everything runs:\n{text}");
+    for want in [
+        "[ok]   CA nodemesh-ca: 1 of 1 replicas available",
+        "[ok]   trust bundle: 1 root in ConfigMap nodemesh-trust-bundle",
+        "[ok]   DaemonSet nodemesh-daemon: 2 of 2 nodes ready",
+        "[ok]   enrolled namespaces: demo (node)",
+        "all checks passed",
+    ] {
+        assert!(text.contains(want), "want {want:?} in:\n{text}");
+    }
+}
+
+/// `meshctl check --kube` against the test server: (exit success, output).
+fn cluster_check(kube: &KubeServer) -> (bool, String) {
+    let out = Command::new(nodemesh_tests::bin("meshctl"))
+        .args(["check", "--kube", "--kubeconfig"])
+        .arg(&kube.kubeconfig)
+        .output()
+        .expect("meshctl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }

@@ -1,6 +1,7 @@
 //! `meshctl`: the operator CLI. It reads the nodes' endpoints — `/metrics` (:15020) for `stat`,
 //! `top` and `edges`, the admin port (127.0.0.1:15000, so run it on the node) for `tap` and
-//! `identity` — and runs the preflight (`check`).
+//! `identity` — and runs the node preflight (`check`) or, with a kubeconfig, the cluster's
+//! (`check --kube`).
 
 use std::{
     collections::BTreeMap,
@@ -46,10 +47,21 @@ struct Nodes {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check that this node can run the mesh (kernel, BTF, cgroup v2, bpffs, capabilities).
+    /// Check that this node can run the mesh (kernel, BTF, cgroup v2, bpffs, capabilities), or
+    /// with --kube that the cluster runs it (CRDs, the CA, the trust bundle, the DaemonSet on
+    /// every node, enrolled namespaces).
     Check {
         #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
         cgroup_root: Option<std::path::PathBuf>,
+        /// Check the Kubernetes installation instead of this node.
+        #[arg(long)]
+        kube: bool,
+        /// --kube: the kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+        #[arg(long, env = "KUBECONFIG", requires = "kube")]
+        kubeconfig: Option<std::path::PathBuf>,
+        /// --kube: the namespace nodemesh is installed in.
+        #[arg(long, default_value = "nodemesh", requires = "kube")]
+        namespace: String,
     },
     /// Golden metrics per workload (as a destination), per edge or per route, summed over the
     /// nodes: connections, bytes, requests, success rate and latency percentiles.
@@ -125,9 +137,29 @@ enum By {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Check { cgroup_root } => {
-            let outcomes = check::run(cgroup_root.as_deref());
-            let (text, ok) = check::render(&outcomes);
+        Command::Check {
+            cgroup_root,
+            kube,
+            kubeconfig,
+            namespace,
+        } => {
+            let outcomes = if kube {
+                match cluster_check(kubeconfig.as_deref(), &namespace) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        eprintln!("meshctl check --kube: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                check::run(cgroup_root.as_deref())
+            };
+            let again = if kube {
+                "meshctl check --kube"
+            } else {
+                "meshctl check"
+            };
+            let (text, ok) = check::render(&outcomes, again);
             print!("{text}");
             return if ok {
                 ExitCode::SUCCESS
@@ -192,6 +224,25 @@ fn encode(s: &str) -> String {
 }
 
 // === HTTP ===
+
+/// `check --kube`: the installation's checks against the kubeconfig's cluster.
+fn cluster_check(
+    kubeconfig: Option<&std::path::Path>,
+    namespace: &str,
+) -> Result<Vec<check::Outcome>, String> {
+    use mesh_daemon::discovery::kube::{self as k, check::Install};
+    runtime()?.block_on(async {
+        let client = k::client(kubeconfig).await?;
+        let install = Install {
+            namespace,
+            ..Install::default()
+        };
+        let checks = k::check::run(&client, &install);
+        tokio::time::timeout(Duration::from_secs(30), checks)
+            .await
+            .map_err(|_| "the API server did not answer within 30 s".to_string())
+    })
+}
 
 /// meshctl's one runtime: each command makes a few HTTP/1.1 requests with hyper's client.
 fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {

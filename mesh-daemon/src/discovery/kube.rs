@@ -11,6 +11,7 @@
 //! of every endpoint it sends to (the SPIFFE ID it checks), as kube-proxy and Cilium's agent keep
 //! every endpoint of the cluster.
 
+pub mod check;
 pub mod crd;
 pub mod model;
 
@@ -122,16 +123,21 @@ struct Apis {
     policies: bool,
 }
 
+/// Whether the API server serves `plural` in `group_version` (API discovery: any user may ask).
+pub async fn served(client: &Client, group_version: &str, plural: &str) -> Result<bool, String> {
+    match client.list_api_group_resources(group_version).await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == plural)),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(format!(
+            "cannot ask the API server which APIs it serves ({group_version}): {e}"
+        )),
+    }
+}
+
 impl Apis {
     async fn probe(client: &Client) -> Result<Self, String> {
-        let served = |group_version: &'static str, plural: &'static str| async move {
-            match client.list_api_group_resources(group_version).await {
-                Ok(list) => Ok(list.resources.iter().any(|r| r.name == plural)),
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
-                Err(e) => Err(format!(
-                    "cannot ask the API server which APIs it serves ({group_version}): {e}"
-                )),
-            }
+        let served = |group_version: &'static str, plural: &'static str| {
+            served(client, group_version, plural)
         };
         Ok(Self {
             slices_v1: served("discovery.k8s.io/v1", "endpointslices").await?,
