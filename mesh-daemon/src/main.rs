@@ -282,10 +282,14 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
                 )
                 .map_err(anyhow::Error::msg)?;
                 // The keys outlive the pod: the folder is a working copy of the Secret.
-                let source = placement
-                    .keys_from_secret(&args.key_secret, &args.dir, &args.trust_domain)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
+                let source = identity::ca::keys_from_secret(
+                    &placement,
+                    &args.key_secret,
+                    &args.dir,
+                    &args.trust_domain,
+                )
+                .await
+                .map_err(anyhow::Error::msg)?;
                 info!(secret = %args.key_secret, ?source, "CA keys");
                 // The bundle the daemons trust the CA with, and the keys in their Secret, kept
                 // in step with the CA's folder (`ca rotate` changes both).

@@ -200,19 +200,33 @@ impl KubeServer {
     }
 
     fn write_kubeconfig(&self) {
+        self.write_kubeconfig_with(&self.kubeconfig, ADMIN_TOKEN);
+    }
+
+    fn write_kubeconfig_with(&self, path: &Path, token: &str) {
         // The server's self-signed serving certificate (written at its start) is the CA to trust.
         let cert = std::fs::read(self.dir.join("certs/apiserver.crt")).expect("apiserver.crt");
         let ca = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, cert);
         std::fs::write(
-            &self.kubeconfig,
+            path,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
-                 certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    token: {ADMIN_TOKEN}\n\
-                 contexts:\n- name: test\n  context: {{cluster: test, user: admin}}\ncurrent-context: test\n",
+                 certificate-authority-data: {ca}\nusers:\n- name: user\n  user:\n    token: {token}\n\
+                 contexts:\n- name: test\n  context: {{cluster: test, user: user}}\ncurrent-context: test\n",
                 self.url()
             ),
         )
         .expect("kubeconfig");
+    }
+
+    /// A kubeconfig that speaks as service account `namespace/name` (a TokenRequest token for
+    /// the API server's audience, as a pod's own token is): what it may do is what RBAC grants
+    /// that account.
+    pub fn kubeconfig_as(&self, namespace: &str, name: &str) -> PathBuf {
+        let token = self.kubectl(&["create", "token", name, "-n", namespace, "--duration", "2h"]);
+        let path = self.dir.join(format!("kubeconfig-{namespace}-{name}"));
+        self.write_kubeconfig_with(&path, token.trim());
+        path
     }
 
     /// Stops the API server (etcd keeps the data) and starts it again on the same port.
@@ -255,6 +269,21 @@ impl KubeServer {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl` that may fail (`auth can-i` answers "no" with exit 1): (success, stdout).
+    pub fn kubectl_try(&self, args: &[&str]) -> (bool, String) {
+        let out = self
+            .command(Path::new("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
     }
 
     pub fn dir(&self) -> &Path {

@@ -127,6 +127,8 @@ pub struct DaemonOpts {
     /// node's token file, which then holds its daemon pod's bound token), instead of the mesh
     /// file and bootstrap tokens.
     pub kubeconfig: Option<PathBuf>,
+    /// The CA's kubeconfig when it differs from the daemons' (its own service account).
+    pub ca_kubeconfig: Option<PathBuf>,
 }
 
 impl Default for DaemonOpts {
@@ -142,6 +144,7 @@ impl Default for DaemonOpts {
             drain_timeout: None,
             access_log: false,
             kubeconfig: None,
+            ca_kubeconfig: None,
         }
     }
 }
@@ -435,7 +438,12 @@ impl Topology {
             .args(["--listen", &format!("{CA_IP}:15012")])
             .args(["--metrics", &format!("{CA_IP}:15014")])
             .args(["--lifetime", self.opts.svid_lifetime]);
-        match &self.opts.kubeconfig {
+        match self
+            .opts
+            .ca_kubeconfig
+            .as_ref()
+            .or(self.opts.kubeconfig.as_ref())
+        {
             Some(k) => c.args(["--discovery", "kube", "--kubeconfig"]).arg(k),
             None => c
                 .arg("--tokens")

@@ -89,6 +89,80 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
     // Applied for real, `meshctl check --kube` tells what is missing: this server has no
     // controllers or kubelets, so nothing runs yet.
     kube.kubectl_stdin(&["apply", "-f", "-"], &overlay);
+    // Least privilege, as the API server's RBAC answers it: what each account may do, and what
+    // it may not (the daemons read no Secrets and write nothing; the CA reads only its own).
+    let sa = |name: &str| format!("--as=system:serviceaccount:nodemesh:{name}");
+    for (who, verb, what, ns, want) in [
+        ("nodemesh-daemon", "watch", "pods", "demo", true),
+        (
+            "nodemesh-daemon",
+            "list",
+            "endpointslices.discovery.k8s.io",
+            "demo",
+            true,
+        ),
+        (
+            "nodemesh-daemon",
+            "watch",
+            "authorizationpolicies.nodemesh.io",
+            "demo",
+            true,
+        ),
+        ("nodemesh-daemon", "get", "secrets", "nodemesh", false),
+        ("nodemesh-daemon", "update", "pods", "demo", false),
+        (
+            "nodemesh-daemon",
+            "create",
+            "tokenreviews.authentication.k8s.io",
+            "",
+            false,
+        ),
+        (
+            "nodemesh-ca",
+            "create",
+            "tokenreviews.authentication.k8s.io",
+            "",
+            true,
+        ),
+        (
+            "nodemesh-ca",
+            "get",
+            "secrets/nodemesh-ca-keys",
+            "nodemesh",
+            true,
+        ),
+        (
+            "nodemesh-ca",
+            "patch",
+            "configmaps/nodemesh-trust-bundle",
+            "nodemesh",
+            true,
+        ),
+        ("nodemesh-ca", "get", "secrets/other", "nodemesh", false),
+        ("nodemesh-ca", "list", "secrets", "nodemesh", false),
+        (
+            "nodemesh-ca",
+            "patch",
+            "configmaps/nodemesh-config",
+            "nodemesh",
+            false,
+        ),
+        ("nodemesh-ca", "watch", "pods", "demo", false),
+    ] {
+        let mut args = vec!["auth", "can-i", verb, what];
+        let who_flag = sa(who);
+        args.push(&who_flag);
+        let ns_flag = format!("--namespace={ns}");
+        if !ns.is_empty() {
+            args.push(&ns_flag);
+        }
+        let (yes, said) = kube.kubectl_try(&args);
+        assert_eq!(
+            yes, want,
+            "RBAC: may {who} {verb} {what} in {ns:?}? said {said:?}, want {want}"
+        );
+    }
+    println!("RBAC: each account may do what its code needs and no more (13 answers checked)");
     let (ok, text) = cluster_check(&kube);
     println!("meshctl check --kube, nothing running:\n{text}");
     assert!(!ok, "fails while nothing runs:\n{text}");

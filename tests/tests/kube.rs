@@ -2,7 +2,8 @@
 //! node daemons with `--discovery kube` and the CA with TokenReview, in network namespaces as
 //! nodes and pods. The test plays kubelet: it creates the Node objects and pods, sets each pod's
 //! status (IP, phase) and makes its cgroup at the kubelet's layout, and asks TokenRequest for each
-//! daemon pod's bound token.
+//! daemon pod's bound token. The daemons and the CA speak to the API server as deploy/'s service
+//! accounts, under its RBAC rules.
 
 use std::time::{Duration, Instant};
 
@@ -63,10 +64,16 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
     kube.kubectl_stdin(
         &["apply", "-f", "-"],
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: nodemesh}\n---\n\
-         apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: nodemesh-daemon, namespace: nodemesh}\n---\n\
          apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {nodemesh.io/mode: node}}\n---\n\
          apiVersion: v1\nkind: Namespace\nmetadata: {name: late}\n",
     );
+    // deploy/'s service accounts and RBAC: the daemons and the CA run as those accounts, so
+    // every API call they make must be one the rules allow.
+    kube.kubectl(&[
+        "apply",
+        "-f",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/rbac.yaml"),
+    ]);
     kube.kubectl(&[
         "create",
         "-f",
@@ -200,7 +207,8 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
 
     // --- the mesh: daemons and the CA read all of it from the API server ---
     t.start(DaemonOpts {
-        kubeconfig: Some(kube.kubeconfig.clone()),
+        kubeconfig: Some(kube.kubeconfig_as("nodemesh", "nodemesh-daemon")),
+        ca_kubeconfig: Some(kube.kubeconfig_as("nodemesh", "nodemesh-ca")),
         ..DaemonOpts::default()
     });
     t.serve("server", "echo-server", 7000);

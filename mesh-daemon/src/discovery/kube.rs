@@ -123,6 +123,15 @@ struct Apis {
     policies: bool,
 }
 
+/// An API error as an operator reads it: the server's message and reason (e.g. RBAC's "secrets is
+/// forbidden: User ... cannot create ..." (403 Forbidden)), not the whole status object.
+pub fn api_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        other => other.to_string(),
+    }
+}
+
 /// Whether the API server serves `plural` in `group_version` (API discovery: any user may ask).
 pub async fn served(client: &Client, group_version: &str, plural: &str) -> Result<bool, String> {
     match client.list_api_group_resources(group_version).await {

@@ -578,6 +578,59 @@ pub fn restore_key_material(
     Authority::load(dir, trust_domain).map(drop)
 }
 
+/// Where the CA's keys came from at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// The Secret held them.
+    Restored,
+    /// First start: generated, and stored in the Secret.
+    Created,
+}
+
+/// Makes the CA folder `dir` hold the keys kept in Secret `name`: restored when it exists, so a
+/// rescheduled CA signs under the same root and no node loses trust; generated in `dir` and stored
+/// there when it does not (first start). Waits, retrying, while the API server cannot say which:
+/// generating keys then would split the mesh's trust.
+pub async fn keys_from_secret(
+    kube: &super::cakube::KubePlacement,
+    name: &str,
+    dir: &Path,
+    trust_domain: &str,
+) -> Result<KeySource, String> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let step = match kube.read_keys(name).await {
+            Ok(Some(material)) => {
+                restore_key_material(dir, trust_domain, &material).map_err(|e| {
+                    format!(
+                        "Secret {name} holds unusable key material ({e}); fix or delete it (a new \
+                         root then means every node must fetch the new bundle)"
+                    )
+                })?;
+                return Ok(KeySource::Restored);
+            }
+            Ok(None) => {
+                Authority::init_or_load(dir, trust_domain).map_err(|e| e.to_string())?;
+                let material = key_material(dir).map_err(|e| e.to_string())?;
+                match kube.create_keys(name, &material).await {
+                    Ok(true) => return Ok(KeySource::Created),
+                    // Another CA replica stored its keys first: use those.
+                    Ok(false) => continue,
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        warn!(
+            error = %step,
+            retry_in = ?delay,
+            "the CA keeps its keys in Secret {name}; its Role must allow get, create and patch on it"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
 // === the server ===
 
 /// Node name → bootstrap token, from a YAML map (`node-1: <token>`).

@@ -9,11 +9,7 @@
 //! identities (namespace, service account) of pods scheduled on that same node, read from the
 //! API server at each request — never from what the caller says.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    path::Path,
-    time::Duration,
-};
+use std::collections::{BTreeMap, HashSet};
 
 use hyper::StatusCode;
 use k8s_openapi::{
@@ -23,9 +19,7 @@ use k8s_openapi::{
         core::v1::{Pod, Secret},
     },
 };
-use tracing::warn;
 
-use super::ca;
 use kube::{
     Api, Client,
     api::{ListParams, PostParams},
@@ -57,15 +51,7 @@ impl std::fmt::Debug for KubePlacement {
 }
 
 use super::Refusal;
-
-/// Where the CA's keys came from at start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeySource {
-    /// The Secret held them.
-    Restored,
-    /// First start: generated, and stored in the Secret.
-    Created,
-}
+use crate::discovery::kube::api_error;
 
 fn key_secret(name: &str, material: &BTreeMap<String, String>) -> Secret {
     Secret {
@@ -136,63 +122,51 @@ impl KubePlacement {
             .map(drop)
             .map_err(|e| {
                 format!(
-                    "cannot publish the trust bundle in ConfigMap {}/{name}: {e}",
-                    self.daemon_namespace
+                    "cannot publish the trust bundle in ConfigMap {}/{name}: {}",
+                    self.daemon_namespace,
+                    api_error(&e)
                 )
             })
     }
 
-    /// Makes the CA folder `dir` hold the keys kept in Secret `name` (in the CA's namespace):
-    /// restored when it exists, so a rescheduled CA signs under the same root and no node loses
-    /// trust; generated in `dir` and stored there when it does not (first start). Waits, retrying,
-    /// while the API server cannot say which: generating keys then would split the mesh's trust.
-    pub async fn keys_from_secret(
+    /// The key material kept in Secret `name` (in the CA's namespace), by key; None when the
+    /// Secret does not exist.
+    pub async fn read_keys(&self, name: &str) -> Result<Option<BTreeMap<String, String>>, String> {
+        let what = format!("Secret {}/{name}", self.daemon_namespace);
+        let Some(secret) = Api::<Secret>::namespaced(self.client.clone(), &self.daemon_namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("cannot read {what}: {}", api_error(&e)))?
+        else {
+            return Ok(None);
+        };
+        let mut material = BTreeMap::new();
+        for (k, v) in secret.data.unwrap_or_default() {
+            let text =
+                String::from_utf8(v.0).map_err(|_| format!("{what}: key {k} is not PEM text"))?;
+            material.insert(k, text);
+        }
+        Ok(Some(material))
+    }
+
+    /// Creates Secret `name` with `material`; Ok(false) when it exists already (another CA
+    /// replica stored its keys first).
+    pub async fn create_keys(
         &self,
         name: &str,
-        dir: &Path,
-        trust_domain: &str,
-    ) -> Result<KeySource, String> {
-        let api = Api::<Secret>::namespaced(self.client.clone(), &self.daemon_namespace);
-        let what = format!("Secret {}/{name}", self.daemon_namespace);
-        let mut delay = Duration::from_millis(500);
-        loop {
-            let step = match api.get_opt(name).await {
-                Ok(Some(secret)) => {
-                    let mut material = BTreeMap::new();
-                    for (k, v) in secret.data.unwrap_or_default() {
-                        let text = String::from_utf8(v.0)
-                            .map_err(|_| format!("{what}: key {k} is not PEM text"))?;
-                        material.insert(k, text);
-                    }
-                    ca::restore_key_material(dir, trust_domain, &material).map_err(|e| {
-                        format!(
-                            "{what} holds unusable key material ({e}); fix or delete it (a new                              root then means every node must fetch the new bundle)"
-                        )
-                    })?;
-                    return Ok(KeySource::Restored);
-                }
-                Ok(None) => {
-                    ca::Authority::init_or_load(dir, trust_domain).map_err(|e| e.to_string())?;
-                    let material = ca::key_material(dir).map_err(|e| e.to_string())?;
-                    match api
-                        .create(&PostParams::default(), &key_secret(name, &material))
-                        .await
-                    {
-                        Ok(_) => return Ok(KeySource::Created),
-                        // Another CA replica stored its keys first: use those.
-                        Err(kube::Error::Api(e)) if e.code == 409 => continue,
-                        Err(e) => e,
-                    }
-                }
-                Err(e) => e,
-            };
-            warn!(
-                error = %step,
-                retry_in = ?delay,
-                "cannot read or create {what} (the CA's keys); the CA's Role must allow get,                  create and patch on it"
-            );
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(30));
+        material: &BTreeMap<String, String>,
+    ) -> Result<bool, String> {
+        match Api::<Secret>::namespaced(self.client.clone(), &self.daemon_namespace)
+            .create(&PostParams::default(), &key_secret(name, material))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(format!(
+                "cannot create Secret {}/{name}: {}",
+                self.daemon_namespace,
+                api_error(&e)
+            )),
         }
     }
 
@@ -212,8 +186,9 @@ impl KubePlacement {
             .map(drop)
             .map_err(|e| {
                 format!(
-                    "cannot store the CA's keys in Secret {}/{name}: {e}",
-                    self.daemon_namespace
+                    "cannot store the CA's keys in Secret {}/{name}: {}",
+                    self.daemon_namespace,
+                    api_error(&e)
                 )
             })
     }
@@ -232,7 +207,12 @@ impl KubePlacement {
         let answer = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| unavailable(format!("TokenReview failed: {e}; is the API server up?")))?;
+            .map_err(|e| {
+                unavailable(format!(
+                    "TokenReview failed: {}; is the API server up?",
+                    api_error(&e)
+                ))
+            })?;
         let status = answer.status.unwrap_or_default();
         // An authenticator that ignores the requested audiences (a webhook, an old server) may
         // say yes for any token: the answer must name the CA's audience itself.
@@ -281,7 +261,7 @@ impl KubePlacement {
         let pod = Api::<Pod>::namespaced(self.client.clone(), &self.daemon_namespace)
             .get_opt(&pod_name)
             .await
-            .map_err(|e| unavailable(format!("cannot read pod {pod_name}: {e}")))?
+            .map_err(|e| unavailable(format!("cannot read pod {pod_name}: {}", api_error(&e))))?
             .ok_or_else(|| unauth(format!("the token's pod {pod_name} no longer exists")))?;
         let ended = matches!(
             pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -321,7 +301,7 @@ impl KubePlacement {
                 refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "error",
-                    format!("cannot list the pods of node {node}: {e}"),
+                    format!("cannot list the pods of node {node}: {}", api_error(&e)),
                 )
             })?;
         Ok(pods
