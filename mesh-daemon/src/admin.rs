@@ -97,6 +97,41 @@ impl Readiness {
 
 // === the server ===
 
+/// The levels a log filter names.
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a log filter before it replaces the running one. `tracing`'s own syntax reads a bare
+/// word as a target enabled at every level, so a misspelt level (`debu`) would silence all logs;
+/// here every directive must name a level: `debug`, or `target=debug` (spans and fields allowed
+/// before the `=`).
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    let allowed = LOG_LEVELS.join(", ");
+    if filter.trim().is_empty() {
+        return Err(format!(
+            "an empty filter; give a level ({allowed}) or target=level"
+        ));
+    }
+    for directive in filter.split(',').map(str::trim) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if directive
+            .rsplit_once('=')
+            .is_some_and(|(t, _)| t.trim().is_empty())
+        {
+            return Err(format!("{directive:?} names no target before '='"));
+        }
+        if !LOG_LEVELS
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case(level.trim()))
+        {
+            return Err(format!(
+                "{directive:?} names no level; the levels are {allowed}, as a level alone \
+                 (debug) or for a target (mesh_daemon::proxy=debug)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Changes the log filter at run time (`/logging`).
 pub type LogControl = Box<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 /// Summarises the kernel side for `/debug/ebpf`.
@@ -401,6 +436,35 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_filter_must_name_a_level_in_every_directive() {
+        for good in [
+            "debug",
+            "INFO",
+            "info,mesh_daemon::proxy=debug",
+            "warn, h2=off",
+            "mesh_daemon[conn{peer=10.0.0.1}]=trace",
+        ] {
+            assert_eq!(check_log_filter(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            ("debu", "\"debu\" names no level"),
+            (
+                "info,mesh_daemon::proxy",
+                "\"mesh_daemon::proxy\" names no level",
+            ),
+            ("mesh_daemon=verbose", "names no level"),
+            ("=debug", "names no target"),
+            ("", "an empty filter"),
+        ] {
+            let e = check_log_filter(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+            if says.contains("level") {
+                assert!(e.contains("trace, debug, info, warn, error, off"), "{e}");
+            }
+        }
+    }
 
     #[test]
     fn ready_only_after_attach_then_state_then_certificates() {

@@ -107,8 +107,11 @@ async fn serve(
     let out_listener = Outbound::bind(SocketAddr::V4(cfg.outbound)).await?;
     let in_listener = Inbound::bind(cfg.hbone).await?;
     let bind = |addr: SocketAddr, what: &str, flag: &str| {
-        std::net::TcpListener::bind(addr).with_context(|| {
-            format!("cannot listen on {addr} for {what}; free the port or pass {flag}")
+        std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {addr} for {what}: {e}; {}",
+                mesh_daemon::socket::bind_advice(addr, &e, flag)
+            )
         })
     };
     let listeners = admin::Listeners {

@@ -144,11 +144,21 @@ struct CaArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // NODEMESH_LOG, checked as /logging checks it: a misspelt level must not silence the logs.
+    let filter = match std::env::var("NODEMESH_LOG") {
+        Ok(v) => match admin::check_log_filter(&v)
+            .and_then(|()| tracing_subscriber::EnvFilter::try_new(&v).map_err(|e| e.to_string()))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("mesh-daemon: NODEMESH_LOG={v:?}: {e}; logging at info instead");
+                tracing_subscriber::EnvFilter::new("info")
+            }
+        },
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NODEMESH_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter_reloading();
@@ -161,6 +171,7 @@ fn main() -> ExitCode {
                 .with_current(|f| format!("log filter: {f}"))
                 .map_err(|e| e.to_string());
         }
+        admin::check_log_filter(level).map_err(|e| format!("bad filter: {e}"))?;
         let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
             format!("bad filter {level:?}: {e}; use e.g. debug or info,mesh_daemon::proxy=debug")
         })?;
@@ -257,10 +268,11 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the CA runtime")?;
     rt.block_on(async move {
-        let metrics_listener = std::net::TcpListener::bind(args.metrics).with_context(|| {
-            format!(
-                "cannot listen on {} for /metrics; free the port or pass --metrics",
-                args.metrics
+        let metrics_listener = std::net::TcpListener::bind(args.metrics).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} for /metrics: {e}; {}",
+                args.metrics,
+                mesh_daemon::socket::bind_advice(args.metrics, &e, "--metrics")
             )
         })?;
         let metrics = Arc::new(Metrics::new().with_process_metrics());

@@ -14,6 +14,26 @@ use std::{
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 
+/// What to do about a failed bind of `addr` (the listener `flag` sets), for its error message:
+/// "free the port" helps only when the port is taken.
+pub fn bind_advice(addr: SocketAddr, e: &io::Error, flag: &str) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            format!("another process holds {addr}; stop it, or pass {flag} with another port")
+        }
+        io::ErrorKind::AddrNotAvailable => format!(
+            "{} is not an address of this host; pass {flag} with one of its addresses (`ip -brief \
+             addr` lists them)",
+            addr.ip()
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "port {} needs CAP_NET_BIND_SERVICE; grant it, or pass {flag} with a port above 1023",
+            addr.port()
+        ),
+        _ => format!("check {flag}"),
+    }
+}
+
 /// How long a connection attempt to a pod or a node may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -473,6 +473,30 @@ impl Topology {
         http_get(&self.fabric, &format!("{CA_IP}:15014"), "/metrics")
     }
 
+    /// [`Self::daemon_command`] with `flag`'s value replaced (a flag given twice is an error).
+    pub fn daemon_command_with(&self, i: usize, flag: &str, value: &str) -> Command {
+        let d = self.daemon_command(i);
+        let mut c = Command::new(d.get_program());
+        let mut args = d.get_args().peekable();
+        let mut found = false;
+        while let Some(a) = args.next() {
+            c.arg(a);
+            if a == flag {
+                args.next();
+                c.arg(value);
+                found = true;
+            }
+        }
+        assert!(found, "the daemon command has no {flag}");
+        for (k, v) in d.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    }
+
     /// The daemon command for node `i`, as `start` runs it (tests add or change flags).
     pub fn daemon_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];

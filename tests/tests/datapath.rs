@@ -249,7 +249,9 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
     let second = t.daemon_command(0).output().expect("run a second daemon");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(
-        !second.status.success() && err.contains("cannot listen on"),
+        !second.status.success()
+            && err.contains("cannot listen on")
+            && err.contains("another process holds"),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");

@@ -49,6 +49,16 @@ fn meshctl(t: &Topology, i: usize, args: &[&str]) -> String {
     stdout
 }
 
+/// meshctl in node `i`'s namespace, whatever its exit status.
+fn meshctl_output(t: &Topology, i: usize, args: &[&str]) -> std::process::Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", t.nodes[i].ns.path().display()))
+        .arg(bin("meshctl"))
+        .args(args)
+        .output()
+        .expect("run meshctl")
+}
+
 fn body(resp: &str) -> &str {
     resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
@@ -200,6 +210,70 @@ fn metrics_and_meshctl_match_a_known_traffic_mix() {
         assert!(id.contains(&principal(sa)), "{id}");
     }
     assert!(!id.contains(&principal("server-sa")), "{id}");
+
+    // --node takes host, host:port and http://host:port alike.
+    let same = |node: &str| -> serde_json::Value {
+        serde_json::from_str(&meshctl(&t, 0, &["stat", "--node", node, "-o", "json"]))
+            .expect("JSON")
+    };
+    let by_port = same("10.203.0.1:15020");
+    assert_eq!(same("10.203.0.1"), by_port, "host alone");
+    assert_eq!(same("http://10.203.0.1:15020"), by_port, "http URL");
+    // One node down: the others' rows, and a line naming the one left out.
+    let out = meshctl_output(&t, 0, &["stat", "--node", "10.203.0.1,10.203.0.2:15999"]);
+    assert!(out.status.success(), "partial results succeed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("left out: cannot reach 10.203.0.2:15999"),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("demo/server"),
+        "node 1's rows still shown"
+    );
+    // Something that answers /metrics but is not a nodemesh daemon says so (no empty table).
+    let impostor = t.nodes[0].ns.run(|| {
+        let l = std::net::TcpListener::bind("10.203.0.1:18080").expect("bind");
+        std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            if let Ok((mut c, _)) = l.accept() {
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 18\r\n\r\nother_up_total 1\n\n",
+                );
+            }
+        })
+    });
+    let server_thread = impostor.join().expect("bound");
+    let out = meshctl_output(&t, 0, &["stat", "--node", "10.203.0.1:18080"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("with no nodemesh_ metrics"),
+        "{err}"
+    );
+    let _ = server_thread.join();
+    // A closed pipe ends meshctl quietly: `meshctl tap | head -1` while events flow.
+    let mut piped = Command::new("nsenter");
+    piped
+        .arg(format!("--net={}", t.nodes[0].ns.path().display()))
+        .args(["sh", "-c"])
+        .arg(format!(
+            "{} tap --count 50 2>/tmp/nm-tap-pipe.err | head -1",
+            bin("meshctl").display()
+        ));
+    let mut piped = Proc::spawn("meshctl tap | head -1", piped);
+    for _ in 0..5 {
+        let (ok, out) = t.connect("client", &server, &["--send", "10"]);
+        assert!(ok, "{out}");
+    }
+    piped
+        .wait_exit(Duration::from_secs(20))
+        .expect("the pipeline ends once head has its line");
+    let err = std::fs::read_to_string("/tmp/nm-tap-pipe.err").unwrap_or_default();
+    let _ = std::fs::remove_file("/tmp/nm-tap-pipe.err");
+    assert!(!err.contains("panicked"), "meshctl on a closed pipe: {err}");
+    println!("meshctl: --node forms, partial results, a non-nodemesh endpoint, a closed pipe: ok");
 
     // Cardinality: 2 × 500 connections from 1000 client ports; the second 500 add no series,
     // and no label carries an address.
@@ -357,6 +431,19 @@ fn ready_config_dump_and_admin_refusals() {
         "POST /logging?level=debug",
     );
     assert!(log.contains(" 200 ") && log.contains("debug"), "{log}");
+    // A misspelt level is refused with the allowed values, and the filter stays as it was
+    // (tracing alone would read `debu` as a target and silence every log).
+    let typo = nodemesh_tests::topology::http_request(
+        &t.nodes[0].ns,
+        "127.0.0.1:15000",
+        "POST /logging?level=debu",
+    );
+    assert!(
+        typo.contains(" 400 ") && typo.contains("trace, debug, info, warn, error, off"),
+        "{typo}"
+    );
+    let now = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/logging");
+    assert!(now.contains("log filter: debug"), "unchanged: {now}");
 
     // The admin port is not reachable from outside the node, and cannot be bound wider.
     let from_outside = t.nodes[1]
@@ -379,5 +466,45 @@ fn ready_config_dump_and_admin_refusals() {
         !out.status.success() && err.contains("not a loopback address"),
         "{err}"
     );
+    // An address this node does not have: the error names the flag and says so (not "free the
+    // port", which would not help).
+    let out = t
+        .daemon_command_with(1, "--metrics", "10.99.99.99:15020")
+        .output()
+        .expect("run daemon");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("10.99.99.99 is not an address of this host; pass --metrics"),
+        "{err}"
+    );
+    // No trust bundle yet: where it comes from.
+    let out = t
+        .daemon_command_with(1, "--ca-bundle", "/nonexistent/bundle.pem")
+        .output()
+        .expect("run daemon");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the CA writes bundle.pem into its --dir at its first start"),
+        "{err}"
+    );
+    // A bundle from another CA: the daemon says the CA's certificate is not signed by it (not
+    // "cannot reach the CA"), and keeps trying.
+    let other = std::env::temp_dir().join(format!("nm-other-bundle-{}.pem", std::process::id()));
+    let root = rcgen::generate_simple_self_signed(vec!["other-ca".into()]).expect("cert");
+    std::fs::write(&other, root.cert.pem()).expect("other bundle");
+    let mut wrong = Proc::spawn(
+        "mesh-daemon node-2, another CA's bundle",
+        t.daemon_command_with(1, "--ca-bundle", other.to_str().expect("utf-8")),
+    );
+    let line = wrong.wait_for("is not signed by --ca-bundle", Duration::from_secs(20));
+    println!("another CA's bundle: {line}");
+    assert!(
+        line.contains("the CA at 10.203.0.250:15012 is not trusted"),
+        "{line}"
+    );
+    wrong.terminate(Duration::from_secs(10));
+    let _ = std::fs::remove_file(&other);
     drop(d);
 }

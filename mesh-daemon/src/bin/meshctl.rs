@@ -35,12 +35,14 @@ enum Output {
 
 #[derive(clap::Args, Clone)]
 struct Nodes {
-    /// Metrics endpoints of the nodes to read (`ip:port`), comma-separated or repeated.
+    /// Metrics endpoints of the nodes to read, comma-separated or repeated: `host`, `host:port`
+    /// or `http://host:port` (port 15020 when none is given).
     #[arg(
         long = "node",
         env = "NODEMESH_NODES",
         value_delimiter = ',',
-        default_value = "127.0.0.1:15020"
+        default_value = "127.0.0.1:15020",
+        value_parser = metrics_endpoint
     )]
     nodes: Vec<String>,
 }
@@ -102,7 +104,7 @@ enum Command {
     /// Follow live connection and request events from a node's admin port.
     Tap {
         /// The node's admin endpoint (loopback only: run meshctl on the node).
-        #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000")]
+        #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000", value_parser = admin_endpoint)]
         admin: String,
         #[arg(long)]
         workload: Option<String>,
@@ -120,7 +122,7 @@ enum Command {
     },
     /// The certificates a node holds and when they expire.
     Identity {
-        #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000")]
+        #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000", value_parser = admin_endpoint)]
         admin: String,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -134,7 +136,69 @@ enum By {
     Route,
 }
 
+/// `host`, `host:port`, `[v6]:port` or `http://host:port[/]` as `host:port`, `default_port` when
+/// none is given. https is refused: the node's endpoints speak plain HTTP (metrics are public,
+/// and the admin port is loopback-only).
+fn endpoint(s: &str, default_port: u16) -> Result<String, String> {
+    let s = s.trim();
+    if s.starts_with("https://") {
+        return Err(format!(
+            "{s}: the node's endpoints speak plain HTTP; use http:// or just host:port"
+        ));
+    }
+    let rest = s.strip_prefix("http://").unwrap_or(s);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
+        return Err(format!(
+            "{s}: give host, host:port or http://host:port (no path): e.g. 10.0.0.5 or \
+             10.0.0.5:{default_port}"
+        ));
+    }
+    let has_port = if let Some(v6) = rest.strip_prefix('[') {
+        // [v6] or [v6]:port
+        let (_, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{s}: an IPv6 address needs its closing ']'"))?;
+        if !after.is_empty() && !after.starts_with(':') {
+            return Err(format!("{s}: expected :port after ']'"));
+        }
+        !after.is_empty()
+    } else {
+        match rest.matches(':').count() {
+            0 => false,
+            1 => true,
+            _ => {
+                return Err(format!(
+                    "{s}: an IPv6 address goes in brackets: [{rest}]:{default_port}"
+                ));
+            }
+        }
+    };
+    if !has_port {
+        return Ok(format!("{rest}:{default_port}"));
+    }
+    let port = rest.rsplit_once(':').map_or("", |(_, p)| p);
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(rest.to_string()),
+        _ => Err(format!("{s}: {port:?} is not a port")),
+    }
+}
+
+fn metrics_endpoint(s: &str) -> Result<String, String> {
+    endpoint(s, 15020)
+}
+
+fn admin_endpoint(s: &str) -> Result<String, String> {
+    endpoint(s, 15000)
+}
+
 fn main() -> ExitCode {
+    // A closed pipe (`meshctl tap | head -1`) ends meshctl quietly, as it ends any Unix filter,
+    // instead of a panic in println!.
+    // SAFETY: setting a signal's disposition to its default at start, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Check {
@@ -344,16 +408,38 @@ fn follow_lines(
     })
 }
 
+/// Every node's samples. A node that cannot be read is reported on its own line and left out;
+/// only when none can be read is it an error.
 fn scrape(nodes: &Nodes) -> Result<Vec<Sample>, String> {
     let mut all = Vec::new();
+    let mut errors = Vec::new();
     for n in &nodes.nodes {
-        let (samples, bad) = promtext::parse(&get_text(n, "/metrics")?);
-        if bad > 0 {
-            eprintln!("meshctl: {n}/metrics: skipped {bad} unreadable lines");
+        match scrape_one(n) {
+            Ok(samples) => all.extend(samples),
+            Err(e) => errors.push(e),
         }
-        all.extend(samples);
+    }
+    if errors.len() == nodes.nodes.len() {
+        return Err(errors.join("\n"));
+    }
+    for e in errors {
+        eprintln!("meshctl: left out: {e}");
     }
     Ok(all)
+}
+
+fn scrape_one(n: &str) -> Result<Vec<Sample>, String> {
+    let (samples, bad) = promtext::parse(&get_text(n, "/metrics")?);
+    if bad > 0 {
+        eprintln!("meshctl: {n}/metrics: skipped {bad} unreadable lines");
+    }
+    if !samples.iter().any(|s| s.name.starts_with("nodemesh_")) {
+        return Err(format!(
+            "{n}/metrics answered, but with no nodemesh_ metrics: is {n} a nodemesh daemon's \
+             metrics port (15020 by default)?"
+        ));
+    }
+    Ok(samples)
 }
 
 // === stat, top, edges ===
@@ -871,6 +957,40 @@ fn identity(admin: &str, output: Output) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_take_host_host_port_and_http_urls() {
+        for (given, want) in [
+            ("10.0.0.5", "10.0.0.5:15020"),
+            ("10.0.0.5:9090", "10.0.0.5:9090"),
+            ("http://10.0.0.5:15020", "10.0.0.5:15020"),
+            ("http://node-1/", "node-1:15020"),
+            ("[fd00::5]", "[fd00::5]:15020"),
+            ("[fd00::5]:15020", "[fd00::5]:15020"),
+        ] {
+            assert_eq!(
+                super::metrics_endpoint(given).as_deref(),
+                Ok(want),
+                "{given}"
+            );
+        }
+        for (given, says) in [
+            ("https://10.0.0.5:15020", "plain HTTP"),
+            ("http://10.0.0.5:15020/metrics", "no path"),
+            ("10.0.0.5:http", "is not a port"),
+            ("10.0.0.5:0", "is not a port"),
+            ("fd00::5", "in brackets"),
+            ("[fd00::5", "closing"),
+            ("", "give host"),
+        ] {
+            let e = super::metrics_endpoint(given).expect_err(given);
+            assert!(e.contains(says), "{given}: {e}");
+        }
+        assert_eq!(
+            super::admin_endpoint("127.0.0.1").as_deref(),
+            Ok("127.0.0.1:15000")
+        );
+    }
 
     #[test]
     fn quantiles_follow_histogram_quantile() {

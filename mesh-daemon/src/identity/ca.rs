@@ -71,10 +71,11 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     #[error("{0}")]
     Rotate(String),
-    #[error("cannot listen on {addr} for the CA: {source}; free the port or pass --listen")]
+    #[error("cannot listen on {addr} for the CA: {source}; {advice}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
+        advice: String,
     },
 }
 
@@ -797,6 +798,7 @@ impl Ca {
             .await
             .map_err(|source| CaError::Bind {
                 addr: cfg.listen,
+                advice: crate::socket::bind_advice(cfg.listen, &source, "--listen"),
                 source,
             })?;
         let requests = IntCounterVec::new(

@@ -48,6 +48,9 @@ pub enum CaClientError {
     Config(String),
     #[error("cannot reach the CA at {ca}: {reason}")]
     Unreachable { ca: String, reason: String },
+    /// The CA answered, but its certificate does not check out: reaching it again will not help.
+    #[error("the CA at {ca} is not trusted: {reason}")]
+    Untrusted { ca: String, reason: String },
     #[error("the CA refused: {status} {reason}")]
     Refused { status: u16, reason: String },
 }
@@ -172,6 +175,34 @@ impl CaClient {
         &self.url
     }
 
+    /// A failed handshake with the CA, with its real cause and fix.
+    fn tls_error(&self, e: &std::io::Error) -> CaClientError {
+        let ca = self.url.to_string();
+        let untrusted = |reason: String| CaClientError::Untrusted {
+            ca: ca.clone(),
+            reason,
+        };
+        match tls::failure_label(e) {
+            "untrusted" => untrusted(format!(
+                "its certificate is not signed by --ca-bundle ({e}); the bundle is another CA's, \
+                 or older than a root rotation: copy the CA's bundle.pem again (in Kubernetes, \
+                 ConfigMap nodemesh-trust-bundle)"
+            )),
+            "wrong_identity" => untrusted(format!(
+                "its certificate does not name {} ({e}); pass --ca with a name or address the \
+                 CA's certificate holds (its --listen address and --san names)",
+                self.url.host
+            )),
+            "expired" | "not_yet_valid" => untrusted(format!(
+                "its certificate is outside its validity ({e}); check this node's clock"
+            )),
+            _ => CaClientError::Unreachable {
+                ca,
+                reason: format!("TLS: {e}"),
+            },
+        }
+    }
+
     /// One HTTPS/1.1 request; the CA's certificate must chain to `bundle`. Returns the body of a
     /// 2xx answer; another status is `Refused` with the CA's reason.
     pub async fn call(
@@ -207,7 +238,7 @@ impl CaClient {
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(self.url.server_name.clone(), tcp)
                 .await
-                .map_err(|e| unreachable(format!("TLS: {e}")))?;
+                .map_err(|e| self.tls_error(&e))?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                     .await

@@ -112,7 +112,20 @@ impl Manager {
                 cfg.token_file.display()
             )));
         }
-        let roots = read(&cfg.ca_bundle)?;
+        let roots = match std::fs::read_to_string(&cfg.ca_bundle) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ManagerError::Config(format!(
+                    "--ca-bundle {} does not exist: the CA writes bundle.pem into its --dir at \
+                     its first start; copy it here (in Kubernetes, mount ConfigMap \
+                     nodemesh-trust-bundle, which the CA publishes)",
+                    cfg.ca_bundle.display()
+                )));
+            }
+            other => other.map_err(|source| ManagerError::Read {
+                path: cfg.ca_bundle.clone(),
+                source,
+            })?,
+        };
         let bundle = Bundle::new(vec![roots], String::new())
             .map_err(|e| ManagerError::Config(format!("{}: {e}", cfg.ca_bundle.display())))?;
         Ok(Arc::new(Self {

@@ -24,13 +24,11 @@ use crate::identity::{Identity, tls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
-    #[error(
-        "cannot listen on {addr} for HBONE from other nodes: {source}; free the port, or fix the \
-         node's address in the mesh file"
-    )]
+    #[error("cannot listen on {addr} for HBONE from other nodes: {source}; {advice}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
+        advice: String,
     },
 }
 
@@ -49,7 +47,15 @@ impl Inbound {
     pub async fn bind(addr: SocketAddr) -> Result<TcpListener, InboundError> {
         TcpListener::bind(addr)
             .await
-            .map_err(|source| InboundError::Bind { addr, source })
+            .map_err(|source| InboundError::Bind {
+                addr,
+                advice: crate::socket::bind_advice(
+                    addr,
+                    &source,
+                    "--hbone (or fix the node's address in the mesh file)",
+                ),
+                source,
+            })
     }
 
     pub fn new(listener: TcpListener, inputs: Arc<Inputs>) -> Self {

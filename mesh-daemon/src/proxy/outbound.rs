@@ -32,13 +32,11 @@ use super::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
-    #[error(
-        "cannot listen on {addr} for captured connections: {source}; free the port or pass \
-         --outbound with another address"
-    )]
+    #[error("cannot listen on {addr} for captured connections: {source}; {advice}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
+        advice: String,
     },
 }
 
@@ -53,7 +51,11 @@ impl Outbound {
     pub async fn bind(addr: SocketAddr) -> Result<TcpListener, OutboundError> {
         TcpListener::bind(addr)
             .await
-            .map_err(|source| OutboundError::Bind { addr, source })
+            .map_err(|source| OutboundError::Bind {
+                addr,
+                advice: crate::socket::bind_advice(addr, &source, "--outbound"),
+                source,
+            })
     }
 
     pub fn new(listener: TcpListener, inputs: Arc<Inputs>) -> Self {
