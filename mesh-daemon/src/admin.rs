@@ -64,9 +64,29 @@ pub struct Readiness {
     /// Set when the drain begins (SIGTERM): not ready from then on.
     pub draining: AtomicBool,
     pub identity: OnceLock<Arc<Manager>>,
+    /// Local pods that cannot be enrolled (set once the enroller runs).
+    pub unenrolled: OnceLock<crate::enroll::Unenrolled>,
 }
 
 impl Readiness {
+    /// Ready, but some local pods cannot be enrolled (their connections are not captured):
+    /// each with its reason. The node stays ready — one bad pod must not take its node's proxy
+    /// out of service — and says so.
+    pub fn degraded(&self) -> Option<String> {
+        let pods = self
+            .unenrolled
+            .get()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (!pods.is_empty()).then(|| {
+            pods.iter()
+                .map(|(pod, why)| format!("pod {pod} cannot be enrolled: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+
     /// Ok, or the first thing still missing.
     pub fn check(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Acquire) {
@@ -258,7 +278,10 @@ async fn route(
         }
         (Port::Health, "/live") => text(StatusCode::OK, "live\n"),
         (Port::Health, "/ready") => match obs.ready.check() {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Ok(()) => match obs.ready.degraded() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(StatusCode::OK, format!("ready, degraded: {why}\n")),
+            },
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),

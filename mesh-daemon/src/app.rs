@@ -207,6 +207,7 @@ async fn serve(
         }
     };
     let mut enroller = Enroller::new(datapath.clone(), metrics.clone(), cfg.strict());
+    let _ = obs.ready.unenrolled.set(enroller.unenrolled());
     enroller.reconcile(&state.snapshot());
     tokio::spawn(enroller.run(state.subscribe()));
     identity.follow(state.subscribe());

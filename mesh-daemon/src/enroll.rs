@@ -5,7 +5,7 @@
 //! that leaves is un-enrolled: its new connections go direct, its open ones are untouched.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -23,6 +23,10 @@ use crate::{
 /// How often failed enrollments are retried.
 pub const RETRY: Duration = Duration::from_secs(1);
 
+/// The local pods that cannot be enrolled right now, by name (`namespace/name`), with the
+/// reason: what `/ready` reports as degraded.
+pub type Unenrolled = Arc<Mutex<BTreeMap<String, String>>>;
+
 pub struct Enroller {
     datapath: Arc<Mutex<Datapath>>,
     metrics: Arc<Metrics>,
@@ -30,8 +34,10 @@ pub struct Enroller {
     strict: bool,
     /// What the kernel's enrollment map holds: workload id → (cgroup id, spec).
     enrolled: HashMap<u32, (u64, EnrollSpec)>,
-    /// Workloads whose enrollment failed, with the reason last reported.
-    failed: HashMap<u32, String>,
+    /// Workloads whose enrollment failed: (name, the reason last reported).
+    failed: HashMap<u32, (String, String)>,
+    /// `failed` by name, for `/ready`.
+    report: Unenrolled,
 }
 
 impl Enroller {
@@ -42,7 +48,13 @@ impl Enroller {
             strict,
             enrolled: HashMap::new(),
             failed: HashMap::new(),
+            report: Unenrolled::default(),
         }
+    }
+
+    /// The pods that cannot be enrolled, kept current by every reconcile.
+    pub fn unenrolled(&self) -> Unenrolled {
+        self.report.clone()
     }
 
     /// Follows the state until the process ends: a reconcile per snapshot, and a retry every
@@ -120,17 +132,19 @@ impl Enroller {
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    if self.failed.get(&id) != Some(&msg) {
+                    if self.failed.get(&id).map(|(_, m)| m) != Some(&msg) {
                         warn!(workload = %name, error = %msg, "cannot enroll this pod; its connections are not captured (retrying every second)");
                         self.metrics
                             .enroll_failures
                             .with_label_values(&[e.enroll_reason()])
                             .inc();
-                        self.failed.insert(id, msg);
+                        self.failed.insert(id, (name, msg));
                     }
                 }
             }
         }
         self.metrics.enrolled.set(self.enrolled.len() as i64);
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) =
+            self.failed.values().cloned().collect();
     }
 }

@@ -357,6 +357,54 @@ fn ready_config_dump_and_admin_refusals() {
     );
     assert!(r.contains(" 200 "), "{r}");
 
+    // A pod that cannot be enrolled (its cgroup is not there): the node stays ready, says it is
+    // degraded and names the pod and why, and counts it; fixed, the degradation goes.
+    let base = t.mesh_yaml(&pods, &[]);
+    let ghost = base.replacen(
+        "workloads:\n",
+        &format!(
+            "workloads:\n  - name: ghost\n    namespace: demo\n    serviceAccount: client-sa\n    \
+             node: node-1\n    ip: 10.210.1.77\n    cgroup: {}\n",
+            t.node_cgroup_root(0).join("ghost-not-there").display()
+        ),
+        1,
+    );
+    t.rewrite_mesh_file(&ghost);
+    let wait_ready = |want: &str| {
+        let start = std::time::Instant::now();
+        loop {
+            let r = ready(&t);
+            if r.contains(want) {
+                return r;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "/ready never said {want:?}: {r}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let r = wait_ready("degraded");
+    println!(
+        "/ready with an unenrollable pod: {}",
+        r.lines().last().unwrap_or("")
+    );
+    assert!(
+        r.contains(" 200 ") && r.contains("ready, degraded: pod demo/ghost cannot be enrolled"),
+        "{r}"
+    );
+    assert!(
+        t.metric(
+            0,
+            "nodemesh_enroll_failures_total",
+            &[("reason", "cgroup_missing")]
+        ) >= 1,
+        "counted"
+    );
+    t.rewrite_mesh_file(&base);
+    let r = wait_ready("\r\n\r\nready\n");
+    assert!(!r.contains("degraded"), "{r}");
+
     // /config_dump: JSON with the mesh file's workloads and the certificates held (no keys).
     let dump = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/config_dump");
     let v: serde_json::Value = serde_json::from_str(body(&dump)).expect("config_dump is JSON");
