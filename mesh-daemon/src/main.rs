@@ -307,6 +307,7 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
                 // in step with the CA's folder (`ca rotate` changes both).
                 let dir = args.dir.clone();
                 let (cm, secret) = (args.bundle_configmap.clone(), args.key_secret.clone());
+                let trust_domain = args.trust_domain.clone();
                 let publisher = placement.clone();
                 tokio::spawn(async move {
                     let mut published = String::new();
@@ -323,8 +324,11 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
                                 Err(e) => warn!(error = %e, "retrying in 2 s"),
                             }
                         }
+                        // Only a folder that loads (not one caught mid-rotation, with a new
+                        // certificate beside an old key) is stored.
                         if let Ok(now) = identity::ca::key_material(&dir)
                             && now != stored
+                            && identity::ca::Authority::load(&dir, &trust_domain).is_ok()
                         {
                             match publisher.store_keys(&secret, &now).await {
                                 Ok(()) => {
