@@ -66,25 +66,29 @@ pub struct Readiness {
     pub identity: OnceLock<Arc<Manager>>,
     /// Local pods that cannot be enrolled (set once the enroller runs).
     pub unenrolled: OnceLock<crate::enroll::Unenrolled>,
+    /// Kubernetes watches failing now (set under `--discovery kube`).
+    pub watches: OnceLock<crate::discovery::kube::WatchErrors>,
 }
 
 impl Readiness {
-    /// Ready, but some local pods cannot be enrolled (their connections are not captured):
-    /// each with its reason. The node stays ready — one bad pod must not take its node's proxy
-    /// out of service — and says so.
+    /// Ready, but something serves from less than the whole truth, each with its reason: local
+    /// pods that cannot be enrolled (their connections are not captured), Kubernetes watches
+    /// that fail (the last state stays in force, so changes since are not seen). The node stays
+    /// ready — one bad pod or an API server restart must not take its node's proxy out of
+    /// service — and says so.
     pub fn degraded(&self) -> Option<String> {
-        let pods = self
-            .unenrolled
-            .get()?
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        (!pods.is_empty()).then(|| {
-            pods.iter()
-                .map(|(pod, why)| format!("pod {pod} cannot be enrolled: {why}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
+        let mut lines = Vec::new();
+        if let Some(pods) = self.unenrolled.get() {
+            let pods = pods.lock().unwrap_or_else(|p| p.into_inner());
+            lines.extend(
+                pods.iter()
+                    .map(|(pod, why)| format!("pod {pod} cannot be enrolled: {why}")),
+            );
+        }
+        if let Some(watches) = self.watches.get() {
+            lines.extend(crate::discovery::kube::describe_watch_errors(watches));
+        }
+        (!lines.is_empty()).then(|| lines.join("; "))
     }
 
     /// Ok, or the first thing still missing.

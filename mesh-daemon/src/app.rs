@@ -65,14 +65,14 @@ pub fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             Discovery::Kube => {
                 // Without a first listing there is no state: wait for the API server (retrying
                 // with backoff and saying why), then place this daemon from what it listed.
-                let client = discovery::kube::client(args.kubeconfig.as_deref())
+                let config = discovery::kube::config(args.kubeconfig.as_deref())
                     .await
                     .map_err(anyhow::Error::msg)?;
                 let view = View {
                     node: args.node.clone().unwrap_or_default(),
                     cgroup_root: cgroup_root.clone(),
                 };
-                let mut source = KubeSource::start(client, view, metrics.clone())
+                let mut source = KubeSource::start(config, view, metrics.clone())
                     .await
                     .map_err(anyhow::Error::msg)?;
                 let first = source.initial().await;
@@ -200,6 +200,7 @@ async fn serve(
             Box::pin(source.run())
         }
         Source::Kube(mut source, first) => {
+            let _ = obs.ready.watches.set(source.watch_errors());
             source
                 .apply(&state, first)
                 .map_err(|e| anyhow::anyhow!("the state from Kubernetes is not usable: {e}"))?;

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// Kubernetes watches that failed (and were resumed with backoff), by kind.
     pub kube_watch_errors: IntCounterVec,
+    /// 1 while a kind's Kubernetes watch is current, 0 from its first failure until it has
+    /// listed or watched again (the node serves the last state meanwhile), by kind.
+    pub kube_watch_up: IntGaugeVec,
     /// Kubernetes objects left out of the mesh because they are malformed (logged once each).
     pub kube_rejected_objects: IntGauge,
 }
@@ -305,6 +308,18 @@ impl Metrics {
                 "Kubernetes watches that failed and were resumed with backoff, by kind (the last \
                  state stays in force meanwhile)",
                 &["kind"],
+            ),
+            kube_watch_up: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kube_watch_up",
+                        "1 while a kind's Kubernetes watch is current, 0 while it fails and is \
+                         retried with backoff (the node serves the last state meanwhile), by kind",
+                    ),
+                    &["kind"],
+                )
+                .expect("static metric definitions are valid"),
             ),
             kube_rejected_objects: reg(
                 &registry,

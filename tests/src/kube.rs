@@ -128,7 +128,8 @@ impl KubeServer {
         self.etcd = Some(Proc::spawn("etcd", cmd));
     }
 
-    fn start_apiserver(&mut self) {
+    /// Starts the API server and waits until it serves.
+    pub fn start_apiserver(&mut self) {
         let bin = binary("KUBE_APISERVER_BIN", APISERVER_CACHE);
         let key = self.dir.join("sa.key");
         let mut cmd = self.command(&bin);
@@ -234,6 +235,11 @@ impl KubeServer {
         self.apiserver = None;
         std::thread::sleep(down_for);
         self.start_apiserver();
+    }
+
+    /// Stops the API server (etcd keeps the objects); `start_apiserver` brings it back.
+    pub fn stop_apiserver(&mut self) {
+        self.apiserver = None;
     }
 
     /// `kubectl` against this server; panics with its output unless it succeeds.

@@ -795,6 +795,15 @@ impl Topology {
         )
     }
 
+    /// node `i`'s `/ready` (the whole response), fetched from inside its namespace.
+    pub fn ready(&self, i: usize) -> String {
+        http_get(
+            &self.nodes[i].ns,
+            &format!("{}:15021", self.nodes[i].ip),
+            "/ready",
+        )
+    }
+
     /// The value of one sample in node `i`'s metrics (0 when absent): `name` plus every
     /// `label="value"` in `labels` must match.
     pub fn metric(&self, i: usize, name: &str, labels: &[(&str, &str)]) -> u64 {

@@ -38,6 +38,22 @@ fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration 
     start.elapsed()
 }
 
+/// [`within`] for a check that also says what it saw last (shown if it never holds).
+fn within_seeing(limit: Duration, what: &str, mut f: impl FnMut() -> (bool, String)) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (ok, seen) = f();
+        if ok {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not within {limit:?}; last seen:\n{seen}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn daemons_mesh_kubernetes_pods_without_restarts() {
     require_root("daemons_mesh_kubernetes_pods_without_restarts");
@@ -404,9 +420,39 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
     assert!(ok && out.contains("echo=ok"), "client still allowed: {out}");
 
     // --- the API server restarts mid-test: traffic keeps working, watches resume ---
+    // While it is away each node stays ready but says which watches fail (and counts them in
+    // nodemesh_kube_watch_up); once it is back every watch is current again — after the
+    // watcher's backoff (client-go's: 0.8 s doubling to 30 s, jittered), not at once.
     let mut background =
-        t.connect_in_background("client", VIP, &["--send", "40960", "--pace-ms", "500"]);
-    kube.restart_apiserver(Duration::from_secs(2));
+        t.connect_in_background("client", VIP, &["--send", "81920", "--pace-ms", "500"]);
+    kube.stop_apiserver();
+    for i in 0..2 {
+        within_seeing(
+            Duration::from_secs(10),
+            "/ready names the failing watches",
+            || {
+                let r = t.ready(i);
+                (
+                    r.contains(" 200 ")
+                        && r.contains("degraded: Kubernetes watch")
+                        && r.contains(" Pod, ")
+                        && r.contains("Connection refused"),
+                    r,
+                )
+            },
+        );
+        assert_eq!(
+            t.metric(i, "nodemesh_kube_watch_up", &[("kind", "Pod")]),
+            0,
+            "node {i}: the Pod watch is not current while the API server is away"
+        );
+    }
+    println!(
+        "API server away: node-1 says: {}",
+        t.ready(0).lines().last().unwrap_or("")
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    kube.start_apiserver();
     let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
     assert!(
         ok && out.contains("echo=ok"),
@@ -420,9 +466,31 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         "a connection across the restart: {}",
         background.output()
     );
+    let back = Instant::now();
+    for i in 0..2 {
+        within_seeing(Duration::from_secs(75), "every watch current again", || {
+            let m = t.scrape(i);
+            let r = t.ready(i);
+            let up: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with("nodemesh_kube_watch_up{"))
+                .collect();
+            (
+                up.len() >= 5
+                    && up.iter().all(|l| l.ends_with(" 1"))
+                    && r.contains(" 200 ")
+                    && !r.contains("degraded"),
+                format!("{}\n{r}", up.join("\n")),
+            )
+        });
+    }
+    println!(
+        "API server back: every watch current on both nodes after {:?}",
+        back.elapsed()
+    );
     kube.kubectl(&["delete", "authorizationpolicy", "-n", "demo", "deny-late"]);
     within(
-        Duration::from_secs(30),
+        Duration::from_secs(2),
         "the policy's deletion seen after the restart",
         || t.connect("late", VIP, &["--send", "16"]).0,
     );

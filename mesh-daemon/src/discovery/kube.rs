@@ -20,7 +20,7 @@ use std::{
     fmt::Debug,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
@@ -58,7 +58,13 @@ const PENDING_RETRY: Duration = Duration::from_secs(1);
 /// A client from `kubeconfig`, or else the usual places (in-cluster service account,
 /// `$KUBECONFIG`, `~/.kube/config`).
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
-    let config = match kubeconfig {
+    Client::try_from(config(kubeconfig).await?)
+        .map_err(|e| format!("cannot build the Kubernetes client: {e}"))
+}
+
+/// The client configuration from `kubeconfig`, or else the usual places (see [`client`]).
+pub async fn config(kubeconfig: Option<&Path>) -> Result<kube::Config, String> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
                 format!(
@@ -76,8 +82,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
                  --kubeconfig"
             )
         })?,
-    };
-    Client::try_from(config).map_err(|e| format!("cannot build the Kubernetes client: {e}"))
+    })
 }
 
 /// The reflectors' stores; a kind whose API the server does not serve has none.
@@ -128,8 +133,24 @@ struct Apis {
 pub fn api_error(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
-        other => other.to_string(),
+        other => with_causes(other),
     }
+}
+
+/// An error with its chain of causes ("client error (Connect): tcp connect error: Connection
+/// refused"), each said once: kube's own message alone often hides the one that matters.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cause = c.source();
+    }
+    s
 }
 
 /// Whether the API server serves `plural` in `group_version` (API discovery: any user may ask).
@@ -157,15 +178,55 @@ impl Apis {
     }
 }
 
-/// The last error of each kind's watch, for the start-up wait's messages.
-type LastErrors = Arc<Mutex<HashMap<&'static str, String>>>;
+/// Each kind whose watch is failing now: since when, and its last error as an operator reads it.
+/// Read by the start-up wait's messages and by `/ready` (degraded while a watch fails).
+pub type WatchErrors = Arc<Mutex<HashMap<&'static str, (Instant, String)>>>;
+
+/// A watch error as an operator reads it: what failed, then the server's message and reason.
+pub fn watch_error(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(e) => format!("cannot list: {}", api_error(e)),
+        watcher::Error::WatchStartFailed(e) => format!("cannot watch: {}", api_error(e)),
+        watcher::Error::WatchFailed(e) => format!("the watch broke: {}", api_error(e)),
+        watcher::Error::WatchError(s) => format!(
+            "the server ended the watch: {} ({} {})",
+            s.message, s.code, s.reason
+        ),
+        other => with_causes(other),
+    }
+}
+
+/// `/ready`'s degraded lines for the failing watches: which kinds, for how long, and why —
+/// one line per cause (an API server away fails every watch the same way).
+pub fn describe_watch_errors(errors: &WatchErrors) -> Vec<String> {
+    let errors = errors.lock().unwrap_or_else(|p| p.into_inner());
+    let mut by_cause: std::collections::BTreeMap<&str, (Instant, Vec<&str>)> = Default::default();
+    for (kind, (since, why)) in errors.iter() {
+        let entry = by_cause.entry(why).or_insert((*since, Vec::new()));
+        entry.0 = entry.0.min(*since);
+        entry.1.push(kind);
+    }
+    by_cause
+        .into_iter()
+        .map(|(why, (since, mut kinds))| {
+            kinds.sort_unstable();
+            format!(
+                "Kubernetes {} of {} failing for {}s, retried with backoff (the last state \
+                 stays in force): {why}",
+                if kinds.len() == 1 { "watch" } else { "watches" },
+                kinds.join(", "),
+                since.elapsed().as_secs()
+            )
+        })
+        .collect()
+}
 
 /// Kubernetes, followed.
 pub struct KubeSource {
     stores: Stores,
     view: View,
     changed: Arc<Notify>,
-    errors: LastErrors,
+    errors: WatchErrors,
     metrics: Arc<Metrics>,
     /// The last model applied, the rejections and pending pods already reported (each is said
     /// once), and whether any pod is still pending.
@@ -178,9 +239,20 @@ impl KubeSource {
     /// Starts a watcher per kind. Which kinds exist is asked of the server once: EndpointSlice
     /// `discovery.k8s.io/v1` (or `v1beta1` on servers before 1.21), and the optional route and
     /// policy CRDs (absent ones are reported with the command that installs them).
-    pub async fn start(client: Client, view: View, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub async fn start(
+        config: kube::Config,
+        view: View,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         let changed = Arc::new(Notify::new());
-        let errors: LastErrors = Default::default();
+        let errors: WatchErrors = Default::default();
+        let client = kube::client::ClientBuilder::try_from(config)
+            .map_err(|e| format!("cannot build the Kubernetes client: {e}"))?
+            .with_layer(&WatchAccepted {
+                errors: errors.clone(),
+                metrics: metrics.clone(),
+            })
+            .build();
         let w = Watch {
             changed: changed.clone(),
             errors: errors.clone(),
@@ -275,6 +347,11 @@ impl KubeSource {
         })
     }
 
+    /// The watches failing now, kept current by the watch tasks (for `/ready`).
+    pub fn watch_errors(&self) -> WatchErrors {
+        self.errors.clone()
+    }
+
     /// Waits until every kind has been listed once (retrying, and saying every 5 s which kinds
     /// are still missing and why), then returns the first model.
     pub async fn initial(&mut self) -> Built {
@@ -312,7 +389,7 @@ impl KubeSource {
                 let why: Vec<String> = missing
                     .iter()
                     .map(|k| match errors.get(k) {
-                        Some(e) => format!("{k} ({e})"),
+                        Some((_, e)) => format!("{k} ({e})"),
                         None => (*k).to_string(),
                     })
                     .collect();
@@ -406,10 +483,106 @@ fn is_ready<K: Resource<DynamicType = ()> + Clone + 'static>(s: &Store<K>) -> bo
     s.wait_until_ready().now_or_never().is_some()
 }
 
+/// The kinds discovery watches, by the resource name in their API paths.
+const WATCHED: [(&str, &str); 8] = [
+    ("nodes", "Node"),
+    ("namespaces", "Namespace"),
+    ("pods", "Pod"),
+    ("services", "Service"),
+    ("endpointslices", "EndpointSlice"),
+    ("httproutes", "HTTPRoute"),
+    ("grpcroutes", "GRPCRoute"),
+    ("authorizationpolicies", "AuthorizationPolicy"),
+];
+
+/// The kind a request watches (`GET …/<plural>?watch=true`), if it is a watch of one of ours.
+fn watched_kind(uri: &http::Uri) -> Option<&'static str> {
+    let watch = uri
+        .query()?
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    let plural = uri.path().rsplit('/').next()?;
+    watch
+        .then(|| WATCHED.iter().find(|(p, _)| *p == plural).map(|(_, k)| *k))
+        .flatten()
+}
+
+/// A layer on the Kubernetes client that marks a kind's watch current when the API server
+/// accepts it. A watch resumed after a failure says nothing until an object changes, so without
+/// this a quiet kind (namespaces rarely change) would stay "failing" on `/ready` and in
+/// `nodemesh_kube_watch_up` long after it is current again.
+#[derive(Clone)]
+struct WatchAccepted {
+    errors: WatchErrors,
+    metrics: Arc<Metrics>,
+}
+
+impl WatchAccepted {
+    fn current(&self, kind: &'static str) {
+        let recovered = self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(kind);
+        if let Some((since, _)) = recovered {
+            info!(kind, failed_for = ?since.elapsed(), "Kubernetes watch current again");
+        }
+        self.metrics.kube_watch_up.with_label_values(&[kind]).set(1);
+    }
+}
+
+impl<S> tower::Layer<S> for WatchAccepted {
+    type Service = WatchAcceptedService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        WatchAcceptedService {
+            inner,
+            seen: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct WatchAcceptedService<S> {
+    inner: S,
+    seen: WatchAccepted,
+}
+
+impl<S, B> tower::Service<http::Request<kube::client::Body>> for WatchAcceptedService<S>
+where
+    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let kind = watched_kind(req.uri());
+        let answer = self.inner.call(req);
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let resp = answer.await?;
+            if let Some(kind) = kind
+                && resp.status().is_success()
+            {
+                seen.current(kind);
+            }
+            Ok(resp)
+        })
+    }
+}
+
 /// What every watch task shares.
 struct Watch {
     changed: Arc<Notify>,
-    errors: LastErrors,
+    errors: WatchErrors,
     metrics: Arc<Metrics>,
 }
 
@@ -454,24 +627,33 @@ impl Watch {
             self.errors.clone(),
             self.metrics.clone(),
         );
+        let up = metrics.kube_watch_up.with_label_values(&[kind]);
+        up.set(0);
+        let seen = WatchAccepted {
+            errors: errors.clone(),
+            metrics: metrics.clone(),
+        };
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(ev) = stream.next().await {
                 match ev {
+                    // A (re)listing under way: current only once it is done.
+                    Ok(Event::Init | Event::InitApply(_)) => {}
                     Ok(_) => {
-                        errors
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(kind);
+                        seen.current(kind);
                         changed.notify_one();
                     }
                     Err(e) => {
+                        let why = watch_error(&e);
                         metrics.kube_watch_errors.with_label_values(&[kind]).inc();
-                        warn!(kind, error = %e, "Kubernetes watch failed; resuming with backoff (the last state stays in force)");
+                        up.set(0);
+                        warn!(kind, error = %why, "Kubernetes watch failed; resuming with backoff (the last state stays in force)");
                         errors
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .insert(kind, e.to_string());
+                            .entry(kind)
+                            .and_modify(|(_, last)| last.clone_from(&why))
+                            .or_insert((Instant::now(), why));
                     }
                 }
             }
@@ -571,6 +753,29 @@ mod tests {
 
     use super::*;
     use crate::state::desired::{Endpoints, ProxyMode};
+
+    #[test]
+    fn watch_requests_are_told_by_path_and_query() {
+        let kind = |u: &str| watched_kind(&u.parse().expect("test uri"));
+        assert_eq!(
+            kind("/api/v1/pods?allowWatchBookmarks=true&watch=true&resourceVersion=5"),
+            Some("Pod")
+        );
+        assert_eq!(
+            kind("/apis/discovery.k8s.io/v1/endpointslices?watch=1"),
+            Some("EndpointSlice")
+        );
+        assert_eq!(
+            kind("/apis/nodemesh.io/v1alpha1/namespaces/demo/authorizationpolicies?watch=true"),
+            Some("AuthorizationPolicy")
+        );
+        // Lists, other resources and look-alike parameters are not watches of ours.
+        assert_eq!(kind("/api/v1/pods?limit=500"), None);
+        assert_eq!(kind("/api/v1/pods"), None);
+        assert_eq!(kind("/api/v1/secrets?watch=true"), None);
+        assert_eq!(kind("/api/v1/pods?nowatch=true"), None);
+        assert_eq!(kind("/api/v1/pods?watch=false"), None);
+    }
 
     fn obj<K: DeserializeOwned>(v: serde_json::Value) -> K {
         serde_json::from_value(v).expect("test object")
