@@ -156,6 +156,15 @@ pub fn check_log_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The new filter a `POST /logging?level=<filter>` asks for (percent-decoded), if it gives one.
+pub fn logging_filter(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix("level="))
+        .and_then(percent_decode)
+        .filter(|l| !l.is_empty())
+}
+
 /// Changes the log filter at run time (`/logging`).
 pub type LogControl = Box<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 /// Summarises the kernel side for `/debug/ebpf`.
@@ -310,11 +319,7 @@ async fn admin(a: &AdminInputs, peer: SocketAddr, req: Request<Incoming>) -> Res
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
         ("POST", "/logging") => {
-            let level = query
-                .split('&')
-                .find_map(|p| p.strip_prefix("level="))
-                .and_then(percent_decode);
-            let Some(level) = level.filter(|l| !l.is_empty()) else {
+            let Some(level) = logging_filter(&query) else {
                 return text(
                     StatusCode::BAD_REQUEST,
                     "give the new filter as ?level=<filter>, e.g. ?level=debug or \

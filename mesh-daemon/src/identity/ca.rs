@@ -90,6 +90,28 @@ fn read(path: &Path) -> Result<String, CaError> {
     std::fs::read_to_string(path).map_err(io_err(path))
 }
 
+/// Reads a private key, refusing one that others than its owner may read: a signing key anyone
+/// on the host can copy is a CA anyone can be.
+fn read_key(path: &Path) -> Result<String, CaError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(CaError::BadFile {
+            path: path.to_path_buf(),
+            message: format!(
+                "the key is readable by others (mode {:o}); the CA refuses it: `chmod 600 {}` \
+                 (in Kubernetes, mount the Secret with defaultMode 0400)",
+                mode & 0o777,
+                path.display()
+            ),
+        });
+    }
+    read(path)
+}
+
 /// Writes a file atomically (temp + rename), private when it holds a key.
 fn write(path: &Path, text: &str, secret: bool) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -253,7 +275,7 @@ impl Authority {
         let signer_path = dir.join("signer.pem");
         let signer_pem = read(&signer_path)?;
         let key_path = dir.join("signer.key");
-        let key = KeyPair::from_pem(&read(&key_path)?).map_err(|e| CaError::BadFile {
+        let key = KeyPair::from_pem(&read_key(&key_path)?).map_err(|e| CaError::BadFile {
             path: key_path.clone(),
             message: format!("not a PEM private key: {e}"),
         })?;
@@ -367,6 +389,34 @@ impl Authority {
                 uris.len()
             )));
         };
+        // The leaf would carry only the SPIFFE ID anyway; a CSR asking for more is refused, not
+        // quietly trimmed, so a tampered or confused client is seen.
+        let others: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| match s {
+                SanType::URI(_) => None,
+                SanType::DnsName(n) => Some(format!("DNS {n}")),
+                SanType::IpAddress(ip) => Some(format!("IP {ip}")),
+                SanType::Rfc822Name(e) => Some(format!("email {e}")),
+                _ => Some("an otherName".into()),
+            })
+            .collect();
+        if !others.is_empty() {
+            return Err(bad(format!(
+                "the CSR asks for names besides its SPIFFE ID ({}); ask for exactly one URI SAN \
+                 and nothing else",
+                others.join(", ")
+            )));
+        }
+        if matches!(csr.params.is_ca, IsCa::Ca(_)) {
+            return Err(bad(
+                "the CSR asks for a CA certificate (basicConstraints CA:true); this CA signs \
+                 workload certificates only"
+                    .into(),
+            ));
+        }
         let id = Identity::parse(uri).map_err(|e| bad(e.to_string()))?;
         if id.trust_domain != self.trust_domain {
             return Err(refusal(
@@ -966,6 +1016,20 @@ async fn handle(
     }
 }
 
+/// A signing request's token (`Authorization: Bearer <token>`), if it has one.
+pub fn bearer_token(headers: &hyper::HeaderMap) -> Option<&str> {
+    headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// A signing request's body (`{"csr": "<PEM>"}`, read up to `MAX_BODY` bytes by the caller).
+pub fn parse_sign_body(body: &[u8]) -> Result<SignRequest, String> {
+    serde_json::from_slice(body)
+        .map_err(|e| format!("the body must be {{\"csr\": \"<PEM>\"}}: {e}"))
+}
+
 async fn sign_request(
     shared: &Shared,
     authority: &Authority,
@@ -980,12 +1044,7 @@ async fn sign_request(
             serde_json::json!({ "error": reason }).to_string(),
         )
     };
-    let token = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
+    let token = bearer_token(req.headers()).map(str::to_string);
     // Who is asking: a node, by its token.
     let (node, placement) = if let Some(kube) = &shared.cfg.kube {
         let Some(token) = token.as_deref() else {
@@ -1029,15 +1088,9 @@ async fn sign_request(
             );
         }
     };
-    let sign: SignRequest = match serde_json::from_slice(&body) {
+    let sign = match parse_sign_body(&body) {
         Ok(s) => s,
-        Err(e) => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                "bad_csr",
-                format!("the body must be {{\"csr\": \"<PEM>\"}}: {e}"),
-            );
-        }
+        Err(e) => return err(StatusCode::BAD_REQUEST, "bad_csr", e),
     };
     // Who runs where comes from the same control input the nodes read (the mesh file, or the
     // Pods' nodeName in Kubernetes, asked now).
@@ -1110,6 +1163,18 @@ mod tests {
         assert!(!b.join("previous").exists());
         let back = Authority::load(&b, "cluster.local").expect("loads");
         assert_eq!(back.signer, ca.signer);
+        // A signing key others may read is refused, naming the file and the fix.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let key = b.join("signer.key");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            let e = Authority::load(&b, "cluster.local").err().expect("refused");
+            assert!(
+                e.to_string().contains("readable by others") && e.to_string().contains("chmod 600"),
+                "{e}"
+            );
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
         {
             use std::os::unix::fs::PermissionsExt as _;
             let mode = std::fs::metadata(b.join("signer.key"))
@@ -1163,6 +1228,32 @@ mod tests {
         };
         let r = ca.sign(&no_uri, |_| true, Duration::from_secs(60));
         assert_eq!(r.expect_err("no uri").label, "bad_csr");
+        // Tampered requests: more names than the SPIFFE ID, or a CA certificate.
+        let tampered = |extra: fn(&mut CertificateParams)| {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+            let mut p = CertificateParams::default();
+            p.subject_alt_names = vec![SanType::URI(mine.to_string().try_into().expect("ascii"))];
+            extra(&mut p);
+            let csr = p.serialize_request(&key).expect("csr").pem().expect("pem");
+            ca.sign(&csr, |_| true, Duration::from_secs(60))
+                .expect_err("tampered")
+        };
+        let r = tampered(|p| {
+            p.subject_alt_names
+                .push(SanType::DnsName("evil.example".try_into().expect("ascii")))
+        });
+        assert_eq!(r.label, "bad_csr");
+        assert!(r.reason.contains("besides its SPIFFE ID"), "{}", r.reason);
+        let r = tampered(|p| {
+            p.subject_alt_names.push(SanType::URI(
+                "spiffe://cluster.local/ns/default/sa/other"
+                    .try_into()
+                    .expect("ascii"),
+            ))
+        });
+        assert!(r.reason.contains("exactly one SPIFFE ID"), "{}", r.reason);
+        let r = tampered(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
+        assert!(r.reason.contains("CA certificate"), "{}", r.reason);
 
         // Rotation: the bundle grows, the signer changes, then the bundle shrinks again.
         let before = ca.signer.clone();
