@@ -4,6 +4,7 @@
 //! types one command. Set-up never assumes a path: the nightly sysroot, its LLVM and the cgroup
 //! mount are all computed here.
 
+mod fuzz;
 mod kube;
 mod modgraph;
 mod setup;
@@ -23,8 +24,17 @@ usage: cargo xtask <command>
           a real API server on 127.0.0.1 (etcd + kube-apiserver, TokenRequest/TokenReview on)
           until Ctrl-C; prints the kubeconfig to use
   demo    the main job: a meshed pod's connection captured in the kernel and proxied by the daemon
-  test    fmt check, clippy -D warnings (host and eBPF), unit tests, privileged end-to-end tests
+  test    fmt check, clippy -D warnings (host, eBPF, fuzz), cargo deny (licenses, bans, sources),
+          unit tests, the fuzz corpora replayed, privileged end-to-end tests
   imports check that mesh-daemon's modules import one way (no cycle); part of `test`
+  leftovers
+          on a quiet machine: no mesh program (nm_*) or map (NM_*) loaded anywhere — what a
+          clean uninstall leaves (the suites check only what they made, by id); part of `test`
+          when no other nodemesh daemon or demo runs
+  fuzz    `fuzz [TARGET] [--secs N]`: the libFuzzer targets in fuzz/ (every parser of input from
+          the network, the API server, a file or a user), N seconds each (default 60), from
+          their seed corpora; prints executions and coverage. `test` replays every corpus and
+          fuzzes each target for a few seconds
   bench   measurements, medians and ratios from one run. `bench [--quick]`: baseline, sidecar,
           node, node+sockmap and the L7 modes (node L7, sidecar L7: a route in force) side by
           side (h2load, iperf3; latency at 1000 req/s HTTP/1.1 and h2c, max req/s,
@@ -40,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         // `--build-only`: what building needs, not the test tools (an image build).
         Some("setup") if args.iter().any(|a| a == "--build-only") => setup::all(),
         Some("setup") => setup::all()
+            .and_then(|()| setup::cargo_tools())
             .and_then(|()| kube::binaries().map(drop))
             .and_then(|()| kube::validator()),
         Some("kube-test-server") => kube_test_server(),
@@ -47,6 +58,10 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         Some("imports") => imports(),
+        Some("leftovers") => leftovers(),
+        Some("fuzz") => setup::all()
+            .and_then(|()| setup::cargo_tools())
+            .and_then(|()| fuzz::campaign(&args[1..])),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -156,11 +171,63 @@ fn repo_root() -> anyhow::Result<&'static std::path::Path> {
         .context("xtask has no parent folder")
 }
 
+/// `mesh-daemon` or `nodemesh-demo` processes running now (name and pid).
+fn other_mesh_processes() -> Vec<String> {
+    ["mesh-daemon", "nodemesh-demo"]
+        .iter()
+        .flat_map(|name| {
+            let out = Command::new("pgrep").args(["-x", name]).output();
+            let pids = out
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            pids.split_whitespace()
+                .map(|pid| format!("{name} (pid {pid})"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The machine-wide check: no program or map of the mesh is loaded anywhere.
+fn leftovers() -> anyhow::Result<()> {
+    let show = |what: &str| -> anyhow::Result<String> {
+        let out = Command::new("bpftool")
+            .args([what, "show"])
+            .output()
+            .context("cannot run bpftool (`cargo xtask setup` installs it)")?;
+        if !out.status.success() {
+            bail!(
+                "`bpftool {what} show` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (progs, maps) = (show("prog")?, show("map")?);
+    let left: Vec<&str> = progs
+        .lines()
+        .filter(|l| l.contains(" name nm_"))
+        .chain(maps.lines().filter(|l| l.contains(" name NM_")))
+        .collect();
+    if !left.is_empty() {
+        bail!(
+            "the kernel still holds the mesh's:\n{}\nA daemon or demo still running holds them \
+             (stop it first: this check is for a quiet machine); otherwise pins were left: \
+             `mesh-daemon uninstall --pin-dir <dir>` removes them",
+            left.join("\n")
+        );
+    }
+    eprintln!("xtask leftovers: no nm_* program and no NM_* map is loaded on this machine");
+    Ok(())
+}
+
 fn imports() -> anyhow::Result<()> {
     let n = modgraph::check_daemon(repo_root()?)?;
     eprintln!("xtask: mesh-daemon's {n} modules import one way (no cycle)");
     Ok(())
 }
+
+/// How long `test` fuzzes each target after replaying its corpus.
+const FUZZ_SMOKE_SECS: u64 = 5;
 
 fn test() -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
@@ -169,7 +236,17 @@ fn test() -> anyhow::Result<()> {
     // the manifests' validator.
     kube::binaries()?;
     kube::validator()?;
+    setup::cargo_tools()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    // Supply chain: licenses, banned crates and sources, all offline (deny.toml).
+    run(cargo().args([
+        "deny",
+        "check",
+        "--hide-inclusion-graph",
+        "licenses",
+        "bans",
+        "sources",
+    ]))?;
     // One-way imports: a cycle between the daemon's modules fails the test run.
     imports()?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
@@ -191,6 +268,7 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    fuzz::lint()?;
     // The suites find the binaries next to themselves.
     run(cargo().args(["build", "--bins"]))?;
     // Unit tests of every host crate; nodemesh-tests' own run below covers that crate.
@@ -204,6 +282,8 @@ fn test() -> anyhow::Result<()> {
         "--lib",
         "--bins",
     ]))?;
+    // Every fuzz corpus replayed (each fixed crash is an entry), then each target fuzzed briefly.
+    fuzz::smoke(FUZZ_SMOKE_SECS)?;
     // Privileged end-to-end suites, one at a time, printing what each set up and observed.
     run(cargo().args([
         "test",
@@ -214,6 +294,18 @@ fn test() -> anyhow::Result<()> {
         "--nocapture",
         "--test-threads=1",
     ]))?;
+    // Machine-wide, only when nothing else of ours runs (a demo beside the suite is allowed).
+    let others = other_mesh_processes();
+    if others.is_empty() {
+        leftovers()?;
+    } else {
+        eprintln!(
+            "xtask test: the machine-wide leftovers check was NOT run: {} runs beside the \
+             suite (each suite checked its own programs, maps and pins by id); run `cargo xtask \
+             leftovers` on a quiet machine",
+            others.join(", ")
+        );
+    }
     eprintln!("xtask test: all passed");
     Ok(())
 }

@@ -236,6 +236,50 @@ fn bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// cargo subcommands the test run uses, with the version each is pinned to and what it is for.
+const CARGO_TOOLS: [(&str, &str, &str); 2] = [
+    (
+        "cargo-fuzz",
+        crate::fuzz::CARGO_FUZZ_VERSION,
+        "the fuzz targets",
+    ),
+    (
+        "cargo-deny",
+        "0.20.2",
+        "the supply-chain policy in deny.toml",
+    ),
+];
+
+/// Installs the cargo subcommands `cargo xtask test` and `fuzz` need, each at its pinned version
+/// (nothing when they are there); the build folder is kept in /var/cache/nodemesh.
+pub fn cargo_tools() -> anyhow::Result<()> {
+    for (name, version, why) in CARGO_TOOLS {
+        let sub = name.trim_start_matches("cargo-");
+        let installed = Command::new("cargo")
+            .args([sub, "--version"])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .nth(1)
+                        .is_some_and(|v| v == version)
+            });
+        if installed {
+            continue;
+        }
+        eprintln!("xtask setup: installing {name} {version} ({why}; a few minutes, once)");
+        let mut cmd = Command::new("cargo");
+        cmd.args(["install", name, "--locked", "--force", "--version", version])
+            .arg("--target-dir")
+            .arg("/var/cache/nodemesh/tools-build");
+        run(&mut cmd).with_context(|| {
+            format!("cannot install {name} {version} from crates.io (needed for {why})")
+        })?;
+    }
+    Ok(())
+}
+
 /// bpffs holds pinned maps and links; mount it when missing (non-fatal: `mesh-daemon check`
 /// reports it with the fix if this fails).
 fn bpffs() {
