@@ -7,6 +7,7 @@
 //! so a test that cannot build its environment fails loudly instead of passing silently.
 
 pub mod cgroup;
+pub mod footprint;
 pub mod kube;
 pub mod netns;
 pub mod process;
@@ -60,15 +61,6 @@ pub fn mesh_app(cgroup: &std::path::Path, netns: &str, args: &[&str]) -> std::pr
         .args(args)
         .output()
         .expect("run mesh-app")
-}
-
-/// Names of the mesh's programs (`nm_*`) the kernel still has loaded: empty after a clean detach.
-pub fn loaded_mesh_programs() -> Vec<String> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_string))
-        .filter(|n| n.starts_with("nm_"))
-        .collect()
 }
 
 /// `mesh-daemon uninstall --pin-dir <dir>`: removes the fail-closed pins a daemon left (every

@@ -17,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use crate::{bin, cgroup::TestCgroup, netns::Netns, process::Proc, sh, unique};
+use crate::{
+    bin, cgroup::TestCgroup, footprint::Footprint, netns::Netns, process::Proc, sh, unique,
+};
 
 /// A pod to create.
 #[derive(Clone, Debug)]
@@ -392,20 +394,34 @@ impl Topology {
         self.pins.0.join(&self.nodes[node].name)
     }
 
+    /// What this topology's daemons and sidecars put in the kernel and is there now: programs
+    /// attached under its cgroups or held by its pins, and their maps (by id; another daemon on
+    /// the machine is not counted).
+    pub fn footprint(&self) -> Footprint {
+        Footprint::of(&[self.cgroups.path()], &[&self.pins.0])
+    }
+
     /// `mesh-daemon uninstall` on every pin this topology's daemons left, then checks that the
-    /// kernel holds no program (`nm_*`) and no map (`NM_*`) of the mesh any more. Call once no
-    /// daemon runs.
+    /// kernel holds none of the programs and maps they had, and the pin folder is empty. Call
+    /// once no daemon runs.
     pub fn uninstall_and_check_nothing_is_left(&self) {
+        let before = self.footprint();
+        assert!(
+            !before.progs.is_empty(),
+            "nothing of this topology is in the kernel before the uninstall: checking it is gone \
+             would prove nothing"
+        );
         println!("{}", crate::uninstall(&self.pins.0));
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(
-            crate::loaded_mesh_programs(),
-            Vec::<String>::new(),
-            "programs left after uninstall"
+        before.assert_gone("after uninstall");
+        let pins = crate::footprint::pins_left(&self.pins.0);
+        assert!(pins.is_empty(), "pins left after uninstall: {pins:?}");
+        println!(
+            "after uninstall: none of this topology's {} programs and {} maps is loaded, no pin \
+             left",
+            before.progs.len(),
+            before.maps.len()
         );
-        let maps = sh("bpftool", &["map", "show"]);
-        assert!(!maps.contains("NM_"), "maps left after uninstall:\n{maps}");
-        println!("after uninstall: no nm_* program and no NM_* map (bpftool prog/map show)");
     }
 
     /// Where pod `name`'s sidecar pins its fail-closed hooks.

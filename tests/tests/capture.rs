@@ -13,7 +13,7 @@ use mesh_daemon::{
     proxy::{outbound::conn_key, route::orig_dst_addr},
 };
 use nodemesh_tests::{
-    cgroup::TestCgroup, loaded_mesh_programs, mesh_app, netns::Netns, require_root, unique,
+    cgroup::TestCgroup, footprint::Footprint, mesh_app, netns::Netns, require_root, unique,
 };
 
 fn app(cg: &std::path::Path, ns: &Netns, args: &[&str]) -> String {
@@ -138,9 +138,15 @@ fn kernel_capture_records_destination_and_cgroup(sockmap: bool) {
     assert_eq!(counters[&Counter::SockopsRekeyed], 1);
     assert!(counters[&Counter::PeernameRestored] >= 1);
 
-    // Clean detach: no program of ours stays loaded once the datapath is dropped.
+    // Clean detach: none of the programs attached to this test's cgroup (nor their maps) stays
+    // loaded once the datapath is dropped.
+    let ours = Footprint::of(&[cg.path()], &[]);
+    assert!(
+        !ours.progs.is_empty(),
+        "no program attached to {}",
+        cg.path().display()
+    );
     drop(dp);
     std::thread::sleep(Duration::from_millis(100));
-    let ours = loaded_mesh_programs();
-    assert!(ours.is_empty(), "programs left after detach: {ours:?}");
+    ours.assert_gone("after detach");
 }

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use nodemesh_tests::{
-    loaded_mesh_programs, require_root,
+    require_root,
     topology::{DaemonOpts, PodSpec, ServiceSpec, Topology},
 };
 
@@ -277,8 +277,9 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
             .to_string();
         println!("node-{} at exit: {counters}", i + 1);
     }
+    let ours = t.footprint();
     assert!(
-        !loaded_mesh_programs().is_empty(),
+        !ours.progs.is_empty(),
         "a clean stop keeps the pinned hooks"
     );
     let (ok, out) = t.connect("client", VIP, &["--send", "1000"]);
@@ -291,11 +292,7 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
     let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
     println!("{}", nodemesh_tests::uninstall(&root));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        loaded_mesh_programs(),
-        Vec::<String>::new(),
-        "left attached after uninstall"
-    );
+    ours.assert_gone("after uninstall");
 }
 
 fn half_close_reset_and_refused_port_pass_end_to_end(sockmap: bool) {
@@ -508,7 +505,7 @@ fn fail_closed_while_down_then_uninstall_leaves_nothing(sockmap: bool) {
     t.crash_daemon(0);
     t.crash_daemon(1);
     assert!(
-        !loaded_mesh_programs().is_empty(),
+        !t.footprint().progs.is_empty(),
         "pinned hooks outlive a crash"
     );
     t.uninstall_and_check_nothing_is_left();
@@ -541,10 +538,15 @@ fn fail_open_goes_direct_while_down_and_clean_exit_detaches(sockmap: bool) {
         Duration::from_secs(5),
     );
     println!("fail-open, daemon down: {out}");
+    let ours = t.footprint();
+    assert!(
+        !ours.progs.is_empty(),
+        "node-2's daemon has its hooks attached"
+    );
     let st = t.daemon(1).terminate(Duration::from_secs(10));
     assert!(st.success(), "{}", t.daemon(1).output());
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(loaded_mesh_programs(), Vec::<String>::new());
+    ours.assert_gone("after a --fail-open daemon's clean exit");
 }
 
 fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state(sockmap: bool) {

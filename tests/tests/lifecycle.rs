@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nodemesh_tests::{
-    loaded_mesh_programs, require_root,
+    require_root,
     topology::{DaemonOpts, PodSpec, ServiceSpec, Topology},
 };
 
@@ -215,7 +215,7 @@ fn sigterm_drains_in_flight_connections_then_stays_fail_closed() {
         "no daemon: a meshed client is refused, not sent direct: {out}"
     );
     assert!(start.elapsed() < Duration::from_secs(1));
-    assert!(!loaded_mesh_programs().is_empty(), "the hooks stay pinned");
+    assert!(!t.footprint().progs.is_empty(), "the hooks stay pinned");
     println!("after the drain: refused at once ({:?})", start.elapsed());
 
     // --- A second signal ends a drain at once. ---

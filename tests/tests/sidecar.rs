@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use nodemesh_tests::{
-    loaded_mesh_programs, require_root,
+    require_root,
     topology::{DaemonOpts, PodSpec, ServiceSpec, Topology},
 };
 
@@ -187,17 +187,14 @@ fn sidecars_capture_in_the_pod_and_speak_mtls_to_the_peer_sidecar() {
             "{log}"
         );
     }
+    let ours = t.footprint();
     assert!(
-        !loaded_mesh_programs().is_empty(),
+        !ours.progs.is_empty(),
         "a clean stop keeps the pinned hooks"
     );
     for n in &names {
         println!("{}", nodemesh_tests::uninstall(&t.sidecar_pin_dir(n)));
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        loaded_mesh_programs(),
-        Vec::<String>::new(),
-        "left attached"
-    );
+    ours.assert_gone("after the sidecars' uninstall");
 }

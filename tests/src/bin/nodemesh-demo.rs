@@ -9,7 +9,7 @@
 use std::{process::Command, time::Duration};
 
 use nodemesh_tests::{
-    loaded_mesh_programs, require_root,
+    require_root,
     topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, sample},
 };
 
@@ -169,19 +169,27 @@ fn main() {
         "with the daemons stopped a meshed call must be refused, not sent direct: {out}"
     );
     println!("→ refused, not sent in plaintext: the hooks stay pinned while no daemon serves");
+    // What this demo put in the kernel (by id: a daemon of the operator's own beside it is not
+    // counted), then `mesh-daemon uninstall` takes it all out.
+    let ours = t.footprint();
     let root = t.pin_dir(0).parent().expect("pin root").to_path_buf();
     print!("{}", nodemesh_tests::uninstall(&root));
     std::thread::sleep(Duration::from_millis(300));
-    let left = loaded_mesh_programs();
+    let left = ours.still_loaded();
     println!(
-        "nm_* programs still loaded: {}",
+        "of the demo's {} programs and {} maps, still loaded: {}",
+        ours.progs.len(),
+        ours.maps.len(),
         if left.is_empty() {
-            "none".into()
+            "none".to_string()
         } else {
-            left.join(", ")
+            format!("programs {:?}, maps {:?}", left.progs, left.maps)
         }
     );
-    assert!(left.is_empty(), "programs left behind");
+    assert!(
+        !ours.progs.is_empty() && left.is_empty(),
+        "programs left behind"
+    );
     let (ok, out) = t.connect("client", &server, &["--send", "1024"]);
     println!("client after uninstall: {out}");
     assert!(
