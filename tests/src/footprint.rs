@@ -73,25 +73,21 @@ impl Footprint {
                 &mut f.progs,
             );
         }
-        for link in bpftool(&["-f", "link", "show"])
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            if pinned_under(link, &dirs)
-                && let Some(p) = id(link, "prog_id")
-            {
-                f.progs.insert(p);
-            }
-        }
+        // The `key` id of every object in a `bpftool -f <what> show` listing pinned under `dirs`.
+        let pinned = |list: &Value, key: &str| -> Vec<u32> {
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .filter(|o| pinned_under(o, &dirs))
+                .filter_map(|o| id(o, key))
+                .collect()
+        };
         let progs = bpftool(&["-f", "prog", "show"]);
-        for prog in progs.as_array().into_iter().flatten() {
-            if pinned_under(prog, &dirs)
-                && let Some(p) = id(prog, "id")
-            {
-                f.progs.insert(p);
-            }
-        }
+        f.progs
+            .extend(pinned(&bpftool(&["-f", "link", "show"]), "prog_id"));
+        f.progs.extend(pinned(&progs, "id"));
+        f.maps
+            .extend(pinned(&bpftool(&["-f", "map", "show"]), "id"));
         for prog in progs.as_array().into_iter().flatten() {
             if id(prog, "id").is_some_and(|p| f.progs.contains(&p)) {
                 f.maps.extend(
@@ -101,17 +97,6 @@ impl Footprint {
                         .flatten()
                         .filter_map(|m| m.as_u64().and_then(|n| u32::try_from(n).ok())),
                 );
-            }
-        }
-        for map in bpftool(&["-f", "map", "show"])
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            if pinned_under(map, &dirs)
-                && let Some(m) = id(map, "id")
-            {
-                f.maps.insert(m);
             }
         }
         f
