@@ -137,6 +137,11 @@ struct CaArgs {
     /// Extra DNS names or IPs for the CA's serving certificate (the --listen IP is always in it).
     #[arg(long = "san", env = "NODEMESH_CA_SANS", value_delimiter = ',')]
     sans: Vec<String>,
+    /// Signing requests each client address may make per second, in bursts of up to ten
+    /// seconds' worth (a node starting with many pods asks for all their SVIDs at once); more
+    /// are answered 429 with Retry-After and counted as `rate_limited`. 0: no limit.
+    #[arg(long, env = "NODEMESH_CA_RATE_LIMIT", default_value_t = 50)]
+    rate_limit: u32,
     /// Prometheus endpoint of the CA (`nodemesh_ca_requests_total`).
     #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15014")]
     metrics: SocketAddr,
@@ -354,6 +359,7 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
                 kube,
                 lifetime: args.lifetime,
                 sans: args.sans,
+                rate_limit: args.rate_limit,
             },
             &metrics.registry,
         )

@@ -346,6 +346,63 @@ async fn tls_attempt(cfg: Arc<ClientConfig>, sni: &str) -> String {
 }
 
 /// Raw bytes at node 2's HBONE port; returns how the connection ended.
+/// Floods the CA with `n` pipelined signing requests (a token that is no node's) over one TLS
+/// connection from this namespace; returns how many were answered, how many of those were 429,
+/// and the first 429 as it came (status line, Retry-After, reason).
+async fn ca_flood(ca_dir: &Path, n: usize) -> (usize, usize, String) {
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_dir.join("bundle.pem")).expect("bundle.pem") {
+        roots.add(c.expect("certificate")).expect("root");
+    }
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect("10.203.0.250:15012")
+        .await
+        .expect("TCP to the CA");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("10.203.0.250").expect("IP name"), tcp)
+        .await
+        .expect("TLS to the CA");
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        let req: &[u8] =
+            b"POST /v1/svid HTTP/1.1\r\nhost: ca\r\nauthorization: Bearer not-a-node\r\n\
+                           content-length: 0\r\n\r\n";
+        for _ in 0..n {
+            if wr.write_all(req).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.flush().await;
+        wr
+    });
+    let count = |s: &[u8], pat: &[u8]| s.windows(pat.len()).filter(|w| *w == pat).count();
+    let (mut seen, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&seen, b"HTTP/1.1 ") < n && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await {
+            Ok(Ok(k)) if k > 0 => seen.extend_from_slice(&buf[..k]),
+            _ => break,
+        }
+    }
+    let _ = writer.await;
+    let text = String::from_utf8_lossy(&seen);
+    let first = text
+        .find("HTTP/1.1 429")
+        .map(|i| text[i..].chars().take(400).collect())
+        .unwrap_or_default();
+    (
+        count(&seen, b"HTTP/1.1 "),
+        count(&seen, b"HTTP/1.1 429"),
+        first,
+    )
+}
+
 async fn raw_attempt(bytes: &'static [u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect("10.203.0.2:15008")
@@ -548,6 +605,12 @@ fn attacks_are_refused_and_counted_while_legitimate_traffic_flows() {
                         "refused".into()
                     },
                 ));
+                // A request flood from this node: past the CA's per-client burst, 429s.
+                let (answered, limited, first) = ca_flood(&ca_dir, 1500).await;
+                out.push((
+                    "CA flood (1500 requests)".into(),
+                    format!("refused: {limited} of {answered} answered 429; the first: {first}"),
+                ));
                 out
             })
         })
@@ -562,7 +625,25 @@ fn attacks_are_refused_and_counted_while_legitimate_traffic_flows() {
         if what.starts_with("CONNECT") {
             assert!(r.contains("403"), "{what}: {r}");
         }
+        if what.starts_with("CA flood") {
+            assert!(
+                !r.starts_with("refused: 0 ")
+                    && r.contains("retry-after: ")
+                    && r.contains("signing requests per second from 10.203.0.1"),
+                "{what}: past the burst the CA answers 429 with Retry-After and why: {r}"
+            );
+        }
     }
+    let ca_metrics = t.scrape_ca();
+    let limited = ca_metrics
+        .lines()
+        .find(|l| l.starts_with("nodemesh_ca_requests_total{result=\"rate_limited\"}"))
+        .unwrap_or("");
+    println!("CA: {limited}");
+    assert!(
+        !limited.is_empty() && !limited.ends_with(" 0"),
+        "the CA counts rate-limited requests:\n{ca_metrics}"
+    );
 
     // Denied by policy: the kernel attributes `other` to other-sa, node 2 refuses it.
     let (ok, out) = t.connect("other", &server, &["--send", "100"]);

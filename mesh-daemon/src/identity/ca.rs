@@ -793,7 +793,15 @@ pub struct CaConfig {
     pub lifetime: Duration,
     /// Extra names for the serving certificate (the listen IP is always in it).
     pub sans: Vec<String>,
+    /// Signing requests each client address may make per second (bursts of ten seconds'
+    /// worth); 0: no limit.
+    pub rate_limit: u32,
 }
+
+/// Signing requests per client address: a flood from one host (a node's daemon, or anything
+/// that reaches the port) is answered 429 before it costs a TokenReview or a signature, and
+/// every other node keeps being served.
+type ClientLimiter = governor::DefaultKeyedRateLimiter<std::net::IpAddr>;
 
 struct Shared {
     cfg: CaConfig,
@@ -802,6 +810,7 @@ struct Shared {
     authority: RwLock<Arc<Authority>>,
     serving: RwLock<Arc<CertifiedKey>>,
     requests: IntCounterVec,
+    limiter: Option<ClientLimiter>,
 }
 
 #[derive(Debug)]
@@ -862,7 +871,13 @@ impl Ca {
         registry
             .register(Box::new(requests.clone()))
             .expect("registered once");
+        let limiter = std::num::NonZeroU32::new(cfg.rate_limit).map(|per_second| {
+            let burst = std::num::NonZeroU32::new(per_second.get().saturating_mul(10))
+                .unwrap_or(per_second);
+            governor::RateLimiter::keyed(governor::Quota::per_second(per_second).allow_burst(burst))
+        });
         let shared = Arc::new(Shared {
+            limiter,
             cfg,
             placement: RwLock::new(placement),
             authority: RwLock::new(Arc::new(authority)),
@@ -948,6 +963,10 @@ impl Shared {
 async fn reload_loop(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // Forget clients whose bucket is full again (the limiter's memory follows who is asking).
+        if let Some(l) = &shared.limiter {
+            l.retain_recent();
+        }
         let current = shared
             .authority
             .read()
@@ -989,6 +1008,33 @@ fn error_response(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     json_response(status, serde_json::json!({ "error": reason }).to_string())
 }
 
+/// The 429 for a client over its rate (with the seconds until it may ask again), counted as
+/// `rate_limited`; None while it is within it.
+fn rate_limited(shared: &Shared, peer: SocketAddr) -> Option<Response<Full<Bytes>>> {
+    use governor::clock::Clock as _;
+    let limiter = shared.limiter.as_ref()?;
+    let not_until = limiter.check_key(&peer.ip()).err()?;
+    let wait = not_until
+        .wait_time_from(governor::clock::DefaultClock::default().now())
+        .as_secs()
+        + 1;
+    shared.requests.with_label_values(&["rate_limited"]).inc();
+    let mut r = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!(
+            "more than {} signing requests per second from {}; retry after {wait} s (the CA's \
+             --rate-limit)",
+            shared.cfg.rate_limit,
+            peer.ip()
+        ),
+    );
+    r.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from(wait),
+    );
+    Some(r)
+}
+
 async fn handle(
     shared: &Shared,
     peer: SocketAddr,
@@ -1005,6 +1051,9 @@ async fn handle(
             serde_json::to_string(&authority.bundle()).unwrap_or_default(),
         ),
         ("POST", "/v1/svid") => {
+            if let Some(limited) = rate_limited(shared, peer) {
+                return limited;
+            }
             let (status, label, body) = sign_request(shared, &authority, peer, req).await;
             shared.requests.with_label_values(&[label]).inc();
             json_response(status, body)
