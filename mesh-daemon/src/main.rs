@@ -151,9 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // NODEMESH_LOG, checked as /logging checks it: a misspelt level must not silence the logs.
     let filter = match std::env::var("NODEMESH_LOG") {
-        Ok(v) => match admin::check_log_filter(&v)
-            .and_then(|()| tracing_subscriber::EnvFilter::try_new(&v).map_err(|e| e.to_string()))
-        {
+        Ok(v) => match admin::log_filter(&v) {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("mesh-daemon: NODEMESH_LOG={v:?}: {e}; logging at info instead");
@@ -176,10 +174,7 @@ fn main() -> ExitCode {
                 .with_current(|f| format!("log filter: {f}"))
                 .map_err(|e| e.to_string());
         }
-        admin::check_log_filter(level).map_err(|e| format!("bad filter: {e}"))?;
-        let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
-            format!("bad filter {level:?}: {e}; use e.g. debug or info,mesh_daemon::proxy=debug")
-        })?;
+        let f = admin::log_filter(level).map_err(|e| format!("bad filter: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())?;
         Ok(format!("log filter is now {level}"))
     });

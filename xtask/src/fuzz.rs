@@ -97,8 +97,33 @@ fn run_target(target: &str, secs: u64, scratch: &Path) -> anyhow::Result<Outcome
         .with_context(|| format!("cannot run {}", show(&cmd)))?;
     let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        // What happened (the report's first lines), then where the input went; the rest of
+        // libFuzzer's and cargo-fuzz's output is stack frames.
+        let lines: Vec<&str> = log.lines().collect();
+        let first = lines
+            .iter()
+            .position(|l| {
+                [
+                    "==ERROR",
+                    "panicked at",
+                    "ALARM:",
+                    "Deadly signal",
+                    "ERROR: libFuzzer",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
+            })
+            .unwrap_or(lines.len().saturating_sub(30));
+        let mut tail: Vec<&str> = lines.iter().skip(first).take(20).copied().collect();
+        tail.extend(
+            lines
+                .iter()
+                .skip(first + 20)
+                .filter(|l| {
+                    l.contains("SUMMARY") || l.contains("artifact") || l.contains("Test unit")
+                })
+                .copied(),
+        );
         bail!(
             "fuzz target {target} failed after {:.0?} ({}):\n{}\n\nlibFuzzer saved the input under \
              fuzz/artifacts/{target}/ (see above). Reproduce with `cargo +nightly fuzz run {target} \
