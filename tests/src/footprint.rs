@@ -2,7 +2,7 @@
 //! held by its own pins, and the maps those programs use or its pins hold. Suites check these —
 //! "still there" while the hooks must stay, "gone" after an uninstall — rather than every `nm_*`
 //! program on the machine, so a demo or an operator's daemon running beside them changes nothing.
-//! `cargo xtask leftovers`, run alone, is the machine-wide check.
+//! `cargo xtask leftovers`, run alone, is the machine-wide check (xtask/src/main.rs).
 
 use std::{
     collections::BTreeSet,
@@ -152,14 +152,4 @@ pub fn pins_left(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-/// Names of the mesh's programs (`nm_*`) loaded anywhere on the machine — for the machine-wide
-/// check run alone (`cargo xtask leftovers`), never inside a suite.
-pub fn machine_wide_mesh_programs() -> Vec<String> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_string))
-        .filter(|n| n.starts_with("nm_"))
-        .collect()
 }
