@@ -238,6 +238,7 @@ async fn serve(
         l7: Default::default(),
         l7_enabled: cfg.l7 == OnOff::On,
         detect_timeout: cfg.detect_timeout,
+        handshake_timeout: cfg.handshake_timeout,
     });
     let ebpf: admin::EbpfDump = {
         // Weak: the admin thread must not keep the programs alive past the daemon.

@@ -145,6 +145,12 @@ pub struct RunArgs {
     /// first (MySQL, SMTP) is never held back; a client silent for this long is relayed as TCP.
     #[arg(long, env = "NODEMESH_DETECT_TIMEOUT", default_value = "100ms", value_parser = identity::parse_duration)]
     pub detect_timeout: Duration,
+    /// How long an inbound HBONE connection may take to finish its mTLS handshake and send its
+    /// HTTP/2 preface; one that is slower (a client that opens and never speaks) is closed and
+    /// counted as `tls_handshakes_total{result="timeout"}`. What a half-open connection can hold
+    /// (a socket and a small task) is bounded by this time.
+    #[arg(long, env = "NODEMESH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = identity::parse_duration)]
+    pub handshake_timeout: Duration,
     /// A JSON access log: one line per L7 request (the fields `/tap` shows), to this file, or to
     /// standard output with `-`. Written off the data path: when the disk falls behind, lines are
     /// dropped and counted (`nodemesh_access_log_dropped_total`), requests never wait.
@@ -236,6 +242,8 @@ pub struct Config {
     pub l7: OnOff,
     #[serde(serialize_with = "seconds")]
     pub detect_timeout: Duration,
+    #[serde(serialize_with = "seconds")]
+    pub handshake_timeout: Duration,
     pub access_log: Option<PathBuf>,
     /// Derived: where local pods are reached from (the node's meshSource; a sidecar: 127.0.0.6).
     pub mesh_source: Ipv4Addr,
@@ -315,6 +323,13 @@ impl RunArgs {
                 "--detect-timeout {:?} must be above 0 and at most 10s; clients that are silent \
                  longer are relayed as TCP (set appProtocol on the service port to skip detection)",
                 self.detect_timeout
+            ));
+        }
+        if self.handshake_timeout.is_zero() || self.handshake_timeout > Duration::from_secs(60) {
+            return conflict(format!(
+                "--handshake-timeout {:?} must be above 0 and at most 60s; a peer that takes longer \
+                 to handshake holds a socket for nothing",
+                self.handshake_timeout
             ));
         }
         if self.drain_timeout > Duration::from_secs(3600) {
@@ -432,6 +447,7 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             l7: self.l7,
             detect_timeout: self.detect_timeout,
+            handshake_timeout: self.handshake_timeout,
             access_log: self.access_log,
             mesh_source,
             scope,

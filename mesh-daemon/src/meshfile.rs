@@ -193,9 +193,57 @@ pub struct MeshFileError {
     pub message: String,
 }
 
+/// The largest control file (mesh file, token file, PEM) read: a mesh of tens of thousands of
+/// workloads fits; a bigger file is a mistake or an attack, and reading it every second would
+/// take the daemon's memory and time from the pods it serves.
+pub const MAX_FILE: u64 = 16 << 20;
+
+/// Reads a control file as text: a regular file (symlinks followed, as a ConfigMap mount's are)
+/// of at most [`MAX_FILE`] bytes. A directory, FIFO or device is refused rather than read (a FIFO
+/// would block the reader for ever), and so is a file that grows past the limit while read.
+pub fn read_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is not a regular file (a directory, FIFO or device); name the file itself",
+        ));
+    }
+    let too_big = |len: u64| {
+        std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!(
+                "it is {:.1} MiB, over the {} MiB limit for a control file; a mesh this large \
+                 belongs in Kubernetes discovery (--discovery kube)",
+                len as f64 / f64::from(1 << 20),
+                MAX_FILE >> 20
+            ),
+        )
+    };
+    if meta.len() > MAX_FILE {
+        return Err(too_big(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(too_big(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "it is not UTF-8 text (byte {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
+}
+
 /// Reads and validates a mesh file.
 pub fn load(path: &Path) -> Result<MeshFile, MeshFileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| MeshFileError {
+    let text = read_file(path).map_err(|e| MeshFileError {
         path: path.to_path_buf(),
         line: None,
         message: format!("cannot read it: {e}; pass --mesh-file with a readable file"),
@@ -607,6 +655,53 @@ fn line_of(text: &str, section: &str, needle: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Control files: symlinks followed (a ConfigMap mount), directories, FIFOs, oversized and
+    /// non-UTF-8 files refused with the reason.
+    #[test]
+    fn control_files_are_read_within_limits() {
+        let dir = std::env::temp_dir().join(format!("nm-read-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..data")).expect("dir");
+        let real = dir.join("..data/mesh.yaml");
+        std::fs::write(&real, "nodes: []\n").expect("write");
+        let link = dir.join("mesh.yaml");
+        std::os::unix::fs::symlink("..data/mesh.yaml", &link).expect("symlink");
+        assert_eq!(
+            read_file(&link).expect("through the symlink"),
+            "nodes: []\n"
+        );
+        let e = read_file(&dir).expect_err("a directory");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid C string; mkfifo only creates a node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        // Opening a FIFO for reading blocks until a writer comes: one comes, and the reader
+        // still refuses it without reading.
+        let writer = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || drop(std::fs::OpenOptions::new().write(true).open(fifo))
+        });
+        let e = read_file(&fifo).expect_err("a FIFO");
+        writer.join().expect("writer");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = dir.join("big.yaml");
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(100 << 20).expect("100 MiB");
+        let e = read_file(&big).expect_err("100 MiB");
+        assert_eq!(e.kind(), std::io::ErrorKind::FileTooLarge);
+        assert!(
+            e.to_string().contains("100.0 MiB, over the 16 MiB limit"),
+            "{e}"
+        );
+        std::fs::write(&big, b"nodes: [\xff]").expect("write");
+        let e = read_file(&big).expect_err("not UTF-8");
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
+        let e = load(&dir.join("missing.yaml")).expect_err("missing");
+        assert!(e.to_string().contains("pass --mesh-file"), "{e}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
 
     #[test]
     fn request_rules_of_policies_are_checked() {

@@ -46,6 +46,8 @@ pub struct Inputs {
     pub l7_enabled: bool,
     /// How long detection waits for a client's first bytes (`--detect-timeout`).
     pub detect_timeout: Duration,
+    /// How long an inbound HBONE peer may take to handshake (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
 }
 
 impl Inputs {

@@ -16,6 +16,25 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// What to do about a failed bind of `addr` (the listener `flag` sets), for its error message:
 /// "free the port" helps only when the port is taken.
+/// The accept queue of the data-path listeners (the outbound listener and HBONE). A node proxy
+/// takes every pod's new connections on one socket: a burst (a deployment starting, a client
+/// reconnecting its pool, a flood of half-open peers) must queue, not overflow — an overflowing
+/// queue drops the client's ACK, and with SYN cookies the client believes in a connection the node
+/// never had. The kernel caps it at `net.core.somaxconn` (4096 by default).
+pub const DATA_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` (SO_REUSEADDR, as tokio's own `bind`) with the data-path accept queue.
+pub fn listen(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let s = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(DATA_BACKLOG)
+}
+
 pub fn bind_advice(addr: SocketAddr, e: &io::Error, flag: &str) -> String {
     match e.kind() {
         io::ErrorKind::AddrInUse => {

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod footprint;
+pub mod hostile;
 pub mod kube;
 pub mod netns;
 pub mod process;

@@ -123,6 +123,8 @@ pub struct DaemonOpts {
     pub sidecar: bool,
     /// `--drain-timeout` (None: the daemon's default, 30 s).
     pub drain_timeout: Option<&'static str>,
+    /// `--handshake-timeout` (None: the daemon's default, 10 s).
+    pub handshake_timeout: Option<&'static str>,
     /// `--access-log` for every daemon and sidecar, at [`Topology::access_log`].
     pub access_log: bool,
     /// `--discovery kube` with this kubeconfig for the daemons and the CA (TokenReview of each
@@ -144,6 +146,7 @@ impl Default for DaemonOpts {
             bundle_refresh: "1s",
             sidecar: false,
             drain_timeout: None,
+            handshake_timeout: None,
             access_log: false,
             kubeconfig: None,
             ca_kubeconfig: None,
@@ -566,6 +569,9 @@ impl Topology {
         }
         if let Some(t) = self.opts.drain_timeout {
             d.args(["--drain-timeout", t]);
+        }
+        if let Some(t) = self.opts.handshake_timeout {
+            d.args(["--handshake-timeout", t]);
         }
     }
 

@@ -75,6 +75,9 @@ pub struct FileSource {
     metrics: Arc<Metrics>,
     /// Text of the last file seen (good or bad), to notice changes.
     last_text: Option<String>,
+    /// Why the file could not be read at the last poll: each new reason is logged and counted
+    /// once, not every second.
+    last_read_error: Option<String>,
 }
 
 impl FileSource {
@@ -84,12 +87,13 @@ impl FileSource {
             state,
             metrics,
             last_text: None,
+            last_read_error: None,
         }
     }
 
     /// The first load: without a good file there is no state to keep, so this is an error.
     pub fn load_initial(&mut self) -> Result<(), String> {
-        let text = std::fs::read_to_string(&self.path).map_err(|e| {
+        let text = meshfile::read_file(&self.path).map_err(|e| {
             format!(
                 "cannot read mesh file {}: {e}; pass --mesh-file with a readable file",
                 self.path.display()
@@ -107,22 +111,30 @@ impl FileSource {
     }
 
     async fn poll(&mut self) {
-        match tokio::fs::read_to_string(&self.path).await {
-            Ok(text) if self.last_text.as_deref() != Some(text.as_str()) => {
-                if let Err(e) = self.apply(text) {
+        let path = self.path.clone();
+        let read = tokio::task::spawn_blocking(move || meshfile::read_file(&path))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match read {
+            Ok(text) => {
+                self.last_read_error = None;
+                if self.last_text.as_deref() != Some(text.as_str())
+                    && let Err(e) = self.apply(text)
+                {
                     warn!(error = %e, "mesh file rejected; keeping the last good state");
                 }
             }
-            Ok(_) => {}
             Err(e) => {
-                if self.last_text.is_some() {
-                    warn!(path = %self.path.display(), error = %e, "cannot read the mesh file; keeping the last good state");
+                let why = e.to_string();
+                if self.last_read_error.as_deref() != Some(why.as_str()) {
+                    warn!(path = %self.path.display(), error = %why, "cannot read the mesh file; keeping the last good state");
                     self.metrics
                         .config_reloads
                         .with_label_values(&["error"])
                         .inc();
-                    self.last_text = None;
+                    self.last_read_error = Some(why);
                 }
+                self.last_text = None;
             }
         }
     }

@@ -60,10 +60,11 @@ const BACKDATE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("{path}: {source}")]
+    // Not `source`: the message already carries the cause, and `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     BadFile { path: PathBuf, message: String },
@@ -80,14 +81,14 @@ pub enum CaError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
-    move |source| CaError::Io {
+    move |error| CaError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
 fn read(path: &Path) -> Result<String, CaError> {
-    std::fs::read_to_string(path).map_err(io_err(path))
+    crate::meshfile::read_file(path).map_err(io_err(path))
 }
 
 /// Reads a private key, refusing one that others than its owner may read: a signing key anyone
@@ -686,11 +687,30 @@ pub async fn keys_from_secret(
 
 /// Node name → bootstrap token, from a YAML map (`node-1: <token>`).
 pub fn load_tokens(path: &Path) -> Result<BTreeMap<String, String>, CaError> {
-    let text = read(path)?;
-    serde_norway::from_str(&text).map_err(|e| CaError::BadFile {
+    parse_tokens(&read(path)?).map_err(|message| CaError::BadFile {
         path: path.to_path_buf(),
-        message: format!("expected a map of node name to token: {e}"),
+        message,
     })
+}
+
+/// The token file's text: a map of node name to token. Tokens are trimmed, as the node trims its
+/// own token file, so a quoted value with a trailing space or newline still matches; an empty
+/// token (which would match a node that sends none) is refused.
+pub fn parse_tokens(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let raw: BTreeMap<String, String> = serde_norway::from_str(text)
+        .map_err(|e| format!("expected a map of node name to token: {e}"))?;
+    raw.into_iter()
+        .map(|(node, token)| {
+            let token = token.trim().to_string();
+            if token.is_empty() {
+                Err(format!(
+                    "node {node:?} has an empty token; give it a secret of its own"
+                ))
+            } else {
+                Ok((node.trim().to_string(), token))
+            }
+        })
+        .collect()
 }
 
 /// Compares in time independent of where the strings differ (`subtle`).
@@ -1127,8 +1147,29 @@ async fn sign_request(
         };
         (node, Some(placement))
     };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = |len: String| {
+        err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the request body is {len} bytes; a signing request is {{\"csr\": \"<PEM>\"}} of \
+                 at most {MAX_BODY} bytes"
+            ),
+        )
+    };
+    if let Some(len) = declared.filter(|&l| l > MAX_BODY as u64) {
+        return too_large(len.to_string());
+    }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large(format!("more than {MAX_BODY}"));
+        }
         Err(e) => {
             return err(
                 StatusCode::BAD_REQUEST,
@@ -1330,6 +1371,17 @@ mod tests {
         assert_eq!(retired.bundle.len(), 1);
         assert_eq!(retired.signer, active.signer);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn token_files_are_trimmed_and_empty_tokens_refused() {
+        let t = parse_tokens("node-1: \"s3cret \\n\"\nnode-2: plain\n").expect("tokens");
+        assert_eq!(t["node-1"], "s3cret");
+        assert_eq!(t["node-2"], "plain");
+        let e = parse_tokens("node-1: \"  \"\n").expect_err("empty");
+        assert!(e.contains("empty token"), "{e}");
+        let e = parse_tokens("[a, b]").expect_err("a list");
+        assert!(e.contains("map of node name to token"), "{e}");
     }
 
     #[test]

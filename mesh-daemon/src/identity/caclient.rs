@@ -147,7 +147,7 @@ impl Token {
             Self::Fixed(t) => t.clone(),
             Self::File { path, last } => {
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                if let Ok(t) = std::fs::read_to_string(path) {
+                if let Ok(t) = crate::meshfile::read_file(path) {
                     let t = t.trim();
                     if !t.is_empty() {
                         *last = t.to_string();

@@ -100,7 +100,7 @@ impl Manager {
     pub fn new(cfg: ManagerConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, ManagerError> {
         let url = CaUrl::parse(&cfg.ca_url).map_err(ManagerError::Config)?;
         let read = |path: &PathBuf| {
-            std::fs::read_to_string(path).map_err(|source| ManagerError::Read {
+            crate::meshfile::read_file(path).map_err(|source| ManagerError::Read {
                 path: path.clone(),
                 source,
             })
@@ -112,7 +112,7 @@ impl Manager {
                 cfg.token_file.display()
             )));
         }
-        let roots = match std::fs::read_to_string(&cfg.ca_bundle) {
+        let roots = match crate::meshfile::read_file(&cfg.ca_bundle) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ManagerError::Config(format!(
                     "--ca-bundle {} does not exist: the CA writes bundle.pem into its --dir at \

@@ -45,17 +45,15 @@ struct Peer {
 
 impl Inbound {
     pub async fn bind(addr: SocketAddr) -> Result<TcpListener, InboundError> {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| InboundError::Bind {
+        crate::socket::listen(addr).map_err(|source| InboundError::Bind {
+            addr,
+            advice: crate::socket::bind_advice(
                 addr,
-                advice: crate::socket::bind_advice(
-                    addr,
-                    &source,
-                    "--hbone (or fix the node's address in the mesh file)",
-                ),
-                source,
-            })
+                &source,
+                "--hbone (or fix the node's address in the mesh file)",
+            ),
+            source,
+        })
     }
 
     pub fn new(listener: TcpListener, inputs: Arc<Inputs>) -> Self {
@@ -79,11 +77,22 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
             .with_label_values(&["inbound", label])
             .inc();
     };
+    // One deadline for the TLS handshake and the HTTP/2 preface: a peer that opens and never
+    // speaks (or speaks a byte at a time) holds its socket for at most this long.
+    let deadline = tokio::time::Instant::now() + inputs.handshake_timeout;
     let accept = inputs.tls.accept(stream);
-    let tls = match tokio::time::timeout(hbone::HANDSHAKE_TIMEOUT, accept).await {
+    let tls = match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return handshake_failed(tls::failure_label(&e), &e),
-        Err(_) => return handshake_failed("timeout", &"no TLS handshake within 10 s"),
+        Err(_) => {
+            return handshake_failed(
+                "timeout",
+                &format!(
+                    "no TLS handshake within {:?} (--handshake-timeout)",
+                    inputs.handshake_timeout
+                ),
+            );
+        }
     };
     let (_, conn) = tls.get_ref();
     let source = conn
@@ -121,11 +130,20 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
             .with_label_values(&["inbound", "hbone_protocol"])
             .inc();
     };
-    let mut conn = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+    let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return bad_peer(&e),
         Err(_) => {
-            warn!(peer = %addr, "HBONE connection closed: no HTTP/2 preface within 10 s");
+            warn!(
+                peer = %addr,
+                timeout = ?inputs.handshake_timeout,
+                "HBONE connection closed: no HTTP/2 preface within --handshake-timeout"
+            );
+            inputs
+                .metrics
+                .tcp_failed
+                .with_label_values(&["inbound", "hbone_protocol"])
+                .inc();
             return;
         }
     };

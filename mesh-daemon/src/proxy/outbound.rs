@@ -49,13 +49,11 @@ impl Outbound {
     /// Binds the listener. The daemon does this before it attaches anything to the kernel, so a
     /// port conflict fails start-up without ever capturing a connection.
     pub async fn bind(addr: SocketAddr) -> Result<TcpListener, OutboundError> {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| OutboundError::Bind {
-                addr,
-                advice: crate::socket::bind_advice(addr, &source, "--outbound"),
-                source,
-            })
+        crate::socket::listen(addr).map_err(|source| OutboundError::Bind {
+            addr,
+            advice: crate::socket::bind_advice(addr, &source, "--outbound"),
+            source,
+        })
     }
 
     pub fn new(listener: TcpListener, inputs: Arc<Inputs>) -> Self {
