@@ -88,6 +88,28 @@ pub const EDGE_LABELS: [&str; 7] = [
     "destination_principal",
 ];
 const WL_LABELS: [&str; 7] = EDGE_LABELS;
+/// Labels of `tcp_connections_failed_total`: an edge's workloads (no principals: a refusal's
+/// source is often unproven) and the reason.
+pub const FAILED_LABELS: [&str; 6] = [
+    "reporter",
+    "source_workload",
+    "source_namespace",
+    "destination_workload",
+    "destination_namespace",
+    "reason",
+];
+
+/// An edge whose two sides the reporter does not know (a connection refused before either was
+/// identified).
+pub fn unknown_edge(reporter: &str) -> Edge {
+    std::array::from_fn(|i| {
+        if i == 0 {
+            reporter.to_string()
+        } else {
+            "unknown".to_string()
+        }
+    })
+}
 /// One edge's label values, in [`EDGE_LABELS`] order.
 pub type Edge = [String; 7];
 
@@ -119,8 +141,10 @@ impl Metrics {
             ),
             tcp_failed: vec(
                 "tcp_connections_failed_total",
-                "TCP connections the proxy refused or could not complete, by reason",
-                &["reporter", "reason"],
+                "TCP connections the proxy refused or could not complete, by the workloads on \
+                 either side (`unknown` where the refusing proxy cannot know it) and a bounded \
+                 reason; each is also a `refused` event on /tap with the detail",
+                &FAILED_LABELS,
             ),
             tcp_sent_bytes: vec(
                 "tcp_sent_bytes_total",

@@ -63,6 +63,34 @@ impl Inputs {
         }
     }
 
+    /// A connection refused on `edge` (as far as the reporter knows it): counted in
+    /// `tcp_connections_failed_total` with both workloads and the bounded `reason`, and published
+    /// to `/tap` as a `refused` event with the `detail` (why, and what to change).
+    pub fn refused(
+        &self,
+        edge: &crate::metrics::Edge,
+        destination: SocketAddr,
+        route: &'static str,
+        reason: &str,
+        detail: &str,
+    ) {
+        self.metrics
+            .tcp_failed
+            .with_label_values(&[&edge[0], &edge[1], &edge[2], &edge[4], &edge[5], reason])
+            .inc();
+        let why = format!("{reason}: {detail}");
+        self.tap(
+            "refused",
+            edge,
+            Hop {
+                destination,
+                route,
+                bytes: None,
+                reason: Some(&why),
+            },
+        );
+    }
+
     /// Publishes a connection event to `/tap` followers (built only when there are any).
     pub fn tap(&self, event: &'static str, edge: &crate::metrics::Edge, hop: Hop<'_>) {
         self.tap.emit(|| crate::tap::TapEvent {
@@ -77,7 +105,8 @@ impl Inputs {
             destination_principal: edge[6].clone(),
             destination: hop.destination.to_string(),
             route: hop.route,
-            mtls: hop.route == "hbone" || hop.route == "inbound",
+            // A refusal carried no bytes in either protocol.
+            mtls: event != "refused" && (hop.route == "hbone" || hop.route == "inbound"),
             bytes_sent: hop.bytes.map(|b| b.0),
             bytes_received: hop.bytes.map(|b| b.1),
             reason: hop.reason.map(str::to_string),

@@ -25,7 +25,8 @@ pub struct TapEvent {
     pub destination_principal: String,
     /// Where the connection went (pod `ip:port`, or the passthrough destination).
     pub destination: String,
-    /// `local`, `hbone`, `passthrough` or `inbound`.
+    /// `local`, `hbone`, `passthrough` or `inbound`; `none` for a connection refused before it
+    /// had a route (no capture record, a failed handshake).
     pub route: &'static str,
     /// Whether this hop was mutual TLS (HBONE).
     pub mtls: bool,

@@ -48,6 +48,11 @@ const VIP: &str = "10.96.0.10:80";
 const NODE2_HBONE: &str = "10.203.0.2:15008";
 const CA: &str = "10.203.0.250:15012";
 
+/// A mesh file's policies: other-sa may not reach the echo server.
+const DENY_OTHER: &str = "authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
+     selector: { app: echo }\n    action: DENY\n    from:\n      - principals: \
+     [spiffe://cluster.local/ns/demo/sa/other-sa]\n";
+
 fn id(sa: &str) -> Identity {
     Identity::new(TD, "demo", sa)
 }
@@ -135,11 +140,9 @@ fn hbone_refuses_bad_certificates_and_connects_while_legitimate_traffic_flows() 
     // only client-sa may reach the client pod (on other's own node: enforced in-process there).
     let base = std::fs::read_to_string(t.mesh_file_path()).expect("mesh file");
     t.rewrite_mesh_file(&format!(
-        "{base}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
-         selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
-         [spiffe://cluster.local/ns/demo/sa/other-sa]\n  - name: client-only-self\n    \
-         namespace: demo\n    selector: {{ app: client }}\n    action: ALLOW\n    from:\n      \
-         - principals: [spiffe://cluster.local/ns/demo/sa/client-sa]\n"
+        "{base}{DENY_OTHER}  - name: client-only-self\n    namespace: demo\n    selector: \
+         {{ app: client }}\n    action: ALLOW\n    from:\n      - principals: \
+         [spiffe://cluster.local/ns/demo/sa/client-sa]\n"
     ));
     for i in 0..2 {
         t.daemon(i)
@@ -226,35 +229,24 @@ fn hbone_refuses_bad_certificates_and_connects_while_legitimate_traffic_flows() 
                         ),
                     ),
                 ];
-                for (what, chain) in certs {
+                let tls13: &[&'static rustls::SupportedProtocolVersion] =
+                    &[&rustls::version::TLS13];
+                let tls12: &[&'static rustls::SupportedProtocolVersion] =
+                    &[&rustls::version::TLS12];
+                let attempts = certs
+                    .into_iter()
+                    .map(|(what, chain)| (what, Some(chain), tls13))
+                    .chain([
+                        ("TLS 1.2 only", None, tls12),
+                        ("no client certificate", None, tls13),
+                    ]);
+                for (what, chain, versions) in attempts {
+                    let cfg = attacker(chain, versions);
                     out.push((
                         what.to_string(),
-                        tls_attempt(
-                            hb_addr,
-                            attacker(Some(chain), &[&rustls::version::TLS13]),
-                            &server_sni,
-                        )
-                        .await,
+                        tls_attempt(hb_addr, cfg, &server_sni).await,
                     ));
                 }
-                out.push((
-                    "TLS 1.2 only".into(),
-                    tls_attempt(
-                        hb_addr,
-                        attacker(None, &[&rustls::version::TLS12]),
-                        &server_sni,
-                    )
-                    .await,
-                ));
-                out.push((
-                    "no client certificate".into(),
-                    tls_attempt(
-                        hb_addr,
-                        attacker(None, &[&rustls::version::TLS13]),
-                        &server_sni,
-                    )
-                    .await,
-                ));
 
                 // A valid SVID (node 1 may hold client-sa), then CONNECTs the destination must
                 // refuse.
@@ -1100,14 +1092,7 @@ fn hostile_control_files_are_refused_and_the_last_good_state_kept() {
     .expect("mesh file as a symlink");
     t.daemon(0)
         .wait_for_count("mesh file loaded", loaded + 1, Duration::from_secs(5));
-    version(
-        2,
-        &format!(
-            "{good}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
-             selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
-             [spiffe://cluster.local/ns/demo/sa/other-sa]\n"
-        ),
-    );
+    version(2, &format!("{good}{DENY_OTHER}"));
     t.daemon(0)
         .wait_for_count("mesh file loaded", loaded + 2, Duration::from_secs(5));
     let (ok, out) = t.connect("other", VIP, &["--send", "100"]);

@@ -556,3 +556,209 @@ fn ready_config_dump_and_admin_refusals() {
     let _ = std::fs::remove_file(&other);
     drop(d);
 }
+
+/// `meshctl tap` following node `i`'s admin port (inside its namespace).
+fn follow_tap(t: &Topology, i: usize) -> Proc {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", t.nodes[i].ns.path().display()))
+        .arg(bin("meshctl"))
+        .arg("tap");
+    let mut p = Proc::spawn(&format!("meshctl tap on node {}", i + 1), c);
+    p.wait_for("following", Duration::from_secs(5));
+    p
+}
+
+/// What a refusal case does and where it shows: (what, pod, destination, refusing node, the tap
+/// line's parts, the failure metric's labels).
+type RefusalCase<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    usize,
+    &'a [&'a str],
+    &'a [(&'a str, &'a str)],
+);
+
+#[test]
+fn every_refusal_shows_on_tap_with_its_reason_and_in_the_labelled_failure_metric() {
+    require_root("every_refusal_shows_on_tap");
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("other", 0, "other"),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let services = [
+        ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo"),
+        ServiceSpec::new("empty", "10.96.0.20", 80, 7000, "nobody"),
+    ];
+    let mut t = Topology::build("obr", 2, &pods, &services);
+    t.start(DaemonOpts::default());
+    t.serve("server", "echo-server", 7000);
+    t.serve("client", "echo-server", 7100);
+    let base = std::fs::read_to_string(t.mesh_file_path()).expect("mesh file");
+    t.rewrite_mesh_file(&format!(
+        "{base}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
+         selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
+         [{other}]\n  - name: client-only-self\n    namespace: demo\n    selector: \
+         {{ app: client }}\n    action: ALLOW\n    from:\n      - principals: [{client}]\n",
+        other = principal("other-sa"),
+        client = principal("client-sa"),
+    ));
+    for i in 0..2 {
+        t.daemon(i)
+            .wait_for_count("mesh file loaded", 2, Duration::from_secs(5));
+    }
+    let mut taps = [follow_tap(&t, 0), follow_tap(&t, 1)];
+    let server = format!("{}:7000", t.pod("server").ip);
+    let client_srv = format!("{}:7100", t.pod("client").ip);
+    let failed = |t: &Topology, i: usize, labels: &[(&str, &str)]| {
+        sample(
+            &t.scrape(i),
+            "nodemesh_tcp_connections_failed_total",
+            labels,
+        )
+    };
+    let cases: [RefusalCase; 4] = [
+        (
+            "cross-node policy deny (at the destination's node)",
+            "other",
+            &server,
+            1,
+            &[
+                "refused inbound",
+                "demo/other -> demo/server",
+                "denied",
+                "demo/deny-other",
+            ],
+            &[
+                ("reporter", "inbound"),
+                ("source_workload", "other"),
+                ("destination_workload", "server"),
+                ("reason", "denied"),
+            ],
+        ),
+        (
+            "same-node policy deny",
+            "other",
+            &client_srv,
+            0,
+            &[
+                "refused outbound",
+                "demo/other -> demo/client",
+                "denied",
+                "may not connect",
+            ],
+            &[
+                ("reporter", "outbound"),
+                ("source_workload", "other"),
+                ("destination_workload", "client"),
+                ("reason", "denied"),
+            ],
+        ),
+        (
+            "service without endpoints",
+            "client",
+            "10.96.0.20:80",
+            0,
+            &[
+                "refused outbound",
+                "demo/client -> unknown/unknown",
+                "no_endpoints",
+                "demo/empty",
+            ],
+            &[
+                ("reporter", "outbound"),
+                ("source_workload", "client"),
+                ("reason", "no_endpoints"),
+            ],
+        ),
+        (
+            "connection without a capture record",
+            "client",
+            "10.203.0.1:15001",
+            0,
+            &[
+                "refused outbound",
+                "unknown/unknown -> unknown/unknown",
+                "no_record",
+            ],
+            &[
+                ("reporter", "outbound"),
+                ("source_workload", "unknown"),
+                ("reason", "no_record"),
+            ],
+        ),
+    ];
+    for (what, pod, dst, node, parts, labels) in cases {
+        let before = failed(&t, node, labels);
+        let (ok, out) = t.connect(pod, dst, &["--send", "100"]);
+        assert!(
+            !ok || !out.contains("echo=ok"),
+            "{what} must be refused: {out}"
+        );
+        let line = taps[node].wait_for(parts[2], Duration::from_secs(5));
+        let after = failed(&t, node, labels);
+        println!(
+            "{what}: node {} tap: {line}\n  failed{labels:?}: {before} → {after}",
+            node + 1
+        );
+        for p in parts {
+            assert!(
+                line.contains(p),
+                "{what}: want {p:?} in the tap line: {line}"
+            );
+        }
+        assert!(after > before, "{what}: counted with its workloads");
+        // The next case's line must be a new one.
+        taps[node] = follow_tap(&t, node);
+    }
+    // A failed handshake: no identity to show, the peer and why instead.
+    let raw = t.nodes[0].ns.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("10.203.0.2:15008").expect("TCP");
+        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+        let mut b = Vec::new();
+        let _ = s.read_to_end(&mut b);
+    });
+    raw.join().expect("raw client");
+    let line = taps[1].wait_for("tls_", Duration::from_secs(5));
+    println!("failed mTLS handshake: node 2 tap: {line}");
+    assert!(
+        line.starts_with("refused inbound")
+            && line.contains("from 10.203.0.1:")
+            && line.contains("mtls=false"),
+        "{line}"
+    );
+
+    // meshctl shows the failures beside the successes: per edge in `stat` and `edges`.
+    let nodes = "10.203.0.1:15020,10.203.0.2:15020";
+    let (ok, out) = t.connect("client", &server, &["--send", "100"]);
+    assert!(ok, "{out}");
+    let table = meshctl(&t, 0, &["stat", "--node", nodes, "--by", "edge"]);
+    println!("meshctl stat --by edge:\n{table}");
+    let stat: serde_json::Value = serde_json::from_str(&meshctl(
+        &t,
+        0,
+        &["stat", "--node", nodes, "--by", "edge", "-o", "json"],
+    ))
+    .expect("json");
+    let row = |name: &str| {
+        stat.as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == name))
+            .unwrap_or_else(|| panic!("no row {name}: {stat}"))
+            .clone()
+    };
+    assert!(row("demo/other -> demo/server")["stats"]["failed"].as_u64() >= Some(1));
+    assert!(row("demo/other -> demo/client")["stats"]["failed"].as_u64() >= Some(1));
+    assert_eq!(row("demo/client -> demo/server")["stats"]["failed"], 0);
+    let edges = meshctl(&t, 0, &["edges", "--node", nodes]);
+    println!("meshctl edges:\n{edges}");
+    let refused = edges
+        .lines()
+        .find(|l| l.starts_with("demo/other") && l.contains("demo/server"))
+        .unwrap_or_else(|| panic!("no other → server edge:\n{edges}"));
+    assert!(
+        refused.contains("refused") && refused.trim_end().ends_with(" 1"),
+        "{refused}"
+    );
+}

@@ -448,6 +448,8 @@ fn scrape_one(n: &str) -> Result<Vec<Sample>, String> {
 struct Row {
     connections: u64,
     closed: u64,
+    /// Connections refused or not completed (`tcp_connections_failed_total`, any reason).
+    failed: u64,
     bytes_sent: u64,
     bytes_received: u64,
     requests: u64,
@@ -469,6 +471,7 @@ impl Row {
             connections: self.connections.saturating_sub(prev.connections),
             // open connections are a level, not a count
             closed: self.closed,
+            failed: self.failed.saturating_sub(prev.failed),
             bytes_sent: self.bytes_sent.saturating_sub(prev.bytes_sent),
             bytes_received: self.bytes_received.saturating_sub(prev.bytes_received),
             requests: self.requests.saturating_sub(prev.requests),
@@ -535,6 +538,7 @@ fn rows(samples: &[Sample], key: impl Fn(&Sample) -> Option<String>) -> BTreeMap
                 |r: &mut Row, v, _: &Sample| r.connections += v
             }
             "nodemesh_tcp_connections_closed_total" => |r: &mut Row, v, _: &Sample| r.closed += v,
+            "nodemesh_tcp_connections_failed_total" => |r: &mut Row, v, _: &Sample| r.failed += v,
             "nodemesh_tcp_sent_bytes_total" => |r: &mut Row, v, _: &Sample| r.bytes_sent += v,
             "nodemesh_tcp_received_bytes_total" => {
                 |r: &mut Row, v, _: &Sample| r.bytes_received += v
@@ -668,8 +672,8 @@ fn stat(nodes: &Nodes, by: By, window: Option<Duration>, output: Output) -> Resu
     };
     let reqs = if secs.is_some() { "RPS" } else { "REQS" };
     println!(
-        "{head:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "CONNS", "OPEN", "SENT", "RECEIVED", reqs, "SUCCESS", "P50", "P95", "P99"
+        "{head:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "CONNS", "OPEN", "SENT", "RECEIVED", reqs, "SUCCESS", "P50", "P95", "P99", "FAILED"
     );
     for (k, r) in &rows {
         let requests = match (r.requests, secs) {
@@ -678,7 +682,7 @@ fn stat(nodes: &Nodes, by: By, window: Option<Duration>, output: Output) -> Resu
             (n, None) => n.to_string(),
         };
         println!(
-            "{k:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "{k:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
             r.connections,
             r.connections.saturating_sub(r.closed),
             human_bytes(r.bytes_sent),
@@ -689,6 +693,7 @@ fn stat(nodes: &Nodes, by: By, window: Option<Duration>, output: Output) -> Resu
             ms(r.quantile_ms(0.5)),
             ms(r.quantile_ms(0.95)),
             ms(r.quantile_ms(0.99)),
+            r.failed,
         );
     }
     if rows.is_empty() {
@@ -769,9 +774,12 @@ struct Edge {
     source_principal: String,
     destination_principal: String,
     /// `mtls` (the destination verified the source's certificate), `same-node` (in-process, no
-    /// network), or `plaintext` (a destination outside the mesh).
+    /// network), `plaintext` (a destination outside the mesh), or `refused` (no connection of
+    /// this edge ever opened; see `failed`).
     transport: &'static str,
     connections: u64,
+    /// Connections of this edge refused or not completed, as the source's proxy counted them.
+    failed: u64,
 }
 
 fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
@@ -811,7 +819,38 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
             destination_principal: s.label("destination_principal").to_string(),
             transport,
             connections: s.value as u64,
+            failed: 0,
         });
+    }
+    // Refusals, from the source's side: beside the edge's successes, or as an edge of their own.
+    for s in samples.iter().filter(|s| {
+        s.name == "nodemesh_tcp_connections_failed_total" && s.label("reporter") == "outbound"
+    }) {
+        let source = format!(
+            "{}/{}",
+            s.label("source_namespace"),
+            s.label("source_workload")
+        );
+        let destination = format!(
+            "{}/{}",
+            s.label("destination_namespace"),
+            s.label("destination_workload")
+        );
+        match list
+            .iter_mut()
+            .find(|e| e.source == source && e.destination == destination)
+        {
+            Some(e) => e.failed += s.value as u64,
+            None => list.push(Edge {
+                source,
+                destination,
+                source_principal: String::new(),
+                destination_principal: String::new(),
+                transport: "refused",
+                connections: 0,
+                failed: s.value as u64,
+            }),
+        }
     }
     if output == Output::Json {
         println!(
@@ -821,18 +860,25 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<22} {:<22} {:<48} {:<48} {:<10} {:>6}",
-        "SOURCE", "DESTINATION", "SOURCE IDENTITY", "DESTINATION IDENTITY", "TRANSPORT", "CONNS"
+        "{:<22} {:<22} {:<48} {:<48} {:<10} {:>6} {:>6}",
+        "SOURCE",
+        "DESTINATION",
+        "SOURCE IDENTITY",
+        "DESTINATION IDENTITY",
+        "TRANSPORT",
+        "CONNS",
+        "FAILED"
     );
     for e in &list {
         println!(
-            "{:<22} {:<22} {:<48} {:<48} {:<10} {:>6}",
+            "{:<22} {:<22} {:<48} {:<48} {:<10} {:>6} {:>6}",
             e.source,
             e.destination,
             e.source_principal,
             e.destination_principal,
             e.transport,
-            e.connections
+            e.connections,
+            e.failed
         );
     }
     Ok(())

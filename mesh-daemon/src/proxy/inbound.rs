@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use super::{Inputs, h2::H2Stream, hbone, relay::relay, route};
 use crate::identity::{Identity, tls};
+use crate::metrics::{Edge, unknown_edge};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -67,6 +68,7 @@ impl Inbound {
 
 async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(addr);
     let handshake_failed = |label: &str, reason: &dyn std::fmt::Display| {
         // Plaintext, garbage, an untrusted or expired certificate, TLS 1.2: that peer is dropped
         // and counted; everyone else is unaffected.
@@ -76,6 +78,18 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
             .tls_handshakes
             .with_label_values(&["inbound", label])
             .inc();
+        // Counted above, in its own family; /tap shows it with the peer and why.
+        let why = format!("tls_{label}: from {addr}: {reason}");
+        inputs.tap(
+            "refused",
+            &unknown_edge("inbound"),
+            super::Hop {
+                destination: local,
+                route: "none",
+                bytes: None,
+                reason: Some(&why),
+            },
+        );
     };
     // One deadline for the TLS handshake and the HTTP/2 preface: a peer that opens and never
     // speaks (or speaks a byte at a time) holds its socket for at most this long.
@@ -122,29 +136,21 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
         .initial_connection_window_size(hbone::CONNECTION_WINDOW)
         .max_concurrent_streams(10_000)
         .handshake::<_, Bytes>(tls);
-    let bad_peer = |e: &h2::Error| {
-        warn!(peer = %addr, error = %e, "HBONE connection failed: the peer did not speak HTTP/2 HBONE");
-        inputs
-            .metrics
-            .tcp_failed
-            .with_label_values(&["inbound", "hbone_protocol"])
-            .inc();
+    let mut peer_edge = unknown_edge("inbound");
+    peer_edge[2].clone_from(&peer.ids.source.namespace);
+    peer_edge[3] = peer.ids.source.to_string();
+    let bad_peer = |detail: String| {
+        warn!(peer = %addr, error = %detail, "HBONE connection failed: the peer did not speak HTTP/2 HBONE");
+        inputs.refused(&peer_edge, local, "inbound", "hbone_protocol", &detail);
     };
     let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return bad_peer(&e),
+        Ok(Err(e)) => return bad_peer(e.to_string()),
         Err(_) => {
-            warn!(
-                peer = %addr,
-                timeout = ?inputs.handshake_timeout,
-                "HBONE connection closed: no HTTP/2 preface within --handshake-timeout"
-            );
-            inputs
-                .metrics
-                .tcp_failed
-                .with_label_values(&["inbound", "hbone_protocol"])
-                .inc();
-            return;
+            return bad_peer(format!(
+                "no HTTP/2 preface within {:?} (--handshake-timeout)",
+                inputs.handshake_timeout
+            ));
         }
     };
     // On drain: GOAWAY (the peer opens no new streams here), streams in flight carry on, and the
@@ -184,7 +190,7 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
             }
             Err(e) => {
                 if !e.is_go_away() && !e.is_io() {
-                    bad_peer(&e);
+                    bad_peer(e.to_string());
                 }
                 break;
             }
@@ -192,20 +198,54 @@ async fn serve_connection(inputs: Arc<Inputs>, stream: TcpStream, addr: SocketAd
     }
 }
 
-/// Answers a CONNECT with an error status and the reason, and counts it.
+/// A refused CONNECT's edge, as far as this node knows it: the proven source principal (and its
+/// workload when the claimed one has exactly that identity), the destination pod if the
+/// authority names a local one; and where it asked to go.
+fn refusal_edge(
+    snap: &crate::state::Snapshot,
+    td: &str,
+    peer: &Peer,
+    req: &Request<RecvStream>,
+) -> (Edge, SocketAddr) {
+    let mut edge = unknown_edge("inbound");
+    let source = &peer.ids.source;
+    if let Some(name) = req
+        .headers()
+        .get(route::SOURCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| route::known_workload(snap, s, source, td))
+    {
+        edge[1] = name;
+    }
+    edge[2].clone_from(&source.namespace);
+    edge[3] = source.to_string();
+    let target = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    if let Some(w) = target
+        .and_then(|t| snap.workloads_by_ip.get(&t.ip()))
+        .filter(|w| snap.is_local(w))
+    {
+        edge[4].clone_from(&w.name);
+        edge[5].clone_from(&w.namespace);
+        edge[6] = w.identity(td).to_string();
+    }
+    (edge, target.unwrap_or(peer.addr))
+}
+
+/// Answers a CONNECT with an error status and the reason, and counts it (with both workloads, and
+/// on /tap).
 fn refuse(
     inputs: &Inputs,
     mut respond: SendResponse<Bytes>,
+    (edge, destination): &(Edge, SocketAddr),
     status: StatusCode,
     label: &str,
     reason: String,
 ) {
     warn!(reason = %reason, "HBONE tunnel refused");
-    inputs
-        .metrics
-        .tcp_failed
-        .with_label_values(&["inbound", label])
-        .inc();
+    inputs.refused(edge, *destination, "inbound", label, &reason);
     let mut r = Response::new(());
     *r.status_mut() = status;
     if let Ok(v) = http::HeaderValue::from_str(&reason) {
@@ -237,7 +277,10 @@ async fn tunnel(
         verdict,
     } = match admitted {
         Ok(t) => t,
-        Err(r) => return refuse(&inputs, respond, r.status, r.reason, r.detail),
+        Err(r) => {
+            let edge = refusal_edge(&snap, td, &peer, &req);
+            return refuse(&inputs, respond, &edge, r.status, r.reason, r.detail);
+        }
     };
     let source_ip = snap.mesh_source();
     // A tunnel may live for hours; it must not pin this snapshot in memory.
@@ -246,9 +289,17 @@ async fn tunnel(
         Ok(s) => s,
         Err(e) => {
             let reason = format!("connect to {target}: {e}");
+            let mut edge = unknown_edge("inbound");
+            edge[1].clone_from(&source_name);
+            edge[2].clone_from(&peer.ids.source.namespace);
+            edge[3] = peer.ids.source.to_string();
+            edge[4].clone_from(&dst.name);
+            edge[5].clone_from(&dst.namespace);
+            edge[6] = dst_id.to_string();
             return refuse(
                 &inputs,
                 respond,
+                &(edge, target),
                 StatusCode::BAD_GATEWAY,
                 "upstream_refused",
                 reason,

@@ -20,6 +20,8 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use crate::metrics::{Edge, unknown_edge};
+
 use super::{
     Hop, Inputs,
     balance::Outstanding,
@@ -117,7 +119,19 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     let key = conn_key(peer, || crate::socket::netns_cookie(&client).unwrap_or(0));
     let Some(rec) = inputs.orig.take(&key) else {
         warn!(%peer, "no capture record for this connection: refusing it (the proxy never guesses a destination; a direct connection to the outbound port is not allowed)");
-        refuse(&inputs, client, "no_record");
+        let here = client.local_addr().unwrap_or(peer);
+        refuse(
+            &inputs,
+            client,
+            &unknown_edge("outbound"),
+            here,
+            "none",
+            "no_record",
+            &format!(
+                "no capture record for {peer}: a direct connection to the outbound port is not \
+                 allowed (the proxy never guesses a destination)"
+            ),
+        );
         return;
     };
     let snap = inputs.state.snapshot();
@@ -125,7 +139,9 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         Ok(a) => a,
         Err(r) => {
             warn!(%peer, reason = r.reason, "{}", r.detail);
-            refuse(&inputs, client, r.reason);
+            let here = client.local_addr().unwrap_or(peer);
+            let edge = unknown_edge("outbound");
+            refuse(&inputs, client, &edge, here, "none", r.reason, &r.detail);
             return;
         }
     };
@@ -184,8 +200,25 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         Destination::Service(svc) => match inputs.balancer.pick(&svc.endpoints) {
             Some((ep, guard)) => (ep.addr, Some((ep.addr, guard))),
             None => {
-                warn!(%peer, dst = %orig, service = %format!("{}/{}", svc.namespace, svc.name), "no route for captured connection: the service has no endpoints");
-                refuse(&inputs, client, route::NO_ENDPOINTS);
+                let service = format!("{}/{}", svc.namespace, svc.name);
+                warn!(%peer, dst = %orig, %service, "no route for captured connection: the service has no endpoints");
+                let td = inputs.identity.trust_domain();
+                let mut edge = unknown_edge("outbound");
+                edge[1].clone_from(&src.name);
+                edge[2].clone_from(&src.namespace);
+                edge[3] = src.identity(td).to_string();
+                let detail = format!(
+                    "service {service} has no endpoints (no ready pod matches its selector)"
+                );
+                refuse(
+                    &inputs,
+                    client,
+                    &edge,
+                    orig,
+                    "none",
+                    route::NO_ENDPOINTS,
+                    &detail,
+                );
                 return;
             }
         },
@@ -224,18 +257,9 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         if let Err(r) = checked {
             let policy = r.verdict.as_ref().map_or("", |v| v.policy());
             warn!(%peer, source = %src_id, dst = %workload.display(), port = target.port(), policy, "connection denied by authorization policy");
-            let reason = format!("denied by policy {policy}");
-            inputs.tap(
-                "refused",
-                &labels,
-                Hop {
-                    destination: *target,
-                    route: "local",
-                    bytes: None,
-                    reason: Some(&reason),
-                },
+            refuse(
+                &inputs, client, &labels, *target, "local", r.reason, &r.detail,
             );
-            refuse(&inputs, client, "denied");
             return;
         }
     }
@@ -260,7 +284,8 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
     let opened = match decision {
         Route::Refuse(reason) => {
             warn!(%peer, dst = %orig, reason, "no route for captured connection");
-            refuse(&inputs, client, reason);
+            let detail = format!("no route to {orig}");
+            refuse(&inputs, client, &labels, orig, "none", reason, &detail);
             return;
         }
         // Local pods are reached from the mesh source (what STRICT pods accept); other
@@ -272,7 +297,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 .map(Upstream::Tcp)
                 .map_err(|e| {
                     warn!(%target, error = %e, "upstream refused the connection");
-                    "upstream_refused"
+                    ("upstream_refused", format!("connect to {target}: {e}"))
                 })
         }
         Route::Remote {
@@ -289,7 +314,19 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 .is_none()
             {
                 warn!(%peer, source = %src_id, "no SVID for the source workload yet (is the CA reachable?): refusing rather than sending plaintext");
-                refuse(&inputs, client, "no_certificate");
+                let detail = format!(
+                    "no SVID for {src_id} yet (is the CA reachable?): refused rather than sent \
+                     in plaintext"
+                );
+                refuse(
+                    &inputs,
+                    client,
+                    &labels,
+                    target,
+                    route,
+                    "no_certificate",
+                    &detail,
+                );
                 return;
             }
             let dst_id = workload.identity(&td);
@@ -306,15 +343,15 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 .map(Upstream::Tunnel)
                 .map_err(|e| {
                     warn!(%target, error = %e, "HBONE tunnel failed");
-                    e.reason()
+                    (e.reason(), e.to_string())
                 })
         }
     };
     let mut upstream = match opened {
         Ok(u) => u,
-        Err(reason) => {
+        Err((reason, detail)) => {
             mark_endpoint(&inputs, &picked, false);
-            refuse(&inputs, client, reason);
+            refuse(&inputs, client, &labels, hop_dst, route, reason, &detail);
             return;
         }
     };
@@ -501,14 +538,18 @@ fn mark_endpoint(inputs: &Inputs, picked: &Option<(SocketAddr, Outstanding)>, ok
     }
 }
 
-/// Counts a refused connection and resets it, so the client fails at once (a refusal, not an EOF
-/// it might take for a clean end).
-fn refuse(inputs: &Inputs, client: TcpStream, reason: &str) {
-    inputs
-        .metrics
-        .tcp_failed
-        .with_label_values(&["outbound", reason])
-        .inc();
+/// Counts a refused connection (with its workloads, and on /tap) and resets it, so the client
+/// fails at once (a refusal, not an EOF it might take for a clean end).
+fn refuse(
+    inputs: &Inputs,
+    client: TcpStream,
+    edge: &Edge,
+    destination: SocketAddr,
+    route: &'static str,
+    reason: &str,
+    detail: &str,
+) {
+    inputs.refused(edge, destination, route, reason, detail);
     let _ = client.set_zero_linger();
 }
 

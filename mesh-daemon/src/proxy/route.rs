@@ -348,7 +348,12 @@ pub fn admit(
     })
 }
 
-fn known_workload(snap: &Snapshot, s: &str, proven: &Identity, td: &str) -> Option<String> {
+pub(super) fn known_workload(
+    snap: &Snapshot,
+    s: &str,
+    proven: &Identity,
+    td: &str,
+) -> Option<String> {
     let (ns, name) = s.split_once('/')?;
     snap.workloads_by_id
         .values()
