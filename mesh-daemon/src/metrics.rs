@@ -8,6 +8,8 @@ use prometheus::{
 
 pub struct Metrics {
     pub registry: Registry,
+    /// The process collector's own registry: its families keep their standard, unprefixed names.
+    process: Registry,
     pub tcp_opened: IntCounterVec,
     pub tcp_closed: IntCounterVec,
     pub tcp_failed: IntCounterVec,
@@ -355,14 +357,17 @@ impl Metrics {
                 .expect("static metric definitions are valid"),
             ),
             registry,
+            process: Registry::new(),
         }
     }
 
-    /// Adds process CPU, memory and open files (`nodemesh_process_*`), for daemons (not tests,
+    /// Adds process CPU, memory, open files and start time under Prometheus' standard names
+    /// (`process_cpu_seconds_total`, `process_resident_memory_bytes`, ..., without the
+    /// `nodemesh_` prefix, so stock dashboards and alerts find them), for daemons (not tests,
     /// which create many registries in one process).
     pub fn with_process_metrics(self) -> Self {
         let pc = prometheus::process_collector::ProcessCollector::for_self();
-        if let Err(e) = self.registry.register(Box::new(pc)) {
+        if let Err(e) = self.process.register(Box::new(pc)) {
             tracing::warn!(error = %e, "process metrics unavailable");
         }
         self
@@ -391,7 +396,9 @@ impl Metrics {
         let mut buf = String::new();
         let enc = prometheus::TextEncoder::new();
         // Encoding only fails on invalid families, which `new` rules out.
-        let _ = enc.encode_utf8(&self.registry.gather(), &mut buf);
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        let _ = enc.encode_utf8(&families, &mut buf);
         buf
     }
 }

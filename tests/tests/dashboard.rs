@@ -6,7 +6,13 @@ use std::collections::HashSet;
 fn families_in(expr: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = expr;
-    while let Some(i) = rest.find("nodemesh_") {
+    // The mesh's families, and the process collector's standard ones.
+    while let Some(i) = rest
+        .find("nodemesh_")
+        .into_iter()
+        .chain(rest.find("process_"))
+        .min()
+    {
         let tail = &rest[i..];
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))

@@ -113,6 +113,18 @@ fn metrics_and_meshctl_match_a_known_traffic_mix() {
     }
     let m1 = t.scrape(0);
     let m2 = t.scrape(1);
+    // Process metrics under Prometheus' standard names (stock dashboards and alerts find them).
+    for fam in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(
+            m1.lines().any(|l| l.starts_with(&format!("{fam} "))),
+            "the daemon exports {fam}"
+        );
+    }
+    assert!(!m1.contains("nodemesh_process_"), "no prefixed copies");
     let check = |m: &str, labels: &[(&str, &str)], conns: u64, bytes: u64| {
         assert_eq!(
             sample(m, "nodemesh_tcp_connections_closed_total", labels),
