@@ -193,6 +193,8 @@ pub struct AdminInputs {
     pub ebpf: EbpfDump,
     /// The daemon's configuration, as started.
     pub config: serde_json::Value,
+    /// Local pods that cannot be enrolled now, and why (each workload's `enrollment`).
+    pub unenrolled: crate::enroll::Unenrolled,
 }
 
 /// Everything the observability thread serves.
@@ -388,6 +390,11 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
     use serde_json::json;
     let snap = a.state.snapshot();
     let td = a.identity.trust_domain();
+    let unenrolled = a
+        .unenrolled
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let mut workloads: Vec<_> = snap.workloads_by_id.values().collect();
     workloads.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
     let workloads: Vec<_> = workloads
@@ -401,6 +408,16 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
                 "node": w.node,
                 "mode": w.mode.as_str(),
                 "local": snap.is_local(w),
+                // Whether this node's kernel captures it: `enrolled`, `failed: <why>` (retried
+                // every second), or `remote` (another node's pod).
+                "enrollment": if !snap.is_local(w) {
+                    "remote".to_string()
+                } else {
+                    match unenrolled.get(&w.display()) {
+                        Some(why) => format!("failed: {why}"),
+                        None => "enrolled".to_string(),
+                    }
+                },
                 "ip": w.ip.to_string(),
                 "labels": w.labels,
                 "cgroup": w.cgroup.display().to_string(),
@@ -452,13 +469,19 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
         .svids()
         .iter()
         .map(|s| {
+            let now = SystemTime::now();
+            let chain: Vec<_> = s.key.cert.iter().map(|c| describe_cert(c)).collect();
             json!({
                 "identity": s.identity.to_string(),
+                "serial": chain.first().map(|c| c["serial"].clone()),
+                "issuer": chain.first().map(|c| c["issuer"].clone()),
                 "notBefore": unix(s.not_before),
                 "notAfter": unix(s.not_after),
-                "expiresInSeconds": s.not_after.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0),
+                "expiresInSeconds": s.not_after.duration_since(now).map(|d| d.as_secs()).unwrap_or(0),
+                "renewsInSeconds": s.renews_at.duration_since(now).map(|d| d.as_secs()).unwrap_or(0),
                 "signer": s.signer,
                 "chainLength": s.key.cert.len(),
+                "chain": chain,
             })
         })
         .collect();
@@ -475,8 +498,58 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
         "routes": snap.routes,
         "policies": policies,
         "certificates": certificates,
-        "trustBundle": { "roots": bundle.pems.len(), "signer": bundle.signer },
+        "trustBundle": {
+            "roots": bundle.pems.len(),
+            "signer": bundle.signer,
+            "certificates": bundle
+                .pems
+                .iter()
+                .flat_map(|p| {
+                    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+                    CertificateDer::pem_slice_iter(p.as_bytes()).flatten().collect::<Vec<_>>()
+                })
+                .map(|c| describe_cert(&c))
+                .collect::<Vec<_>>(),
+        },
     })
+}
+
+/// A certificate as `meshctl config` shows it: subject, SANs, issuer, serial, validity and the
+/// fingerprint the CA's signer is named by.
+fn describe_cert(der: &[u8]) -> serde_json::Value {
+    use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+    let fingerprint = crate::identity::ca::fingerprint(der);
+    match X509Certificate::from_der(der) {
+        Ok((_, c)) => {
+            let sans: Vec<String> = c
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .map(|s| {
+                    s.value
+                        .general_names
+                        .iter()
+                        .map(|n| match n {
+                            GeneralName::URI(u) => (*u).to_string(),
+                            GeneralName::DNSName(d) => (*d).to_string(),
+                            other => format!("{other:?}"),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            serde_json::json!({
+                "subject": c.subject().to_string(),
+                "subjectAltNames": sans,
+                "issuer": c.issuer().to_string(),
+                "serial": c.raw_serial_as_string(),
+                "notBefore": c.validity().not_before.timestamp(),
+                "notAfter": c.validity().not_after.timestamp(),
+                "isCa": c.is_ca(),
+                "fingerprint": fingerprint,
+            })
+        }
+        Err(e) => serde_json::json!({ "fingerprint": fingerprint, "error": e.to_string() }),
+    }
 }
 
 #[cfg(test)]

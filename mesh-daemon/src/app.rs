@@ -208,7 +208,8 @@ async fn serve(
         }
     };
     let mut enroller = Enroller::new(datapath.clone(), metrics.clone(), cfg.strict());
-    let _ = obs.ready.unenrolled.set(enroller.unenrolled());
+    let unenrolled = enroller.unenrolled();
+    let _ = obs.ready.unenrolled.set(unenrolled.clone());
     enroller.reconcile(&state.snapshot());
     tokio::spawn(enroller.run(state.subscribe()));
     identity.follow(state.subscribe());
@@ -267,6 +268,7 @@ async fn serve(
         log,
         ebpf,
         config: cfg.dump(),
+        unenrolled,
     });
     let outbound = Outbound::new(out_listener, inputs.clone());
     let inbound = Inbound::new(in_listener, inputs.clone());

@@ -395,6 +395,23 @@ fn l7(sidecar: bool) {
         .expect("meshctl runs");
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     println!("meshctl stat --by route:\n{table}");
+    // meshctl config routes: the routes this proxy holds, by upstream kind and parent.
+    if !sidecar {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .arg(nodemesh_tests::bin("meshctl"))
+            .args(["config", "routes"])
+            .output()
+            .expect("meshctl runs");
+        let routes = String::from_utf8_lossy(&out.stdout).to_string();
+        println!("meshctl config routes:\n{routes}");
+        let canary = routes
+            .lines()
+            .find(|l| l.starts_with("demo/canary "))
+            .unwrap_or_else(|| panic!("no canary route:\n{routes}"));
+        let cols: Vec<&str> = canary.split_whitespace().collect();
+        assert_eq!(cols[1..3], ["HTTPRoute", "web:80"], "{canary}");
+    }
     let row = table
         .lines()
         .find(|l| l.starts_with("demo/web demo/canary "))

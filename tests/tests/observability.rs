@@ -456,6 +456,7 @@ fn ready_config_dump_and_admin_refusals() {
         "sockmap",
         "spliceWindow",
         "drainTimeout",
+        "handshakeTimeout",
     ] {
         assert!(cfg.get(key).is_some(), "config_dump lacks {key}: {cfg}");
     }
@@ -465,6 +466,57 @@ fn ready_config_dump_and_admin_refusals() {
         "the effective (defaulted) value: {cfg}"
     );
     assert_eq!(cfg["drainTimeout"], 30.0, "{cfg}");
+
+    // meshctl config: the same view as tables, JSON or YAML, each part or all.
+    let all = meshctl(&t, 0, &["config"]);
+    println!("meshctl config:\n{all}");
+    let row = |text: &str, start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start} row:\n{text}"))
+            .to_string()
+    };
+    assert!(row(&all, "demo/client ").ends_with("enrolled"), "{all}");
+    assert!(row(&all, "demo/server ").ends_with("remote"), "{all}");
+    assert!(all.contains("trust bundle: CA signer "), "{all}");
+    let cert = row(&all, &principal("client-sa"));
+    assert!(
+        cert.contains("CN=") || cert.contains("O="),
+        "the issuer is named: {cert}"
+    );
+    let certs: serde_json::Value =
+        serde_json::from_str(&meshctl(&t, 0, &["config", "certificates", "-o", "json"]))
+            .expect("json");
+    let c = &certs[0];
+    println!("meshctl config certificates -o json: {c}");
+    assert!(c["serial"].as_str().is_some_and(|s| !s.is_empty()), "{c}");
+    assert!(c["renewsInSeconds"].as_u64() > Some(0), "{c}");
+    assert!(
+        c["renewsInSeconds"].as_u64() < c["expiresInSeconds"].as_u64(),
+        "{c}"
+    );
+    assert_eq!(
+        c["chain"].as_array().map(Vec::len),
+        Some(2),
+        "leaf and signer: {c}"
+    );
+    assert_eq!(
+        c["chain"][0]["subjectAltNames"][0],
+        principal("client-sa"),
+        "{c}"
+    );
+    assert_eq!(c["chain"][1]["isCa"], true, "{c}");
+    let yaml = meshctl(&t, 0, &["config", "workloads", "-o", "yaml"]);
+    assert!(
+        yaml.contains("enrollment: enrolled") && yaml.contains("name: client"),
+        "{yaml}"
+    );
+    let bundle = meshctl(&t, 0, &["config", "bundle"]);
+    println!("meshctl config bundle:\n{bundle}");
+    assert!(
+        bundle.lines().count() >= 3,
+        "the roots are listed: {bundle}"
+    );
 
     // /tap with a bad filter: 400 and the reason.
     let bad = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/tap?pod=client");

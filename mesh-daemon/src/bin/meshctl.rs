@@ -127,6 +127,35 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// What a node's proxy holds (as `istioctl ztunnel-config`): workloads and their enrollment,
+    /// services and endpoints, policies, routes, certificates (chain, serial, issuer, validity,
+    /// renewal) and the trust bundle.
+    Config {
+        #[arg(value_enum, default_value = "all")]
+        what: ConfigPart,
+        #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000", value_parser = admin_endpoint)]
+        admin: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: ConfigOutput,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ConfigPart {
+    All,
+    Workloads,
+    Services,
+    Policies,
+    Routes,
+    Certificates,
+    Bundle,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ConfigOutput {
+    Table,
+    Json,
+    Yaml,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -267,6 +296,11 @@ fn main() -> ExitCode {
             tap(&admin, &q.join("&"), count, output)
         }
         Command::Identity { admin, output } => identity(&admin, output),
+        Command::Config {
+            what,
+            admin,
+            output,
+        } => config(&admin, what, output),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -957,6 +991,195 @@ fn tap(admin: &str, query: &str, count: Option<u64>, output: Output) -> Result<(
         n += 1;
         Ok(count.is_none_or(|c| n < c))
     })
+}
+
+/// `meshctl config`: the node's `/config_dump`, one part or all, as tables, JSON or YAML.
+fn config(admin: &str, what: ConfigPart, output: ConfigOutput) -> Result<(), String> {
+    use serde_json::Value;
+    let dump: Value = serde_json::from_str(&get_text(admin, "/config_dump")?)
+        .map_err(|e| format!("{admin}/config_dump is not JSON: {e}"))?;
+    let part = |key: &str| dump.get(key).cloned().unwrap_or(Value::Null);
+    let chosen = match what {
+        ConfigPart::All => dump.clone(),
+        ConfigPart::Workloads => part("workloads"),
+        ConfigPart::Services => part("services"),
+        ConfigPart::Policies => part("policies"),
+        ConfigPart::Routes => part("routes"),
+        ConfigPart::Certificates => part("certificates"),
+        ConfigPart::Bundle => part("trustBundle"),
+    };
+    match output {
+        ConfigOutput::Json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&chosen).unwrap_or_default()
+            );
+            return Ok(());
+        }
+        ConfigOutput::Yaml => {
+            print!(
+                "{}",
+                serde_norway::to_string(&chosen).map_err(|e| e.to_string())?
+            );
+            return Ok(());
+        }
+        ConfigOutput::Table => {}
+    }
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let s = |v: &Value, k: &str| match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    };
+    let when = |secs: &Value| {
+        secs.as_u64().map_or("-".to_string(), |s| {
+            let (d, h, m) = (s / 86400, s % 86400 / 3600, s % 3600 / 60);
+            match (d, h) {
+                (0, 0) => format!("{m}m{}s", s % 60),
+                (0, _) => format!("{h}h{m}m"),
+                _ => format!("{d}d{h}h"),
+            }
+        })
+    };
+    let show = |p: ConfigPart| what == ConfigPart::All || what == p;
+    if what == ConfigPart::All {
+        let node = dump.get("node").cloned().unwrap_or_default();
+        println!(
+            "node {} (address {}, mesh source {})\n",
+            s(&node, "name"),
+            s(&node, "address"),
+            s(&node, "meshSource")
+        );
+    }
+    if show(ConfigPart::Workloads) {
+        println!(
+            "{:<32} {:<15} {:<10} {:<8} {:<52} ENROLLMENT",
+            "WORKLOAD", "IP", "NODE", "MODE", "IDENTITY"
+        );
+        for w in list(&part("workloads")) {
+            println!(
+                "{:<32} {:<15} {:<10} {:<8} {:<52} {}",
+                format!("{}/{}", s(&w, "namespace"), s(&w, "name")),
+                s(&w, "ip"),
+                s(&w, "node"),
+                s(&w, "mode"),
+                s(&w, "identity"),
+                s(&w, "enrollment"),
+            );
+        }
+        println!();
+    }
+    if show(ConfigPart::Services) {
+        println!(
+            "{:<32} {:<21} {:<10} ENDPOINTS",
+            "SERVICE", "ADDRESS", "PROTOCOL"
+        );
+        for svc in list(&part("services")) {
+            let eps: Vec<String> = list(&svc["endpoints"])
+                .iter()
+                .map(|e| format!("{} ({})", s(e, "address"), s(e, "workload")))
+                .collect();
+            println!(
+                "{:<32} {:<21} {:<10} {}",
+                format!("{}/{}", s(&svc, "namespace"), s(&svc, "name")),
+                s(&svc, "address"),
+                s(&svc, "appProtocol"),
+                if eps.is_empty() {
+                    "none (no ready pod matches the selector)".to_string()
+                } else {
+                    eps.join(", ")
+                },
+            );
+        }
+        println!();
+    }
+    if show(ConfigPart::Policies) {
+        println!(
+            "{:<32} {:<6} {:<24} {:<12} FROM",
+            "POLICY", "ACTION", "SELECTOR", "PORTS"
+        );
+        for p in list(&part("policies")) {
+            println!(
+                "{:<32} {:<6} {:<24} {:<12} {}",
+                format!("{}/{}", s(&p, "namespace"), s(&p, "name")),
+                s(&p, "action"),
+                s(&p, "selector"),
+                s(&p, "ports"),
+                s(&p, "from"),
+            );
+        }
+        println!();
+    }
+    if show(ConfigPart::Routes) {
+        println!("{:<32} {:<10} {:<28} RULES", "ROUTE", "KIND", "PARENTS");
+        for r in list(&part("routes")) {
+            // `kind` is the upstream type by name: {"HTTPRoute": <spec>}.
+            let (kind, spec) = r
+                .get("kind")
+                .and_then(|k| k.as_object())
+                .and_then(|o| o.iter().next())
+                .map_or(("-".to_string(), Value::Null), |(k, v)| {
+                    (k.clone(), v.clone())
+                });
+            let parents: Vec<String> = list(&spec["parentRefs"])
+                .iter()
+                .map(|p| match p.get("port").and_then(|x| x.as_u64()) {
+                    Some(port) => format!("{}:{port}", s(p, "name")),
+                    None => s(p, "name"),
+                })
+                .collect();
+            println!(
+                "{:<32} {:<10} {:<28} {}",
+                format!("{}/{}", s(&r, "namespace"), s(&r, "name")),
+                kind,
+                parents.join(","),
+                list(&spec["rules"]).len(),
+            );
+        }
+        println!();
+    }
+    if show(ConfigPart::Certificates) {
+        println!(
+            "{:<52} {:<59} {:>10} {:>10} {:<6} ISSUER",
+            "IDENTITY", "SERIAL", "EXPIRES IN", "RENEWS IN", "CHAIN"
+        );
+        for c in list(&part("certificates")) {
+            println!(
+                "{:<52} {:<59} {:>10} {:>10} {:<6} {}",
+                s(&c, "identity"),
+                s(&c, "serial"),
+                when(&c["expiresInSeconds"]),
+                when(&c["renewsInSeconds"]),
+                s(&c, "chainLength"),
+                s(&c, "issuer"),
+            );
+        }
+        println!();
+    }
+    if show(ConfigPart::Bundle) {
+        let b = part("trustBundle");
+        println!("trust bundle: CA signer {}", s(&b, "signer"));
+        println!("{:<18} {:<12} SUBJECT", "FINGERPRINT", "NOT AFTER");
+        for c in list(&b["certificates"]) {
+            let not_after = c["notAfter"].as_i64().map_or("-".to_string(), |t| {
+                let days = (t - now_unix()) / 86400;
+                format!("in {days}d")
+            });
+            println!(
+                "{:<18} {:<12} {}",
+                s(&c, "fingerprint"),
+                not_after,
+                s(&c, "subject")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn identity(admin: &str, output: Output) -> Result<(), String> {

@@ -71,6 +71,9 @@ pub struct Svid {
     pub not_after: SystemTime,
     /// Fingerprint of the signer that issued it.
     pub signer: String,
+    /// When it is due for renewal (half of the validity left when it arrived; until then, its
+    /// expiry).
+    pub renews_at: SystemTime,
 }
 
 pub struct Manager {
@@ -311,6 +314,10 @@ impl Manager {
                     let valid_for = svid.not_after.duration_since(arrived).unwrap_or_default();
                     info!(identity = %id, ?valid_for, signer = %svid.signer, renewal, "SVID in hand");
                     let renew_at = arrived + valid_for / 2;
+                    let svid = Svid {
+                        renews_at: renew_at,
+                        ..svid
+                    };
                     let svid_signer = svid.signer.clone();
                     self.svids
                         .write()
@@ -402,6 +409,7 @@ impl Manager {
             not_before,
             not_after,
             signer: issued.signer,
+            renews_at: not_after,
         })
     }
 
