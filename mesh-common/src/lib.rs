@@ -29,7 +29,29 @@ pub mod map_names {
     pub const SPLICE_CONTROL: &str = "NM_SPLICE_CONTROL";
     /// `RingBuf` of `u64` socket cookies: "this splice reached its limit; look at it".
     pub const SPLICE_EVENTS: &str = "NM_SPLICE_EVENTS";
+    /// `RingBuf` of [`DenyEvent`](super::DenyEvent)s: SYNs `nm_ingress` dropped for a STRICT pod,
+    /// at most [`DENY_EVENTS_PER_SECOND`](super::DENY_EVENTS_PER_SECOND) per CPU.
+    pub const DENY_EVENTS: &str = "NM_DENY_EVENTS";
+    /// `PerCpuArray<[u64; 2]>` of one slot: the deny events' rate window (start, sent in it).
+    pub const DENY_RATE: &str = "NM_DENY_RATE";
 }
+
+/// A SYN `nm_ingress` dropped: which pod (its enrolled cgroup) and who knocked, on which port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DenyEvent {
+    /// The enrolled pod-level cgroup of the receiving socket.
+    pub cgroup_id: u64,
+    /// Source address, network byte order.
+    pub saddr: u32,
+    /// Source and destination ports, host order.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Deny events each CPU may send per second; a flood of SYNs beyond it is still dropped and
+/// counted (`inbound_denied`), its events only counted (`deny_event_dropped`).
+pub const DENY_EVENTS_PER_SECOND: u64 = 64;
 
 /// Names of the programs in the kernel object (function names, which differ from the sections).
 pub mod prog_names {
@@ -205,10 +227,12 @@ pub enum Counter {
     /// Segments `nm_splice` passed to the proxy: the direction was paused for a slow receiver, or
     /// the proxy was still relaying bytes passed before.
     SplicePassed,
+    /// Deny events not sent: over the per-CPU rate, or the ring buffer was full.
+    DenyEventDropped,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectEnrolled,
@@ -225,6 +249,7 @@ impl Counter {
         Counter::InboundPlaintext,
         Counter::InboundDenied,
         Counter::SplicePassed,
+        Counter::DenyEventDropped,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -245,6 +270,7 @@ impl Counter {
             Counter::InboundPlaintext => "inbound_plaintext",
             Counter::InboundDenied => "inbound_denied",
             Counter::SplicePassed => "splice_passed",
+            Counter::DenyEventDropped => "deny_event_dropped",
         }
     }
 }
@@ -274,6 +300,8 @@ mod user {
     unsafe impl aya::Pod for super::SpliceCount {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SpliceControl {}
+    // SAFETY: repr(C), plain integers, no padding (8 + 4 + 2 + 2 bytes).
+    unsafe impl aya::Pod for super::DenyEvent {}
 }
 
 #[cfg(test)]

@@ -179,7 +179,8 @@ async fn serve(
         identity::tls::server_config(identity.clone())
             .context("cannot build the HBONE TLS configuration")?,
     );
-    let datapath = Datapath::load(&dp_cfg)?;
+    let mut datapath = Datapath::load(&dp_cfg)?;
+    let deny_events = datapath.take_deny_events();
     info!(programs = ?datapath.program_names(), fail_closed = cfg.pin_dir.is_some(), pin_dir = ?cfg.pin_dir, "eBPF programs attached");
     obs.ready
         .attached
@@ -274,6 +275,12 @@ async fn serve(
     let inbound = Inbound::new(in_listener, inputs.clone());
     info!(outbound = %outbound.local_addr()?, hbone = %cfg.hbone, metrics = %cfg.metrics, health = %cfg.health, admin = %cfg.admin, inbound = ?cfg.inbound, "ready");
     let servers = [tokio::spawn(outbound.run()), tokio::spawn(inbound.run())];
+    if let Some(events) = deny_events {
+        tokio::spawn(mesh_daemon::proxy::kernel_events::run(
+            events,
+            inputs.clone(),
+        ));
+    }
     tokio::spawn(mesh_daemon::proxy::prune_caches(
         inputs.clone(),
         inputs.state.subscribe(),

@@ -8,6 +8,7 @@ pub mod h2;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
+pub mod kernel_events;
 pub mod l7cache;
 pub mod observe;
 pub mod outbound;

@@ -12,9 +12,9 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use mesh_common::{Counter, ENROLL_STRICT, Enrollment, MAX_PROBE_PORTS};
+use mesh_common::{Counter, DenyEvent, ENROLL_STRICT, Enrollment, MAX_PROBE_PORTS};
 
-use crate::maps::{config, count, enrolled_ancestor_by};
+use crate::maps::{config, count, deny_event, enrolled_ancestor_by};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -49,7 +49,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Option<i32> {
     if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
         return None;
     }
-    let (_, enrollment) = enrolled_ancestor_of_skb(ctx)?;
+    let (cgroup_id, enrollment) = enrolled_ancestor_of_skb(ctx)?;
     // Sidecar mode: the proxy lives in the pod, and a SYN to one of its own listeners (HBONE from
     // peers' sidecars, the outbound port from the app, metrics, health) is the mesh's business;
     // the proxy marks every listener, and checks mTLS itself where that applies.
@@ -63,6 +63,14 @@ fn try_ingress(ctx: &SkBuffContext) -> Option<i32> {
     let dport = u16::from_be(ctx.load::<u16>(ihl + 2).ok()?);
     if enrollment.flags & ENROLL_STRICT != 0 && !is_probe_port(&enrollment, dport) {
         count(Counter::InboundDenied);
+        // Who knocked: an operator sees the pod, the port and the source, not only a count.
+        let sport = ctx.load::<u16>(ihl).map_or(0, u16::from_be);
+        deny_event(&DenyEvent {
+            cgroup_id,
+            saddr,
+            sport,
+            dport,
+        });
         return Some(DROP);
     }
     count(Counter::InboundPlaintext);

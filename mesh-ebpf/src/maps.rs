@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    ConnKey, Counter, ENROLLED_CAPACITY, Enrollment, MAX_CGROUP_LEVEL, ORIG_MAP_CAPACITY, OrigDst,
-    ProxyConfig, SPLICE_CAPACITY, SpliceControl, SpliceCount,
+    ConnKey, Counter, DENY_EVENTS_PER_SECOND, DenyEvent, ENROLLED_CAPACITY, Enrollment,
+    MAX_CGROUP_LEVEL, ORIG_MAP_CAPACITY, OrigDst, ProxyConfig, SPLICE_CAPACITY, SpliceControl,
+    SpliceCount,
 };
 
 #[map(name = "NM_ENROLLED")]
@@ -45,6 +46,36 @@ pub static SPLICE_CONTROL: HashMap<u64, SpliceControl> =
 /// 4096 events of 16 bytes; the daemon drains it as events come.
 #[map(name = "NM_SPLICE_EVENTS")]
 pub static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// 1024 slots of 24 bytes (16 of event, 8 of ring header); the daemon drains it as events come.
+#[map(name = "NM_DENY_EVENTS")]
+pub static DENY_EVENTS: RingBuf = RingBuf::with_byte_size(24 * 1024, 0);
+
+#[map(name = "NM_DENY_RATE")]
+pub static DENY_RATE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sends a deny event, at most `DENY_EVENTS_PER_SECOND` per CPU (a SYN flood must not turn into
+/// an event flood); the rest are counted.
+#[inline(always)]
+pub fn deny_event(event: &DenyEvent) {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let Some(slot) = DENY_RATE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, valid for the program's run and written by no other CPU.
+    let allowed = unsafe {
+        if now.wrapping_sub((*slot)[0]) > 1_000_000_000 {
+            (*slot)[0] = now;
+            (*slot)[1] = 0;
+        }
+        (*slot)[1] += 1;
+        (*slot)[1] <= DENY_EVENTS_PER_SECOND
+    };
+    if !allowed || DENY_EVENTS.output::<DenyEvent>(event, 0).is_err() {
+        count(Counter::DenyEventDropped);
+    }
+}
 
 /// Adds one to a per-CPU counter (no atomics needed: the slot belongs to this CPU).
 #[inline(always)]

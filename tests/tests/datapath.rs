@@ -413,6 +413,15 @@ fn strict_inbound_admits_only_the_mesh_and_probe_ports(sockmap: bool) {
 
     let (ok, out) = t.connect("client", &format!("{ip}:7000"), &["--send", "4096"]);
     assert!(ok && out.contains("echo=ok"), "meshed client: {out}");
+    // The kernel's drop shows on node 2's tap, with the pod, the port and who knocked.
+    let mut tap = {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net={}", t.nodes[1].ns.path().display()))
+            .arg(nodemesh_tests::bin("meshctl"))
+            .args(["tap", "--workload", "server"]);
+        nodemesh_tests::process::Proc::spawn("meshctl tap on node 2", c)
+    };
+    tap.wait_for("following", Duration::from_secs(5));
     let (ok, out) = t.connect(
         "stranger",
         &format!("{ip}:7000"),
@@ -420,6 +429,27 @@ fn strict_inbound_admits_only_the_mesh_and_probe_ports(sockmap: bool) {
     );
     assert!(!ok, "plaintext to a STRICT pod must not connect: {out}");
     println!("stranger → strict pod: {out}");
+    let line = tap.wait_for("strict_plaintext", Duration::from_secs(5));
+    println!("  node 2 tap: {line}");
+    let stranger = t.pod("stranger").ip.clone();
+    assert!(
+        line.starts_with("refused inbound")
+            && line.contains("-> demo/server")
+            && line.contains(&format!("from {stranger}:"))
+            && line.contains("port 7000"),
+        "{line}"
+    );
+    let labelled = t.wait_metric(
+        1,
+        "nodemesh_tcp_connections_failed_total",
+        &[
+            ("reporter", "inbound"),
+            ("destination_workload", "server"),
+            ("reason", "strict_plaintext"),
+        ],
+        1,
+    );
+    assert!(labelled >= 1, "the drop is counted with the pod's workload");
     let (ok, out) = t.connect("stranger", &format!("{ip}:8081"), &["--send", "10"]);
     assert!(ok && out.contains("echo=ok"), "declared probe port: {out}");
     let denied = t.wait_metric(

@@ -269,6 +269,8 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     orig: Arc<OrigDstTable>,
     splice: Option<Arc<SpliceMaps>>,
+    /// `nm_ingress`'s deny events, taken once by the task that reads them.
+    deny_events: Option<RingBuf<MapData>>,
     cgroup_root: PathBuf,
     program_names: Vec<&'static str>,
     /// Links that outlive the daemon (fail closed), in this generation's pin folder.
@@ -396,6 +398,7 @@ impl Datapath {
                 map: Mutex::new(take_map(&mut ebpf, map_names::ORIG_BY_ADDR)?),
             }),
             splice,
+            deny_events: Some(take_map(&mut ebpf, map_names::DENY_EVENTS)?),
             _ebpf: ebpf,
             cgroup_root: cfg.cgroup_root.clone(),
             program_names: names,
@@ -465,6 +468,12 @@ impl Datapath {
     /// The splice maps, when the same-node fast path is on.
     pub fn splice_maps(&self) -> Option<Arc<SpliceMaps>> {
         self.splice.clone()
+    }
+
+    /// The ring buffer of SYNs dropped for STRICT pods ([`mesh_common::DenyEvent`]), for the one
+    /// task that reads it.
+    pub fn take_deny_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.deny_events.take()
     }
 
     /// Entries per map, for `ebpf_map_entries{map}` and `/debug/ebpf`. Only the enrollment
