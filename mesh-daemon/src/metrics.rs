@@ -80,7 +80,10 @@ pub const REQUEST_LABELS: [&str; 13] = [
 
 /// Labels of the per-edge TCP families, in this order. Principals are SPIFFE IDs: the source's
 /// as the kernel attributed it (outbound) or as its client certificate proved it (inbound).
-pub const EDGE_LABELS: [&str; 7] = [
+/// `destination_service` (`namespace/name`, as on the request families) is the service the
+/// client dialled (outbound) or the local service whose endpoint the tunnel reached (inbound);
+/// `unknown` for a pod dialled directly.
+pub const EDGE_LABELS: [&str; 8] = [
     "reporter",
     "source_workload",
     "source_namespace",
@@ -88,16 +91,18 @@ pub const EDGE_LABELS: [&str; 7] = [
     "destination_workload",
     "destination_namespace",
     "destination_principal",
+    "destination_service",
 ];
-const WL_LABELS: [&str; 7] = EDGE_LABELS;
+const WL_LABELS: [&str; 8] = EDGE_LABELS;
 /// Labels of `tcp_connections_failed_total`: an edge's workloads (no principals: a refusal's
 /// source is often unproven) and the reason.
-pub const FAILED_LABELS: [&str; 6] = [
+pub const FAILED_LABELS: [&str; 7] = [
     "reporter",
     "source_workload",
     "source_namespace",
     "destination_workload",
     "destination_namespace",
+    "destination_service",
     "reason",
 ];
 
@@ -113,7 +118,7 @@ pub fn unknown_edge(reporter: &str) -> Edge {
     })
 }
 /// One edge's label values, in [`EDGE_LABELS`] order.
-pub type Edge = [String; 7];
+pub type Edge = [String; 8];
 
 impl Metrics {
     pub fn new() -> Self {

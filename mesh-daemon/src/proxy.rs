@@ -77,7 +77,9 @@ impl Inputs {
     ) {
         self.metrics
             .tcp_failed
-            .with_label_values(&[&edge[0], &edge[1], &edge[2], &edge[4], &edge[5], reason])
+            .with_label_values(&[
+                &edge[0], &edge[1], &edge[2], &edge[4], &edge[5], &edge[7], reason,
+            ])
             .inc();
         let why = format!("{reason}: {detail}");
         self.tap(

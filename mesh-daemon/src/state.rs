@@ -143,11 +143,20 @@ pub struct Snapshot {
     pub routes: Vec<RouteDesc>,
     /// The same routes compiled, keyed by the VIP:port of the service port they attach to.
     pub route_tables: HashMap<SocketAddr, Arc<routes::RouteTable>>,
+    /// Endpoint (pod address and target port) of a workload on this node → the service it
+    /// serves (`namespace/name`; the first by name when several select it): the
+    /// `destination_service` of an inbound tunnel.
+    local_services: HashMap<SocketAddr, String>,
 }
 
 impl Snapshot {
     pub fn workload(&self, id: u32) -> Option<&Arc<Workload>> {
         self.workloads_by_id.get(&id)
+    }
+
+    /// The service (`namespace/name`) a local endpoint serves, if any.
+    pub fn local_service_of(&self, endpoint: SocketAddr) -> Option<&str> {
+        self.local_services.get(&endpoint).map(String::as_str)
     }
 
     /// The workloads this daemon serves: the node-mode ones on its node, or a sidecar's pod.
@@ -331,13 +340,24 @@ impl State {
                     .collect(),
             };
             for p in &s.ports {
-                let endpoints = selected
+                let endpoints: Vec<Endpoint> = selected
                     .iter()
                     .map(|wl| Endpoint {
                         addr: SocketAddr::new(IpAddr::V4(wl.ip), p.target_port),
                         workload: wl.clone(),
                     })
                     .collect();
+                let name = format!("{}/{}", s.namespace, s.name);
+                for ep in endpoints.iter().filter(|e| e.workload.node == me) {
+                    snap.local_services
+                        .entry(ep.addr)
+                        .and_modify(|n| {
+                            if name < *n {
+                                n.clone_from(&name);
+                            }
+                        })
+                        .or_insert_with(|| name.clone());
+                }
                 snap.services.insert(
                     SocketAddr::new(IpAddr::V4(s.vip), p.port),
                     Arc::new(Service {

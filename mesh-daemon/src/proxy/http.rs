@@ -735,12 +735,14 @@ async fn forward(
             (Response::from_parts(parts, body.boxed()), picked)
         }
         Err(e) => {
-            let (status, reason) = match e.downcast_ref::<Refused>() {
+            let (status, reason) = match refusal(&e) {
                 Some(r) => (r.status, r.reason),
                 None => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             };
-            warn!(source = %client.source.display(), backend = %d.backend, error = %e, "request failed");
-            (local_response(status, reason, &e.to_string()), None)
+            // The endpoint that failed, when one was picked: the request's destination workload.
+            let at = e.downcast_ref::<AtEndpoint>().map(|a| a.workload.clone());
+            warn!(source = %client.source.display(), backend = %d.backend, endpoint = ?at.as_ref().map(|w| w.display()), error = %e, "request failed");
+            (local_response(status, reason, &e.to_string()), at)
         }
     }
 }
@@ -772,7 +774,7 @@ impl Attempt {
     fn retryable(&self, statuses: bool, codes: &[u16]) -> bool {
         match self {
             Attempt::Answered(r) => statuses && codes.contains(&r.status().as_u16()),
-            Attempt::Failed(e) => e.downcast_ref::<Refused>().is_some_and(|r| r.retryable),
+            Attempt::Failed(e) => refusal(e).is_some_and(|r| r.retryable),
             Attempt::TimedOut => false,
         }
     }
@@ -939,6 +941,33 @@ fn pool(inputs: &Arc<Inputs>, client: &Client, endpoint: SocketAddr, h2: bool) -
     p
 }
 
+/// An endpoint's error, with the endpoint: a failed request still names its destination.
+#[derive(Debug)]
+struct AtEndpoint {
+    workload: Arc<Workload>,
+    error: BoxError,
+}
+
+impl std::fmt::Display for AtEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for AtEndpoint {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// The refusal `e` is, directly or from an endpoint.
+fn refusal(e: &BoxError) -> Option<&Refused> {
+    e.downcast_ref::<Refused>().or_else(|| {
+        e.downcast_ref::<AtEndpoint>()
+            .and_then(|a| a.error.downcast_ref::<Refused>())
+    })
+}
+
 /// A refusal decided on the way to an endpoint (policy, no certificate, tunnel refused).
 #[derive(Debug, thiserror::Error)]
 #[error("{detail}")]
@@ -1069,7 +1098,12 @@ impl Service<Request<ReqBody>> for Endpoint {
                     ])
                     .inc();
             }
-            let mut resp = result?;
+            let mut resp = result.map_err(|error| {
+                Box::new(AtEndpoint {
+                    workload: ep.workload.clone(),
+                    error,
+                }) as BoxError
+            })?;
             resp.extensions_mut().insert(Picked(ep.workload.clone()));
             Ok(resp)
         })

@@ -231,6 +231,9 @@ fn refusal_edge(
         edge[5].clone_from(&w.namespace);
         edge[6] = w.identity(td).to_string();
     }
+    if let Some(s) = target.and_then(|t| snap.local_service_of(t)) {
+        edge[7] = s.to_string();
+    }
     (edge, target.unwrap_or(peer.addr))
 }
 
@@ -283,6 +286,9 @@ async fn tunnel(
         }
     };
     let source_ip = snap.mesh_source();
+    let service = snap
+        .local_service_of(target)
+        .map_or_else(|| "unknown".to_string(), str::to_string);
     // A tunnel may live for hours; it must not pin this snapshot in memory.
     drop(snap);
     let pod = match crate::socket::connect_marked(target, inputs.proxy_mark, source_ip).await {
@@ -296,6 +302,7 @@ async fn tunnel(
             edge[4].clone_from(&dst.name);
             edge[5].clone_from(&dst.namespace);
             edge[6] = dst_id.to_string();
+            edge[7].clone_from(&service);
             return refuse(
                 &inputs,
                 respond,
@@ -322,6 +329,7 @@ async fn tunnel(
         dst.name.clone(),
         dst.namespace.clone(),
         dst_id.to_string(),
+        service,
     ];
     info!(peer = %peer.addr, %target, workload = %dst.display(), source_principal = %peer.ids.source, source_workload = %labels[1], policy = verdict.policy(), "inbound tunnel");
     inputs.metrics.opened(&labels);

@@ -195,18 +195,22 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             }
         }
     }
+    let service = match &destination {
+        Destination::Service(svc) => format!("{}/{}", svc.namespace, svc.name),
+        _ => "unknown".to_string(),
+    };
     // The destination, then (for a service) the endpoint, then the route to it.
     let (target, picked) = match destination {
         Destination::Service(svc) => match inputs.balancer.pick(&svc.endpoints) {
             Some((ep, guard)) => (ep.addr, Some((ep.addr, guard))),
             None => {
-                let service = format!("{}/{}", svc.namespace, svc.name);
                 warn!(%peer, dst = %orig, %service, "no route for captured connection: the service has no endpoints");
                 let td = inputs.identity.trust_domain();
                 let mut edge = unknown_edge("outbound");
                 edge[1].clone_from(&src.name);
                 edge[2].clone_from(&src.namespace);
                 edge[3] = src.identity(td).to_string();
+                edge[7].clone_from(&service);
                 let detail = format!(
                     "service {service} has no endpoints (no ready pod matches its selector)"
                 );
@@ -242,6 +246,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
             .as_ref()
             .map_or("unknown".into(), |w| w.namespace.clone()),
         dst_id.as_ref().map_or("unknown".into(), |i| i.to_string()),
+        service,
     ];
     // Same node: no HBONE hop, so this proxy is also the destination's and enforces its policies
     // here, with the identity the kernel attributed.
