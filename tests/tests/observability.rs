@@ -826,3 +826,130 @@ fn every_refusal_shows_on_tap_with_its_reason_and_in_the_labelled_failure_metric
         "{refused}"
     );
 }
+
+/// `mesh-app exec -- <argv>` in a pod, in the background.
+fn exec_in_background(t: &Topology, pod: &str, argv: &[&str]) -> Proc {
+    let p = t.pod(pod);
+    let mut cmd = Command::new(bin("mesh-app"));
+    cmd.arg("--cgroup")
+        .arg(&p.cgroup)
+        .args(["--netns", p.ns.name(), "exec", "--"])
+        .args(argv);
+    Proc::spawn(&format!("{} in {pod}", argv[0]), cmd)
+}
+
+/// `meshctl stat --window` over a known load: two callers send 25 requests per second each
+/// (curl's --rate) to one service; a policy denies one of them. The window's rates are those of
+/// the load, and the denied caller's requests show as failures, per edge and per service.
+#[test]
+fn stat_window_reports_the_rate_of_a_known_load_and_the_failures_of_a_denied_caller() {
+    require_root("stat_window_reports_the_rate_of_a_known_load");
+    const RATE: f64 = 25.0;
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("other", 0, "other"),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo").app_protocol("http")];
+    let mut t = Topology::build("obw", 2, &pods, &services);
+    t.start(DaemonOpts::default());
+    t.serve_with("server", "http-server", 7000, &["--name", "server"]);
+    let base = std::fs::read_to_string(t.mesh_file_path()).expect("mesh file");
+    t.rewrite_mesh_file(&format!(
+        "{base}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
+         selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
+         [{other}]\n",
+        other = principal("other-sa"),
+    ));
+    for i in 0..2 {
+        t.daemon(i)
+            .wait_for_count("mesh file loaded", 2, Duration::from_secs(5));
+    }
+    // 25/s for 18 s from each caller: the 10-s window opens 3 s in and closes well before.
+    let urls = format!("http://{VIP}/r[1-{}]", (RATE * 18.0) as u32);
+    let rate = format!("{RATE}/s");
+    let curl = [
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "5",
+        "--rate",
+        &rate,
+        &urls,
+    ];
+    let mut loads = [
+        exec_in_background(&t, "client", &curl),
+        exec_in_background(&t, "other", &curl),
+    ];
+    std::thread::sleep(Duration::from_secs(3));
+    let nodes = "10.203.0.1:15020,10.203.0.2:15020";
+    let started = std::time::Instant::now();
+    let stat: serde_json::Value = serde_json::from_str(&meshctl(
+        &t,
+        0,
+        &[
+            "stat", "--node", nodes, "--by", "edge", "--window", "10s", "-o", "json",
+        ],
+    ))
+    .expect("json");
+    println!(
+        "meshctl stat --by edge --window 10s -o json ({:.1} s): {stat:#}",
+        started.elapsed().as_secs_f64()
+    );
+    let by_service = meshctl(
+        &t,
+        0,
+        &[
+            "stat", "--node", nodes, "--by", "service", "--window", "5s", "-o", "wide",
+        ],
+    );
+    println!("meshctl stat --by service --window 5s -o wide:\n{by_service}");
+    for l in &mut loads {
+        l.wait_exit(Duration::from_secs(30));
+    }
+    let row = |name: &str| {
+        stat.as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == name))
+            .unwrap_or_else(|| panic!("no row {name}: {stat}"))
+            .clone()
+    };
+    let window = row("demo/client -> demo/server")["window_seconds"]
+        .as_f64()
+        .expect("a window");
+    assert!((10.0..12.0).contains(&window), "window {window} s");
+    let within = |what: &str, v: f64| {
+        assert!(
+            (v - RATE).abs() <= RATE * 0.1,
+            "{what}: {v:.2}/s, the load is {RATE}/s (within 10 %)"
+        );
+    };
+    let ok = row("demo/client -> demo/server");
+    within(
+        "client → server requests",
+        ok["requests_per_second"].as_f64().unwrap_or(0.0),
+    );
+    assert_eq!(ok["success_rate"].as_f64(), Some(1.0), "{ok}");
+    // The denied caller: each request is answered with a failure, or its connection refused.
+    let denied = row("demo/other -> demo/server");
+    let failures = denied["requests_per_second"].as_f64().unwrap_or(0.0)
+        * (1.0 - denied["success_rate"].as_f64().unwrap_or(1.0))
+        + denied["failed_per_second"].as_f64().unwrap_or(0.0);
+    within("other → server failures", failures);
+    // Per service: both callers' requests, half of them failed.
+    let svc = by_service
+        .lines()
+        .find(|l| l.starts_with("demo/echo "))
+        .unwrap_or_else(|| panic!("no demo/echo row:\n{by_service}"));
+    let cols: Vec<&str> = svc.split_whitespace().collect();
+    // SERVICE CONNS OPEN SENT RECEIVED RPS SUCCESS P50 P95 P99 FAILED CONN/s FAILED/s SENT/s RECEIVED/s
+    assert_eq!(cols.len(), 15, "wide columns: {svc}");
+    let rps: f64 = cols[5].parse().expect("RPS");
+    let success: f64 = cols[6].trim_end_matches('%').parse().expect("SUCCESS");
+    assert!(
+        (rps - 2.0 * RATE).abs() <= 2.0 * RATE * 0.1 && (40.0..=60.0).contains(&success),
+        "demo/echo: both callers' {} /s, half failed: {svc}",
+        2.0 * RATE
+    );
+}

@@ -30,6 +30,8 @@ struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
+    /// The table with more columns (rates of bytes and failures, principals, serials).
+    Wide,
     Json,
 }
 
@@ -70,7 +72,8 @@ enum Command {
     Stat {
         #[command(flatten)]
         nodes: Nodes,
-        /// Group by destination workload, (source, destination) edge, or service and route.
+        /// Group by destination workload, (source, destination) edge, destination service, or
+        /// service and route.
         #[arg(long, value_enum, default_value = "workload")]
         by: By,
         /// How long to watch (`30s`, `1m`): rates and percentiles of that window (default:
@@ -93,6 +96,9 @@ enum Command {
         /// Stop after this many refreshes (default: until interrupted).
         #[arg(long)]
         count: Option<u64>,
+        /// `json`: one JSON object per refresh (a line each), for scripts.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Who talks to whom: each edge with both ends' identities and whether it crossed as mTLS.
     Edges {
@@ -162,6 +168,8 @@ enum ConfigOutput {
 enum By {
     Workload,
     Edge,
+    /// The service the client dialled (`namespace/name`); direct pod traffic has none.
+    Service,
     Route,
 }
 
@@ -271,7 +279,8 @@ fn main() -> ExitCode {
             by,
             interval,
             count,
-        } => top(&nodes, by, interval, count),
+            output,
+        } => top(&nodes, by, interval, count, output),
         Command::Edges { nodes, output } => edges(&nodes, output),
         Command::Tap {
             admin,
@@ -632,12 +641,39 @@ fn route_key(s: &Sample) -> Option<String> {
     })
 }
 
+/// The dialled service (`destination_service`); none for traffic straight to a pod.
+fn service_key(s: &Sample) -> Option<String> {
+    match s.label("destination_service") {
+        "" | "unknown" => None,
+        svc => Some(svc.to_string()),
+    }
+}
+
 fn key_of(by: By) -> fn(&Sample) -> Option<String> {
     match by {
         By::Workload => workload_key,
         By::Edge => edge_key,
+        By::Service => service_key,
         By::Route => route_key,
     }
+}
+
+fn by_head(by: By) -> &'static str {
+    match by {
+        By::Workload => "WORKLOAD",
+        By::Edge => "EDGE",
+        By::Service => "SERVICE",
+        By::Route => "SERVICE ROUTE",
+    }
+}
+
+/// `n` per second over `secs`, or `-` without a window.
+fn per_sec(n: u64, secs: Option<f64>) -> String {
+    secs.map_or("-".into(), |s| format!("{:.1}", n as f64 / s))
+}
+
+fn bytes_per_sec(n: u64, secs: Option<f64>) -> String {
+    secs.map_or("-".into(), |s| human_bytes((n as f64 / s) as u64) + "/s")
 }
 
 fn human_bytes(b: u64) -> String {
@@ -689,7 +725,10 @@ fn stat(nodes: &Nodes, by: By, window: Option<Duration>, output: Output) -> Resu
                     "name": k,
                     "stats": r,
                     "success_rate": r.success_rate(),
+                    "window_seconds": secs,
                     "requests_per_second": secs.map(|s| r.requests as f64 / s),
+                    "connections_per_second": secs.map(|s| r.connections as f64 / s),
+                    "failed_per_second": secs.map(|s| r.failed as f64 / s),
                     "latency_ms_p50": r.quantile_ms(0.5),
                     "latency_ms_p95": r.quantile_ms(0.95),
                     "latency_ms_p99": r.quantile_ms(0.99),
@@ -699,23 +738,27 @@ fn stat(nodes: &Nodes, by: By, window: Option<Duration>, output: Output) -> Resu
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
     }
-    let head = match by {
-        By::Workload => "WORKLOAD",
-        By::Edge => "EDGE",
-        By::Route => "SERVICE ROUTE",
-    };
+    let head = by_head(by);
+    let wide = output == Output::Wide;
     let reqs = if secs.is_some() { "RPS" } else { "REQS" };
-    println!(
+    print!(
         "{head:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
         "CONNS", "OPEN", "SENT", "RECEIVED", reqs, "SUCCESS", "P50", "P95", "P99", "FAILED"
     );
+    if wide {
+        print!(
+            " {:>8} {:>9} {:>12} {:>12}",
+            "CONN/s", "FAILED/s", "SENT/s", "RECEIVED/s"
+        );
+    }
+    println!();
     for (k, r) in &rows {
         let requests = match (r.requests, secs) {
             (0, _) => "-".to_string(),
             (n, Some(s)) => format!("{:.1}", n as f64 / s),
             (n, None) => n.to_string(),
         };
-        println!(
+        print!(
             "{k:<44} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
             r.connections,
             r.connections.saturating_sub(r.closed),
@@ -729,6 +772,16 @@ fn stat(nodes: &Nodes, by: By, window: Option<Duration>, output: Output) -> Resu
             ms(r.quantile_ms(0.99)),
             r.failed,
         );
+        if wide {
+            print!(
+                " {:>8} {:>9} {:>12} {:>12}",
+                per_sec(r.connections, secs),
+                per_sec(r.failed, secs),
+                bytes_per_sec(r.bytes_sent, secs),
+                bytes_per_sec(r.bytes_received, secs),
+            );
+        }
+        println!();
     }
     if rows.is_empty() {
         println!("(no traffic seen yet on {})", nodes.nodes.join(", "));
@@ -736,8 +789,15 @@ fn stat(nodes: &Nodes, by: By, window: Option<Duration>, output: Output) -> Resu
     Ok(())
 }
 
-fn top(nodes: &Nodes, by: By, interval: u64, count: Option<u64>) -> Result<(), String> {
-    let tty = std::io::stdout().is_terminal();
+fn top(
+    nodes: &Nodes,
+    by: By,
+    interval: u64,
+    count: Option<u64>,
+    output: Output,
+) -> Result<(), String> {
+    let tty = std::io::stdout().is_terminal() && output != Output::Json;
+    let wide = output == Output::Wide;
     let key = key_of(by);
     let mut prev = rows(&scrape(nodes)?, key);
     let mut last = Instant::now();
@@ -758,17 +818,43 @@ fn top(nodes: &Nodes, by: By, interval: u64, count: Option<u64>) -> Result<(), S
             .collect();
         // busiest first: requests, then bytes
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)));
+        n += 1;
+        let done = count.is_some_and(|c| n >= c);
+        if output == Output::Json {
+            let rows: Vec<_> = ranked
+                .iter()
+                .map(|(rps, bytes, k, d)| {
+                    serde_json::json!({
+                        "name": k,
+                        "requests_per_second": rps,
+                        "bytes_per_second": bytes,
+                        "connections_per_second": d.connections as f64 / secs,
+                        "failed_per_second": d.failed as f64 / secs,
+                        "success_rate": d.success_rate(),
+                        "latency_ms_p50": d.quantile_ms(0.5),
+                        "latency_ms_p99": d.quantile_ms(0.99),
+                        "open": now.get(*k).map_or(0, |r| r.connections.saturating_sub(r.closed)),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({ "interval_seconds": secs, "rows": rows })
+            );
+            let _ = std::io::stdout().flush();
+            prev = now;
+            if done {
+                return Ok(());
+            }
+            continue;
+        }
         if tty {
             print!("\x1b[2J\x1b[H");
         }
-        println!(
+        print!(
             "meshctl top — {} node(s), every {interval}s (Ctrl-C to stop)\n{:<52} {:>8} {:>8} {:>8} {:>8} {:>9} {:>12} {:>6}",
             nodes.nodes.len(),
-            match by {
-                By::Workload => "WORKLOAD",
-                By::Edge => "EDGE",
-                By::Route => "SERVICE ROUTE",
-            },
+            by_head(by),
             "RPS",
             "SUCCESS",
             "P50",
@@ -777,11 +863,15 @@ fn top(nodes: &Nodes, by: By, interval: u64, count: Option<u64>) -> Result<(), S
             "BYTES/s",
             "OPEN"
         );
+        if wide {
+            print!(" {:>9} {:>8}", "FAILED/s", "P95");
+        }
+        println!();
         for (rps, b, k, d) in ranked.iter().take(20) {
             let open = now
                 .get(*k)
                 .map_or(0, |r| r.connections.saturating_sub(r.closed));
-            println!(
+            print!(
                 "{k:<52} {rps:>8.1} {:>8} {:>8} {:>8} {:>9.1} {:>12} {:>6}",
                 d.success_rate()
                     .map_or("-".into(), |s| format!("{:.1}%", s * 100.0)),
@@ -791,11 +881,18 @@ fn top(nodes: &Nodes, by: By, interval: u64, count: Option<u64>) -> Result<(), S
                 human_bytes(*b as u64) + "/s",
                 open
             );
+            if wide {
+                print!(
+                    " {:>9.1} {:>8}",
+                    d.failed as f64 / secs,
+                    ms(d.quantile_ms(0.95))
+                );
+            }
+            println!();
         }
         let _ = std::io::stdout().flush();
         prev = now;
-        n += 1;
-        if count.is_some_and(|c| n >= c) {
+        if done {
             return Ok(());
         }
     }
@@ -812,6 +909,9 @@ struct Edge {
     /// this edge ever opened; see `failed`).
     transport: &'static str,
     connections: u64,
+    /// Bytes from the source and to it, over the edge's connections (source side).
+    bytes_sent: u64,
+    bytes_received: u64,
     /// Connections of this edge refused or not completed, as the source's proxy counted them.
     failed: u64,
 }
@@ -836,7 +936,7 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
             None if s.label("destination_workload") != "unknown" => "same-node",
             None => "plaintext",
         };
-        list.push(Edge {
+        let e = Edge {
             source: format!(
                 "{}/{}",
                 s.label("source_namespace"),
@@ -853,8 +953,50 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
             destination_principal: s.label("destination_principal").to_string(),
             transport,
             connections: s.value as u64,
+            bytes_sent: 0,
+            bytes_received: 0,
             failed: 0,
-        });
+        };
+        // One row per edge: its series differ by the service dialled, which `stat --by service`
+        // shows.
+        match list.iter_mut().find(|x: &&mut Edge| {
+            x.source == e.source
+                && x.destination == e.destination
+                && x.source_principal == e.source_principal
+                && x.transport == e.transport
+        }) {
+            Some(x) => x.connections += e.connections,
+            None => list.push(e),
+        }
+    }
+    for s in samples.iter().filter(|s| s.label("reporter") == "outbound") {
+        let sent = match s.name.as_str() {
+            "nodemesh_tcp_sent_bytes_total" => true,
+            "nodemesh_tcp_received_bytes_total" => false,
+            _ => continue,
+        };
+        let (src, dst) = (
+            format!(
+                "{}/{}",
+                s.label("source_namespace"),
+                s.label("source_workload")
+            ),
+            format!(
+                "{}/{}",
+                s.label("destination_namespace"),
+                s.label("destination_workload")
+            ),
+        );
+        if let Some(e) = list
+            .iter_mut()
+            .find(|e| e.source == src && e.destination == dst)
+        {
+            if sent {
+                e.bytes_sent += s.value as u64;
+            } else {
+                e.bytes_received += s.value as u64;
+            }
+        }
     }
     // Refusals, from the source's side: beside the edge's successes, or as an edge of their own.
     for s in samples.iter().filter(|s| {
@@ -882,6 +1024,8 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
                 destination_principal: String::new(),
                 transport: "refused",
                 connections: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
                 failed: s.value as u64,
             }),
         }
@@ -893,7 +1037,8 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
         );
         return Ok(());
     }
-    println!(
+    let wide = output == Output::Wide;
+    print!(
         "{:<22} {:<22} {:<48} {:<48} {:<10} {:>6} {:>6}",
         "SOURCE",
         "DESTINATION",
@@ -903,8 +1048,12 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
         "CONNS",
         "FAILED"
     );
+    if wide {
+        print!(" {:>10} {:>10}", "SENT", "RECEIVED");
+    }
+    println!();
     for e in &list {
-        println!(
+        print!(
             "{:<22} {:<22} {:<48} {:<48} {:<10} {:>6} {:>6}",
             e.source,
             e.destination,
@@ -914,6 +1063,14 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
             e.connections,
             e.failed
         );
+        if wide {
+            print!(
+                " {:>10} {:>10}",
+                human_bytes(e.bytes_sent),
+                human_bytes(e.bytes_received)
+            );
+        }
+        println!();
     }
     Ok(())
 }
@@ -974,8 +1131,18 @@ fn tap(admin: &str, query: &str, count: Option<u64>, output: Output) -> Result<(
                 n += 1;
                 return Ok(count.is_none_or(|c| n < c));
             }
+            let principals = if output == Output::Wide {
+                format!(
+                    " {} -> {} at={:.3}",
+                    f("source_principal"),
+                    f("destination_principal"),
+                    v.get("ts").and_then(|t| t.as_f64()).unwrap_or(0.0)
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "{:<7} {:<8} {}/{} -> {}/{} ({}) route={} mtls={}{bytes}{reason}",
+                "{:<7} {:<8} {}/{} -> {}/{} ({}) route={} mtls={}{bytes}{reason}{principals}",
                 f("event"),
                 f("reporter"),
                 f("source_namespace"),
@@ -1207,18 +1374,29 @@ fn identity(admin: &str, output: Output) -> Result<(), String> {
         bundle.get("roots").and_then(|r| r.as_u64()).unwrap_or(0),
         bundle.get("signer").and_then(|s| s.as_str()).unwrap_or("?")
     );
-    println!("{:<56} {:>12} {:<18}", "IDENTITY", "EXPIRES IN", "SIGNER");
+    let wide = output == Output::Wide;
+    let hms = |secs: u64| format!("{}h{:02}m{:02}s", secs / 3600, secs / 60 % 60, secs % 60);
+    print!("{:<56} {:>12} {:<18}", "IDENTITY", "EXPIRES IN", "SIGNER");
+    if wide {
+        print!(" {:>12} {:<42}", "RENEWS IN", "SERIAL");
+    }
+    println!();
     for c in &certs {
-        let secs = c
-            .get("expiresInSeconds")
-            .and_then(|s| s.as_u64())
-            .unwrap_or(0);
-        println!(
+        let secs = |k: &str| c.get(k).and_then(|s| s.as_u64()).unwrap_or(0);
+        print!(
             "{:<56} {:>12} {:<18}",
             c.get("identity").and_then(|s| s.as_str()).unwrap_or("?"),
-            format!("{}h{:02}m{:02}s", secs / 3600, secs / 60 % 60, secs % 60),
+            hms(secs("expiresInSeconds")),
             c.get("signer").and_then(|s| s.as_str()).unwrap_or("?"),
         );
+        if wide {
+            print!(
+                " {:>12} {:<42}",
+                hms(secs("renewsInSeconds")),
+                c.get("serial").and_then(|s| s.as_str()).unwrap_or("?"),
+            );
+        }
+        println!();
     }
     Ok(())
 }
