@@ -58,11 +58,30 @@ pub fn apt_packages(list: &[(&str, &str)]) -> anyhow::Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing))
     };
-    install(false).or_else(|_| install(true)).with_context(|| {
-        format!(
-            "cannot install {}; install them with apt-get as root",
-            missing.join(" ")
-        )
+    // A fresh machine's index is often missing or weeks old: installing from it prints 404s for
+    // package versions the mirror no longer has before the retry below refreshes it.
+    install(apt_index_stale())
+        .or_else(|_| install(true))
+        .with_context(|| {
+            format!(
+                "cannot install {}; install them with apt-get as root",
+                missing.join(" ")
+            )
+        })
+}
+
+/// The apt index is missing (no package list downloaded) or older than a day.
+fn apt_index_stale() -> bool {
+    let newest = std::fs::read_dir("/var/lib/apt/lists")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("Packages"))
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max();
+    newest.is_none_or(|t| {
+        t.elapsed()
+            .is_ok_and(|age| age > std::time::Duration::from_secs(24 * 3600))
     })
 }
 
