@@ -147,6 +147,21 @@ fn metrics_and_meshctl_match_a_known_traffic_mix() {
     check(&m1, &edge("other", "server", "outbound"), 2, 100_000);
     check(&m2, &edge("other", "server", "inbound"), 2, 100_000);
     check(&m1, &edge("client", "local", "outbound"), 4, 40_000);
+    // destination_service: the service dialled (outbound), the local service whose endpoint the
+    // tunnel reached (inbound); a pod dialled by its address has none at the source.
+    for (m, src, reporter, service, conns) in [
+        (&m1, "other", "outbound", "demo/echo", 2),
+        (&m2, "other", "inbound", "demo/echo", 2),
+        (&m1, "client", "outbound", "unknown", 4),
+    ] {
+        let mut labels = edge(src, "server", reporter);
+        labels.push(("destination_service", service));
+        assert_eq!(
+            sample(m, "nodemesh_tcp_connections_opened_total", &labels),
+            conns,
+            "{labels:?}"
+        );
+    }
     let mut inbound_other = edge("other", "server", "inbound");
     let p_other = principal("other-sa");
     let p_server = principal("server-sa");
