@@ -968,3 +968,145 @@ fn stat_window_reports_the_rate_of_a_known_load_and_the_failures_of_a_denied_cal
         2.0 * RATE
     );
 }
+
+/// playwright-core as `cargo xtask setup` installs it (the env it sets, or its cache).
+fn playwright_core() -> String {
+    if let Ok(p) = std::env::var("NODEMESH_PLAYWRIGHT_CORE") {
+        return p;
+    }
+    std::fs::read_dir("/var/cache/nodemesh")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("node_modules/playwright-core"))
+        .find(|p| p.join("package.json").is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "playwright-core is not installed: run `cargo xtask setup` (cargo xtask test \
+                 installs it, with Debian's chromium)"
+            )
+        })
+        .display()
+        .to_string()
+}
+
+/// `meshctl dashboard` in headless Chromium: while client → server requests flow (HBONE, so
+/// mTLS) the page draws that edge green with its rate and success, and the edge a policy
+/// refuses (other → server) in red. The screenshot goes to target/dashboard.png.
+#[test]
+fn dashboard_draws_the_live_graph_in_a_headless_browser() {
+    require_root("dashboard_draws_the_live_graph");
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").is_file(),
+        "no /usr/bin/chromium: run `cargo xtask setup` (it installs Debian's chromium)"
+    );
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("other", 0, "other"),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo").app_protocol("http")];
+    let mut t = Topology::build("obd", 2, &pods, &services);
+    t.start(DaemonOpts::default());
+    t.serve_with("server", "http-server", 7000, &["--name", "server"]);
+    let base = std::fs::read_to_string(t.mesh_file_path()).expect("mesh file");
+    t.rewrite_mesh_file(&format!(
+        "{base}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
+         selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
+         [{other}]\n",
+        other = principal("other-sa"),
+    ));
+    for i in 0..2 {
+        t.daemon(i)
+            .wait_for_count("mesh file loaded", 2, Duration::from_secs(5));
+    }
+    // The refused edge: plain TCP from other straight to the server pod, refused at its node.
+    let server = format!("{}:7000", t.pod("server").ip);
+    for _ in 0..3 {
+        let (ok, out) = t.connect("other", &server, &["--send", "100"]);
+        assert!(
+            !ok || !out.contains("echo=ok"),
+            "other must be refused: {out}"
+        );
+    }
+    // Traffic that flows while the page is open: 10 requests per second for up to 60 s.
+    let urls = format!("http://{VIP}/d[1-600]");
+    let mut load = exec_in_background(
+        &t,
+        "client",
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "5",
+            "--rate",
+            "10/s",
+            &urls,
+        ],
+    );
+    let mut dash = {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", t.nodes[0].ns.path().display()))
+            .arg(bin("meshctl"))
+            .args([
+                "dashboard",
+                "--node",
+                "10.203.0.1:15020,10.203.0.2:15020",
+                "--listen",
+                "127.0.0.1:15080",
+            ]);
+        Proc::spawn("meshctl dashboard", c)
+    };
+    dash.wait_for("http://127.0.0.1:15080/", Duration::from_secs(10));
+    // Not served beyond loopback.
+    let out = meshctl_output(&t, 0, &["dashboard", "--listen", "10.203.0.1:15081"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("loopback only"),
+        "a non-loopback --listen is refused: {err}"
+    );
+    let shot = bin("meshctl")
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/")
+        .join("dashboard.png");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboard/check.cjs");
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.nodes[0].ns.path().display()))
+        .args(["node", script, "http://127.0.0.1:15080/"])
+        .arg(&shot)
+        .args([
+            "demo/client|demo/server|mtls",
+            "demo/other|demo/server|refused",
+        ])
+        .env("NODEMESH_PLAYWRIGHT_CORE", playwright_core())
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    println!(
+        "headless Chromium on meshctl dashboard:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    load.signal(libc::SIGTERM);
+    assert!(out.status.success(), "the browser check failed");
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line:\n{stdout}"))
+            .to_string()
+    };
+    let ok = line("edge demo/client -> demo/server state=mtls");
+    assert!(
+        ok.contains(" rps") && ok.contains("100.0% ok") && ok.contains("mTLS"),
+        "the flowing edge shows its rate, success and mTLS: {ok}"
+    );
+    let refused = line("edge demo/other -> demo/server state=refused");
+    assert!(
+        refused.contains("stroke=rgb(220, 38, 38)") && refused.contains("refused"),
+        "the refused edge is drawn red: {refused}"
+    );
+    assert!(shot.is_file(), "screenshot at {}", shot.display());
+}

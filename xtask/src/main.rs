@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
         Some("setup") => setup::all()
             .and_then(|()| setup::cargo_tools())
             .and_then(|()| kube::binaries().map(drop))
-            .and_then(|()| kube::validator()),
+            .and_then(|()| kube::validator())
+            .and_then(|()| setup::browser_tools()),
         Some("kube-test-server") => kube_test_server(),
         Some("demo") => demo(),
         Some("test") => test(),
@@ -236,6 +237,8 @@ fn test() -> anyhow::Result<()> {
     // the manifests' validator.
     kube::binaries()?;
     kube::validator()?;
+    // The dashboard's headless-browser test: Chromium and playwright-core.
+    setup::browser_tools()?;
     setup::cargo_tools()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     // Supply chain: licenses, banned crates and sources, all offline (deny.toml).

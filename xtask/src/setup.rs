@@ -322,3 +322,36 @@ pub fn target_dir() -> anyhow::Result<PathBuf> {
         .context("workspace root")?;
     Ok(root.join("target"))
 }
+
+/// What the dashboard's browser test drives: Debian's Chromium and Playwright's driver library
+/// (`playwright-core` from npm, no browser download), pinned, in /var/cache/nodemesh. The
+/// suites find the library through `NODEMESH_PLAYWRIGHT_CORE`.
+pub const PLAYWRIGHT_CORE: &str = "1.65.2";
+
+pub fn browser_tools() -> anyhow::Result<()> {
+    apt_packages(&[("chromium", "chromium"), ("node", "nodejs"), ("npm", "npm")])?;
+    let prefix = PathBuf::from(format!(
+        "/var/cache/nodemesh/playwright-core-{PLAYWRIGHT_CORE}"
+    ));
+    let lib = prefix.join("node_modules/playwright-core");
+    if !lib.join("package.json").exists() {
+        eprintln!("xtask setup: installing playwright-core {PLAYWRIGHT_CORE} from npm (once)");
+        std::fs::create_dir_all(&prefix)?;
+        run(Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--prefix",
+            ])
+            .arg(&prefix)
+            .arg(format!("playwright-core@{PLAYWRIGHT_CORE}"))
+            // the browser is Debian's; never download one
+            .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1"))
+        .with_context(|| format!("cannot install playwright-core {PLAYWRIGHT_CORE} from npm"))?;
+    }
+    // SAFETY: xtask is single-threaded; the suites it starts inherit this.
+    unsafe { std::env::set_var("NODEMESH_PLAYWRIGHT_CORE", &lib) };
+    Ok(())
+}

@@ -11,6 +11,9 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+#[path = "meshctl/dashboard.rs"]
+mod dashboard;
 use mesh_daemon::{
     check,
     promtext::{self, Sample},
@@ -99,6 +102,16 @@ enum Command {
         /// `json`: one JSON object per refresh (a line each), for scripts.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+    /// The live service graph in a browser: a local web page (loopback only) that scrapes the
+    /// nodes and draws workloads and edges with their rates, success and mTLS, refused edges in
+    /// red, refreshing every 2 s.
+    Dashboard {
+        #[command(flatten)]
+        nodes: Nodes,
+        /// Where the page is served (a loopback address: it has no authentication).
+        #[arg(long, default_value = "127.0.0.1:15080")]
+        listen: std::net::SocketAddr,
     },
     /// Who talks to whom: each edge with both ends' identities and whether it crossed as mTLS.
     Edges {
@@ -282,6 +295,7 @@ fn main() -> ExitCode {
             output,
         } => top(&nodes, by, interval, count, output),
         Command::Edges { nodes, output } => edges(&nodes, output),
+        Command::Dashboard { nodes, listen } => dashboard::run(&nodes, listen),
         Command::Tap {
             admin,
             workload,
@@ -406,22 +420,25 @@ async fn get(addr: &str, path: &str) -> Result<hyper::Response<hyper::body::Inco
 }
 
 fn get_text(addr: &str, path: &str) -> Result<String, String> {
+    runtime()?.block_on(fetch_text(addr, path))
+}
+
+/// A GET's whole answer as text, within 10 s.
+async fn fetch_text(addr: &str, path: &str) -> Result<String, String> {
     use http_body_util::BodyExt as _;
-    runtime()?.block_on(async {
-        let fetch = async {
-            let body = get(addr, path)
-                .await?
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("{addr}{path}: {e}"))?;
-            String::from_utf8(body.to_bytes().to_vec())
-                .map_err(|_| format!("{addr}{path}: the answer is not UTF-8"))
-        };
-        tokio::time::timeout(Duration::from_secs(10), fetch)
+    let fetch = async {
+        let body = get(addr, path)
+            .await?
+            .into_body()
+            .collect()
             .await
-            .map_err(|_| format!("{addr}{path}: no complete answer within 10 s"))?
-    })
+            .map_err(|e| format!("{addr}{path}: {e}"))?;
+        String::from_utf8(body.to_bytes().to_vec())
+            .map_err(|_| format!("{addr}{path}: the answer is not UTF-8"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| format!("{addr}{path}: no complete answer within 10 s"))?
 }
 
 /// Follows a streamed answer line by line until it ends or `each` returns false.
@@ -472,7 +489,12 @@ fn scrape(nodes: &Nodes) -> Result<Vec<Sample>, String> {
 }
 
 fn scrape_one(n: &str) -> Result<Vec<Sample>, String> {
-    let (samples, bad) = promtext::parse(&get_text(n, "/metrics")?);
+    node_samples(n, &get_text(n, "/metrics")?)
+}
+
+/// A node's `/metrics` answer read; an endpoint without nodemesh families is an error.
+fn node_samples(n: &str, text: &str) -> Result<Vec<Sample>, String> {
+    let (samples, bad) = promtext::parse(text);
     if bad > 0 {
         eprintln!("meshctl: {n}/metrics: skipped {bad} unreadable lines");
     }
@@ -909,6 +931,8 @@ struct Edge {
     /// this edge ever opened; see `failed`).
     transport: &'static str,
     connections: u64,
+    /// HTTP and gRPC requests (an L7 edge has requests and no TCP connections of its own).
+    requests: u64,
     /// Bytes from the source and to it, over the edge's connections (source side).
     bytes_sent: u64,
     bytes_received: u64,
@@ -916,17 +940,21 @@ struct Edge {
     failed: u64,
 }
 
-fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
-    let samples = scrape(nodes)?;
+/// Every edge the nodes' metrics show, from the source's side: TCP connections and L7 requests
+/// (with how each crossed), bytes, and refusals beside them or as edges of their own.
+fn edge_list(samples: &[Sample]) -> Vec<Edge> {
     let opened: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.name == "nodemesh_tcp_connections_opened_total")
+        .filter(|s| {
+            s.name == "nodemesh_tcp_connections_opened_total" || s.name == "nodemesh_requests_total"
+        })
         .collect();
-    let mut list = Vec::new();
+    let mut list: Vec<Edge> = Vec::new();
     for s in opened.iter().filter(|s| s.label("reporter") == "outbound") {
         // The destination's own report, with the identity it verified.
         let verified = opened.iter().find(|i| {
-            i.label("reporter") == "inbound"
+            i.name == s.name
+                && i.label("reporter") == "inbound"
                 && i.label("source_principal") == s.label("source_principal")
                 && i.label("destination_workload") == s.label("destination_workload")
                 && i.label("destination_namespace") == s.label("destination_namespace")
@@ -952,21 +980,30 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
                 .to_string(),
             destination_principal: s.label("destination_principal").to_string(),
             transport,
-            connections: s.value as u64,
+            connections: 0,
+            requests: 0,
             bytes_sent: 0,
             bytes_received: 0,
             failed: 0,
         };
-        // One row per edge: its series differ by the service dialled, which `stat --by service`
-        // shows.
-        match list.iter_mut().find(|x: &&mut Edge| {
+        // One row per edge: its series differ by the service dialled (which `stat --by service`
+        // shows), by status, by route.
+        let x = match list.iter_mut().find(|x: &&mut Edge| {
             x.source == e.source
                 && x.destination == e.destination
                 && x.source_principal == e.source_principal
                 && x.transport == e.transport
         }) {
-            Some(x) => x.connections += e.connections,
-            None => list.push(e),
+            Some(x) => x,
+            None => {
+                list.push(e);
+                list.last_mut().expect("just pushed")
+            }
+        };
+        if s.name == "nodemesh_requests_total" {
+            x.requests += s.value as u64;
+        } else {
+            x.connections += s.value as u64;
         }
     }
     for s in samples.iter().filter(|s| s.label("reporter") == "outbound") {
@@ -1024,12 +1061,18 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
                 destination_principal: String::new(),
                 transport: "refused",
                 connections: 0,
+                requests: 0,
                 bytes_sent: 0,
                 bytes_received: 0,
                 failed: s.value as u64,
             }),
         }
     }
+    list
+}
+
+fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
+    let list = edge_list(&scrape(nodes)?);
     if output == Output::Json {
         println!(
             "{}",
@@ -1049,7 +1092,7 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
         "FAILED"
     );
     if wide {
-        print!(" {:>10} {:>10}", "SENT", "RECEIVED");
+        print!(" {:>8} {:>10} {:>10}", "REQS", "SENT", "RECEIVED");
     }
     println!();
     for e in &list {
@@ -1065,7 +1108,8 @@ fn edges(nodes: &Nodes, output: Output) -> Result<(), String> {
         );
         if wide {
             print!(
-                " {:>10} {:>10}",
+                " {:>8} {:>10} {:>10}",
+                e.requests,
                 human_bytes(e.bytes_sent),
                 human_bytes(e.bytes_received)
             );
