@@ -135,7 +135,23 @@ pub fn check_log_filter(filter: &str) -> Result<(), String> {
             "an empty filter; give a level ({allowed}) or target=level"
         ));
     }
+    // Selectors seen (what precedes the level, without spaces): tracing-subscriber's debug
+    // builds assert, and so panic, when two directives select the same target, span and field
+    // value (its `ValueMatch` orders two equal plain-string values as equal but does not compare
+    // them equal; found by the admin_query fuzz target). Two such directives say one thing
+    // twice, so the filter is refused with both named.
+    let mut selectors: Vec<(String, &str)> = Vec::new();
     for directive in filter.split(',').map(str::trim) {
+        if let Some((selector, _)) = directive.rsplit_once('=') {
+            let key: String = selector.chars().filter(|c| !c.is_whitespace()).collect();
+            if let Some((_, first)) = selectors.iter().find(|(k, _)| *k == key) {
+                return Err(format!(
+                    "{first:?} and {directive:?} select the same target; give each target (and \
+                     span or field) once"
+                ));
+            }
+            selectors.push((key, directive));
+        }
         let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
         if directive
             .rsplit_once('=')
@@ -580,6 +596,11 @@ mod tests {
             ("mesh_daemon=verbose", "names no level"),
             ("=debug", "names no target"),
             ("", "an empty filter"),
+            // Found by the admin_query fuzz target: tracing-subscriber's debug builds panicked
+            // on two directives for one target and field value (fuzz/corpus/admin_query/
+            // duplicate-field-directive replays the input).
+            ("a[{f=x}]=info,a[{f=x}]=debug", "select the same target"),
+            ("a[{f=x}]=info, a[{ f = x }]=info", "select the same target"),
         ] {
             let e = check_log_filter(bad).expect_err(bad);
             assert!(e.contains(says), "{bad}: {e}");
