@@ -84,6 +84,10 @@ pub const AF_INET6: u32 = 10;
 
 /// `ProxyConfig::flags`: rewrite enrolled connections to the proxy (otherwise only record them).
 pub const FLAG_REDIRECT: u32 = 1 << 0;
+/// `ProxyConfig::flags`: the capture hooks log each decision for an enrolled pod's connection
+/// (aya-log, read by the daemon as target `nodemesh::ebpf` at debug). Set and cleared at run time
+/// as that target's level changes; off, a decision costs one test of this bit.
+pub const FLAG_LOG_DECISIONS: u32 = 1 << 1;
 
 /// `Enrollment::flags`: inbound STRICT — the pod accepts TCP only from the node proxy's mesh source
 /// address and on its probe ports; other SYNs are dropped and counted.

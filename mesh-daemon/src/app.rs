@@ -181,6 +181,14 @@ async fn serve(
     );
     let mut datapath = Datapath::load(&dp_cfg)?;
     let deny_events = datapath.take_deny_events();
+    let (kernel_log, kernel_log_sink) = datapath.take_kernel_log();
+    if let Some(reader) = kernel_log {
+        tokio::spawn(read_kernel_log(reader));
+    }
+    // NODEMESH_LOG may already ask for the kernel's decisions.
+    if let Err(e) = datapath.log_decisions(mesh_daemon::ebpf::kernel_log::wanted()) {
+        warn!(error = %e, "cannot switch the kernel's decision log");
+    }
     info!(programs = ?datapath.program_names(), fail_closed = cfg.pin_dir.is_some(), pin_dir = ?cfg.pin_dir, "eBPF programs attached");
     obs.ready
         .attached
@@ -194,6 +202,14 @@ async fn serve(
     // The state, its first snapshot from the mesh file, and what follows it: enrollment in the
     // kernel and the certificates, each up to date with the first snapshot before "ready".
     let state = Arc::new(State::new(cfg.scope.clone(), cfg.cgroup_root.clone()));
+    {
+        let state = Arc::downgrade(&state);
+        kernel_log_sink.name_pods_with(Box::new(move |id| {
+            let snap = state.upgrade()?.snapshot();
+            snap.workload(id)
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+        }));
+    }
     let follow: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match source {
         Source::File(path) => {
             let mut source = FileSource::new(path, state.clone(), metrics.clone());
@@ -260,6 +276,24 @@ async fn serve(
                 "counters": dp.counters().into_iter()
                     .map(|(c, v)| (c.name().to_string(), v)).collect::<std::collections::BTreeMap<_, _>>(),
             })
+        })
+    };
+    // A new log filter also switches the kernel's decision log (target nodemesh::ebpf).
+    let log: admin::LogControl = {
+        let datapath = Arc::downgrade(&datapath);
+        Box::new(move |filter| {
+            let r = log(filter);
+            if r.is_ok()
+                && !filter.is_empty()
+                && let Some(dp) = datapath.upgrade()
+            {
+                let on = mesh_daemon::ebpf::kernel_log::wanted();
+                let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = dp.log_decisions(on) {
+                    warn!(error = %e, "cannot switch the kernel's decision log");
+                }
+            }
+            r
         })
     };
     let _ = obs.admin.set(AdminInputs {
@@ -442,5 +476,28 @@ impl Signals {
             () = term => "SIGTERM",
             _ = tokio::signal::ctrl_c() => "SIGINT",
         }
+    }
+}
+
+/// Reads the capture hooks' decision log (aya-log's ring buffer) as it fills.
+async fn read_kernel_log(reader: aya_log::EbpfLogger<mesh_daemon::ebpf::kernel_log::KernelLog>) {
+    // SAFETY: the logger owns its ring buffer's map fd, which stays open and unchanged for as long
+    // as the `AsyncFd` holds it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(reader, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot read the kernel's decision log");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
     }
 }

@@ -2,6 +2,7 @@
 //! and reading and writing their maps.
 
 pub mod cgroup;
+pub mod kernel_log;
 pub mod loader;
 
 /// The kernel object built by `build.rs`, aligned for the ELF parser.

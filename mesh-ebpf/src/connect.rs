@@ -12,8 +12,10 @@ use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use mesh_common::{
-    AF_INET, AF_INET6, Counter, FLAG_REDIRECT, OrigDst, ProxyConfig, is_loopback4, is_loopback6,
+    AF_INET, AF_INET6, Counter, FLAG_LOG_DECISIONS, FLAG_REDIRECT, OrigDst, ProxyConfig,
+    is_loopback4, is_loopback6,
 };
 
 use crate::maps::{ORIG_BY_COOKIE, config, count, enrolled_ancestor};
@@ -104,11 +106,21 @@ fn capture(
     } else {
         is_loopback6(ip)
     };
+    let log = cfg.flags & FLAG_LOG_DECISIONS != 0;
+    let port = u32::from(u16::from_be(port_be as u16));
+    // The decision log names the pod by its workload id (the daemon turns it into a name) and
+    // the destination; IPv6 destinations by family only (aya-log's address hint is per type).
+    let v4 = u32::from_be(ip[0]);
     if loopback {
+        if log {
+            debug!(ctx, target: "nodemesh::ebpf", "connect of workload {} to port {} left alone: loopback stays in the pod (cgroup {})", enrollment.workload_id, port, cgroup_id);
+        }
         return Err(Skip);
     }
-    let port = u32::from(u16::from_be(port_be as u16));
     if family == AF_INET && ip[0] == cfg.proxy_ip4 && port == cfg.proxy_port {
+        if log {
+            debug!(ctx, target: "nodemesh::ebpf", "connect of workload {} to {:i}:{} left alone: it is the proxy's own listener (cgroup {})", enrollment.workload_id, v4, port, cgroup_id);
+        }
         return Err(Skip);
     }
     if is_proxy_socket(ctx, cfg) {
@@ -130,6 +142,13 @@ fn capture(
         // Fail closed: the connection still goes to the proxy, which refuses it for lack of a
         // record and counts it, rather than leaving the mesh unencrypted.
         count(Counter::RecordStoreFailed);
+    }
+    if log {
+        if family == AF_INET {
+            debug!(ctx, target: "nodemesh::ebpf", "connect of workload {} to {:i}:{} captured: to the proxy (cgroup {}, cookie {})", enrollment.workload_id, v4, port, cgroup_id, cookie);
+        } else {
+            debug!(ctx, target: "nodemesh::ebpf", "connect of workload {} to an IPv6 address port {} captured (cgroup {}, cookie {})", enrollment.workload_id, port, cgroup_id, cookie);
+        }
     }
     Ok(cfg)
 }

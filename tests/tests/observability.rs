@@ -1110,3 +1110,61 @@ fn dashboard_draws_the_live_graph_in_a_headless_browser() {
     );
     assert!(shot.is_file(), "screenshot at {}", shot.display());
 }
+
+/// The kernel's capture decisions in the daemon's log: off by default, on at run time with
+/// `/logging` for the `nodemesh::ebpf` target alone, each record naming the pod (the kernel logs
+/// its workload id), and off again with the next filter.
+#[test]
+fn kernel_debug_logging_switched_on_at_run_time_shows_each_capture_decision_with_the_pod() {
+    require_root("kernel_debug_logging");
+    let mut t = topology("obk");
+    let server = format!("{}:7000", t.pod("server").ip);
+    let decisions = |t: &mut Topology| {
+        t.daemon(0)
+            .lines()
+            .iter()
+            .filter(|l| l.contains("kernel: connect of workload"))
+            .count()
+    };
+    let set = |t: &Topology, filter: &str| {
+        let r = nodemesh_tests::topology::http_request(
+            &t.nodes[0].ns,
+            "127.0.0.1:15000",
+            &format!("POST /logging?level={filter}"),
+        );
+        assert!(r.contains(" 200 "), "{filter}: {r}");
+    };
+    // Off by default.
+    let (ok, out) = t.connect("client", &server, &["--send", "100"]);
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(decisions(&mut t), 0, "no decision is logged by default");
+    // On, for the kernel's target only.
+    set(&t, "info,nodemesh::ebpf=debug");
+    let (ok, out) = t.connect("client", &server, &["--send", "100"]);
+    assert!(ok, "{out}");
+    let captured = t
+        .daemon(0)
+        .wait_for("captured: to the proxy", Duration::from_secs(5));
+    println!("captured: {captured}");
+    assert!(
+        captured.contains("nodemesh::ebpf")
+            && captured.contains("demo/client")
+            && captured.contains(&server),
+        "the decision names the pod and the destination: {captured}"
+    );
+    // A loopback connect stays in the pod, and says so.
+    let _ = t.connect("client", "127.0.0.1:9", &["--send", "1"]);
+    let alone = t
+        .daemon(0)
+        .wait_for("left alone: loopback", Duration::from_secs(5));
+    println!("left alone: {alone}");
+    assert!(alone.contains("demo/client"), "{alone}");
+    // Off again with a filter that does not name the target.
+    set(&t, "info");
+    let before = decisions(&mut t);
+    let (ok, out) = t.connect("client", &server, &["--send", "100"]);
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(decisions(&mut t), before, "off again: nothing more logged");
+}

@@ -25,11 +25,11 @@ use aya::{
     },
 };
 use mesh_common::{
-    ConnKey, Counter, ENROLL_STRICT, Enrollment, FLAG_REDIRECT, MAX_PROBE_PORTS, OrigDst,
-    ProxyConfig, SpliceControl, SpliceCount, map_names, prog_names,
+    ConnKey, Counter, ENROLL_STRICT, Enrollment, FLAG_LOG_DECISIONS, FLAG_REDIRECT,
+    MAX_PROBE_PORTS, OrigDst, ProxyConfig, SpliceControl, SpliceCount, map_names, prog_names,
 };
 
-use super::{OBJECT, cgroup, explain_os_error};
+use super::{OBJECT, cgroup, explain_os_error, kernel_log::KernelLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -271,6 +271,11 @@ pub struct Datapath {
     splice: Option<Arc<SpliceMaps>>,
     /// `nm_ingress`'s deny events, taken once by the task that reads them.
     deny_events: Option<RingBuf<MapData>>,
+    /// `NM_CONFIG` and what it holds (the decision-log flag changes at run time).
+    config: (Array<MapData, ProxyConfig>, ProxyConfig),
+    /// The capture hooks' decision log (aya-log), taken once by the task that reads it.
+    kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
+    kernel_log_sink: KernelLog,
     cgroup_root: PathBuf,
     program_names: Vec<&'static str>,
     /// Links that outlive the daemon (fail closed), in this generation's pin folder.
@@ -317,6 +322,12 @@ impl Datapath {
             name: map_names::CONFIG,
             source,
         })?;
+        let kernel_log_sink = KernelLog::default();
+        let kernel_log = aya_log::EbpfLogger::init_with_logger(&mut ebpf, kernel_log_sink.clone())
+            .map_err(|_| LoaderError::Missing {
+                kind: "map",
+                name: "AYA_LOGS",
+            })?;
 
         let mut names = Vec::new();
         // Links that must survive the daemon to keep it fail-closed: capture and inbound
@@ -399,6 +410,9 @@ impl Datapath {
             }),
             splice,
             deny_events: Some(take_map(&mut ebpf, map_names::DENY_EVENTS)?),
+            config: (config, pc),
+            kernel_log: Some(kernel_log),
+            kernel_log_sink,
             _ebpf: ebpf,
             cgroup_root: cfg.cgroup_root.clone(),
             program_names: names,
@@ -474,6 +488,32 @@ impl Datapath {
     /// task that reads it.
     pub fn take_deny_events(&mut self) -> Option<RingBuf<MapData>> {
         self.deny_events.take()
+    }
+
+    /// The capture hooks' decision log, for the one task that reads it, and the sink it writes
+    /// to (to name pods once the state exists).
+    pub fn take_kernel_log(&mut self) -> (Option<aya_log::EbpfLogger<KernelLog>>, KernelLog) {
+        (self.kernel_log.take(), self.kernel_log_sink.clone())
+    }
+
+    /// Turns the capture hooks' decision log on or off (`FLAG_LOG_DECISIONS` in `NM_CONFIG`).
+    pub fn log_decisions(&mut self, on: bool) -> Result<(), LoaderError> {
+        let (map, pc) = &mut self.config;
+        let flags = if on {
+            pc.flags | FLAG_LOG_DECISIONS
+        } else {
+            pc.flags & !FLAG_LOG_DECISIONS
+        };
+        if flags == pc.flags {
+            return Ok(());
+        }
+        let next = ProxyConfig { flags, ..*pc };
+        map.set(0, next, 0).map_err(|source| LoaderError::Map {
+            name: map_names::CONFIG,
+            source,
+        })?;
+        *pc = next;
+        Ok(())
     }
 
     /// Entries per map, for `ebpf_map_entries{map}` and `/debug/ebpf`. Only the enrollment
