@@ -1,12 +1,18 @@
 //! What user space decodes from the kernel: a capture record (`OrigDst`, read from the map for
-//! an accepted connection) admitted against the state, any bit pattern.
+//! an accepted connection) admitted against the state, a STRICT deny event (`DenyEvent`, from
+//! its ring buffer) and the workload id in a decision-log record, any bit pattern.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use mesh_common::OrigDst;
-use mesh_daemon::proxy::route;
+use mesh_daemon::{
+    ebpf::kernel_log,
+    proxy::{kernel_events, route},
+};
 
 fuzz_target!(|data: &[u8]| {
+    let _ = kernel_events::parse(data);
+    let _ = kernel_log::workload_id(&String::from_utf8_lossy(data));
     let size = std::mem::size_of::<OrigDst>();
     if data.len() < size + 8 {
         return;

@@ -41,7 +41,8 @@ usage: cargo xtask <command>
           one TCP stream, new connections/s, memory and CPU for 1-100 pods per node); writes
           bench/results.json, bench/RESULTS.md and SVG plots (~25 min; --quick about 6).
           `bench tls` compares the rustls crypto providers; `bench scrape` measures whether
-          scraping /metrics moves the data plane's latency
+          scraping /metrics moves the data plane's latency; `bench kernel-log` times nm_connect4
+          per run (kernel.bpf_stats_enabled) with the kernel's decision log off and on
 ";
 
 fn main() -> anyhow::Result<()> {
@@ -140,8 +141,11 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         None | Some("mesh") => "mesh-bench",
         Some("tls") => "tls-bench",
         Some("scrape") => "nodemesh-bench",
+        Some("kernel-log") => "kernel-log-bench",
         Some(other) => {
-            bail!("unknown bench {other:?}; available: mesh (default), tls, scrape\n{USAGE}")
+            bail!(
+                "unknown bench {other:?}; available: mesh (default), tls, scrape, kernel-log\n{USAGE}"
+            )
         }
     };
     setup::all()?;

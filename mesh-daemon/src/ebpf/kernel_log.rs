@@ -32,7 +32,7 @@ impl KernelLog {
 }
 
 /// The workload id a record names (`... workload 17 ...`).
-fn workload_id(message: &str) -> Option<u32> {
+pub fn workload_id(message: &str) -> Option<u32> {
     let rest = &message[message.find("workload ")? + "workload ".len()..];
     let digits = rest
         .find(|c: char| !c.is_ascii_digit())

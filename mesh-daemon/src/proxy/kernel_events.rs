@@ -52,7 +52,8 @@ pub async fn run(events: RingBuf<MapData>, inputs: Arc<Inputs>) {
     }
 }
 
-fn parse(bytes: &[u8]) -> Option<DenyEvent> {
+/// A deny event as the kernel wrote it (at least its size; the rest is ignored).
+pub fn parse(bytes: &[u8]) -> Option<DenyEvent> {
     let b = bytes.get(..std::mem::size_of::<DenyEvent>())?;
     let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap_or_default());
     let u32_at = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().unwrap_or_default());
