@@ -842,6 +842,32 @@ fn every_refusal_shows_on_tap_with_its_reason_and_in_the_labelled_failure_metric
     );
 }
 
+/// client and other on node 1, an HTTP server behind service echo (appProtocol http) on node 2,
+/// and a policy denying other → server.
+fn denied_caller_topology(tag: &str) -> Topology {
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("other", 0, "other"),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo").app_protocol("http")];
+    let mut t = Topology::build(tag, 2, &pods, &services);
+    t.start(DaemonOpts::default());
+    t.serve_with("server", "http-server", 7000, &["--name", "server"]);
+    let base = std::fs::read_to_string(t.mesh_file_path()).expect("mesh file");
+    t.rewrite_mesh_file(&format!(
+        "{base}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
+         selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
+         [{other}]\n",
+        other = principal("other-sa"),
+    ));
+    for i in 0..2 {
+        t.daemon(i)
+            .wait_for_count("mesh file loaded", 2, Duration::from_secs(5));
+    }
+    t
+}
+
 /// `mesh-app exec -- <argv>` in a pod, in the background.
 fn exec_in_background(t: &Topology, pod: &str, argv: &[&str]) -> Proc {
     let p = t.pod(pod);
@@ -860,26 +886,7 @@ fn exec_in_background(t: &Topology, pod: &str, argv: &[&str]) -> Proc {
 fn stat_window_reports_the_rate_of_a_known_load_and_the_failures_of_a_denied_caller() {
     require_root("stat_window_reports_the_rate_of_a_known_load");
     const RATE: f64 = 25.0;
-    let pods = [
-        PodSpec::meshed("client", 0, "client"),
-        PodSpec::meshed("other", 0, "other"),
-        PodSpec::meshed("server", 1, "echo"),
-    ];
-    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo").app_protocol("http")];
-    let mut t = Topology::build("obw", 2, &pods, &services);
-    t.start(DaemonOpts::default());
-    t.serve_with("server", "http-server", 7000, &["--name", "server"]);
-    let base = std::fs::read_to_string(t.mesh_file_path()).expect("mesh file");
-    t.rewrite_mesh_file(&format!(
-        "{base}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
-         selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
-         [{other}]\n",
-        other = principal("other-sa"),
-    ));
-    for i in 0..2 {
-        t.daemon(i)
-            .wait_for_count("mesh file loaded", 2, Duration::from_secs(5));
-    }
+    let t = denied_caller_topology("obw");
     // 25/s for 18 s from each caller: the 10-s window opens 3 s in and closes well before.
     let urls = format!("http://{VIP}/r[1-{}]", (RATE * 18.0) as u32);
     let rate = format!("{RATE}/s");
@@ -1000,26 +1007,7 @@ fn dashboard_draws_the_live_graph_in_a_headless_browser() {
         std::path::Path::new("/usr/bin/chromium").is_file(),
         "no /usr/bin/chromium: run `cargo xtask setup` (it installs Debian's chromium)"
     );
-    let pods = [
-        PodSpec::meshed("client", 0, "client"),
-        PodSpec::meshed("other", 0, "other"),
-        PodSpec::meshed("server", 1, "echo"),
-    ];
-    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo").app_protocol("http")];
-    let mut t = Topology::build("obd", 2, &pods, &services);
-    t.start(DaemonOpts::default());
-    t.serve_with("server", "http-server", 7000, &["--name", "server"]);
-    let base = std::fs::read_to_string(t.mesh_file_path()).expect("mesh file");
-    t.rewrite_mesh_file(&format!(
-        "{base}authorizationPolicies:\n  - name: deny-other\n    namespace: demo\n    \
-         selector: {{ app: echo }}\n    action: DENY\n    from:\n      - principals: \
-         [{other}]\n",
-        other = principal("other-sa"),
-    ));
-    for i in 0..2 {
-        t.daemon(i)
-            .wait_for_count("mesh file loaded", 2, Duration::from_secs(5));
-    }
+    let t = denied_caller_topology("obd");
     // The refused edge: plain TCP from other straight to the server pod, refused at its node.
     let server = format!("{}:7000", t.pod("server").ip);
     for _ in 0..3 {
