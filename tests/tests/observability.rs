@@ -868,6 +868,22 @@ fn denied_caller_topology(tag: &str) -> Topology {
     t
 }
 
+/// curl in a pod, in the background: `urls` (a curl glob) at `rate` (`25/s`), one after the other.
+fn paced_curl(t: &Topology, pod: &str, rate: &str, urls: &str) -> Proc {
+    let argv = [
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "5",
+        "--rate",
+        rate,
+        urls,
+    ];
+    exec_in_background(t, pod, &argv)
+}
+
 /// `mesh-app exec -- <argv>` in a pod, in the background.
 fn exec_in_background(t: &Topology, pod: &str, argv: &[&str]) -> Proc {
     let p = t.pod(pod);
@@ -890,20 +906,9 @@ fn stat_window_reports_the_rate_of_a_known_load_and_the_failures_of_a_denied_cal
     // 25/s for 18 s from each caller: the 10-s window opens 3 s in and closes well before.
     let urls = format!("http://{VIP}/r[1-{}]", (RATE * 18.0) as u32);
     let rate = format!("{RATE}/s");
-    let curl = [
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "--max-time",
-        "5",
-        "--rate",
-        &rate,
-        &urls,
-    ];
     let mut loads = [
-        exec_in_background(&t, "client", &curl),
-        exec_in_background(&t, "other", &curl),
+        paced_curl(&t, "client", &rate, &urls),
+        paced_curl(&t, "other", &rate, &urls),
     ];
     std::thread::sleep(Duration::from_secs(3));
     let nodes = "10.203.0.1:15020,10.203.0.2:15020";
@@ -1019,21 +1024,7 @@ fn dashboard_draws_the_live_graph_in_a_headless_browser() {
     }
     // Traffic that flows while the page is open: 10 requests per second for up to 60 s.
     let urls = format!("http://{VIP}/d[1-600]");
-    let mut load = exec_in_background(
-        &t,
-        "client",
-        &[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "5",
-            "--rate",
-            "10/s",
-            &urls,
-        ],
-    );
+    let mut load = paced_curl(&t, "client", "10/s", &urls);
     let mut dash = {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net={}", t.nodes[0].ns.path().display()))
