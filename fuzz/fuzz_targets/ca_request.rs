@@ -33,12 +33,16 @@ fuzz_target!(|data: &[u8]| {
     let Ok(req) = ca::parse_sign_body(body) else {
         return;
     };
-    if let Ok((id, issued)) = authority().sign(&req.csr, |_| true, Duration::from_secs(3600)) {
-        assert_eq!(
-            id.trust_domain,
-            nodemesh_fuzz::TRUST_DOMAIN,
-            "signed outside the domain"
-        );
+    if let Ok((uri, issued)) =
+        authority().sign(&req.csr, "node-a", |_| true, Duration::from_secs(3600))
+    {
+        // A workload of the trust domain, or this node's own node identity; never an operator's
+        // or another node's.
+        let workload = mesh_daemon::identity::Identity::parse(&uri)
+            .is_ok_and(|id| id.trust_domain == nodemesh_fuzz::TRUST_DOMAIN);
+        let own_node = mesh_daemon::identity::Role::Node.parse(&uri)
+            == Some((nodemesh_fuzz::TRUST_DOMAIN, "node-a"));
+        assert!(workload || own_node, "signed {uri}");
         assert_eq!(issued.chain.len(), 2, "a leaf and its signer");
     }
 });

@@ -8,6 +8,10 @@
 //!   changes), `/debug/ebpf` (programs, counters, map occupancy), `/tap` (NDJSON stream of
 //!   connection events, filtered by `workload`, `namespace`, `path`, `status`). Connections from
 //!   anything but loopback are refused even if the listener was bound wider.
+//! - `<node address>:15010` operator port: all of the above over mutual TLS — the node's own
+//!   certificate (`spiffe://<td>/node/<name>`) as server, and only operator certificates
+//!   (`spiffe://<td>/operator/<name>`, from `mesh-daemon ca issue-operator`) served; each request
+//!   is logged with the operator's name.
 
 use std::{
     collections::BTreeMap,
@@ -225,6 +229,8 @@ pub struct Listeners {
     pub metrics: Option<std::net::TcpListener>,
     pub health: Option<std::net::TcpListener>,
     pub admin: Option<std::net::TcpListener>,
+    /// The operator port (mTLS, operator certificates only).
+    pub operator: Option<std::net::TcpListener>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -232,6 +238,28 @@ enum Port {
     Metrics,
     Health,
     Admin,
+    /// Every endpoint of the three above, over mTLS to operators.
+    Operator,
+}
+
+/// How long an operator connection may take to finish its TLS handshake.
+const OPERATOR_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of an operator connection: the operator's name, or why they are
+/// refused (answered 403 to each request, so the caller reads the reason).
+fn operator_of(conn: &rustls::ServerConnection, trust_domain: &str) -> Result<String, String> {
+    let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+        return Err("no client certificate".into());
+    };
+    let uri = crate::identity::spiffe_uri(leaf).map_err(|e| e.to_string())?;
+    match crate::identity::Role::Operator.parse(&uri) {
+        Some((td, name)) if td == trust_domain => Ok(name.to_string()),
+        _ => Err(format!(
+            "{uri} is not an operator of trust domain {trust_domain:?}; the operator port serves \
+             only certificates from `mesh-daemon ca issue-operator` (spiffe://{trust_domain}/\
+             operator/<name>)"
+        )),
+    }
 }
 
 /// Starts the observability thread: its own current-thread runtime, so a scrape or a tap never
@@ -241,11 +269,13 @@ pub fn spawn(listeners: Listeners, obs: Arc<Observability>) -> std::io::Result<(
         metrics,
         health,
         admin,
+        operator,
     } = listeners;
     let listeners: Vec<(std::net::TcpListener, Port)> = [
         (metrics, Port::Metrics),
         (health, Port::Health),
         (admin, Port::Admin),
+        (operator, Port::Operator),
     ]
     .into_iter()
     .filter_map(|(l, p)| l.map(|l| (l, p)))
@@ -293,6 +323,10 @@ async fn accept(listener: tokio::net::TcpListener, port: Port, obs: Arc<Observab
             continue;
         }
         let obs = obs.clone();
+        if port == Port::Operator {
+            tokio::spawn(serve_operator(stream, peer, obs));
+            continue;
+        }
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let obs = obs.clone();
@@ -303,6 +337,88 @@ async fn accept(listener: tokio::net::TcpListener, port: Port, obs: Arc<Observab
                 .await;
         });
     }
+}
+
+/// One operator connection: mutual TLS (the node certificate; a client certificate of the mesh
+/// required), then every request answered as its own port would — but only to an operator, and
+/// each one logged with the operator's name.
+async fn serve_operator(stream: tokio::net::TcpStream, peer: SocketAddr, obs: Arc<Observability>) {
+    let count = |result: &str| {
+        obs.metrics
+            .operator_requests
+            .with_label_values(&[result])
+            .inc()
+    };
+    let Some(inputs) = obs.admin.get() else {
+        return; // starting: no certificate manager yet
+    };
+    let tls = match crate::identity::tls::operator_server_config(inputs.identity.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot build the operator port's TLS configuration");
+            return;
+        }
+    };
+    let accepted = tokio::time::timeout(
+        OPERATOR_HANDSHAKE,
+        tokio_rustls::TlsAcceptor::from(tls).accept(stream),
+    )
+    .await;
+    let stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let label = crate::identity::tls::failure_label(&e);
+            count(label);
+            let why = if inputs.identity.node_cert().is_none() {
+                " (this node has no node certificate from the CA yet)".to_string()
+            } else {
+                String::new()
+            };
+            warn!(%peer, error = %e, "operator connection refused in its TLS handshake{why}");
+            return;
+        }
+        Err(_) => {
+            count("timeout");
+            return;
+        }
+    };
+    let who = operator_of(stream.get_ref().1, inputs.identity.trust_domain());
+    if let Err(why) = &who {
+        warn!(%peer, reason = %why, "operator port: refused a certificate that is not an operator's");
+    }
+    let who = Arc::new(who);
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let obs = obs.clone();
+        let who = who.clone();
+        async move {
+            let r = match &*who {
+                Err(why) => {
+                    obs.metrics
+                        .operator_requests
+                        .with_label_values(&["not_operator"])
+                        .inc();
+                    text(StatusCode::FORBIDDEN, format!("refused: {why}\n"))
+                }
+                Ok(name) => {
+                    obs.metrics
+                        .operator_requests
+                        .with_label_values(&["served"])
+                        .inc();
+                    info!(operator = %name, %peer, method = %req.method(), path = %req.uri().path(), "operator request");
+                    let port = match req.uri().path() {
+                        "/metrics" => Port::Metrics,
+                        "/live" | "/ready" => Port::Health,
+                        _ => Port::Admin,
+                    };
+                    route(&obs, port, peer, req).await
+                }
+            };
+            Ok::<_, Infallible>(r)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 async fn route(
@@ -338,6 +454,7 @@ async fn route(
         },
         (Port::Metrics, _) => text(StatusCode::NOT_FOUND, "not found; try /metrics\n"),
         (Port::Health, _) => text(StatusCode::NOT_FOUND, "not found; try /ready or /live\n"),
+        (Port::Operator, _) => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
@@ -501,6 +618,17 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
             })
         })
         .collect();
+    // The node's own certificate (the operator port's), when it has one.
+    let node_certificate = a.identity.node_cert().map(|c| {
+        let now = SystemTime::now();
+        json!({
+            "identity": c.uri,
+            "notAfter": unix(c.not_after),
+            "expiresInSeconds": c.not_after.duration_since(now).map(|d| d.as_secs()).unwrap_or(0),
+            "renewsInSeconds": c.renews_at.duration_since(now).map(|d| d.as_secs()).unwrap_or(0),
+            "chain": c.key.cert.iter().map(|c| describe_cert(c)).collect::<Vec<_>>(),
+        })
+    });
     let bundle = a.identity.bundle();
     json!({
         "node": snap.node.as_ref().map(|n| json!({
@@ -514,6 +642,7 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
         "routes": snap.routes,
         "policies": policies,
         "certificates": certificates,
+        "nodeCertificate": node_certificate,
         "trustBundle": {
             "roots": bundle.pems.len(),
             "signer": bundle.signer,

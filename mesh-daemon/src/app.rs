@@ -118,6 +118,10 @@ async fn serve(
         metrics: Some(bind(cfg.metrics, "/metrics", "--metrics")?),
         health: Some(bind(cfg.health, "/ready and /live", "--health")?),
         admin: Some(bind(cfg.admin, "the admin endpoints", "--admin")?),
+        operator: cfg
+            .operator
+            .map(|a| bind(a, "the operator port", "--operator"))
+            .transpose()?,
     };
     // Every listener carries the proxy mark: a sidecar lives in its pod's cgroup, and the pod's
     // STRICT inbound check must let the proxy's own ports through (connections from the app to
@@ -128,9 +132,14 @@ async fn serve(
     };
     mark(out_listener.as_fd())?;
     mark(in_listener.as_fd())?;
-    for l in [&listeners.metrics, &listeners.health, &listeners.admin]
-        .into_iter()
-        .flatten()
+    for l in [
+        &listeners.metrics,
+        &listeners.health,
+        &listeners.admin,
+        &listeners.operator,
+    ]
+    .into_iter()
+    .flatten()
     {
         mark(l.as_fd())?;
     }
@@ -174,6 +183,10 @@ async fn serve(
         metrics.clone(),
     )?;
     identity.start();
+    if cfg.operator.is_some() {
+        // The operator port serves with this node's own certificate.
+        identity.want_node_cert(&cfg.node);
+    }
     let _ = obs.ready.identity.set(identity.clone());
     let tls = tokio_rustls::TlsAcceptor::from(
         identity::tls::server_config(identity.clone())
@@ -307,7 +320,7 @@ async fn serve(
     });
     let outbound = Outbound::new(out_listener, inputs.clone());
     let inbound = Inbound::new(in_listener, inputs.clone());
-    info!(outbound = %outbound.local_addr()?, hbone = %cfg.hbone, metrics = %cfg.metrics, health = %cfg.health, admin = %cfg.admin, inbound = ?cfg.inbound, "ready");
+    info!(outbound = %outbound.local_addr()?, hbone = %cfg.hbone, metrics = %cfg.metrics, health = %cfg.health, admin = %cfg.admin, operator = ?cfg.operator, inbound = ?cfg.inbound, "ready");
     let servers = [tokio::spawn(outbound.run()), tokio::spawn(inbound.run())];
     if let Some(events) = deny_events {
         tokio::spawn(mesh_daemon::proxy::kernel_events::run(

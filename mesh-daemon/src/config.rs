@@ -80,6 +80,12 @@ pub struct RunArgs {
     /// Admin endpoint (`/config_dump`, `/logging`, `/debug/ebpf`, `/tap`); loopback only.
     #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// The operator port: `/tap`, `/config_dump`, `/logging`, `/debug/ebpf`, `/metrics` and
+    /// `/ready` over mutual TLS, served only to operator certificates (`mesh-daemon ca
+    /// issue-operator`; `meshctl --operator <dir> … https://<node>`), so nobody needs a shell on
+    /// the node. Default: the node's address, port 15010 (a sidecar: off). `off` disables it.
+    #[arg(long, env = "NODEMESH_OPERATOR", value_parser = parse_operator)]
+    pub operator: Option<Listen>,
     /// Inbound enforcement for enrolled pods: `strict` accepts TCP only from the mesh (plus each
     /// pod's probePorts); `permissive` also accepts plaintext, and counts it.
     #[arg(
@@ -158,6 +164,28 @@ pub struct RunArgs {
     pub access_log: Option<PathBuf>,
 }
 
+/// The operator port's default port.
+pub const OPERATOR_PORT: u16 = 15010;
+
+/// A listener that can be switched off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+/// `off`, or an address (`10.0.0.1:15010`).
+pub fn parse_operator(s: &str) -> Result<Listen, String> {
+    if s.trim() == "off" {
+        return Ok(Listen::Off);
+    }
+    s.trim().parse().map(Listen::At).map_err(|_| {
+        format!(
+            "{s:?} is neither `off` nor an address with its port (e.g. 10.0.0.1:{OPERATOR_PORT})"
+        )
+    })
+}
+
 /// `4096`, `64KiB`, `4MiB`: a size in bytes (at least 16 KiB, at most 1 GiB).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -224,6 +252,8 @@ pub struct Config {
     pub metrics: SocketAddr,
     pub health: SocketAddr,
     pub admin: SocketAddr,
+    /// None: off.
+    pub operator: Option<SocketAddr>,
     pub inbound: InboundMode,
     pub fail_open: bool,
     /// Where this daemon pins its fail-closed links; none with --fail-open.
@@ -345,6 +375,7 @@ impl RunArgs {
             ("--metrics", Some(self.metrics)),
             ("--health", Some(self.health)),
             ("--admin", Some(self.admin)),
+            ("--operator", self.operator_addr()),
         ];
         listeners_apart(&explicit)
     }
@@ -366,7 +397,7 @@ impl RunArgs {
                     ))
                 })
         };
-        let (scope, node_spec, outbound, hbone, mesh_source, pin_dir) = match self.mode {
+        let (scope, node_spec, outbound, hbone, mesh_source, pin_dir, operator) = match self.mode {
             RunMode::Node => {
                 let name = self.node.clone().unwrap_or_default();
                 let node = node_named(&name)?;
@@ -377,6 +408,7 @@ impl RunArgs {
                     SocketAddr::new(IpAddr::V4(node.address), HBONE_PORT),
                     node.mesh_source,
                     PathBuf::from(PIN_ROOT).join(&name),
+                    Some(SocketAddr::new(IpAddr::V4(node.address), OPERATOR_PORT)),
                 )
             }
             RunMode::Sidecar => {
@@ -408,8 +440,14 @@ impl RunArgs {
                     SocketAddr::new(IpAddr::V4(w.ip), HBONE_PORT),
                     SIDECAR_MESH_SOURCE,
                     pin,
+                    None,
                 )
             }
+        };
+        let operator = match self.operator {
+            None => operator,
+            Some(Listen::Off) => None,
+            Some(Listen::At(a)) => Some(a),
         };
         let outbound = self.outbound.unwrap_or(outbound);
         let hbone = self.hbone.unwrap_or(hbone);
@@ -419,6 +457,7 @@ impl RunArgs {
             ("--metrics", Some(self.metrics)),
             ("--health", Some(self.health)),
             ("--admin", Some(self.admin)),
+            ("--operator", operator),
         ])?;
         Ok(Config {
             mode: self.mode,
@@ -433,6 +472,7 @@ impl RunArgs {
             metrics: self.metrics,
             health: self.health,
             admin: self.admin,
+            operator,
             inbound: self.inbound,
             fail_open: self.fail_open,
             pin_dir: (!self.fail_open).then(|| self.pin_dir.unwrap_or(pin_dir)),
@@ -457,6 +497,13 @@ impl RunArgs {
 }
 
 impl RunArgs {
+    fn operator_addr(&self) -> Option<SocketAddr> {
+        match self.operator {
+            Some(Listen::At(a)) => Some(a),
+            _ => None,
+        }
+    }
+
     /// Where the state comes from, as errors name it.
     fn source_name(&self) -> String {
         match (&self.discovery, &self.mesh_file) {
@@ -590,6 +637,20 @@ mod tests {
         assert_eq!(side.hbone.to_string(), "10.210.1.3:15008");
         assert_eq!(side.node, "n1");
         assert_eq!(side.mesh_source, SIDECAR_MESH_SOURCE);
+        // The operator port: on the node's address by default, off in a sidecar, `off` or an
+        // address when given.
+        assert_eq!(
+            c.operator.map(|a| a.to_string()).as_deref(),
+            Some("10.0.0.1:15010")
+        );
+        assert_eq!(side.operator, None);
+        let off = resolve(&["--node", "n1", "--operator", "off"]).expect("valid");
+        assert_eq!(off.operator, None);
+        let at = resolve(&["--node", "n1", "--operator", "10.0.0.1:9443"]).expect("valid");
+        assert_eq!(at.operator.map(|a| a.port()), Some(9443));
+        let e = resolve(&["--node", "n1", "--operator", "10.0.0.1:15008"]).expect_err("clash");
+        assert!(e.to_string().contains("--operator"), "{e}");
+        assert!(parse_operator("somewhere").is_err());
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub trait CertSource: Send + Sync + std::fmt::Debug + 'static {
     fn key_for(&self, id: &Identity) -> Option<Arc<rustls::sign::CertifiedKey>>;
     /// The SVID whose identity a TLS server name stands for ([`Identity::server_name`]).
     fn key_by_server_name(&self, name: &str) -> Option<Arc<rustls::sign::CertifiedKey>>;
+    /// This node's own certificate ([`Role::Node`]), for the operator listener.
+    fn node_key(&self) -> Option<Arc<rustls::sign::CertifiedKey>>;
 }
 
 // === SPIFFE IDs ===
@@ -154,32 +156,76 @@ impl Identity {
 
     /// The SPIFFE ID of a DER certificate's single `spiffe://` URI SAN.
     pub fn from_cert(der: &[u8]) -> Result<Self, IdentityError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
-        let uris: Vec<&str> = san
-            .map(|ext| {
-                ext.value
-                    .general_names
-                    .iter()
-                    .filter_map(|n| match n {
-                        x509_parser::extensions::GeneralName::URI(u)
-                            if u.starts_with("spiffe://") =>
-                        {
-                            Some(*u)
-                        }
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        match uris.as_slice() {
-            [] => Err(IdentityError::NoSpiffeId),
-            [one] => Self::parse(one),
-            many => Err(IdentityError::SeveralSpiffeIds(many.len())),
+        Self::parse(&spiffe_uri(der)?)
+    }
+}
+
+/// The roles a certificate from this CA can name besides a workload's: a node daemon (which
+/// serves the operator channel with it) and an operator (who reads nodes through that channel).
+/// Neither is a workload identity, so neither can carry mesh traffic: [`Identity::parse`] refuses
+/// both, and HBONE accepts only workload identities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `spiffe://<trust-domain>/node/<node name>`: signed only for the node asking, server use.
+    Node,
+    /// `spiffe://<trust-domain>/operator/<name>`: signed offline by `mesh-daemon ca
+    /// issue-operator`, client use.
+    Operator,
+}
+
+impl Role {
+    fn segment(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Operator => "operator",
         }
+    }
+
+    /// The SPIFFE ID of `name` in this role.
+    pub fn id(self, trust_domain: &str, name: &str) -> String {
+        format!("spiffe://{trust_domain}/{}/{name}", self.segment())
+    }
+
+    /// `(trust domain, name)` when `uri` is an ID of this role.
+    pub fn parse(self, uri: &str) -> Option<(&str, &str)> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let (td, rest) = rest.split_once('/')?;
+        let (role, name) = rest.split_once('/')?;
+        (role == self.segment() && valid_segment(td) && valid_segment(name)).then_some((td, name))
+    }
+
+    /// Whether `name` can be named in this role (a DNS label-like name, as Kubernetes node names
+    /// are).
+    pub fn valid_name(name: &str) -> bool {
+        valid_segment(name)
+    }
+}
+
+/// The single `spiffe://` URI SAN of a DER certificate, whatever it names.
+pub fn spiffe_uri(der: &[u8]) -> Result<String, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let uris: Vec<&str> = san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+                        Some(*u)
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match uris.as_slice() {
+        [] => Err(IdentityError::NoSpiffeId),
+        [one] => Ok((*one).to_string()),
+        many => Err(IdentityError::SeveralSpiffeIds(many.len())),
     }
 }
 
@@ -253,6 +299,28 @@ mod tests {
             "spiffe://cluster.local/ns/pr od/sa/web",
         ] {
             assert!(Identity::parse(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn node_and_operator_ids_are_not_workload_identities() {
+        let node = Role::Node.id("cluster.local", "node-a");
+        assert_eq!(node, "spiffe://cluster.local/node/node-a");
+        assert_eq!(Role::Node.parse(&node), Some(("cluster.local", "node-a")));
+        assert_eq!(Role::Operator.parse(&node), None);
+        assert!(Identity::parse(&node).is_err());
+        let op = Role::Operator.id("cluster.local", "alice");
+        assert_eq!(Role::Operator.parse(&op), Some(("cluster.local", "alice")));
+        assert!(Identity::parse(&op).is_err());
+        for bad in [
+            "spiffe://cluster.local/node/",
+            "spiffe://cluster.local/node/a/b",
+            "spiffe://cluster.local/node/A",
+            "spiffe:///node/a",
+            "https://cluster.local/node/a",
+            "spiffe://cluster.local/ns/default/sa/x",
+        ] {
+            assert_eq!(Role::Node.parse(bad), None, "{bad}");
         }
     }
 

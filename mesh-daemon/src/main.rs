@@ -81,6 +81,27 @@ enum CaCommand {
         #[arg(value_enum)]
         step: RotateStep,
     },
+    /// Sign an operator's client certificate (`spiffe://<trust-domain>/operator/<name>`) from the
+    /// key folder, for `meshctl --operator <out>` to read nodes over their operator port (mTLS):
+    /// writes operator.pem (the chain), operator.key and bundle.pem into --out. Never issued over
+    /// the network, so only who holds the CA's keys can make one.
+    IssueOperator {
+        /// The CA's key folder.
+        #[arg(long, env = "NODEMESH_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Who the certificate is for (lowercase letters, digits, '-', '.'); nodes log it with
+        /// every request.
+        #[arg(long)]
+        name: String,
+        /// Folder to write the certificate, key and bundle into (created, mode 0700).
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificate is valid (`8h`, `7d`): keep it short, issue again when needed.
+        #[arg(long, default_value = "24h", value_parser = identity::parse_duration)]
+        lifetime: std::time::Duration,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -227,6 +248,25 @@ fn main() -> ExitCode {
             }
         },
         Command::Ca {
+            command:
+                CaCommand::IssueOperator {
+                    dir,
+                    trust_domain,
+                    name,
+                    out,
+                    lifetime,
+                },
+        } => match ca::issue_operator(&dir, &trust_domain, &name, &out, lifetime) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-daemon ca issue-operator: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ca {
             command: CaCommand::Serve(args),
         } => match serve_ca(*args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -364,6 +404,7 @@ fn serve_ca(args: CaArgs) -> anyhow::Result<()> {
                 metrics: Some(metrics_listener),
                 health: None,
                 admin: None,
+                operator: None,
             },
             Arc::new(Observability {
                 metrics,

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub enrolled: IntGauge,
     pub ebpf_events: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    pub operator_requests: IntCounterVec,
     pub authz: IntCounterVec,
     pub svid_expiry: GaugeVec,
     pub svid_fetches: IntCounterVec,
@@ -190,6 +191,12 @@ impl Metrics {
                 "tls_handshakes_total",
                 "mTLS handshakes on HBONE, by direction and result (ok, or why it failed)",
                 &["direction", "result"],
+            ),
+            operator_requests: vec(
+                "operator_requests_total",
+                "Connections and requests on the operator port: served, refused (not_operator: a \
+                 mesh certificate that is not an operator's), or the handshake's failure",
+                &["result"],
             ),
             authz: vec(
                 "authorization_decisions_total",

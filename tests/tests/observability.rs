@@ -1147,3 +1147,339 @@ fn kernel_debug_logging_switched_on_at_run_time_shows_each_capture_decision_with
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(decisions(&mut t), before, "off again: nothing more logged");
 }
+
+/// meshctl in the fabric's network namespace (another host: the CA's, an operator's machine),
+/// whatever its exit status.
+fn meshctl_outside(t: &Topology, args: &[&str]) -> std::process::Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", t.fabric.path().display()))
+        .arg(bin("meshctl"))
+        .args(args)
+        .output()
+        .expect("run meshctl")
+}
+
+/// `cmd` in the fabric's network namespace: (success, stdout + stderr).
+fn outside(t: &Topology, argv: &[&str]) -> (bool, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.fabric.path().display()))
+        .args(argv)
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A P-256 key and a certificate naming `uri` (client use) into `dir`/operator.{key,pem}:
+/// self-signed, or signed by `ca` (certificate, key) with the CA's chain appended.
+fn forge(dir: &std::path::Path, uri: &str, ca: Option<(&std::path::Path, &std::path::Path)>) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let p = |f: &str| dir.join(f).display().to_string();
+    let ext = dir.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        format!(
+            "[req]\ndistinguished_name=dn\n[dn]\n[v3]\nsubjectAltName=URI:{uri}\n\
+             extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\nbasicConstraints=CA:FALSE\n"
+        ),
+    )
+    .expect("ext");
+    let ext = ext.display().to_string();
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &p("operator.key"),
+    ]);
+    match ca {
+        None => openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &p("operator.key"),
+            "-subj",
+            "/CN=forged",
+            "-days",
+            "1",
+            "-config",
+            &ext,
+            "-extensions",
+            "v3",
+            "-out",
+            &p("operator.pem"),
+        ]),
+        Some((cert, key)) => {
+            openssl(&[
+                "req",
+                "-new",
+                "-key",
+                &p("operator.key"),
+                "-subj",
+                "/CN=forged",
+                "-config",
+                &ext,
+                "-out",
+                &p("req.csr"),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p("req.csr"),
+                "-CA",
+                &cert.display().to_string(),
+                "-CAkey",
+                &key.display().to_string(),
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-extensions",
+                "v3",
+                "-out",
+                &p("leaf.pem"),
+            ]);
+            let chain = std::fs::read_to_string(dir.join("leaf.pem")).expect("leaf")
+                + &std::fs::read_to_string(cert).expect("signer");
+            std::fs::write(dir.join("operator.pem"), chain).expect("chain");
+        }
+    }
+}
+
+/// Inspection without a shell on the node: an operator certificate from `mesh-daemon ca
+/// issue-operator` reads `meshctl identity`, `config` and `stat` from another host over the
+/// nodes' operator port (mTLS, the node's own certificate); no certificate, a certificate of
+/// another CA, and a mesh certificate that is not an operator's are refused — each counted, each
+/// with its reason — and a pod reaching the port gets nothing.
+#[test]
+fn operators_read_nodes_from_outside_over_mtls_and_nobody_else_does() {
+    require_root("operator_port");
+    let mut t = topology("obo");
+    let node1 = t.nodes[0].ip.clone();
+    let base = t.ca_dir().parent().expect("topology dir").to_path_buf();
+    let op = base.join("alice");
+    let out = Command::new(bin("mesh-daemon"))
+        .args(["ca", "issue-operator", "--dir"])
+        .arg(t.ca_dir())
+        .args(["--name", "alice", "--lifetime", "1h", "--out"])
+        .arg(&op)
+        .output()
+        .expect("issue-operator");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}{said}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{said}");
+    assert!(
+        said.contains("spiffe://cluster.local/operator/alice"),
+        "{said}"
+    );
+    let op_arg = op.display().to_string();
+    let remote = format!("https://{node1}");
+
+    // identity, from another host: node 1's SVIDs (the node certificate may still be on its way
+    // at first: retried for up to 10 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let o = meshctl_outside(&t, &["--operator", &op_arg, "identity", "--admin", &remote]);
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "meshctl identity over the operator port: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("{id}");
+    for sa in ["client-sa", "other-sa", "local-sa"] {
+        assert!(id.contains(&principal(sa)), "{id}");
+    }
+    // config, as JSON: the node's workloads and its own node certificate.
+    let o = meshctl_outside(
+        &t,
+        &[
+            "--operator",
+            &op_arg,
+            "config",
+            "-o",
+            "json",
+            "--admin",
+            &remote,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dump: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(dump["node"]["name"], t.nodes[0].name);
+    assert!(
+        dump["workloads"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["name"] == "client")),
+        "{dump}"
+    );
+    assert_eq!(
+        dump["nodeCertificate"]["identity"],
+        format!("spiffe://cluster.local/node/{}", t.nodes[0].name)
+    );
+    // stat over both nodes' operator ports.
+    let o = meshctl_outside(
+        &t,
+        &[
+            "--operator",
+            &op_arg,
+            "stat",
+            "--node",
+            &format!("{remote},https://{}", t.nodes[1].ip),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The node logs who asked.
+    t.daemon(0)
+        .wait_for("operator request", Duration::from_secs(5));
+    assert!(
+        t.daemon(0)
+            .lines()
+            .iter()
+            .any(|l| l.contains("operator request") && l.contains("alice")),
+        "the audit line names the operator"
+    );
+
+    // Refused: no --operator (meshctl says what to pass) …
+    let o = meshctl_outside(&t, &["identity", "--admin", &remote]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--operator"), "{err}");
+    // … a client without a certificate (curl; the port asks for one) …
+    let url = format!("https://{node1}:15010/config_dump");
+    let (ok, said) = outside(&t, &["curl", "-sS", "-k", "--max-time", "5", &url]);
+    println!("curl without a certificate: {said}");
+    assert!(!ok && !said.contains("workloads"), "{said}");
+    // … a certificate of another CA naming an operator …
+    let forged = base.join("forged");
+    forge(&forged, "spiffe://cluster.local/operator/mallory", None);
+    std::fs::copy(op.join("bundle.pem"), forged.join("bundle.pem")).expect("bundle");
+    let o = meshctl_outside(
+        &t,
+        &[
+            "--operator",
+            &forged.display().to_string(),
+            "identity",
+            "--admin",
+            &remote,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("another CA's operator: {err}");
+    assert!(
+        !o.status.success() && err.contains("refused the operator certificate"),
+        "{err}"
+    );
+    // … and a certificate of this mesh's CA that names a workload, not an operator: the TLS
+    // handshake succeeds, every request is 403 with the reason.
+    let workload = base.join("workload");
+    forge(
+        &workload,
+        &principal("client-sa"),
+        Some((
+            &t.ca_dir().join("signer.pem"),
+            &t.ca_dir().join("signer.key"),
+        )),
+    );
+    let (ok, said) = outside(
+        &t,
+        &[
+            "curl",
+            "-sS",
+            "-k",
+            "--max-time",
+            "5",
+            "-w",
+            "\nstatus=%{http_code}",
+            "--cert",
+            &workload.join("operator.pem").display().to_string(),
+            "--key",
+            &workload.join("operator.key").display().to_string(),
+            &url,
+        ],
+    );
+    println!("a workload's certificate: {said}");
+    assert!(
+        ok && said.contains("status=403") && said.contains("is not an operator"),
+        "{said}"
+    );
+    assert!(!said.contains("\"workloads\""), "{said}");
+    // meshctl itself refuses to present a workload's certificate as an operator's.
+    std::fs::copy(op.join("bundle.pem"), workload.join("bundle.pem")).expect("bundle");
+    let o = meshctl_outside(
+        &t,
+        &[
+            "--operator",
+            &workload.display().to_string(),
+            "identity",
+            "--admin",
+            &remote,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not an operator"),
+        "{err}"
+    );
+
+    // A pod reaching its node's operator port gets no answer it can use (it has no operator
+    // certificate; its daemon holds only SVIDs, never an operator's key).
+    let mut pod_curl = exec_in_background(
+        &t,
+        "client",
+        &["curl", "-sS", "-k", "--max-time", "5", &url],
+    );
+    let status = pod_curl
+        .wait_exit(Duration::from_secs(10))
+        .expect("curl in the pod ends");
+    let said = pod_curl.output();
+    println!("from a pod: {said}");
+    assert!(!status.success() && !said.contains("workloads"), "{said}");
+
+    // Each refusal counted by its reason on the node that refused it.
+    let m = t.scrape(0);
+    let count = |result: &str| {
+        sample(
+            &m,
+            "nodemesh_operator_requests_total",
+            &[("result", result)],
+        )
+    };
+    assert!(count("served") >= 3, "served: {}", count("served"));
+    assert!(count("not_operator") >= 1, "not_operator");
+    assert!(
+        count("no_client_certificate") >= 2,
+        "curl without a certificate, from outside and from the pod: {}",
+        count("no_client_certificate")
+    );
+    assert!(count("untrusted") >= 1, "another CA's certificate");
+}

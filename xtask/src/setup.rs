@@ -10,12 +10,16 @@ use anyhow::{Context as _, bail};
 use crate::{run, show};
 
 /// Debian packages and the command each provides.
-const APT: [(&str, &str); 5] = [
+const APT: [(&str, &str); 7] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     ("capsh", "libcap2-bin"),
     ("tcpdump", "tcpdump"),
+    // Real clients in the suites: curl (HTTP load, TLS clients), openssl (certificates the
+    // mesh's CA did not issue, for the operator port's refusals).
+    ("curl", "curl"),
+    ("openssl", "openssl"),
 ];
 
 /// What `cargo xtask bench` drives the topologies with (well-known tools, from Debian).

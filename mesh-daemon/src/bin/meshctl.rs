@@ -26,6 +26,11 @@ use mesh_daemon::{
     about = "Inspect a nodemesh mesh from its nodes' endpoints"
 )]
 struct Cli {
+    /// Read nodes from outside them, over their operator port (mutual TLS): the folder
+    /// `mesh-daemon ca issue-operator --out` wrote (operator.pem, operator.key, bundle.pem). Give
+    /// nodes as `https://<node address>` (port 15010) to `--node` and `--admin`.
+    #[arg(long, global = true, env = "NODEMESH_OPERATOR", value_name = "DIR")]
+    operator: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,7 +46,8 @@ enum Output {
 #[derive(clap::Args, Clone)]
 struct Nodes {
     /// Metrics endpoints of the nodes to read, comma-separated or repeated: `host`, `host:port`
-    /// or `http://host:port` (port 15020 when none is given).
+    /// or `http://host:port` (port 15020 when none is given), or a node's operator port from
+    /// outside it, `https://host[:port]` (15010; needs --operator).
     #[arg(
         long = "node",
         env = "NODEMESH_NODES",
@@ -122,7 +128,8 @@ enum Command {
     },
     /// Follow live connection and request events from a node's admin port.
     Tap {
-        /// The node's admin endpoint (loopback only: run meshctl on the node).
+        /// The node's admin endpoint: 127.0.0.1:15000 on the node, or from outside it its
+        /// operator port, `https://<node address>` (needs --operator).
         #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000", value_parser = admin_endpoint)]
         admin: String,
         #[arg(long)]
@@ -187,16 +194,19 @@ enum By {
 }
 
 /// `host`, `host:port`, `[v6]:port` or `http://host:port[/]` as `host:port`, `default_port` when
-/// none is given. https is refused: the node's endpoints speak plain HTTP (metrics are public,
-/// and the admin port is loopback-only).
+/// none is given; `https://host[:port][/]` (a node's operator port, mutual TLS) as
+/// `https://host:port`, port 15010 when none is given.
 fn endpoint(s: &str, default_port: u16) -> Result<String, String> {
     let s = s.trim();
-    if s.starts_with("https://") {
-        return Err(format!(
-            "{s}: the node's endpoints speak plain HTTP; use http:// or just host:port"
-        ));
+    if let Some(rest) = s.strip_prefix("https://") {
+        return host_port(s, rest, mesh_daemon::config::OPERATOR_PORT)
+            .map(|hp| format!("https://{hp}"));
     }
-    let rest = s.strip_prefix("http://").unwrap_or(s);
+    host_port(s, s.strip_prefix("http://").unwrap_or(s), default_port)
+}
+
+/// `rest` (what follows the scheme of `s`) as `host:port`.
+fn host_port(s: &str, rest: &str, default_port: u16) -> Result<String, String> {
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty() || rest.contains('/') || rest.contains("://") {
         return Err(format!(
@@ -250,6 +260,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    let _ = OPERATOR.set(cli.operator);
     let r = match cli.command {
         Command::Check {
             cgroup_root,
@@ -378,10 +389,137 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     Ok(RT.get_or_init(|| rt))
 }
 
-/// A GET to `addr` (host:port) with hyper over one connection; the response once its status is
-/// 200 (anything else is an error with the status and the body's reason).
+/// The operator's credentials (`--operator`), read once.
+static OPERATOR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// The TLS configuration for operator ports, from `--operator`'s folder.
+fn operator_tls() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    static TLS: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let Some(dir) = OPERATOR.get().cloned().flatten() else {
+            return Err(
+                "an https:// node is its operator port (mutual TLS): pass --operator \
+                        <dir> with the folder `mesh-daemon ca issue-operator --out <dir>` wrote"
+                    .into(),
+            );
+        };
+        load_operator(&dir)
+    })
+    .clone()
+}
+
+fn load_operator(dir: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let read = |f: &str| {
+        let p = dir.join(f);
+        mesh_daemon::meshfile::read_file(&p).map_err(|e| {
+            format!(
+                "--operator {}: cannot read {f}: {e}; it holds what `mesh-daemon ca \
+                 issue-operator --out` writes (operator.pem, operator.key, bundle.pem)",
+                dir.display()
+            )
+        })
+    };
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(read("operator.pem")?.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}/operator.pem is not PEM: {e}", dir.display()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| format!("{}/operator.pem holds no certificate", dir.display()))?;
+    let uri = mesh_daemon::identity::spiffe_uri(leaf)
+        .map_err(|e| format!("{}/operator.pem: {e}", dir.display()))?;
+    let Some((td, _)) = mesh_daemon::identity::Role::Operator.parse(&uri) else {
+        return Err(format!(
+            "{}/operator.pem names {uri}, not an operator (spiffe://<trust domain>/operator/\
+             <name>); use the certificate `mesh-daemon ca issue-operator` writes",
+            dir.display()
+        ));
+    };
+    let td = td.to_string();
+    if let Ok((_, c)) = x509_parser::parse_x509_certificate(leaf) {
+        let now = x509_parser::time::ASN1Time::now();
+        if c.validity().not_after < now {
+            return Err(format!(
+                "{}/operator.pem expired at {}; issue a new one with `mesh-daemon ca \
+                 issue-operator`",
+                dir.display(),
+                c.validity().not_after
+            ));
+        }
+    }
+    let key = PrivateKeyDer::from_pem_slice(read("operator.key")?.as_bytes()).map_err(|e| {
+        format!(
+            "{}/operator.key is not a PEM private key: {e}",
+            dir.display()
+        )
+    })?;
+    let bundle = mesh_daemon::identity::Bundle::new(vec![read("bundle.pem")?], String::new())
+        .map_err(|e| format!("{}/bundle.pem: {e}", dir.display()))?;
+    mesh_daemon::identity::tls::operator_client_config(&bundle, &td, chain, key).map_err(|e| {
+        format!(
+            "{}: the certificate and key do not go together: {e}",
+            dir.display()
+        )
+    })
+}
+
+/// What a failed handshake with a node's operator port means, and what to do.
+fn operator_tls_error(addr: &str, e: &std::io::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let dir = OPERATOR
+        .get()
+        .cloned()
+        .flatten()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<E>());
+    match tls {
+        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => format!(
+            "{addr}: the node's certificate is not signed by {dir}/bundle.pem (another mesh's \
+             CA, or a root rotated since the operator certificate was issued: issue it again)"
+        ),
+        Some(E::InvalidCertificate(C::ApplicationVerificationFailure)) => format!(
+            "{addr}: the server's certificate names no node of this mesh \
+             (spiffe://<trust domain>/node/<name>); is this a node's operator port (15010)?"
+        ),
+        Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => {
+            format!("{addr}: the node's certificate has expired; is its clock right?")
+        }
+        Some(E::AlertReceived(
+            A::UnknownCA
+            | A::BadCertificate
+            | A::CertificateRequired
+            | A::CertificateExpired
+            | A::AccessDenied
+            | A::DecryptError,
+        )) => format!(
+            "{addr}: the node refused the operator certificate in {dir} ({e}): it is not from \
+             this mesh's CA, or no longer valid; issue a new one with `mesh-daemon ca \
+             issue-operator`"
+        ),
+        Some(E::AlertReceived(A::HandshakeFailure | A::InternalError)) | None
+            if e.kind() != std::io::ErrorKind::InvalidData =>
+        {
+            format!(
+                "{addr}: the TLS handshake failed ({e}); the node may have no node certificate \
+                 from the CA yet (see its /ready and log), or this is not its operator port"
+            )
+        }
+        _ => format!("{addr}: the TLS handshake failed: {e}; is this a node's operator port?"),
+    }
+}
+
+/// A GET to `addr` (`host:port`, or `https://host:port` for an operator port) with hyper over
+/// one connection; the response once its status is 200 (anything else is an error with the
+/// status and the body's reason).
 async fn get(addr: &str, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     use http_body_util::BodyExt as _;
+    let (addr, tls) = match addr.strip_prefix("https://") {
+        Some(a) => (a, Some(operator_tls()?)),
+        None => (addr, None),
+    };
     let sa = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("{addr}: {e}"))?
@@ -393,19 +531,53 @@ async fn get(addr: &str, path: &str) -> Result<hyper::Response<hyper::body::Inco
         .map_err(|e| {
             format!("cannot reach {addr}: {e}; is the node daemon running and is this its address?")
         })?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+    let mut sender = match tls {
+        None => {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| format!("{addr}: {e}"))?;
+            tokio::spawn(conn);
+            sender
+        }
+        Some(tls) => {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let stream = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+            )
             .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-    tokio::spawn(conn);
+            .map_err(|_| format!("{addr}: no TLS handshake within 10 s"))?
+            .map_err(|e| operator_tls_error(addr, &e))?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("{addr}: {e}"))?;
+            tokio::spawn(conn);
+            sender
+        }
+    };
     let req = hyper::Request::get(path)
         .header(hyper::header::HOST, addr)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| format!("{addr}{path}: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("{addr}{path}: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| {
+        // TLS 1.3: the server checks the client's certificate after the client's handshake has
+        // finished, so its refusal (an alert) arrives with the first answer.
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && io.get_ref().is_some_and(|i| i.is::<rustls::Error>())
+            {
+                return operator_tls_error(addr, io);
+            }
+            cause = c.source();
+        }
+        format!("{addr}{path}: {e}")
+    })?;
     if resp.status() != hyper::StatusCode::OK {
         let status = resp.status();
         let body = resp
@@ -1465,8 +1637,19 @@ mod tests {
                 "{given}"
             );
         }
+        for (given, want) in [
+            ("https://10.0.0.5", "https://10.0.0.5:15010"),
+            ("https://node-1:9443/", "https://node-1:9443"),
+        ] {
+            assert_eq!(super::admin_endpoint(given).as_deref(), Ok(want), "{given}");
+            assert_eq!(
+                super::metrics_endpoint(given).as_deref(),
+                Ok(want),
+                "{given}"
+            );
+        }
         for (given, says) in [
-            ("https://10.0.0.5:15020", "plain HTTP"),
+            ("https://10.0.0.5:15010/config_dump", "no path"),
             ("http://10.0.0.5:15020/metrics", "no path"),
             ("10.0.0.5:http", "is not a port"),
             ("10.0.0.5:0", "is not a port"),

@@ -338,18 +338,35 @@ impl Authority {
         public_key: &impl rcgen::PublicKeyData,
         lifetime: Duration,
     ) -> Result<Issued, rcgen::Error> {
+        self.issue_leaf(
+            &id.to_string(),
+            public_key,
+            lifetime,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// A leaf naming one SPIFFE ID, for the uses given: workloads both, a node's operator
+    /// listener server only, an operator client only (so neither can stand in for the other).
+    fn issue_leaf(
+        &self,
+        uri: &str,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+        uses: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Issued, rcgen::Error> {
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        p.subject_alt_names = vec![SanType::URI(uri.to_string().try_into()?)];
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyAgreement,
         ];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = uses;
         p.not_before = now() - BACKDATE;
         p.not_after = now() + lifetime;
         p.use_authority_key_identifier_extension = true;
@@ -361,14 +378,42 @@ impl Authority {
         })
     }
 
+    /// An operator's client certificate (`mesh-daemon ca issue-operator`), signed here from the
+    /// key folder, never over the network: `(chain PEM, private key PEM, SPIFFE ID)`.
+    pub fn issue_operator(
+        &self,
+        name: &str,
+        lifetime: Duration,
+    ) -> Result<(String, String, String), CaError> {
+        if !super::Role::valid_name(name) {
+            return Err(CaError::Rotate(format!(
+                "--name {name:?}: an operator's name is lowercase letters, digits, '-' and '.'                  (e.g. alice or oncall.sre)"
+            )));
+        }
+        let uri = super::Role::Operator.id(&self.trust_domain, name);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let issued = self.issue_leaf(
+            &uri,
+            &key,
+            lifetime,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )?;
+        Ok((issued.chain.concat(), key.serialize_pem(), uri))
+    }
+
     /// Checks and signs a node's CSR. `on_node` says whether the identity has a workload on the
     /// requesting node.
+    ///
+    /// Besides workload identities, a node may ask for its own node identity
+    /// (`spiffe://<td>/node/<its name>`, for its operator listener; server use only) — never
+    /// another node's, and never an operator's.
     pub fn sign(
         &self,
         csr_pem: &str,
+        node: &str,
         on_node: impl Fn(&Identity) -> bool,
         lifetime: Duration,
-    ) -> Result<(Identity, Issued), Refusal> {
+    ) -> Result<(String, Issued), Refusal> {
         let bad = |reason: String| refusal(StatusCode::BAD_REQUEST, "bad_csr", reason);
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
             bad(format!(
@@ -418,6 +463,44 @@ impl Authority {
                     .into(),
             ));
         }
+        if super::Role::Operator.parse(uri).is_some() {
+            return Err(refusal(
+                StatusCode::FORBIDDEN,
+                "operator_identity",
+                format!(
+                    "{uri} is an operator identity; operator certificates are issued offline \
+                     with `mesh-daemon ca issue-operator`, never to a node"
+                ),
+            ));
+        }
+        if let Some((td, name)) = super::Role::Node.parse(uri) {
+            if td != self.trust_domain {
+                return Err(refusal(
+                    StatusCode::FORBIDDEN,
+                    "wrong_trust_domain",
+                    format!(
+                        "{uri} is outside this CA's trust domain {:?}",
+                        self.trust_domain
+                    ),
+                ));
+            }
+            if name != node {
+                return Err(refusal(
+                    StatusCode::FORBIDDEN,
+                    "not_on_node",
+                    format!("{uri} is another node's identity; a node gets only its own"),
+                ));
+            }
+            let issued = self
+                .issue_leaf(
+                    uri,
+                    &csr.public_key,
+                    lifetime,
+                    vec![ExtendedKeyUsagePurpose::ServerAuth],
+                )
+                .map_err(|e| refusal(StatusCode::INTERNAL_SERVER_ERROR, "error", e.to_string()))?;
+            return Ok((uri.to_string(), issued));
+        }
         let id = Identity::parse(uri).map_err(|e| bad(e.to_string()))?;
         if id.trust_domain != self.trust_domain {
             return Err(refusal(
@@ -439,7 +522,7 @@ impl Authority {
         let issued = self
             .issue_for(&id, &csr.public_key, lifetime)
             .map_err(|e| refusal(StatusCode::INTERNAL_SERVER_ERROR, "error", e.to_string()))?;
-        Ok((id, issued))
+        Ok((id.to_string(), issued))
     }
 
     /// A serving certificate for the CA's own HTTPS listener, signed by the current signer.
@@ -466,6 +549,36 @@ impl Authority {
         })?;
         Ok(Arc::new(ck))
     }
+}
+
+// === operators ===
+
+/// `mesh-daemon ca issue-operator`: an operator's certificate from the key folder into `out`
+/// (operator.pem, operator.key, bundle.pem); the summary line says what to run next.
+pub fn issue_operator(
+    dir: &Path,
+    trust_domain: &str,
+    name: &str,
+    out: &Path,
+    lifetime: Duration,
+) -> Result<String, CaError> {
+    let authority = Authority::load(dir, trust_domain)?;
+    let (chain, key, uri) = authority.issue_operator(name, lifetime)?;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(out))?;
+    }
+    write(&out.join("operator.pem"), &chain, false)?;
+    write(&out.join("operator.key"), &key, true)?;
+    write(&out.join("bundle.pem"), &authority.bundle.concat(), false)?;
+    let hours = lifetime.as_secs_f64() / 3600.0;
+    Ok(format!(
+        "issued {uri}, valid for {hours:.1} h, into {out}; read a node with e.g. \
+         `meshctl --operator {out} config --admin https://<node address>`",
+        out = out.display()
+    ))
 }
 
 // === rotation ===
@@ -1196,7 +1309,7 @@ async fn sign_request(
         (None, Some(p)) => p.on_node(&node, id),
         (None, None) => false,
     };
-    match authority.sign(&sign.csr, on_node, shared.cfg.lifetime) {
+    match authority.sign(&sign.csr, &node, on_node, shared.cfg.lifetime) {
         Ok((id, issued)) => {
             info!(%node, identity = %id, lifetime = ?shared.cfg.lifetime, "issued SVID");
             (
@@ -1293,9 +1406,9 @@ mod tests {
         let mine = Identity::new("cluster.local", "default", "client");
         let (_, csr) = csr_for(&mine.to_string());
         let (id, issued) = ca
-            .sign(&csr, |id| *id == mine, Duration::from_secs(60))
+            .sign(&csr, "node-a", |id| *id == mine, Duration::from_secs(60))
             .expect("signed");
-        assert_eq!(id, mine);
+        assert_eq!(id, mine.to_string());
         let leaf = pem_certs(Path::new("leaf"), &issued.chain[0])
             .expect("pem")
             .remove(0);
@@ -1303,12 +1416,12 @@ mod tests {
         assert_eq!(issued.bundle.len(), 1);
 
         let (_, other) = csr_for("spiffe://cluster.local/ns/default/sa/server");
-        let r = ca.sign(&other, |id| *id == mine, Duration::from_secs(60));
+        let r = ca.sign(&other, "node-a", |id| *id == mine, Duration::from_secs(60));
         assert_eq!(r.expect_err("not on node").label, "not_on_node");
         let (_, foreign) = csr_for("spiffe://evil.example/ns/default/sa/client");
-        let r = ca.sign(&foreign, |_| true, Duration::from_secs(60));
+        let r = ca.sign(&foreign, "node-a", |_| true, Duration::from_secs(60));
         assert_eq!(r.expect_err("foreign").label, "wrong_trust_domain");
-        let r = ca.sign("garbage", |_| true, Duration::from_secs(60));
+        let r = ca.sign("garbage", "node-a", |_| true, Duration::from_secs(60));
         assert_eq!(r.expect_err("garbage").label, "bad_csr");
         let (_, no_uri) = {
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
@@ -1316,7 +1429,7 @@ mod tests {
             let csr = p.serialize_request(&key).expect("csr").pem().expect("pem");
             (key, csr)
         };
-        let r = ca.sign(&no_uri, |_| true, Duration::from_secs(60));
+        let r = ca.sign(&no_uri, "node-a", |_| true, Duration::from_secs(60));
         assert_eq!(r.expect_err("no uri").label, "bad_csr");
         // Tampered requests: more names than the SPIFFE ID, or a CA certificate.
         let tampered = |extra: fn(&mut CertificateParams)| {
@@ -1325,7 +1438,7 @@ mod tests {
             p.subject_alt_names = vec![SanType::URI(mine.to_string().try_into().expect("ascii"))];
             extra(&mut p);
             let csr = p.serialize_request(&key).expect("csr").pem().expect("pem");
-            ca.sign(&csr, |_| true, Duration::from_secs(60))
+            ca.sign(&csr, "node-a", |_| true, Duration::from_secs(60))
                 .expect_err("tampered")
         };
         let r = tampered(|p| {
@@ -1344,6 +1457,47 @@ mod tests {
         assert!(r.reason.contains("exactly one SPIFFE ID"), "{}", r.reason);
         let r = tampered(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
         assert!(r.reason.contains("CA certificate"), "{}", r.reason);
+
+        // A node gets its own node identity (server use only), never another node's, and never
+        // an operator's, whatever the placement says.
+        let (_, own) = csr_for("spiffe://cluster.local/node/node-a");
+        let (uri, issued) = ca
+            .sign(&own, "node-a", |_| false, Duration::from_secs(60))
+            .expect("its own node identity");
+        assert_eq!(uri, "spiffe://cluster.local/node/node-a");
+        let leaf = pem_certs(Path::new("leaf"), &issued.chain[0])
+            .expect("pem")
+            .remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).expect("x509");
+        let eku = cert.extended_key_usage().expect("eku").expect("eku").value;
+        assert!(eku.server_auth && !eku.client_auth, "{eku:?}");
+        let (_, theirs) = csr_for("spiffe://cluster.local/node/node-b");
+        let r = ca.sign(&theirs, "node-a", |_| true, Duration::from_secs(60));
+        assert_eq!(r.expect_err("another node").label, "not_on_node");
+        let (_, foreign_node) = csr_for("spiffe://evil.example/node/node-a");
+        let r = ca.sign(&foreign_node, "node-a", |_| true, Duration::from_secs(60));
+        assert_eq!(r.expect_err("foreign node").label, "wrong_trust_domain");
+        let (_, op) = csr_for("spiffe://cluster.local/operator/alice");
+        let r = ca
+            .sign(&op, "node-a", |_| true, Duration::from_secs(60))
+            .expect_err("operator over the network");
+        assert_eq!(r.label, "operator_identity");
+        assert!(r.reason.contains("issue-operator"), "{}", r.reason);
+        // Offline, the operator's certificate is a client certificate only.
+        let (chain, key, uri) = ca
+            .issue_operator("alice", Duration::from_secs(60))
+            .expect("operator");
+        assert_eq!(uri, "spiffe://cluster.local/operator/alice");
+        assert!(key.contains("PRIVATE KEY"), "{key}");
+        let certs = pem_certs(Path::new("operator.pem"), &chain).expect("pem");
+        assert_eq!(certs.len(), 2, "leaf and signer");
+        let (_, cert) = x509_parser::parse_x509_certificate(&certs[0]).expect("x509");
+        let eku = cert.extended_key_usage().expect("eku").expect("eku").value;
+        assert!(eku.client_auth && !eku.server_auth, "{eku:?}");
+        assert!(
+            ca.issue_operator("Alice/x", Duration::from_secs(60))
+                .is_err()
+        );
 
         // Rotation: the bundle grows, the signer changes, then the bundle shrinks again.
         let before = ca.signer.clone();

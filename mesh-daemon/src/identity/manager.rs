@@ -76,8 +76,45 @@ pub struct Svid {
     pub renews_at: SystemTime,
 }
 
+/// This node's own certificate (`spiffe://<td>/node/<name>`), which the operator listener serves
+/// with; fetched and renewed like an SVID.
+#[derive(Debug)]
+pub struct NodeCert {
+    pub uri: String,
+    pub key: Arc<CertifiedKey>,
+    pub not_after: SystemTime,
+    pub renews_at: SystemTime,
+}
+
+/// What a renewal worker keeps fresh.
+#[derive(Clone, Debug)]
+enum Subject {
+    Workload(Identity),
+    Node(String),
+}
+
+impl Subject {
+    fn uri(&self, trust_domain: &str) -> String {
+        match self {
+            Subject::Workload(id) => id.to_string(),
+            Subject::Node(name) => super::Role::Node.id(trust_domain, name),
+        }
+    }
+}
+
+/// A certificate just issued, before it is stored.
+struct Fetched {
+    key: Arc<CertifiedKey>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    signer: String,
+}
+
 pub struct Manager {
     ca: CaClient,
+    /// The node certificate and its worker, once [`Manager::want_node_cert`] asked for it.
+    node_cert: RwLock<Option<Arc<NodeCert>>>,
+    node_worker: Mutex<Option<AbortHandle>>,
     trust_domain: String,
     refresh: Duration,
     svids: RwLock<HashMap<Identity, Arc<Svid>>>,
@@ -141,6 +178,8 @@ impl Manager {
                 },
                 cfg.mark,
             ),
+            node_cert: RwLock::default(),
+            node_worker: Mutex::default(),
             trust_domain: cfg.trust_domain,
             refresh: cfg.refresh,
             svids: RwLock::default(),
@@ -247,6 +286,30 @@ impl Manager {
         });
     }
 
+    /// Fetches and renews this node's own certificate (for the operator listener). Call from
+    /// within the runtime; once.
+    pub fn want_node_cert(self: &Arc<Self>, node: &str) {
+        let me = self.clone();
+        let subject = Subject::Node(node.to_string());
+        let task = tokio::spawn(async move { me.keep_fresh(subject).await });
+        if let Some(old) = self
+            .node_worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task.abort_handle())
+        {
+            old.abort();
+        }
+    }
+
+    /// This node's certificate, once issued.
+    pub fn node_cert(&self) -> Option<Arc<NodeCert>> {
+        self.node_cert
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Identities with a renewal worker (one per identity with a pod here).
     pub fn workers(&self) -> usize {
         self.workers.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -279,29 +342,67 @@ impl Manager {
             let me = self.clone();
             let task = tokio::spawn({
                 let id = id.clone();
-                async move { me.keep_fresh(id).await }
+                async move { me.keep_fresh(Subject::Workload(id)).await }
             });
             workers.insert(id, task.abort_handle());
         }
     }
 
-    /// Fetches, then renews `id`'s SVID for as long as it is wanted.
-    async fn keep_fresh(self: Arc<Self>, id: Identity) {
+    /// When the certificate held for `subject` now expires.
+    fn held(&self, subject: &Subject) -> Option<SystemTime> {
+        match subject {
+            Subject::Workload(id) => self.svid(id).map(|s| s.not_after),
+            Subject::Node(_) => self.node_cert().map(|c| c.not_after),
+        }
+    }
+
+    fn store(&self, subject: &Subject, uri: String, f: Fetched, renews_at: SystemTime) {
+        match subject {
+            Subject::Workload(id) => {
+                let svid = Svid {
+                    identity: id.clone(),
+                    key: f.key,
+                    not_before: f.not_before,
+                    not_after: f.not_after,
+                    signer: f.signer,
+                    renews_at,
+                };
+                self.svids
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), Arc::new(svid));
+            }
+            Subject::Node(_) => {
+                let cert = NodeCert {
+                    uri,
+                    key: f.key,
+                    not_after: f.not_after,
+                    renews_at,
+                };
+                *self.node_cert.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(cert));
+            }
+        }
+        self.stored.send_modify(|n| *n += 1);
+    }
+
+    /// Fetches, then renews a certificate for as long as it is wanted.
+    async fn keep_fresh(self: Arc<Self>, subject: Subject) {
+        let id = subject.uri(&self.trust_domain);
         let mut signer = self.signer.subscribe();
         let mut backoff = BACKOFF_MIN;
         loop {
-            let renewal = self.svid(&id).is_some();
+            let renewal = self.held(&subject).is_some();
             match self.fetch(&id).await {
-                Ok(svid) => {
+                Ok(fetched) => {
                     backoff = BACKOFF_MIN;
-                    let expiry = svid
+                    let expiry = fetched
                         .not_after
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .unwrap_or_default()
                         .as_secs_f64();
                     self.metrics
                         .svid_expiry
-                        .with_label_values(&[&id.to_string()])
+                        .with_label_values(&[&id])
                         .set(expiry);
                     self.metrics
                         .svid_fetches
@@ -311,19 +412,14 @@ impl Manager {
                     // own start is backdated for clock skew and would make short lifetimes
                     // renew at once.
                     let arrived = SystemTime::now();
-                    let valid_for = svid.not_after.duration_since(arrived).unwrap_or_default();
-                    info!(identity = %id, ?valid_for, signer = %svid.signer, renewal, "SVID in hand");
+                    let valid_for = fetched
+                        .not_after
+                        .duration_since(arrived)
+                        .unwrap_or_default();
+                    info!(identity = %id, ?valid_for, signer = %fetched.signer, renewal, "SVID in hand");
                     let renew_at = arrived + valid_for / 2;
-                    let svid = Svid {
-                        renews_at: renew_at,
-                        ..svid
-                    };
-                    let svid_signer = svid.signer.clone();
-                    self.svids
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(id.clone(), Arc::new(svid));
-                    self.stored.send_modify(|n| *n += 1);
+                    let svid_signer = fetched.signer.clone();
+                    self.store(&subject, id.clone(), fetched, renew_at);
                     let wait = renew_at
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
@@ -351,10 +447,9 @@ impl Manager {
                         .svid_fetches
                         .with_label_values(&["failed"])
                         .inc();
-                    let held = self.svid(&id);
-                    let remaining = held
-                        .as_ref()
-                        .and_then(|s| s.not_after.duration_since(SystemTime::now()).ok());
+                    let remaining = self
+                        .held(&subject)
+                        .and_then(|t| t.duration_since(SystemTime::now()).ok());
                     warn!(identity = %id, error = %e, retry_in = ?backoff, still_valid_for = ?remaining,
                         "cannot get an SVID from the CA; keeping the current one if any");
                     tokio::time::sleep(backoff).await;
@@ -364,15 +459,15 @@ impl Manager {
         }
     }
 
-    /// One signing request: a fresh P-256 key, a CSR naming `id`, the CA's answer checked.
-    async fn fetch(&self, id: &Identity) -> Result<Svid, ManagerError> {
+    /// One signing request: a fresh P-256 key, a CSR naming `uri`, the CA's answer checked.
+    async fn fetch(&self, uri: &str) -> Result<Fetched, ManagerError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| ManagerError::Config(format!("key generation: {e}")))?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(
-            id.to_string()
+            uri.to_string()
                 .try_into()
-                .map_err(|e| ManagerError::Config(format!("{id}: {e}")))?,
+                .map_err(|e| ManagerError::Config(format!("{uri}: {e}")))?,
         )];
         let csr = params
             .serialize_request(&key)
@@ -392,10 +487,10 @@ impl Manager {
         let leaf = chain
             .first()
             .ok_or_else(|| ManagerError::BadAnswer("empty chain".into()))?;
-        let got = Identity::from_cert(leaf).map_err(|e| ManagerError::BadAnswer(e.to_string()))?;
-        if &got != id {
+        let got = super::spiffe_uri(leaf).map_err(|e| ManagerError::BadAnswer(e.to_string()))?;
+        if got != uri {
             return Err(ManagerError::BadAnswer(format!(
-                "asked for {id}, the certificate names {got}"
+                "asked for {uri}, the certificate names {got}"
             )));
         }
         let (not_before, not_after) = validity(leaf)?;
@@ -403,13 +498,11 @@ impl Manager {
         let ck = CertifiedKey::from_der(chain, der, &super::provider()).map_err(|e| {
             ManagerError::BadAnswer(format!("certificate and key do not match: {e}"))
         })?;
-        Ok(Svid {
-            identity: got,
+        Ok(Fetched {
             key: Arc::new(ck),
             not_before,
             not_after,
             signer: issued.signer,
-            renews_at: not_after,
         })
     }
 
@@ -479,6 +572,10 @@ impl CertSource for Manager {
 
     fn key_by_server_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         self.svid_by_server_name(name)
+    }
+
+    fn node_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.node_cert().map(|c| c.key.clone())
     }
 }
 

@@ -278,6 +278,167 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+// === the operator channel ===
+
+/// The operator listener speaks HTTP/1.1.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Server side of the operator channel: a client certificate that chains to the bundle, for
+/// client use (so a node certificate, server use only, is refused here). Which identity it names
+/// is checked per request ([`super::Role::Operator`] only), so a refused peer is told why.
+#[derive(Debug)]
+struct OperatorPeer {
+    certs: Arc<dyn CertSource>,
+    sigs: Signatures,
+}
+
+impl ClientCertVerifier for OperatorPeer {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.certs
+            .bundle()
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Signatures::tls12()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.sigs.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.sigs.schemes()
+    }
+}
+
+/// The node certificate, whatever name the client asked for (it dials an address).
+#[derive(Debug)]
+struct NodeKey(Arc<dyn CertSource>);
+
+impl ResolvesServerCert for NodeKey {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.node_key()
+    }
+}
+
+/// The operator listener's configuration: TLS 1.3, the node certificate, a client certificate
+/// required.
+pub fn operator_server_config(certs: Arc<dyn CertSource>) -> Result<Arc<ServerConfig>, Error> {
+    let provider = super::provider();
+    let mut cfg = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(OperatorPeer {
+            certs: certs.clone(),
+            sigs: Signatures(provider),
+        }))
+        .with_cert_resolver(Arc::new(NodeKey(certs)));
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(cfg))
+}
+
+/// Client side of the operator channel (meshctl): the server must chain to the operator's
+/// bundle and name a node of the trust domain ([`super::Role::Node`]); a workload's SVID or the
+/// CA's serving certificate is not a node.
+#[derive(Debug)]
+struct NodeVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    trust_domain: String,
+    sigs: Signatures,
+}
+
+impl ServerCertVerifier for NodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.sigs.0.signature_verification_algorithms.all,
+        )?;
+        let uri = super::spiffe_uri(end_entity).map_err(|_| app_failure())?;
+        match super::Role::Node.parse(&uri) {
+            Some((td, _)) if td == self.trust_domain => Ok(ServerCertVerified::assertion()),
+            _ => Err(app_failure()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Signatures::tls12()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.sigs.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.sigs.schemes()
+    }
+}
+
+/// meshctl's configuration for a node's operator port: the operator's certificate (chain and
+/// key) as the client's, any node of `trust_domain` under `bundle` as the server.
+pub fn operator_client_config(
+    bundle: &Bundle,
+    trust_domain: &str,
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<Arc<ClientConfig>, Error> {
+    let provider = super::provider();
+    let mut cfg = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NodeVerifier {
+            roots: bundle.roots.clone(),
+            trust_domain: trust_domain.to_string(),
+            sigs: Signatures(provider),
+        }))
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    cfg.resumption = Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
 /// The configuration for talking to the CA: its serving certificate must chain to the bundle.
 pub fn ca_client_config(bundle: &Bundle) -> Result<Arc<ClientConfig>, Error> {
     let cfg = ClientConfig::builder_with_provider(super::provider())
