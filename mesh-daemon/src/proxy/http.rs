@@ -171,6 +171,8 @@ pub struct Tunnel {
     pub dst: Arc<Workload>,
     pub target: SocketAddr,
     pub protocol: Protocol,
+    /// The local service whose endpoint the target is (`destination_service`), or `unknown`.
+    pub service: String,
 }
 
 /// The pod's side of a tunnel of requests: one connection carries them all.
@@ -317,7 +319,7 @@ async fn inbound_request(
         &inputs,
         "inbound",
         &src,
-        "unknown",
+        &t.service,
         "",
         Some(&t.dst),
         true,

@@ -358,6 +358,7 @@ async fn tunnel(
             dst: dst.clone(),
             target,
             protocol,
+            service: labels[7].clone(),
         };
         super::http::serve_inbound(inputs.clone(), tunnel, pod, t).await;
         inputs.metrics.finished(&labels, &Ok((0, 0)));
