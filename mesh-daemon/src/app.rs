@@ -237,7 +237,10 @@ async fn serve(
             Box::pin(source.run(state.clone()))
         }
     };
-    let mut enroller = Enroller::new(datapath.clone(), metrics.clone(), cfg.strict());
+    let tap = Tap::default();
+    identity.show_refusals_on(tap.clone());
+    let mut enroller = Enroller::new(datapath.clone(), metrics.clone(), cfg.strict())
+        .with_tap(tap.clone(), &cfg.trust_domain);
     let unenrolled = enroller.unenrolled();
     let _ = obs.ready.unenrolled.set(unenrolled.clone());
     enroller.reconcile(&state.snapshot());
@@ -247,7 +250,6 @@ async fn serve(
     obs.ready
         .loaded
         .store(true, std::sync::atomic::Ordering::Release);
-    let tap = Tap::default();
     let access_log = match &cfg.access_log {
         Some(path) => mesh_daemon::tap::AccessLog::open(path).map_err(anyhow::Error::msg)?,
         None => Default::default(),

@@ -38,6 +38,9 @@ pub struct Enroller {
     failed: HashMap<u32, (String, String)>,
     /// `failed` by name, for `/ready`.
     report: Unenrolled,
+    /// Where a new failure is shown (a `refused` event with the pod, its identity in this trust
+    /// domain, and why).
+    tap: Option<(crate::tap::Tap, String)>,
 }
 
 impl Enroller {
@@ -49,7 +52,14 @@ impl Enroller {
             enrolled: HashMap::new(),
             failed: HashMap::new(),
             report: Unenrolled::default(),
+            tap: None,
         }
+    }
+
+    /// Shows each new failure on `/tap`.
+    pub fn with_tap(mut self, tap: crate::tap::Tap, trust_domain: &str) -> Self {
+        self.tap = Some((tap, trust_domain.to_string()));
+        self
     }
 
     /// The pods that cannot be enrolled, kept current by every reconcile.
@@ -77,7 +87,7 @@ impl Enroller {
 
     /// Makes the kernel's enrollment map match the workloads this daemon serves in `snap`.
     pub fn reconcile(&mut self, snap: &Snapshot) {
-        let desired: HashMap<u32, (PathBuf, EnrollSpec, String)> = snap
+        let desired: HashMap<u32, (PathBuf, EnrollSpec, &crate::state::Workload)> = snap
             .local_workloads()
             .map(|w| {
                 (
@@ -89,7 +99,7 @@ impl Enroller {
                             strict: self.strict,
                             probe_ports: w.probe_ports.clone(),
                         },
-                        w.display(),
+                        &**w,
                     ),
                 )
             })
@@ -110,7 +120,8 @@ impl Enroller {
             }
         }
         self.failed.retain(|id, _| desired.contains_key(id));
-        for (id, (cgroup, spec, name)) in desired {
+        for (id, (cgroup, spec, w)) in desired {
+            let name = w.display();
             // Same spec and the same cgroup (a pod recreated under its name has a new one).
             let same_cgroup = |cg: u64| crate::ebpf::cgroup::cgroup_id(&cgroup).ok() == Some(cg);
             if self
@@ -134,10 +145,24 @@ impl Enroller {
                     let msg = e.to_string();
                     if self.failed.get(&id).map(|(_, m)| m) != Some(&msg) {
                         warn!(workload = %name, error = %msg, "cannot enroll this pod; its connections are not captured (retrying every second)");
+                        let reason = e.enroll_reason();
                         self.metrics
                             .enroll_failures
-                            .with_label_values(&[e.enroll_reason()])
+                            .with_label_values(&[reason, &w.name, &w.namespace])
                             .inc();
+                        if let Some((tap, td)) = &self.tap {
+                            tap.emit(|| {
+                                crate::tap::TapEvent::refusal(
+                                    "enroll",
+                                    [&w.name, &w.namespace, &w.identity(td).to_string()],
+                                    format!("cgroup {}", cgroup.display()),
+                                    format!(
+                                        "{reason}: cannot enroll this pod, its connections are \
+                                         not captured (retried every second): {msg}"
+                                    ),
+                                )
+                            });
+                        }
                         self.failed.insert(id, (name, msg));
                     }
                 }

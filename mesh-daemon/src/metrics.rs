@@ -17,6 +17,7 @@ pub struct Metrics {
     pub tcp_received_bytes: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub enroll_failures: IntCounterVec,
+    pub svid_refusals: IntCounterVec,
     pub enrolled: IntGauge,
     pub ebpf_events: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
@@ -171,8 +172,15 @@ impl Metrics {
             ),
             enroll_failures: vec(
                 "enroll_failures_total",
-                "Workloads of this node that could not be enrolled, by reason",
-                &["reason"],
+                "Workloads of this node that could not be enrolled, by reason and workload",
+                &["reason", "workload", "namespace"],
+            ),
+            svid_refusals: vec(
+                "svid_refusals_total",
+                "Certificates this node asked the CA for and did not get, by identity and reason \
+                 (unauthenticated, forbidden, rate_limited, bad_request, ca_error, unreachable, \
+                 untrusted_ca, bad_answer)",
+                &["identity", "reason"],
             ),
             enrolled: reg(
                 &registry,

@@ -95,6 +95,33 @@ impl Tap {
     }
 }
 
+impl TapEvent {
+    /// A refusal that is not a connection's: a pod that cannot be enrolled, an SVID the CA
+    /// refused. `source` is who it befalls (workload, namespace, principal), `what` where it
+    /// happened (a cgroup, the CA's URL), `reporter` the part of the daemon that saw it.
+    pub fn refusal(reporter: &str, source: [&str; 3], what: String, reason: String) -> Self {
+        let unknown = || "unknown".to_string();
+        Self {
+            ts: now_ts(),
+            event: "refused",
+            reporter: reporter.to_string(),
+            source_workload: source[0].to_string(),
+            source_namespace: source[1].to_string(),
+            source_principal: source[2].to_string(),
+            destination_workload: unknown(),
+            destination_namespace: unknown(),
+            destination_principal: unknown(),
+            destination: what,
+            route: "none",
+            mtls: false,
+            bytes_sent: None,
+            bytes_received: None,
+            reason: Some(reason),
+            http: None,
+        }
+    }
+}
+
 pub fn now_ts() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

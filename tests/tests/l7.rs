@@ -757,6 +757,17 @@ fn l7(sidecar: bool) {
             ("policy", "demo/no-admin-posts-from-client"),
         ],
     );
+    // The destination's tap shows each denied request with its reason (node mode: the web pods'
+    // node; a sidecar's tap shows its own pod's the same way).
+    let mut deny_tap = (!sidecar).then(|| {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net={}", t.nodes[1].ns.path().display()))
+            .arg(nodemesh_tests::bin("meshctl"))
+            .args(["tap", "--path", "/admin/users", "--count", "1"]);
+        let mut p = nodemesh_tests::process::Proc::spawn("meshctl tap (denies)", c);
+        p.wait_for("following", Duration::from_secs(5));
+        p
+    });
     let cases = [
         ("client", "POST", "/admin", "403"),
         ("client", "POST", "/admin/users", "403"),
@@ -794,6 +805,22 @@ fn l7(sidecar: bool) {
         ],
     );
     assert_eq!(inbound_403, 2, "inbound request metrics");
+    if let Some(tap) = deny_tap.as_mut() {
+        let line = tap.wait_for("request ", Duration::from_secs(5));
+        println!("destination's tap of a denied request: {line}");
+        for want in [
+            "inbound",
+            "demo/client -> demo/web",
+            "POST",
+            " 403 ",
+            "reason=\"denied\"",
+        ] {
+            assert!(line.contains(want), "want {want:?} in {line}");
+        }
+        // The destination names a service the pod is an endpoint of (request families carry
+        // destination_service on both sides).
+        assert!(!line.contains("service=unknown"), "{line}");
+    }
 
     // 11. Bodies stream both ways: 100 MiB up and 100 MiB down through L7 (and the tunnel),
     //     with the proxies' peak memory growing by less than 32 MiB.

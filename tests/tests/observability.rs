@@ -396,7 +396,15 @@ fn ready_config_dump_and_admin_refusals() {
         ),
         1,
     );
+    let mut tap = follow_tap(&t, 0);
     t.rewrite_mesh_file(&ghost);
+    // The enrollment failure on tap, with the pod and why.
+    let line = tap.wait_for("refused enroll", Duration::from_secs(10));
+    println!("tap of an enrollment failure: {line}");
+    assert!(
+        line.contains("demo/ghost") && line.contains("cgroup_missing"),
+        "{line}"
+    );
     let wait_ready = |want: &str| {
         let start = std::time::Instant::now();
         loop {
@@ -424,13 +432,55 @@ fn ready_config_dump_and_admin_refusals() {
         t.metric(
             0,
             "nodemesh_enroll_failures_total",
-            &[("reason", "cgroup_missing")]
+            &[
+                ("reason", "cgroup_missing"),
+                ("workload", "ghost"),
+                ("namespace", "demo")
+            ]
         ) >= 1,
-        "counted"
+        "counted with the pod"
     );
     t.rewrite_mesh_file(&base);
     let r = wait_ready("\r\n\r\nready\n");
     assert!(!r.contains("degraded"), "{r}");
+
+    // A certificate the CA refuses: node 1's token no longer matches the CA's, and a pod with a
+    // new identity arrives. The refusal shows on tap with the identity and the CA's reason, and
+    // is counted by identity; with the token back, the SVID comes.
+    let token = std::fs::read_to_string(t.token_file(0)).expect("token");
+    std::fs::write(t.token_file(0), "not-the-token\n").expect("break the token");
+    let newcomer = base.replacen(
+        "workloads:\n",
+        &format!(
+            "workloads:\n  - name: newcomer\n    namespace: demo\n    serviceAccount: \
+             newcomer-sa\n    node: node-1\n    ip: 10.210.1.78\n    cgroup: {}\n",
+            t.node_cgroup_root(0).join("newcomer-not-there").display()
+        ),
+        1,
+    );
+    t.rewrite_mesh_file(&newcomer);
+    let line = tap.wait_for("refused identity", Duration::from_secs(10));
+    println!("tap of a CA refusal: {line}");
+    assert!(
+        line.contains(&principal("newcomer-sa")) && line.contains("ca_unauthenticated"),
+        "{line}"
+    );
+    assert!(
+        t.metric(
+            0,
+            "nodemesh_svid_refusals_total",
+            &[
+                ("identity", &principal("newcomer-sa")),
+                ("reason", "unauthenticated")
+            ]
+        ) >= 1,
+        "counted by identity"
+    );
+    std::fs::write(t.token_file(0), token).expect("restore the token");
+    t.rewrite_mesh_file(&base);
+    let r = wait_ready("\r\n\r\nready\n");
+    assert!(!r.contains("no SVID"), "{r}");
+    drop(tap);
 
     // /config_dump: JSON with the mesh file's workloads and the certificates held (no keys).
     let dump = http_get(&t.nodes[0].ns, "127.0.0.1:15000", "/config_dump");

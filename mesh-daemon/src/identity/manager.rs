@@ -48,6 +48,27 @@ pub enum ManagerError {
     BadAnswer(String),
 }
 
+impl ManagerError {
+    /// A bounded label for `svid_refusals_total{reason}` and the tap event.
+    pub fn refusal_label(&self) -> &'static str {
+        match self {
+            ManagerError::Ca(CaClientError::Refused { status, .. }) => match status {
+                400 => "bad_request",
+                401 => "unauthenticated",
+                403 => "forbidden",
+                429 => "rate_limited",
+                _ => "ca_error",
+            },
+            ManagerError::Ca(CaClientError::Unreachable { .. }) => "unreachable",
+            ManagerError::Ca(CaClientError::Untrusted { .. }) => "untrusted_ca",
+            ManagerError::BadAnswer(_) => "bad_answer",
+            ManagerError::Ca(CaClientError::Config(_))
+            | ManagerError::Config(_)
+            | ManagerError::Read { .. } => "config",
+        }
+    }
+}
+
 pub struct ManagerConfig {
     /// `https://<ip or DNS name>[:port]`.
     pub ca_url: String,
@@ -115,6 +136,8 @@ pub struct Manager {
     /// The node certificate and its worker, once [`Manager::want_node_cert`] asked for it.
     node_cert: RwLock<Option<Arc<NodeCert>>>,
     node_worker: Mutex<Option<AbortHandle>>,
+    /// Where a refused or failed request for a certificate is shown.
+    tap: std::sync::OnceLock<crate::tap::Tap>,
     trust_domain: String,
     refresh: Duration,
     svids: RwLock<HashMap<Identity, Arc<Svid>>>,
@@ -180,6 +203,7 @@ impl Manager {
             ),
             node_cert: RwLock::default(),
             node_worker: Mutex::default(),
+            tap: std::sync::OnceLock::new(),
             trust_domain: cfg.trust_domain,
             refresh: cfg.refresh,
             svids: RwLock::default(),
@@ -300,6 +324,12 @@ impl Manager {
         {
             old.abort();
         }
+    }
+
+    /// Shows each certificate the CA refuses (or cannot be asked for) on `/tap`, as a `refused`
+    /// event of reporter `identity` with the identity and the CA's reason.
+    pub fn show_refusals_on(&self, tap: crate::tap::Tap) {
+        let _ = self.tap.set(tap);
     }
 
     /// This node's certificate, once issued.
@@ -447,6 +477,28 @@ impl Manager {
                         .svid_fetches
                         .with_label_values(&["failed"])
                         .inc();
+                    let reason = e.refusal_label();
+                    self.metrics
+                        .svid_refusals
+                        .with_label_values(&[&id, reason])
+                        .inc();
+                    if let Some(tap) = self.tap.get() {
+                        let ns = match &subject {
+                            Subject::Workload(w) => w.namespace.as_str(),
+                            Subject::Node(_) => "unknown",
+                        };
+                        tap.emit(|| {
+                            crate::tap::TapEvent::refusal(
+                                "identity",
+                                ["unknown", ns, &id],
+                                format!("CA {}", self.ca.url()),
+                                format!(
+                                    "ca_{reason}: no certificate for {id} (the current one, if \
+                                     any, is kept; retried in {backoff:?}): {e}"
+                                ),
+                            )
+                        });
+                    }
                     let remaining = self
                         .held(&subject)
                         .and_then(|t| t.duration_since(SystemTime::now()).ok());

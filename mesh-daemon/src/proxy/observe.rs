@@ -133,7 +133,14 @@ pub fn observe(
         None
     };
     let destination = dst.map(|w| w.ip.to_string()).unwrap_or_default();
+    // The proxy's own answer (a policy's deny, a rate limit, no endpoint) says why on tap.
+    let refused = resp
+        .headers()
+        .get(super::hbone::ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let ends = Ends {
+        refused,
         inputs: inputs.clone(),
         labels,
         status,
@@ -160,6 +167,8 @@ struct Ends {
     start: Start,
     destination: String,
     mtls: bool,
+    /// Why the proxy answered itself (`x-nodemesh-error`), if it did.
+    refused: Option<String>,
 }
 
 impl Ends {
@@ -209,7 +218,9 @@ impl Ends {
             mtls: self.mtls,
             bytes_sent: None,
             bytes_received: None,
-            reason: broken.then(|| "the response stream broke".to_string()),
+            reason: self
+                .refused
+                .or_else(|| broken.then(|| "the response stream broke".to_string())),
             http: Some(Box::new(HttpEvent {
                 method: asked.method,
                 authority: asked.authority,
