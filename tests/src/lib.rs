@@ -17,6 +17,45 @@ pub mod topology;
 use std::{path::PathBuf, process::Command};
 
 /// Runs a command and panics with its output when it fails.
+/// The metric families a PromQL expression names: the mesh's (`nodemesh_…`) and the process
+/// collector's standard ones (`process_…`), as written (histograms with their `_bucket`).
+pub fn families_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest
+        .find("nodemesh_")
+        .into_iter()
+        .chain(rest.find("process_"))
+        .min()
+    {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Every family the Grafana dashboard in deploy/ queries, by panel title.
+pub fn dashboard_families() -> Vec<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/grafana/nodemesh-node.json");
+    let text = std::fs::read_to_string(&path).expect("deploy/grafana/nodemesh-node.json");
+    let d: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().into_iter().flatten() {
+        let title = p["title"].as_str().unwrap_or("?").to_string();
+        for t in p["targets"].as_array().into_iter().flatten() {
+            for fam in families_in(t["expr"].as_str().unwrap_or("")) {
+                out.push((title.clone(), fam));
+            }
+        }
+    }
+    out
+}
+
 pub fn sh(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)

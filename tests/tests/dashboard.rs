@@ -1,27 +1,10 @@
 //! The Grafana dashboard in deploy/ is valid dashboard JSON (the fields Grafana's schema
-//! requires, unique panel ids, a layout) and queries only families the daemon exports.
+//! requires, unique panel ids, a layout) and queries only families the daemon exports (the L7
+//! suite checks that a daemon under traffic emits each of them).
 
 use std::collections::HashSet;
 
-fn families_in(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    // The mesh's families, and the process collector's standard ones.
-    while let Some(i) = rest
-        .find("nodemesh_")
-        .into_iter()
-        .chain(rest.find("process_"))
-        .min()
-    {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(tail[..end].to_string());
-        rest = &tail[end..];
-    }
-    out
-}
+use nodemesh_tests::families_in;
 
 #[test]
 fn dashboard_is_grafana_json_and_uses_exported_families() {

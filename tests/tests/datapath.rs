@@ -93,6 +93,18 @@ fn check_splice(t: &mut Topology, sockmap: bool, connections: u64, all: bool) {
         );
         println!("  spliced connections={spliced}, segments moved by nm_splice={moved}");
         assert!(spliced >= connections, "spliced connections: {spliced}");
+        // The dashboard's splice panels have their families (the L7 suite checks the rest).
+        let scraped = t.scrape(0);
+        for (panel, fam) in nodemesh_tests::dashboard_families() {
+            if fam.starts_with("nodemesh_splice_") {
+                assert!(
+                    scraped
+                        .lines()
+                        .any(|l| l.split(['{', ' ']).next() == Some(&fam)),
+                    "panel {panel:?} queries {fam}, which a splicing daemon does not emit"
+                );
+            }
+        }
         assert!(moved >= 1, "nm_splice moved nothing");
         assert_eq!(splices("failed"), 0, "splices that failed");
         if all {

@@ -948,6 +948,41 @@ fn l7(sidecar: bool) {
         "flaky-1 repaired, probed and back after {:.1} s: {back:?}",
         repaired.elapsed().as_secs_f64()
     );
+
+    // Every family the Grafana dashboard queries is emitted by these daemons after this traffic
+    // (retries, rate limits, ejections, denies, floods, detection): no panel stays empty for
+    // want of a family. The splice's families need --sockmap on; the datapath suite checks them
+    // on a spliced connection.
+    if !sidecar {
+        // The traffic so far failed only requests; one refused connection (straight to the
+        // capture port, so without a capture record) gives the connection-failure panel its own.
+        let (ok, out) = t.connect(
+            "client",
+            &format!("{}:15001", t.nodes[0].ip),
+            &["--send", "1"],
+        );
+        assert!(!ok || !out.contains("echo=ok"), "{out}");
+        std::thread::sleep(Duration::from_millis(200));
+        let scraped = format!("{}\n{}", t.scrape(0), t.scrape(1));
+        let emitted = |fam: &str| {
+            scraped
+                .lines()
+                .any(|l| !l.starts_with('#') && l.split(['{', ' ']).next() == Some(fam))
+        };
+        let mut missing = Vec::new();
+        for (panel, fam) in nodemesh_tests::dashboard_families() {
+            if fam.starts_with("nodemesh_splice_") {
+                continue;
+            }
+            if !emitted(&fam) {
+                missing.push(format!("{fam} (panel {panel:?})"));
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "dashboard families no daemon emitted under traffic: {missing:?}"
+        );
+    }
 }
 
 /// A `/proc/PID/status` field in KiB.
