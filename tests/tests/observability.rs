@@ -841,7 +841,15 @@ fn every_refusal_shows_on_tap_with_its_reason_and_in_the_labelled_failure_metric
         // The next case's line must be a new one.
         taps[node] = follow_tap(&t, node);
     }
-    // A failed handshake: no identity to show, the peer and why instead.
+    // A failed handshake: no identity to show, the peer and why instead; counted by why.
+    let garbage = |t: &Topology| {
+        sample(
+            &t.scrape(1),
+            "nodemesh_tls_handshakes_total",
+            &[("direction", "inbound"), ("result", "garbage")],
+        )
+    };
+    let garbage_before = garbage(&t);
     let raw = t.nodes[0].ns.run(|| {
         use std::io::{Read as _, Write as _};
         let mut s = std::net::TcpStream::connect("10.203.0.2:15008").expect("TCP");
@@ -857,6 +865,10 @@ fn every_refusal_shows_on_tap_with_its_reason_and_in_the_labelled_failure_metric
             && line.contains("from 10.203.0.1:")
             && line.contains("mtls=false"),
         "{line}"
+    );
+    assert!(
+        garbage(&t) > garbage_before,
+        "tls_handshakes_total{{result=\"garbage\"}} counts it"
     );
 
     // meshctl shows the failures beside the successes: per edge in `stat` and `edges`.
