@@ -5,7 +5,8 @@
 //! it targets one of their declared probe ports (kubelet probes come from the node, not the mesh).
 //! In sidecar mode the proxy's own listeners (marked with the proxy mark) are exempt.
 //! Only connection attempts are judged: packets of established connections pass untouched, so
-//! replies to the pod's own outbound connections are never affected.
+//! replies to the pod's own outbound connections are never affected; nor is the pod's own
+//! loopback (127.0.0.0/8), so containers of one pod talk over localhost in STRICT mode too.
 
 use aya_ebpf::{
     helpers::{bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id},
@@ -58,6 +59,12 @@ fn try_ingress(ctx: &SkBuffContext) -> Option<i32> {
     }
     let saddr: u32 = ctx.load(12).ok()?;
     if cfg.mesh_source4 != 0 && saddr == cfg.mesh_source4 {
+        return None;
+    }
+    // The pod's own loopback (127.0.0.0/8, also what a v4-mapped ::ffff:127.x connect sends):
+    // containers of one pod talking over localhost, never a packet from outside the pod (the
+    // kernel drops 127/8 arriving on any other device as martian). Neither judged nor counted.
+    if u32::from_be(saddr) >> 24 == 127 {
         return None;
     }
     let dport = u16::from_be(ctx.load::<u16>(ihl + 2).ok()?);

@@ -310,6 +310,8 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
 fn half_close_reset_and_refused_port_pass_end_to_end(sockmap: bool) {
     require_root("half_close_reset_and_refused_port");
     let mut t = two_nodes("hc", with_sockmap(sockmap));
+    // PERMISSIVE: a pod's own loopback is not counted as plaintext from outside the mesh.
+    own_loopback_is_untouched(&t, "client", 0);
     let ip = t.pod("server").ip.clone();
     let echo = t.serve("server", "echo-server", 7000);
     let count = t.serve("server", "count-server", 7001);
@@ -472,6 +474,51 @@ fn strict_inbound_admits_only_the_mesh_and_probe_ports(sockmap: bool) {
     );
     println!("stranger → probe port: {out}; node-2 inbound_denied={denied}");
     assert!(denied >= 1);
+
+    own_loopback_is_untouched(&t, "server", 1);
+}
+
+/// The pod's own loopback is its own business: containers of one pod reach each other over
+/// 127.0.0.1, 127.0.0.2 and a v4-mapped ::ffff:127.0.0.1 (in STRICT mode too), and nothing is
+/// dropped or counted as plaintext on its node (`node`).
+fn own_loopback_is_untouched(t: &Topology, pod: &str, node: usize) {
+    let p = t.pod(pod);
+    let mut cmd = std::process::Command::new(nodemesh_tests::bin("mesh-app"));
+    cmd.arg("--cgroup").arg(&p.cgroup).args([
+        "--netns",
+        p.ns.name(),
+        "echo-server",
+        "0.0.0.0:7300",
+    ]);
+    let mut local = nodemesh_tests::process::Proc::spawn("echo-server on the pod's loopback", cmd);
+    local.wait_for("listening", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(1100)); // kernel counters publish once a second
+    let events = |e: &str| t.metric(node, "nodemesh_ebpf_events_total", &[("event", e)]);
+    let (denied_before, plaintext_before) = (events("inbound_denied"), events("inbound_plaintext"));
+    for addr in [
+        "127.0.0.1:7300",
+        "127.0.0.2:7300",
+        "[::ffff:127.0.0.1]:7300",
+    ] {
+        let (ok, out) = t.connect(
+            pod,
+            addr,
+            &["--send", "100", "--connect-timeout-ms", "1500"],
+        );
+        println!("{pod} → its own {addr}: {out}");
+        assert!(ok && out.contains("echo=ok"), "{addr}: {out}");
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        events("inbound_denied"),
+        denied_before,
+        "loopback SYNs dropped"
+    );
+    assert_eq!(
+        events("inbound_plaintext"),
+        plaintext_before,
+        "loopback SYNs counted as plaintext"
+    );
 }
 
 fn spoofed_address_is_identified_by_cgroup(sockmap: bool) {
