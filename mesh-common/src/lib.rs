@@ -233,10 +233,15 @@ pub enum Counter {
     SplicePassed,
     /// Deny events not sent: over the per-CPU rate, or the ring buffer was full.
     DenyEventDropped,
+    /// Capture records freed when their socket closed (sockops' state callback).
+    RecordFreed,
+    /// A captured socket whose close could not be watched (its record stays until the map's
+    /// LRU evicts it).
+    CloseWatchFailed,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectEnrolled,
@@ -254,6 +259,8 @@ impl Counter {
         Counter::InboundDenied,
         Counter::SplicePassed,
         Counter::DenyEventDropped,
+        Counter::RecordFreed,
+        Counter::CloseWatchFailed,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -275,6 +282,8 @@ impl Counter {
             Counter::InboundDenied => "inbound_denied",
             Counter::SplicePassed => "splice_passed",
             Counter::DenyEventDropped => "deny_event_dropped",
+            Counter::RecordFreed => "record_freed",
+            Counter::CloseWatchFailed => "close_watch_failed",
         }
     }
 }

@@ -1,11 +1,22 @@
 //! `sockops`: when a captured connection is established, re-key its record by the client's own
-//! address, which is what the proxy sees as the peer of the accepted socket.
+//! address, which is what the proxy sees as the peer of the accepted socket; and free the
+//! record when its socket closes.
+//!
+//! A captured socket asks for state callbacks as it connects (`TCP_CONNECT_CB`, right after
+//! `nm_connect4` stored its record), so its record in `NM_ORIG_BY_COOKIE` is deleted when the
+//! socket reaches `TCP_CLOSE` — a normal close, a reset, a failed connect, or the move to
+//! TIME_WAIT. Without it every captured connection left its record behind until the LRU evicted
+//! one, and a live connection's record could be the one evicted (its getpeername() would then
+//! name the proxy).
 //!
 //! This callback may run in softirq context (the SYN-ACK arrives there), so "the current task" is
 //! meaningless here; identity was taken at connect time and travels in the record.
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
@@ -24,8 +35,11 @@ pub fn nm_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        return Ok(());
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => return watch_close(ctx),
+        BPF_SOCK_OPS_STATE_CB => return forget_on_close(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {}
+        _ => return Ok(()),
     }
     let cfg = config().ok_or(Skip)?;
     let (family, local_ip, remote_ip) = addresses(ctx).ok_or(Skip)?;
@@ -61,6 +75,39 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
         return Err(Skip);
     }
     count(Counter::SockopsRekeyed);
+    Ok(())
+}
+
+/// A socket `nm_connect4` captured asks to be told when its state changes, so its record can be
+/// freed when it closes.
+#[inline(always)]
+fn watch_close(ctx: &SockOpsContext) -> Result<(), Skip> {
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: only whether a record exists is read.
+    if unsafe { ORIG_BY_COOKIE.get(cookie) }.is_none() {
+        return Ok(());
+    }
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if ctx.set_cb_flags(flags as i32).is_err() {
+        count(Counter::CloseWatchFailed);
+        return Err(Skip);
+    }
+    Ok(())
+}
+
+/// A watched socket reached `TCP_CLOSE`: its record goes with it.
+#[inline(always)]
+fn forget_on_close(ctx: &SockOpsContext) -> Result<(), Skip> {
+    // args[0] is the old state, args[1] the new one.
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return Ok(());
+    }
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if ORIG_BY_COOKIE.remove(&cookie).is_ok() {
+        count(Counter::RecordFreed);
+    }
     Ok(())
 }
 

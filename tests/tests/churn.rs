@@ -3,7 +3,8 @@
 //! 100 on the other node behind a service the client calls) are added, used, and removed; every
 //! table each daemon keeps — workload ids, the kernel's enrollment map, SVIDs and their renewal
 //! workers, balancer statistics, pooled HBONE connections, TLS client configurations — grows
-//! with them and returns to its starting size.
+//! with them and returns to its starting size. Connection churn leaves the capture records at
+//! the number of live connections.
 
 use std::{
     collections::BTreeMap,
@@ -176,5 +177,95 @@ fn workloads_added_and_removed_leave_the_tables_at_their_starting_sizes() {
     assert!(
         ok && out.contains("echo=ok"),
         "the base mesh still serves: {out}"
+    );
+}
+
+/// Connection churn: each captured connection's record (`NM_ORIG_BY_COOKIE`) is freed when its
+/// socket closes — a normal close and a refused connection alike — so the map holds only live
+/// connections' records, and a connection held open through the churn keeps its record (its
+/// getpeername() still names the service it dialled, not the proxy).
+#[test]
+fn capture_records_are_freed_with_their_sockets() {
+    require_root("capture_records_freed");
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("server", 1, "echo"),
+    ];
+    let services = [ServiceSpec::new("echo", "10.96.0.10", 80, 7000, "echo")];
+    let mut t = Topology::build("cr", 2, &pods, &services);
+    t.start(DaemonOpts::default());
+    t.serve("server", "echo-server", 7000);
+    let counter =
+        |t: &Topology, e: &str| t.metric(0, "nodemesh_ebpf_events_total", &[("event", e)]);
+    let records = |t: &Topology| {
+        t.metric(
+            0,
+            "nodemesh_ebpf_map_entries",
+            &[("map", "NM_ORIG_BY_COOKIE")],
+        )
+    };
+    // One connection held open throughout: 3000 bytes in 30 pieces 500 ms apart (it stays
+    // established for 15 s; a half-closed one would leave TCP_CLOSE, and its record, once the
+    // server's FIN came back).
+    let mut held = t.connect_in_background(
+        "client",
+        VIP,
+        &["--send", "3000", "--piece-bytes", "100", "--pace-ms", "500"],
+    );
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (freed_before, base) = (counter(&t, "record_freed"), records(&t));
+    println!("before the churn: {base} record(s), {freed_before} freed so far");
+    assert!(
+        base >= 1,
+        "the held connection's record is counted; it said: {}",
+        held.output()
+    );
+    // 2000 connections, one after the other, each closed at once.
+    let (ok, out) = t.connect("client", VIP, &["--send", "10", "--repeat", "2000"]);
+    assert!(ok && out.contains("repeated=2000"), "{out}");
+    // A refused one: a port nothing listens on, through the mesh.
+    let (_, refused) = t.connect(
+        "client",
+        &format!("{}:7999", t.pod("server").ip),
+        &["--send", "1"],
+    );
+    println!("a refused connection: {refused}");
+    let start = Instant::now();
+    let (freed, left) = loop {
+        let (freed, left) = (counter(&t, "record_freed"), records(&t));
+        if (freed >= freed_before + 2001 && left <= base)
+            || start.elapsed() > Duration::from_secs(5)
+        {
+            break (freed, left);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    println!(
+        "after 2001 more: {left} record(s), {} freed",
+        freed - freed_before
+    );
+    assert!(
+        freed - freed_before >= 2001,
+        "every closed connection's record is freed: {}",
+        freed - freed_before
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(14),
+        "the churn outlasted the held connection; this check needs it open"
+    );
+    assert_eq!(
+        left, base,
+        "the map holds the live connection's record and no closed one's"
+    );
+    assert_eq!(counter(&t, "close_watch_failed"), 0);
+    let status = held
+        .wait_exit(Duration::from_secs(10))
+        .expect("held connection ends");
+    let line = held.output();
+    println!("held connection: {}", line.trim());
+    assert!(
+        status.success() && line.contains(&format!("peer={VIP}")) && line.contains("echo=ok"),
+        "the held connection kept its record: {line}"
     );
 }

@@ -519,11 +519,32 @@ impl Datapath {
     /// Entries per map, for `ebpf_map_entries{map}` and `/debug/ebpf`. Only the enrollment
     /// map: walking the capture-record map takes one syscall per entry under the lock the
     /// proxy's accepts need, which a once-a-second metric must not cost the data plane.
+    /// Entries per map: `NM_ENROLLED` walked (one per local pod), `NM_ORIG_BY_COOKIE` from the
+    /// kernel's counters — records stored, minus those that could not be, minus those freed with
+    /// their socket — never by walking a 65 536-slot map once a second. (An LRU map's own
+    /// evictions are not counted by the kernel; with records freed on close, they happen only
+    /// past 65 536 live captured connections.)
     pub fn map_occupancy(&self) -> Vec<(&'static str, usize)> {
-        vec![(
-            map_names::ENROLLED,
-            self.enrolled.keys().filter(Result::is_ok).count(),
-        )]
+        let counters = self.counters();
+        let get = |k: Counter| {
+            counters
+                .iter()
+                .find(|(c, _)| *c == k)
+                .map_or(0, |(_, v)| *v)
+        };
+        let live = get(Counter::Redirected)
+            .saturating_sub(get(Counter::RecordStoreFailed))
+            .saturating_sub(get(Counter::RecordFreed));
+        vec![
+            (
+                map_names::ENROLLED,
+                self.enrolled.keys().filter(Result::is_ok).count(),
+            ),
+            (
+                map_names::ORIG_BY_COOKIE,
+                usize::try_from(live).unwrap_or(usize::MAX),
+            ),
+        ]
     }
 
     pub fn program_names(&self) -> &[&'static str] {
