@@ -13,6 +13,9 @@ pub mod map_names {
     pub const ORIG_BY_COOKIE: &str = "NM_ORIG_BY_COOKIE";
     /// `LruHashMap<ConnKey, OrigDst>`: what the proxy reads for an accepted connection.
     pub const ORIG_BY_ADDR: &str = "NM_ORIG_BY_ADDR";
+    /// `HashMap<DestKey, u8>`: the mesh's destinations (service VIP:port, meshed pod IP with
+    /// port 0 for every port); a connection elsewhere is left alone unless `FLAG_CAPTURE_ALL`.
+    pub const DESTINATIONS: &str = "NM_DESTINATIONS";
     /// `Array<ProxyConfig>` with one element: where to redirect, which flags apply.
     pub const CONFIG: &str = "NM_CONFIG";
     /// `PerCpuArray<u64>` indexed by [`Counter`](crate::Counter).
@@ -88,6 +91,22 @@ pub const FLAG_REDIRECT: u32 = 1 << 0;
 /// (aya-log, read by the daemon as target `nodemesh::ebpf` at debug). Set and cleared at run time
 /// as that target's level changes; off, a decision costs one test of this bit.
 pub const FLAG_LOG_DECISIONS: u32 = 1 << 1;
+/// `ProxyConfig::flags`: capture every TCP connection of an enrolled pod, not only those to the
+/// mesh's destinations (`NM_DESTINATIONS`): egress metrics and passthrough for all traffic.
+pub const FLAG_CAPTURE_ALL: u32 = 1 << 2;
+
+/// Capacity of `NM_DESTINATIONS` (service ports and meshed pods of the whole mesh).
+pub const DESTINATIONS_CAPACITY: u32 = 65_536;
+
+/// `NM_DESTINATIONS`' key: an IPv4 address (network byte order) and a port (host order); port 0
+/// stands for every port of the address (a meshed pod).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DestKey {
+    pub ip4: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
 
 /// `Enrollment::flags`: inbound STRICT — the pod accepts TCP only from the node proxy's mesh source
 /// address and on its probe ports; other SYNs are dropped and counted.
@@ -238,10 +257,13 @@ pub enum Counter {
     /// A captured socket whose close could not be watched (its record stays until the map's
     /// LRU evicts it).
     CloseWatchFailed,
+    /// Connections of enrolled pods to an address that is not the mesh's, left alone in the
+    /// kernel (without `FLAG_CAPTURE_ALL`).
+    LeftOutsideMesh,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectEnrolled,
@@ -261,6 +283,7 @@ impl Counter {
         Counter::DenyEventDropped,
         Counter::RecordFreed,
         Counter::CloseWatchFailed,
+        Counter::LeftOutsideMesh,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -284,6 +307,7 @@ impl Counter {
             Counter::DenyEventDropped => "deny_event_dropped",
             Counter::RecordFreed => "record_freed",
             Counter::CloseWatchFailed => "close_watch_failed",
+            Counter::LeftOutsideMesh => "left_outside_mesh",
         }
     }
 }
@@ -307,6 +331,8 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DestKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProxyConfig {}
     // SAFETY: as above.

@@ -158,6 +158,7 @@ async fn serve(
         proxy_addr: cfg.outbound,
         proxy_mark: cfg.proxy_mark,
         redirect: true,
+        capture_all: cfg.capture == mesh_daemon::config::CaptureMode::All,
         sockmap: cfg.sockmap == OnOff::On,
         splice_window: cfg.splice_window,
         mesh_source: cfg.mesh_source,

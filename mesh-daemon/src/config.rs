@@ -86,6 +86,13 @@ pub struct RunArgs {
     /// the node. Default: the node's address, port 15010 (a sidecar: off). `off` disables it.
     #[arg(long, env = "NODEMESH_OPERATOR", value_parser = parse_operator)]
     pub operator: Option<Listen>,
+    /// What the kernel captures from enrolled pods: `mesh` (the default) only connections to
+    /// the mesh's destinations — service VIPs on their ports and meshed pods — so any other
+    /// connection keeps the app's exact semantics (its own timeouts, "connection refused", its own
+    /// source address, native IPv6); `all` every TCP connection, for egress metrics and policy on
+    /// all traffic (others are relayed as passthrough, see ARCHITECTURE.md for what differs).
+    #[arg(long, env = "NODEMESH_CAPTURE", value_enum, default_value = "mesh")]
+    pub capture: CaptureMode,
     /// Inbound enforcement for enrolled pods: `strict` accepts TCP only from the mesh (plus each
     /// pod's probePorts); `permissive` also accepts plaintext, and counts it.
     #[arg(
@@ -229,6 +236,13 @@ pub enum RunMode {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    Mesh,
+    All,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum InboundMode {
     Strict,
     Permissive,
@@ -254,6 +268,7 @@ pub struct Config {
     pub admin: SocketAddr,
     /// None: off.
     pub operator: Option<SocketAddr>,
+    pub capture: CaptureMode,
     pub inbound: InboundMode,
     pub fail_open: bool,
     /// Where this daemon pins its fail-closed links; none with --fail-open.
@@ -473,6 +488,7 @@ impl RunArgs {
             health: self.health,
             admin: self.admin,
             operator,
+            capture: self.capture,
             inbound: self.inbound,
             fail_open: self.fail_open,
             pin_dir: (!self.fail_open).then(|| self.pin_dir.unwrap_or(pin_dir)),

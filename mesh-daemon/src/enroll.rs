@@ -38,6 +38,8 @@ pub struct Enroller {
     failed: HashMap<u32, (String, String)>,
     /// `failed` by name, for `/ready`.
     report: Unenrolled,
+    /// The last error storing the mesh's destinations, logged once.
+    destinations_error: Option<String>,
     /// Where a new failure is shown (a `refused` event with the pod, its identity in this trust
     /// domain, and why).
     tap: Option<(crate::tap::Tap, String)>,
@@ -52,6 +54,7 @@ impl Enroller {
             enrolled: HashMap::new(),
             failed: HashMap::new(),
             report: Unenrolled::default(),
+            destinations_error: None,
             tap: None,
         }
     }
@@ -73,6 +76,7 @@ impl Enroller {
         let mut snap = snapshots.borrow_and_update().clone();
         loop {
             self.reconcile(&snap);
+            let retry = !self.failed.is_empty() || self.destinations_error.is_some();
             tokio::select! {
                 changed = snapshots.changed() => {
                     if changed.is_err() {
@@ -80,7 +84,7 @@ impl Enroller {
                     }
                     snap = snapshots.borrow_and_update().clone();
                 }
-                () = tokio::time::sleep(RETRY), if !self.failed.is_empty() => {}
+                () = tokio::time::sleep(RETRY), if retry => {}
             }
         }
     }
@@ -105,6 +109,19 @@ impl Enroller {
             })
             .collect();
         let mut dp = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        // The mesh's destinations, for the kernel's "capture only what the mesh serves".
+        match dp.set_destinations(&destinations(snap)) {
+            Ok(()) => self.destinations_error = None,
+            Err(e) => {
+                let msg = e.to_string();
+                if self.destinations_error.as_ref() != Some(&msg) {
+                    warn!(error = %msg, "cannot store every mesh destination in the kernel; \
+                        connections to those left out go direct, not through the mesh (retrying \
+                        every second)");
+                    self.destinations_error = Some(msg);
+                }
+            }
+        }
         let gone: Vec<u32> = self
             .enrolled
             .keys()
@@ -172,4 +189,23 @@ impl Enroller {
         *self.report.lock().unwrap_or_else(|p| p.into_inner()) =
             self.failed.values().cloned().collect();
     }
+}
+
+/// The mesh's IPv4 destinations in `snap`: each service VIP on each of its ports, and every
+/// meshed pod on every port (port 0).
+pub fn destinations(snap: &Snapshot) -> std::collections::BTreeSet<mesh_common::DestKey> {
+    let key = |ip: std::net::Ipv4Addr, port: u16| mesh_common::DestKey {
+        ip4: u32::from(ip).to_be(),
+        port,
+        _pad: 0,
+    };
+    let services = snap.services.keys().filter_map(|a| match a {
+        std::net::SocketAddr::V4(a) => Some(key(*a.ip(), a.port())),
+        std::net::SocketAddr::V6(_) => None,
+    });
+    let pods = snap.workloads_by_ip.keys().filter_map(|ip| match ip {
+        std::net::IpAddr::V4(ip) => Some(key(*ip, 0)),
+        std::net::IpAddr::V6(_) => None,
+    });
+    services.chain(pods).collect()
 }

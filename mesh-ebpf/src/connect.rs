@@ -14,11 +14,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    AF_INET, AF_INET6, Counter, FLAG_LOG_DECISIONS, FLAG_REDIRECT, OrigDst, ProxyConfig,
-    is_loopback4, is_loopback6,
+    AF_INET, AF_INET6, Counter, FLAG_CAPTURE_ALL, FLAG_LOG_DECISIONS, FLAG_REDIRECT, OrigDst,
+    ProxyConfig, is_loopback4, is_loopback6,
 };
 
-use crate::maps::{ORIG_BY_COOKIE, config, count, enrolled_ancestor};
+use crate::maps::{ORIG_BY_COOKIE, config, count, enrolled_ancestor, is_mesh_destination};
 
 const SOCK_STREAM: u32 = 1;
 /// Allow the connect() to proceed.
@@ -129,6 +129,23 @@ fn capture(
     }
     if is_proxy_socket(ctx, cfg) {
         count(Counter::ProxyExempt);
+        return Err(Skip);
+    }
+    // Only what the mesh serves is captured (unless the daemon runs with --capture all): any
+    // other destination keeps the app's exact semantics — its own timeouts, "connection
+    // refused", its own source address — and native IPv6 (no IPv6 destination is the mesh's
+    // yet) goes out untouched.
+    if cfg.flags & FLAG_CAPTURE_ALL == 0
+        && (family != AF_INET || !is_mesh_destination(ip[0], port as u16))
+    {
+        count(Counter::LeftOutsideMesh);
+        if log {
+            if family == AF_INET {
+                debug!(ctx, target: "nodemesh::ebpf", "connect of workload {} to {:i}:{} left alone: not a mesh destination (cgroup {})", enrollment.workload_id, v4, port, cgroup_id);
+            } else {
+                debug!(ctx, target: "nodemesh::ebpf", "connect of workload {} to an IPv6 address port {} left alone: not a mesh destination (cgroup {})", enrollment.workload_id, port, cgroup_id);
+            }
+        }
         return Err(Skip);
     }
     let rec = OrigDst {

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    ConnKey, Counter, DENY_EVENTS_PER_SECOND, DenyEvent, ENROLLED_CAPACITY, Enrollment,
-    MAX_CGROUP_LEVEL, ORIG_MAP_CAPACITY, OrigDst, ProxyConfig, SPLICE_CAPACITY, SpliceControl,
-    SpliceCount,
+    ConnKey, Counter, DENY_EVENTS_PER_SECOND, DESTINATIONS_CAPACITY, DenyEvent, DestKey,
+    ENROLLED_CAPACITY, Enrollment, MAX_CGROUP_LEVEL, ORIG_MAP_CAPACITY, OrigDst, ProxyConfig,
+    SPLICE_CAPACITY, SpliceControl, SpliceCount,
 };
 
 #[map(name = "NM_ENROLLED")]
@@ -22,6 +22,24 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
 #[map(name = "NM_ORIG_BY_ADDR")]
 pub static ORIG_BY_ADDR: LruHashMap<ConnKey, OrigDst> =
     LruHashMap::with_max_entries(ORIG_MAP_CAPACITY, 0);
+
+#[map(name = "NM_DESTINATIONS")]
+pub static DESTINATIONS: HashMap<DestKey, u8> =
+    HashMap::with_max_entries(DESTINATIONS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Whether an IPv4 destination (network byte order; port in host order) is the mesh's: a
+/// service's port, or any port of a meshed pod.
+#[inline(always)]
+pub fn is_mesh_destination(ip4: u32, port: u16) -> bool {
+    let exact = DestKey { ip4, port, _pad: 0 };
+    let pod = DestKey {
+        ip4,
+        port: 0,
+        _pad: 0,
+    };
+    // SAFETY: only whether an entry exists is read.
+    unsafe { DESTINATIONS.get(&exact).is_some() || DESTINATIONS.get(&pod).is_some() }
+}
 
 #[map(name = "NM_CONFIG")]
 pub static CONFIG: Array<ProxyConfig> = Array::with_max_entries(1, 0);

@@ -47,6 +47,9 @@ fn kernel_capture_records_destination_and_cgroup(sockmap: bool) {
         proxy_addr: proxy,
         proxy_mark: 0x4e4d,
         redirect: true,
+        // The capture mechanics, on any destination (the daemon's default captures only the
+        // mesh's; the datapath suite checks that).
+        capture_all: true,
         sockmap,
         splice_window: 4 << 20,
         mesh_source: std::net::Ipv4Addr::UNSPECIFIED,

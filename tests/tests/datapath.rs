@@ -239,6 +239,39 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
         "plaintext inbound counted"
     );
 
+    // A meshed pod's connection to something the mesh does not serve is left alone in the
+    // kernel: it goes direct with the pod's own address, "connection refused" stays a refusal
+    // (not an accept and a reset), and native IPv6 goes out untouched (no EPERM).
+    let stranger_srv = t.serve("stranger", "echo-server", 7000);
+    let outside = format!("{}:7000", t.pod("stranger").ip);
+    let (ok, out) = t.connect("client", &outside, &["--send", "1000"]);
+    assert!(ok && out.contains("echo=ok"), "{out}");
+    let own = local_of(&out);
+    t.servers[stranger_srv].wait_for(&format!("accepted peer={own}"), Duration::from_secs(5));
+    println!("meshed pod → outside the mesh, direct: {out}");
+    let (ok, out) = t.connect(
+        "client",
+        &format!("{}:7999", t.pod("stranger").ip),
+        &["--send", "1"],
+    );
+    assert!(!ok && out.contains("ConnectionRefused"), "{out}");
+    let (ok, out) = t.connect(
+        "client",
+        "[fd00:dead::1]:80",
+        &["--send", "1", "--connect-timeout-ms", "1000"],
+    );
+    println!("meshed pod → native IPv6 outside the mesh: {out}");
+    assert!(!ok && !out.contains("PermissionDenied"), "{out}");
+    assert!(
+        t.wait_metric(
+            0,
+            "nodemesh_ebpf_events_total",
+            &[("event", "left_outside_mesh")],
+            3
+        ) >= 3,
+        "counted as left alone"
+    );
+
     // Bad input: a connection straight to the outbound port has no kernel record. It is reset
     // and counted, and the daemon keeps serving.
     let (ok, out) = t.connect("stranger", "10.203.0.1:15001", &["--send", "10"]);

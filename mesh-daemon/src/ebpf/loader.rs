@@ -96,6 +96,9 @@ pub struct DatapathConfig {
     pub proxy_mark: u32,
     /// Rewrite captured connections to the proxy (off: record only).
     pub redirect: bool,
+    /// Capture every connection of an enrolled pod, not only those to the mesh's destinations
+    /// ([`Datapath::set_destinations`]).
+    pub capture_all: bool,
     /// The same-node fast path: splice the proxy's two sockets of a same-node connection in the
     /// kernel (`nm_splice` on `NM_SPLICE`).
     pub sockmap: bool,
@@ -266,6 +269,11 @@ pub struct Datapath {
     // Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, Enrollment>,
+    /// `NM_DESTINATIONS` and what it holds.
+    destinations: (
+        HashMap<MapData, mesh_common::DestKey, u8>,
+        std::collections::BTreeSet<mesh_common::DestKey>,
+    ),
     counters: PerCpuArray<MapData, u64>,
     orig: Arc<OrigDstTable>,
     splice: Option<Arc<SpliceMaps>>,
@@ -308,6 +316,9 @@ impl Datapath {
         let mut flags = 0;
         if cfg.redirect {
             flags |= FLAG_REDIRECT;
+        }
+        if cfg.capture_all {
+            flags |= mesh_common::FLAG_CAPTURE_ALL;
         }
         let pc = ProxyConfig {
             proxy_ip4: u32::from(*cfg.proxy_addr.ip()).to_be(),
@@ -404,6 +415,10 @@ impl Datapath {
         };
         Ok(Self {
             enrolled: take_map(&mut ebpf, map_names::ENROLLED)?,
+            destinations: (
+                take_map(&mut ebpf, map_names::DESTINATIONS)?,
+                Default::default(),
+            ),
             counters: take_map(&mut ebpf, map_names::COUNTERS)?,
             orig: Arc::new(OrigDstTable {
                 map: Mutex::new(take_map(&mut ebpf, map_names::ORIG_BY_ADDR)?),
@@ -436,6 +451,38 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Makes `NM_DESTINATIONS` hold exactly `want` (the mesh's service ports and meshed pods):
+    /// what is gone is deleted first, then what is new inserted. On a failed insert (the map is
+    /// full) the rest are still tried; the error names how many could not be stored — their
+    /// connections are not captured (go direct) until a reconcile stores them.
+    pub fn set_destinations(
+        &mut self,
+        want: &std::collections::BTreeSet<mesh_common::DestKey>,
+    ) -> Result<(), LoaderError> {
+        let (map, held) = &mut self.destinations;
+        let gone: Vec<_> = held.difference(want).copied().collect();
+        for k in gone {
+            let _ = map.remove(&k);
+            held.remove(&k);
+        }
+        let mut failed = None;
+        for k in want.difference(&held.clone()) {
+            match map.insert(*k, 1, 0) {
+                Ok(()) => {
+                    held.insert(*k);
+                }
+                Err(source) => failed = Some(source),
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(source) => Err(LoaderError::Map {
+                name: map_names::DESTINATIONS,
+                source,
+            }),
+        }
     }
 
     /// Captures connections from this pod-level cgroup (and everything below it) as `workload_id`.
@@ -544,6 +591,7 @@ impl Datapath {
                 map_names::ORIG_BY_COOKIE,
                 usize::try_from(live).unwrap_or(usize::MAX),
             ),
+            (map_names::DESTINATIONS, self.destinations.1.len()),
         ]
     }
 
