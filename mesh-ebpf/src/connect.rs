@@ -79,7 +79,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Skip> {
         // No connection follows, so no close would free the record `capture` stored.
         // SAFETY: a helper call on the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-        let _ = ORIG_BY_COOKIE.remove(&cookie);
+        let _ = ORIG_BY_COOKIE.remove(cookie);
         return Ok(REFUSE);
     }
     write_ip6(sa, cfg.proxy_ip6);

@@ -38,7 +38,7 @@ pub fn is_mesh_destination(ip4: u32, port: u16) -> bool {
         _pad: 0,
     };
     // SAFETY: only whether an entry exists is read.
-    unsafe { DESTINATIONS.get(&exact).is_some() || DESTINATIONS.get(&pod).is_some() }
+    unsafe { DESTINATIONS.get(exact).is_some() || DESTINATIONS.get(pod).is_some() }
 }
 
 #[map(name = "NM_CONFIG")]

@@ -105,7 +105,7 @@ fn forget_on_close(ctx: &SockOpsContext) -> Result<(), Skip> {
     }
     // SAFETY: helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    if ORIG_BY_COOKIE.remove(&cookie).is_ok() {
+    if ORIG_BY_COOKIE.remove(cookie).is_ok() {
         count(Counter::RecordFreed);
     }
     Ok(())
