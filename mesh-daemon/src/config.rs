@@ -667,6 +667,10 @@ mod tests {
         let e = resolve(&["--node", "n1", "--operator", "10.0.0.1:15008"]).expect_err("clash");
         assert!(e.to_string().contains("--operator"), "{e}");
         assert!(parse_operator("somewhere").is_err());
+        // Only the mesh's destinations are captured unless asked otherwise.
+        assert_eq!(c.capture, CaptureMode::Mesh);
+        let all = resolve(&["--node", "n1", "--capture", "all"]).expect("valid");
+        assert_eq!(all.capture, CaptureMode::All);
     }
 
     #[test]

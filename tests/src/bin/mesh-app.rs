@@ -780,6 +780,10 @@ struct ConnectOpts {
     /// With --repeat: print per-connection latency percentiles (connect, send, echo back).
     #[arg(long)]
     stats: bool,
+    /// With --pace-ms: print what getpeername() answers after each piece (`peer_now=`) and at
+    /// the end (`peer_end=`).
+    #[arg(long)]
+    report_peer: bool,
 }
 
 fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
@@ -884,26 +888,40 @@ fn connect(o: &ConnectOpts) -> std::io::Result<String> {
     let data = pattern(send);
     let pace = Duration::from_millis(o.pace_ms);
     let piece = o.piece_bytes.max(1);
+    let report_peer = o.report_peer;
     let writer = {
         let mut w = s.try_clone()?;
-        std::thread::spawn(move || -> std::io::Result<()> {
+        std::thread::spawn(move || -> std::io::Result<Option<SocketAddr>> {
             if pace.is_zero() {
                 w.write_all(&data)?;
-            } else {
-                for piece in data.chunks(piece) {
-                    w.write_all(piece)?;
-                    std::thread::sleep(pace);
-                }
+                w.shutdown(Shutdown::Write)?;
+                return Ok(None);
             }
-            w.shutdown(Shutdown::Write)
+            for piece in data.chunks(piece) {
+                w.write_all(piece)?;
+                // What getpeername() answers now, after each piece (a test follows it while
+                // something else happens to the node).
+                if report_peer && let Ok(p) = w.peer_addr() {
+                    println!("peer_now={p}");
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                }
+                std::thread::sleep(pace);
+            }
+            // A long, paced connection also says what getpeername() answers at its end.
+            let at_end = w.peer_addr().ok().filter(|_| report_peer);
+            w.shutdown(Shutdown::Write)?;
+            Ok(at_end)
         })
     };
     std::thread::sleep(Duration::from_millis(o.read_after_ms));
     let mut got = Vec::with_capacity(send);
     s.read_to_end(&mut got)?;
-    writer
+    let peer_end = writer
         .join()
-        .map_err(|_| std::io::Error::other("writer panicked"))??;
+        .map_err(|_| std::io::Error::other("writer panicked"))??
+        .map(|p| format!(" peer_end={p}"))
+        .unwrap_or_default();
+    let peer = format!("{peer}{peer_end}");
     if o.reply {
         return Ok(format!(
             "local={local} peer={peer} sent={send} reply={}",
