@@ -116,8 +116,8 @@ impl Enroller {
                 let msg = e.to_string();
                 if self.destinations_error.as_ref() != Some(&msg) {
                     warn!(error = %msg, "cannot store every mesh destination in the kernel; \
-                        connections to those left out go direct, not through the mesh (retrying \
-                        every second)");
+                        every connection is captured meanwhile (passthrough for the others), \
+                        retrying every second");
                     self.destinations_error = Some(msg);
                 }
             }

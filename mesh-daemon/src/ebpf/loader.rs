@@ -274,6 +274,9 @@ pub struct Datapath {
         HashMap<MapData, mesh_common::DestKey, u8>,
         std::collections::BTreeSet<mesh_common::DestKey>,
     ),
+    /// `--capture all`: `FLAG_CAPTURE_ALL` stays set (else it is cleared once the destinations
+    /// are stored).
+    capture_all: bool,
     counters: PerCpuArray<MapData, u64>,
     orig: Arc<OrigDstTable>,
     splice: Option<Arc<SpliceMaps>>,
@@ -317,9 +320,10 @@ impl Datapath {
         if cfg.redirect {
             flags |= FLAG_REDIRECT;
         }
-        if cfg.capture_all {
-            flags |= mesh_common::FLAG_CAPTURE_ALL;
-        }
+        // Everything is captured until the mesh's destinations are in NM_DESTINATIONS (the
+        // first `set_destinations`): between attaching and the first state, an empty map would
+        // let mesh traffic go direct, in plaintext.
+        flags |= mesh_common::FLAG_CAPTURE_ALL;
         let pc = ProxyConfig {
             proxy_ip4: u32::from(*cfg.proxy_addr.ip()).to_be(),
             proxy_port: u32::from(cfg.proxy_addr.port()),
@@ -419,6 +423,7 @@ impl Datapath {
                 take_map(&mut ebpf, map_names::DESTINATIONS)?,
                 Default::default(),
             ),
+            capture_all: cfg.capture_all,
             counters: take_map(&mut ebpf, map_names::COUNTERS)?,
             orig: Arc::new(OrigDstTable {
                 map: Mutex::new(take_map(&mut ebpf, map_names::ORIG_BY_ADDR)?),
@@ -454,9 +459,9 @@ impl Datapath {
     }
 
     /// Makes `NM_DESTINATIONS` hold exactly `want` (the mesh's service ports and meshed pods):
-    /// what is gone is deleted first, then what is new inserted. On a failed insert (the map is
-    /// full) the rest are still tried; the error names how many could not be stored — their
-    /// connections are not captured (go direct) until a reconcile stores them.
+    /// what is gone is deleted first, then what is new inserted, and then (without
+    /// `--capture all`) the programs capture only those. On a failed insert (the map is full) the
+    /// rest are still tried and everything is captured until a later call stores them all.
     pub fn set_destinations(
         &mut self,
         want: &std::collections::BTreeSet<mesh_common::DestKey>,
@@ -476,13 +481,19 @@ impl Datapath {
                 Err(source) => failed = Some(source),
             }
         }
-        match failed {
-            None => Ok(()),
-            Some(source) => Err(LoaderError::Map {
+        if let Some(source) = failed {
+            // Until every destination is stored, everything is captured again: a mesh
+            // destination missing from the map must go through the proxy, never direct.
+            self.set_flag(mesh_common::FLAG_CAPTURE_ALL, true)?;
+            return Err(LoaderError::Map {
                 name: map_names::DESTINATIONS,
                 source,
-            }),
+            });
         }
+        if !self.capture_all {
+            self.set_flag(mesh_common::FLAG_CAPTURE_ALL, false)?;
+        }
+        Ok(())
     }
 
     /// Captures connections from this pod-level cgroup (and everything below it) as `workload_id`.
@@ -545,11 +556,16 @@ impl Datapath {
 
     /// Turns the capture hooks' decision log on or off (`FLAG_LOG_DECISIONS` in `NM_CONFIG`).
     pub fn log_decisions(&mut self, on: bool) -> Result<(), LoaderError> {
+        self.set_flag(FLAG_LOG_DECISIONS, on)
+    }
+
+    /// Sets or clears one of `NM_CONFIG`'s flags (the programs read it at every run).
+    fn set_flag(&mut self, flag: u32, on: bool) -> Result<(), LoaderError> {
         let (map, pc) = &mut self.config;
         let flags = if on {
-            pc.flags | FLAG_LOG_DECISIONS
+            pc.flags | flag
         } else {
-            pc.flags & !FLAG_LOG_DECISIONS
+            pc.flags & !flag
         };
         if flags == pc.flags {
             return Ok(());
