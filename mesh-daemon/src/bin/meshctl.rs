@@ -511,6 +511,22 @@ fn operator_tls_error(addr: &str, e: &std::io::Error) -> String {
     }
 }
 
+/// An HTTP/1.1 client connection over `io` (TCP, or TLS to an operator port), driven in the
+/// background.
+async fn http1<IO>(
+    addr: &str,
+    io: IO,
+) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// A GET to `addr` (`host:port`, or `https://host:port` for an operator port) with hyper over
 /// one connection; the response once its status is 200 (anything else is an error with the
 /// status and the body's reason).
@@ -532,14 +548,7 @@ async fn get(addr: &str, path: &str) -> Result<hyper::Response<hyper::body::Inco
             format!("cannot reach {addr}: {e}; is the node daemon running and is this its address?")
         })?;
     let mut sender = match tls {
-        None => {
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| format!("{addr}: {e}"))?;
-            tokio::spawn(conn);
-            sender
-        }
+        None => http1(addr, tcp).await?,
         Some(tls) => {
             let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -552,12 +561,7 @@ async fn get(addr: &str, path: &str) -> Result<hyper::Response<hyper::body::Inco
             .await
             .map_err(|_| format!("{addr}: no TLS handshake within 10 s"))?
             .map_err(|e| operator_tls_error(addr, &e))?;
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| format!("{addr}: {e}"))?;
-            tokio::spawn(conn);
-            sender
+            http1(addr, stream).await?
         }
     };
     let req = hyper::Request::get(path)
