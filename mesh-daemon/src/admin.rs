@@ -100,10 +100,26 @@ impl Readiness {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining: the daemon is shutting down".into());
         }
+        let loaded = self.loaded.load(Ordering::Acquire);
+        if !loaded {
+            // Under --discovery kube nothing is attached before the first listing: while the
+            // API server cannot be read, that is the reason to give.
+            let waiting = self
+                .watches
+                .get()
+                .map(crate::discovery::kube::describe_start_errors)
+                .unwrap_or_default();
+            if !waiting.is_empty() {
+                return Err(format!(
+                    "the first mesh state is not loaded yet: {}",
+                    waiting.join("; ")
+                ));
+            }
+        }
         if !self.attached.load(Ordering::Acquire) {
             return Err("eBPF programs are not attached yet".into());
         }
-        if !self.loaded.load(Ordering::Acquire) {
+        if !loaded {
             return Err("the first mesh state is not loaded yet".into());
         }
         match self.identity.get() {

@@ -53,6 +53,12 @@ pub fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         .thread_name("dataplane")
         .build()
         .context("cannot start the data-plane runtime")?;
+    let obs = Arc::new(Observability {
+        metrics: metrics.clone(),
+        ready: admin::Readiness::default(),
+        admin: std::sync::OnceLock::new(),
+    });
+    let mut early_bound = None;
     let result = rt.block_on(async {
         let (cfg, source) = match args.discovery {
             Discovery::File => {
@@ -65,6 +71,8 @@ pub fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             Discovery::Kube => {
                 // Without a first listing there is no state: wait for the API server (retrying
                 // with backoff and saying why), then place this daemon from what it listed.
+                // Health and metrics answer meanwhile, so the kubelet's readiness probe (and an
+                // operator) reads why the node is not ready rather than a refused connection.
                 let config = discovery::kube::config(args.kubeconfig.as_deref())
                     .await
                     .map_err(anyhow::Error::msg)?;
@@ -72,7 +80,13 @@ pub fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
                     node: args.node.clone().unwrap_or_default(),
                     cgroup_root: cgroup_root.clone(),
                 };
-                let mut source = KubeSource::start(config, view, metrics.clone())
+                let errors = discovery::kube::WatchErrors::default();
+                let _ = obs.ready.watches.set(errors.clone());
+                let early = EarlyListeners::bind(&args.metrics, &args.health, args.proxy_mark)?;
+                admin::spawn(early.listeners()?, obs.clone())
+                    .context("cannot start the observability thread")?;
+                early_bound = Some(early);
+                let mut source = KubeSource::start(config, view, metrics.clone(), errors)
                     .await
                     .map_err(anyhow::Error::msg)?;
                 let first = source.initial().await;
@@ -81,7 +95,7 @@ pub fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             }
         };
         info!(config = %cfg.dump(), "starting");
-        serve(cfg, log, metrics, source).await
+        serve(cfg, log, obs, early_bound, source).await
     });
     // Tasks still running (a second signal cut the drain short) are dropped with the runtime;
     // their sockets close, and the pinned hooks keep new connections fail-closed.
@@ -96,27 +110,70 @@ enum Source {
     Kube(Box<KubeSource>, discovery::kube::model::Built),
 }
 
+/// The metrics and health listeners, bound and served before the first listing from the API
+/// server (`--discovery kube`). Their addresses are flags, so they are the configuration's.
+struct EarlyListeners {
+    metrics: std::net::TcpListener,
+    health: std::net::TcpListener,
+}
+
+impl EarlyListeners {
+    fn bind(metrics: &SocketAddr, health: &SocketAddr, mark: u32) -> anyhow::Result<Self> {
+        let early = Self {
+            metrics: bind(*metrics, "/metrics", "--metrics")?,
+            health: bind(*health, "/ready and /live", "--health")?,
+        };
+        for l in [&early.metrics, &early.health] {
+            mesh_daemon::socket::set_mark(&l.as_fd(), mark)
+                .context("cannot mark the proxy's listeners (SO_MARK needs CAP_NET_ADMIN)")?;
+        }
+        Ok(early)
+    }
+
+    /// The observability thread's share: the same sockets.
+    fn listeners(&self) -> anyhow::Result<admin::Listeners> {
+        Ok(admin::Listeners {
+            metrics: Some(self.metrics.try_clone()?),
+            health: Some(self.health.try_clone()?),
+            admin: None,
+            operator: None,
+        })
+    }
+}
+
+/// A listener for `what`, or why not with the fix (`flag` sets the address).
+fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr} for {what}: {e}; {}",
+            mesh_daemon::socket::bind_advice(addr, &e, flag)
+        )
+    })
+}
+
 async fn serve(
     cfg: Config,
     log: admin::LogControl,
-    metrics: Arc<Metrics>,
+    obs: Arc<Observability>,
+    early: Option<EarlyListeners>,
     source: Source,
 ) -> anyhow::Result<()> {
+    let metrics = obs.metrics.clone();
     // Bind everything before attaching: a port conflict must fail start-up before anything is
     // captured.
     let out_listener = Outbound::bind(SocketAddr::V4(cfg.outbound)).await?;
     let in_listener = Inbound::bind(cfg.hbone).await?;
-    let bind = |addr: SocketAddr, what: &str, flag: &str| {
-        std::net::TcpListener::bind(addr).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {addr} for {what}: {e}; {}",
-                mesh_daemon::socket::bind_advice(addr, &e, flag)
-            )
-        })
+    // Already served (kube discovery) from the flags' addresses, which are the configuration's.
+    let (metrics_l, health_l) = match early {
+        Some(_) => (None, None),
+        None => (
+            Some(bind(cfg.metrics, "/metrics", "--metrics")?),
+            Some(bind(cfg.health, "/ready and /live", "--health")?),
+        ),
     };
     let listeners = admin::Listeners {
-        metrics: Some(bind(cfg.metrics, "/metrics", "--metrics")?),
-        health: Some(bind(cfg.health, "/ready and /live", "--health")?),
+        metrics: metrics_l,
+        health: health_l,
         admin: Some(bind(cfg.admin, "the admin endpoints", "--admin")?),
         operator: cfg
             .operator
@@ -164,12 +221,8 @@ async fn serve(
         mesh_source: cfg.mesh_source,
         pin_dir: cfg.pin_dir.clone(),
     };
-    // Health and metrics answer from here on: /ready says what is still missing.
-    let obs = Arc::new(Observability {
-        metrics: metrics.clone(),
-        ready: admin::Readiness::default(),
-        admin: std::sync::OnceLock::new(),
-    });
+    // Health and metrics answer from here on (or since the wait for the API server): /ready
+    // says what is still missing.
     admin::spawn(listeners, obs.clone()).context("cannot start the observability thread")?;
     // Identity before the kernel: bad CA settings fail start-up before anything is captured.
     let identity = Manager::new(
@@ -231,7 +284,6 @@ async fn serve(
             Box::pin(source.run())
         }
         Source::Kube(mut source, first) => {
-            let _ = obs.ready.watches.set(source.watch_errors());
             source
                 .apply(&state, first)
                 .map_err(|e| anyhow::anyhow!("the state from Kubernetes is not usable: {e}"))?;

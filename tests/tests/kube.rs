@@ -333,7 +333,39 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         refused.starts_with("401") && refused.contains("only the node daemon"),
         "another service account: {refused}"
     );
-    println!("CA refuses a token for another audience and another service account's token");
+    // Node-1's own token, expired: the same claims re-signed with the service-account key, an
+    // hour past their end (TokenRequest gives no token shorter than 10 minutes).
+    let expired = expired_copy(
+        std::fs::read_to_string(t.token_file(0))
+            .expect("token")
+            .trim(),
+        &kube.dir().join("sa.key"),
+    );
+    let refused = ca_request_with(&t, &expired, "demo", "client-sa");
+    assert!(
+        refused.starts_with("401") && refused.to_lowercase().contains("expired"),
+        "an expired token: {refused}"
+    );
+    println!("CA, node-1's token expired: {refused}");
+    let unauthenticated = nodemesh_tests::topology::sample(
+        &t.scrape_ca(),
+        "nodemesh_ca_requests_total",
+        &[("result", "unauthenticated")],
+    );
+    let not_on_node = nodemesh_tests::topology::sample(
+        &t.scrape_ca(),
+        "nodemesh_ca_requests_total",
+        &[("result", "not_on_node")],
+    );
+    assert!(
+        unauthenticated >= 3 && not_on_node >= 1,
+        "the CA counts each refusal: {unauthenticated} unauthenticated, {not_on_node} not_on_node"
+    );
+    println!(
+        "CA refuses a token for another audience, another service account's token and an \
+         expired one (ca_requests_total: {unauthenticated} unauthenticated, {not_on_node} \
+         not_on_node)"
+    );
     // The CA publishes its trust bundle for the daemons to mount (deploy/ does).
     within(
         Duration::from_secs(10),
@@ -496,6 +528,53 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
     );
     println!("API server restarted: traffic went on, the watches resumed (policy deletion seen)");
 
+    // --- a daemon starting while the API server is away: not ready, and /ready says why (the
+    // kubelet's probe and an operator read it); ready once the server is back ---
+    kube.stop_apiserver();
+    let mut old = t.daemons[1].take().expect("node-2's daemon");
+    old.terminate(Duration::from_secs(40));
+    let mut restarted = nodemesh_tests::process::Proc::spawn(
+        "mesh-daemon node-2 (started while the API server is away)",
+        t.daemon_command(1),
+    );
+    let said = within_seeing(
+        Duration::from_secs(15),
+        "/ready says the daemon waits for the API server",
+        || {
+            let r = nodemesh_tests::topology::try_http_request(
+                &t.nodes[1].ns,
+                &format!("{}:15021", t.nodes[1].ip),
+                "GET /ready",
+            )
+            .unwrap_or_else(|e| e.to_string());
+            (
+                r.contains(" 503 ")
+                    && r.contains("waiting for the API server")
+                    && r.contains("Connection refused"),
+                r,
+            )
+        },
+    );
+    let live = nodemesh_tests::topology::http_get(
+        &t.nodes[1].ns,
+        &format!("{}:15021", t.nodes[1].ip),
+        "/live",
+    );
+    assert!(live.contains(" 200 "), "alive while it waits: {live}");
+    println!(
+        "daemon started with the API server away, after {said:?}: {}",
+        t.ready(1).lines().last().unwrap_or("")
+    );
+    kube.start_apiserver();
+    restarted.wait_for("ready", Duration::from_secs(90));
+    t.daemons[1] = Some(restarted);
+    let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+    assert!(
+        ok && out.contains("echo=ok"),
+        "client → echo once node-2's daemon has listed: {out}"
+    );
+    println!("API server back: node-2's daemon listed, became ready and serves");
+
     // --- removing the label un-enrolls, without touching the other pods ---
     kube.kubectl(&["label", "namespace", "late", "nodemesh.io/mode-"]);
     within(Duration::from_secs(10), "late un-enrolled", || {
@@ -558,4 +637,48 @@ fn ca_request_with(t: &Topology, token: &str, ns: &str, sa: &str) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     format!("{code} {body}")
+}
+
+/// `token` (a service-account JWT) with its times an hour in the past, signed again with the API
+/// server's service-account key (`sa.key`, ECDSA P-256): valid in every way but its expiry.
+fn expired_copy(token: &str, sa_key: &std::path::Path) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload)) = (parts.next(), parts.next()) else {
+        panic!("not a JWT: {token}");
+    };
+    let mut claims: serde_json::Value =
+        serde_json::from_slice(&b64.decode(payload).expect("payload")).expect("claims");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    claims["iat"] = (now - 7200).into();
+    claims["nbf"] = (now - 7200).into();
+    claims["exp"] = (now - 3600).into();
+    let signed = format!("{header}.{}", b64.encode(claims.to_string()));
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(sa_key).expect("sa.key"))
+        .expect("the service-account key");
+    let der = rcgen::SigningKey::sign(&key, signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64.encode(es256_fixed(&der)))
+}
+
+/// An ECDSA signature as DER (SEQUENCE of two INTEGERs) to JWS's fixed 64 bytes (r ‖ s).
+fn es256_fixed(der: &[u8]) -> Vec<u8> {
+    let integer = |at: usize| -> (&[u8], usize) {
+        assert_eq!(der[at], 0x02, "an INTEGER");
+        let len = usize::from(der[at + 1]);
+        (&der[at + 2..at + 2 + len], at + 2 + len)
+    };
+    assert_eq!(der[0], 0x30, "a SEQUENCE");
+    let (r, next) = integer(2);
+    let (s, _) = integer(next);
+    let mut out = Vec::with_capacity(64);
+    for n in [r, s] {
+        let n = &n[n.len().saturating_sub(32)..];
+        out.extend(std::iter::repeat_n(0, 32 - n.len()));
+        out.extend_from_slice(n);
+    }
+    out
 }

@@ -159,7 +159,8 @@ pub async fn served(client: &Client, group_version: &str, plural: &str) -> Resul
         Ok(list) => Ok(list.resources.iter().any(|r| r.name == plural)),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
         Err(e) => Err(format!(
-            "cannot ask the API server which APIs it serves ({group_version}): {e}"
+            "cannot ask the API server which APIs it serves ({group_version}): {}",
+            api_error(&e)
         )),
     }
 }
@@ -182,6 +183,12 @@ impl Apis {
 /// Read by the start-up wait's messages and by `/ready` (degraded while a watch fails).
 pub type WatchErrors = Arc<Mutex<HashMap<&'static str, (Instant, String)>>>;
 
+fn lock(
+    errors: &WatchErrors,
+) -> std::sync::MutexGuard<'_, HashMap<&'static str, (Instant, String)>> {
+    errors.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A watch error as an operator reads it: what failed, then the server's message and reason.
 pub fn watch_error(e: &watcher::Error) -> String {
     match e {
@@ -199,8 +206,39 @@ pub fn watch_error(e: &watcher::Error) -> String {
 /// `/ready`'s degraded lines for the failing watches: which kinds, for how long, and why —
 /// one line per cause (an API server away fails every watch the same way).
 pub fn describe_watch_errors(errors: &WatchErrors) -> Vec<String> {
+    by_cause(errors)
+        .into_iter()
+        .map(|(why, since, kinds)| {
+            format!(
+                "Kubernetes {} of {} failing for {}s, retried with backoff (the last state \
+                 stays in force): {why}",
+                if kinds.len() == 1 { "watch" } else { "watches" },
+                kinds.join(", "),
+                since.elapsed().as_secs()
+            )
+        })
+        .collect()
+}
+
+/// `/ready`'s reasons while the daemon waits for its first listing (there is no last state yet).
+pub fn describe_start_errors(errors: &WatchErrors) -> Vec<String> {
+    by_cause(errors)
+        .into_iter()
+        .map(|(why, since, kinds)| {
+            format!(
+                "waiting for the API server ({} failing for {}s, retried with backoff): {why}",
+                kinds.join(", "),
+                since.elapsed().as_secs()
+            )
+        })
+        .collect()
+}
+
+/// The failing kinds grouped by cause: (cause, first failure, kinds sorted).
+fn by_cause(errors: &WatchErrors) -> Vec<(String, Instant, Vec<&'static str>)> {
     let errors = errors.lock().unwrap_or_else(|p| p.into_inner());
-    let mut by_cause: std::collections::BTreeMap<&str, (Instant, Vec<&str>)> = Default::default();
+    let mut by_cause: std::collections::BTreeMap<&str, (Instant, Vec<&'static str>)> =
+        Default::default();
     for (kind, (since, why)) in errors.iter() {
         let entry = by_cause.entry(why).or_insert((*since, Vec::new()));
         entry.0 = entry.0.min(*since);
@@ -210,13 +248,7 @@ pub fn describe_watch_errors(errors: &WatchErrors) -> Vec<String> {
         .into_iter()
         .map(|(why, (since, mut kinds))| {
             kinds.sort_unstable();
-            format!(
-                "Kubernetes {} of {} failing for {}s, retried with backoff (the last state \
-                 stays in force): {why}",
-                if kinds.len() == 1 { "watch" } else { "watches" },
-                kinds.join(", "),
-                since.elapsed().as_secs()
-            )
+            (why.to_string(), since, kinds)
         })
         .collect()
 }
@@ -239,13 +271,14 @@ impl KubeSource {
     /// Starts a watcher per kind. Which kinds exist is asked of the server once: EndpointSlice
     /// `discovery.k8s.io/v1` (or `v1beta1` on servers before 1.21), and the optional route and
     /// policy CRDs (absent ones are reported with the command that installs them).
+    /// `errors` is where the watches say what fails (`/ready` reads it from the start).
     pub async fn start(
         config: kube::Config,
         view: View,
         metrics: Arc<Metrics>,
+        errors: WatchErrors,
     ) -> Result<Self, String> {
         let changed = Arc::new(Notify::new());
-        let errors: WatchErrors = Default::default();
         let client = kube::client::ClientBuilder::try_from(config)
             .map_err(|e| format!("cannot build the Kubernetes client: {e}"))?
             .with_layer(&WatchAccepted {
@@ -263,9 +296,16 @@ impl KubeSource {
         let mut delay = Duration::from_millis(500);
         let apis = loop {
             match Apis::probe(&client).await {
-                Ok(a) => break a,
+                Ok(a) => {
+                    lock(&errors).remove("discovery");
+                    break a;
+                }
                 Err(e) => {
                     warn!(error = %e, retry_in = ?delay, "the API server cannot be asked yet; retrying");
+                    lock(&errors)
+                        .entry("discovery")
+                        .and_modify(|(_, why)| why.clone_from(&e))
+                        .or_insert_with(|| (Instant::now(), e.clone()));
                     metrics
                         .kube_watch_errors
                         .with_label_values(&["discovery"])
