@@ -2,7 +2,8 @@
 //! Kubernetes 1.29, and a real API server accepts it in a server-side dry run (through
 //! tests/deploy-1.20, which drops only what 1.20 lacks). The CRD in it is the one the daemon's
 //! types generate (a unit test in mesh-daemon checks that). Applied for real, `meshctl check
-//! --kube` names what does not run, and passes once the controllers' part is played.
+//! --kube` names what does not run, what passes once the controllers' part is played (all but
+//! the daemons, which the kube suite runs), and a missing RBAC rule.
 
 use std::process::{Command, Stdio};
 
@@ -222,18 +223,50 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
         "{text}"
     );
     status("daemonset", "nodemesh-daemon", &ds(2));
+    // Everything but the daemons themselves passes: no kubelet runs their pods here, and the
+    // check reads each daemon (the kube suite runs real ones and sees the whole check pass).
     let (ok, text) = cluster_check(&kube);
-    println!("meshctl check --kube, installed and running:\n{text}");
-    assert!(ok, "passes once everything runs:\n{text}");
+    println!("meshctl check --kube, installed, controllers played:\n{text}");
+    assert!(!ok, "no daemon pod, no pass:\n{text}");
     for want in [
         "[ok]   CA nodemesh-ca: 1 of 1 replicas available",
         "[ok]   trust bundle: 1 root in ConfigMap nodemesh-trust-bundle",
+        "[ok]   RBAC: nodemesh-daemon may do all 16 things its code does, nodemesh-ca all 7",
         "[ok]   DaemonSet nodemesh-daemon: 2 of 2 nodes ready",
+        "[FAIL] node daemons: no pod of DaemonSet nodemesh/nodemesh-daemon (app=nodemesh-daemon) exists",
         "[ok]   enrolled namespaces: demo (node)",
-        "all checks passed",
     ] {
         assert!(text.contains(want), "want {want:?} in:\n{text}");
     }
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("[FAIL]")).count(),
+        1,
+        "only the daemons:\n{text}"
+    );
+    // A rule taken away is named with the permission, the code that needs it and the fix.
+    kube.kubectl(&[
+        "patch",
+        "clusterrole",
+        "nodemesh-daemon",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/rules/1"}]"#,
+    ]);
+    let (_, text) = cluster_check(&kube);
+    let want = "[FAIL] RBAC: nodemesh-daemon may not list endpointslices (discovery: endpoints); \
+                nodemesh-daemon may not watch endpointslices (discovery: endpoints); `kubectl \
+                apply -k deploy/` restores the rules";
+    assert!(text.contains(want), "want {want:?} in:\n{text}");
+    println!(
+        "RBAC rule removed: {}",
+        text.lines().find(|l| l.contains("RBAC")).unwrap_or("")
+    );
+    kube.kubectl_stdin(&["apply", "-f", "-"], &overlay);
+    let (_, text) = cluster_check(&kube);
+    assert!(
+        text.contains("[ok]   RBAC"),
+        "restored by applying deploy/:\n{text}"
+    );
 }
 
 /// `meshctl check --kube` against the test server: (exit success, output).

@@ -83,20 +83,14 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
          apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {nodemesh.io/mode: node}}\n---\n\
          apiVersion: v1\nkind: Namespace\nmetadata: {name: late}\n",
     );
-    // deploy/'s service accounts and RBAC: the daemons and the CA run as those accounts, so
-    // every API call they make must be one the rules allow.
+    // deploy/ itself (through the 1.20 overlay): its service accounts and RBAC — the daemons
+    // and the CA run as those accounts, so every API call they make must be one the rules allow
+    // — its CRD, and the CA Deployment and DaemonSet objects `meshctl check --kube` reads (no
+    // controller runs here: this test plays their part, and its processes are their pods).
     kube.kubectl(&[
         "apply",
-        "-f",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/rbac.yaml"),
-    ]);
-    kube.kubectl(&[
-        "create",
-        "-f",
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/crds/authorizationpolicies.yaml"
-        ),
+        "-k",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/deploy-1.20"),
     ]);
     // HTTPRoute and GRPCRoute: the daemons look for them at start. (1.20 refuses the upstream
     // release's CEL rules; these are generated from the types the daemon reads.)
@@ -127,11 +121,26 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         kube.kubectl_stdin(
             &["apply", "-f", "-"],
             &format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: daemon-{0}, namespace: nodemesh}}\n\
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: daemon-{0}, namespace: nodemesh, labels: {{app: nodemesh-daemon}}}}\n\
                  spec:\n  nodeName: {0}\n  hostNetwork: true\n  serviceAccountName: nodemesh-daemon\n  containers:\n  - {{name: d, image: d}}\n",
                 n.name
             ),
         );
+        // hostNetwork: the pod's IP is its node's (the API server reaches /ready there).
+        kube.kubectl(&[
+            "patch",
+            "pod",
+            "-n",
+            "nodemesh",
+            &format!("daemon-{}", n.name),
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(
+                r#"{{"status":{{"phase":"Running","podIP":"{0}","podIPs":[{{"ip":"{0}"}}],"hostIP":"{0}"}}}}"#,
+                n.ip
+            ),
+        ]);
         let token = kube.kubectl(&[
             "create",
             "token",
@@ -261,6 +270,23 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         1,
     );
     println!("client → server over mTLS, SVIDs from the CA through TokenReview");
+
+    // --- `meshctl check --kube`, as an operator runs it: every check passes, each node's daemon
+    // read through the API server (pods/proxy), its accounts' RBAC through SubjectAccessReview ---
+    play_controllers(&kube);
+    let (ok, text) = cluster_check(&t, &kube);
+    println!("meshctl check --kube, the mesh running:\n{text}");
+    assert!(ok, "every check passes:\n{text}");
+    for want in [
+        "[ok]   RBAC: nodemesh-daemon may do all 16 things its code does, nodemesh-ca all 7",
+        "[ok]   node node-1: ready; clock within ",
+        "[ok]   node node-2: ready; clock within ",
+        "2 SVIDs and the node certificate, the first to expire in 23h",
+        "[ok]   trust bundle: 1 root in ConfigMap nodemesh-trust-bundle",
+        "all checks passed",
+    ] {
+        assert!(text.contains(want), "want {want:?} in:\n{text}");
+    }
 
     // --- an HTTPRoute (GAMMA: a Service as its parent) splits web 50/50 over web-a and web-b ---
     let web = "http://10.96.0.20";
@@ -586,8 +612,67 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
         "client after late left: {out}"
     );
     println!("label removed: late un-enrolled; client still meshed");
+
+    // --- a node whose daemon is gone: `meshctl check --kube` names it, the cause and the fix ---
+    let mut gone = t.daemons[1].take().expect("node-2's daemon");
+    gone.terminate(Duration::from_secs(40));
+    let (ok, text) = cluster_check(&t, &kube);
+    println!("meshctl check --kube, node-2's daemon stopped:\n{text}");
+    assert!(!ok, "fails with a daemon gone:\n{text}");
+    for want in [
+        "[ok]   node node-1: ready",
+        "[FAIL] node node-2: cannot reach its port 15021 through the API server",
+        "is the daemon running? (pod nodemesh/daemon-node-2; `kubectl -n nodemesh logs daemon-node-2`)",
+    ] {
+        assert!(text.contains(want), "want {want:?} in:\n{text}");
+    }
     drop(t);
     drop(kube);
+}
+
+/// The controllers' part for deploy/'s CA Deployment and DaemonSet (none runs here): their
+/// status as the running CA and the two node daemons would make it.
+fn play_controllers(kube: &KubeServer) {
+    for (kind, name, json) in [
+        (
+            "deployment",
+            "nodemesh-ca",
+            r#"{"status":{"replicas":1,"readyReplicas":1,"availableReplicas":1}}"#,
+        ),
+        (
+            "daemonset",
+            "nodemesh-daemon",
+            r#"{"status":{"desiredNumberScheduled":2,"currentNumberScheduled":2,"numberMisscheduled":0,"numberReady":2,"updatedNumberScheduled":2,"numberAvailable":2}}"#,
+        ),
+    ] {
+        kube.kubectl(&[
+            "patch",
+            kind,
+            "-n",
+            "nodemesh",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json,
+        ]);
+    }
+}
+
+/// `meshctl check --kube` with the admin kubeconfig, from the fabric (where the API server
+/// listens): (passed, output).
+fn cluster_check(t: &Topology, kube: &KubeServer) -> (bool, String) {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", t.fabric.path().display()))
+        .arg(nodemesh_tests::bin("meshctl"))
+        .args(["check", "--kube", "--kubeconfig"])
+        .arg(&kube.kubeconfig)
+        .output()
+        .expect("meshctl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 /// Asks the CA, with node `i`'s token, for an SVID of `ns/sa`; returns "<status> <body>".
