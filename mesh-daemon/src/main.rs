@@ -199,6 +199,16 @@ fn main() -> ExitCode {
         handle.reload(f).map_err(|e| e.to_string())?;
         Ok(format!("log filter is now {level}"))
     });
+    // The long-running servers hold a descriptor per connection: the whole hard limit is theirs.
+    if matches!(
+        cli.command,
+        Command::Run(_)
+            | Command::Ca {
+                command: CaCommand::Serve(_)
+            }
+    ) {
+        mesh_daemon::socket::raise_open_file_limit_and_say();
+    }
     match cli.command {
         Command::Check { cgroup_root } => {
             let outcomes = check::run(cgroup_root.as_deref());

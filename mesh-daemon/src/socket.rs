@@ -235,3 +235,64 @@ mod tests {
         set_mark(&s, 0).expect("no mark, no syscall");
     }
 }
+
+/// What [`raise_open_file_limit`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NofileLimit {
+    /// The soft limit was already the hard one.
+    Unchanged(u64),
+    /// Raised from the first to the second (the hard limit).
+    Raised(u64, u64),
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit. Every connection costs the
+/// daemon one or two descriptors, and the common default soft limit (1024) is reached by about a
+/// thousand idle peers, after which every accept, connect, mesh-file read and CA request fails.
+pub fn raise_open_file_limit() -> std::io::Result<NofileLimit> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if l.rlim_cur >= l.rlim_max {
+        return Ok(NofileLimit::Unchanged(l.rlim_cur));
+    }
+    let was = l.rlim_cur;
+    l.rlim_cur = l.rlim_max;
+    // SAFETY: setrlimit reads the struct we own; raising the soft limit up to the hard one
+    // needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(NofileLimit::Raised(was, l.rlim_max))
+}
+
+/// [`raise_open_file_limit`], said in the log: raised (and from what), or why not, and a warning
+/// when even the hard limit is low for a proxy.
+pub fn raise_open_file_limit_and_say() {
+    const LOW: u64 = 16_384;
+    let hard = match raise_open_file_limit() {
+        Ok(NofileLimit::Raised(was, now)) => {
+            tracing::info!(
+                from = was,
+                to = now,
+                "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
+            );
+            now
+        }
+        Ok(NofileLimit::Unchanged(now)) => now,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE); connections beyond it fail");
+            return;
+        }
+    };
+    if hard < LOW {
+        tracing::warn!(
+            limit = hard,
+            "the open-file limit is low for a proxy: each connection takes one or two descriptors; raise the hard limit (LimitNOFILE= for systemd, ulimit -Hn, the container runtime's nofile)"
+        );
+    }
+}

@@ -133,6 +133,9 @@ pub struct DaemonOpts {
     pub kubeconfig: Option<PathBuf>,
     /// The CA's kubeconfig when it differs from the daemons' (its own service account).
     pub ca_kubeconfig: Option<PathBuf>,
+    /// Start node daemons under `prlimit --nofile=<soft>:<hard>` (a low soft limit, as many
+    /// hosts and container runtimes give).
+    pub nofile: Option<&'static str>,
 }
 
 impl Default for DaemonOpts {
@@ -150,6 +153,7 @@ impl Default for DaemonOpts {
             access_log: false,
             kubeconfig: None,
             ca_kubeconfig: None,
+            nofile: None,
         }
     }
 }
@@ -519,7 +523,14 @@ impl Topology {
     /// The daemon command for node `i`, as `start` runs it (tests add or change flags).
     pub fn daemon_command(&self, i: usize) -> Command {
         let n = &self.nodes[i];
-        let mut d = Command::new("nsenter");
+        let mut d = match self.opts.nofile {
+            Some(limits) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={limits}")).arg("nsenter");
+                c
+            }
+            None => Command::new("nsenter"),
+        };
         // nsenter --net changes only the network namespace, so /sys (cgroup v2, bpffs) stays.
         d.arg(format!("--net={}", n.ns.path().display()))
             .arg(bin("mesh-daemon"))

@@ -1173,3 +1173,81 @@ fn hostile_control_files_are_refused_and_the_last_good_state_kept() {
         "the CA refuses a world-readable key: {out}"
     );
 }
+
+/// A low soft open-file limit (1024, the common default) is raised to the hard one at start and
+/// said; then 1100 idle, unauthenticated peers held on node 2's HBONE port do not starve anyone
+/// (under 1024 they took every descriptor: cross-node traffic, file reloads and CA refresh broke).
+#[test]
+fn a_low_open_file_limit_is_raised_and_idle_peers_do_not_starve_the_node() {
+    require_root("a_low_open_file_limit_is_raised");
+    const IDLE: usize = 1100;
+    let mut t = topology(
+        "atfd",
+        DaemonOpts {
+            nofile: Some("1024:8192"),
+            // The idle peers stay for the whole test (a handshake timeout would close them).
+            handshake_timeout: Some("60s"),
+            ..DaemonOpts::default()
+        },
+    );
+    let said = t
+        .daemon(1)
+        .wait_for("raised the open-file limit", Duration::from_secs(5));
+    assert!(
+        said.contains("from=1024") && said.contains("to=8192"),
+        "{said}"
+    );
+    let max_fds = nodemesh_tests::topology::sample(&t.scrape(1), "process_max_fds", &[]);
+    assert_eq!(max_fds, 8192, "node 2's daemon runs with the hard limit");
+    println!("node 2's daemon: {}", said.trim());
+    // The idle peers, held from node 1's namespace while the mesh is used through node 2.
+    let (hold, release) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened) = std::sync::mpsc::channel::<usize>();
+    let holder = t.nodes[0].ns.run(move || {
+        let mut held = Vec::new();
+        for _ in 0..IDLE {
+            match std::net::TcpStream::connect(NODE2_HBONE) {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    println!("  idle peer {}: {e}", held.len());
+                    break;
+                }
+            }
+        }
+        let _ = opened_tx.send(held.len());
+        let _ = release.recv_timeout(Duration::from_secs(60));
+        drop(held);
+    });
+    let n = opened
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the idle peers opened");
+    assert_eq!(n, IDLE, "every idle peer connected");
+    let fds = within_fds(&t, IDLE as u64);
+    let (ok, out) = t.connect("client", VIP, &["--send", "4096"]);
+    let _ = hold.send(());
+    holder.join().expect("holder");
+    println!(
+        "attack {:<44} → node 2 holds {fds} descriptors; a new cross-node connection: {out}",
+        format!("{IDLE} idle peers on :15008")
+    );
+    assert!(
+        ok && out.contains("echo=ok"),
+        "served while they were held: {out}"
+    );
+}
+
+/// Waits (up to 10 s) until node 2's daemon holds at least `n` descriptors; returns how many.
+fn within_fds(t: &Topology, n: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let fds = nodemesh_tests::topology::sample(&t.scrape(1), "process_open_fds", &[]);
+        if fds >= n || start.elapsed() > Duration::from_secs(10) {
+            assert!(
+                fds >= n,
+                "node 2's daemon holds {fds} descriptors, not the {n} idle peers'"
+            );
+            return fds;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
