@@ -362,6 +362,54 @@ fn l7(sidecar: bool) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // What the pod learns of its client: the proven identity (x-forwarded-client-cert) and the
+    // client pod's address (x-forwarded-for, forwarded) — whatever the client claimed instead —
+    // from another node (through HBONE) and from its own (web-1 calling its service).
+    for (from, sa) in [("client", "client-sa"), ("web-1", "web-1-sa")] {
+        let pod = t.pod(from);
+        let out = nodemesh_tests::mesh_app(
+            &pod.cgroup,
+            pod.ns.name(),
+            &[
+                "exec",
+                "--",
+                "curl",
+                "-s",
+                "--max-time",
+                "10",
+                "-H",
+                "x-forwarded-client-cert: By=spiffe://evil;URI=spiffe://cluster.local/ns/demo/sa/admin",
+                "-H",
+                "x-forwarded-for: 192.0.2.7",
+                &format!("http://{WEB_DIRECT}/headers"),
+            ],
+        );
+        let seen = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        println!("the pod's view of its client {from}:\n{}", seen.trim());
+        let line = |prefix: &str| {
+            seen.lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} header reached the pod:\n{seen}"))
+                .to_string()
+        };
+        // any of web's pods answers: By= is the one that did
+        let xfcc = line("x-forwarded-client-cert: ");
+        assert!(
+            xfcc.starts_with("x-forwarded-client-cert: by=spiffe://cluster.local/ns/demo/sa/")
+                && xfcc.ends_with(&format!(";uri=spiffe://cluster.local/ns/demo/sa/{sa}")),
+            "{xfcc}"
+        );
+        assert_eq!(
+            line("x-forwarded-for: "),
+            format!("x-forwarded-for: 192.0.2.7, {}", pod.ip)
+        );
+        assert_eq!(line("forwarded: "), format!("forwarded: for={}", pod.ip));
+        assert!(
+            !seen.contains("evil"),
+            "a client's own XFCC never reaches the pod:\n{seen}"
+        );
+    }
     let by = curl(&t, &[&format!("http://{WEB}/s[1-1000]")]);
     println!("HTTP/1.1, 90/10 split, 1000 requests: {by:?}");
     let canary = by.get("canary").copied().unwrap_or(0);

@@ -196,6 +196,8 @@ pub struct Ends<'a> {
     pub destination: &'a Identity,
     /// `http1` or `h2` when the tunnel carries L7 requests (`x-nodemesh-protocol`); None: bytes.
     pub protocol: Option<&'static str>,
+    /// The client pod's address (`forwarded: for=`), for the destination's HTTP requests.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 impl Client {
@@ -232,6 +234,12 @@ impl Client {
                 .header(SOURCE_HEADER, ends.source_workload);
             if let Some(p) = ends.protocol {
                 req = req.header(super::route::PROTOCOL_HEADER, p);
+            }
+            if let Some(ip) = ends.source_ip {
+                req = req.header(
+                    super::route::FORWARDED_HEADER,
+                    super::route::forwarded_value(ip),
+                );
             }
             let req = req
                 .body(())

@@ -173,6 +173,10 @@ pub struct Tunnel {
     pub protocol: Protocol,
     /// The local service whose endpoint the target is (`destination_service`), or `unknown`.
     pub service: String,
+    /// The client pod's address, when the source proxy named it and it checked out.
+    pub source_ip: Option<std::net::IpAddr>,
+    /// The destination pod's identity (`By=` of `x-forwarded-client-cert`).
+    pub dst_id: Identity,
 }
 
 /// The pod's side of a tunnel of requests: one connection carries them all.
@@ -275,6 +279,7 @@ async fn inbound_request(
             local_response(StatusCode::FORBIDDEN, "denied", &r.detail)
         }
         Ok(_) => {
+            client_headers(req.headers_mut(), &t.dst_id, &t.source_id, t.source_ip);
             let client_side = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
             let sent = match sender {
                 PodSender::H2(s) => {
@@ -327,6 +332,39 @@ async fn inbound_request(
         resp,
     ))
 }
+
+/// What the pod learns of its client, as Istio's and Linkerd's inbound proxies tell it: the proven
+/// identity in `x-forwarded-client-cert` (Envoy's `By=<pod>;URI=<client>` form) — any the client
+/// sent is removed first, so only the mesh can set it — and the client pod's address appended to
+/// `x-forwarded-for` and `forwarded` (the TCP connection comes from this node's mesh source).
+fn client_headers(
+    h: &mut HeaderMap,
+    dst: &Identity,
+    src: &Identity,
+    client: Option<std::net::IpAddr>,
+) {
+    h.remove(XFCC);
+    if let Ok(v) = HeaderValue::from_str(&format!("By={dst};URI={src}")) {
+        h.insert(XFCC, v);
+    }
+    let Some(ip) = client else {
+        return;
+    };
+    let append = |h: &mut HeaderMap, name: &'static str, add: String| {
+        let joined = match h.get(name).and_then(|v| v.to_str().ok()) {
+            Some(old) if !old.trim().is_empty() => format!("{old}, {add}"),
+            _ => add,
+        };
+        if let Ok(v) = HeaderValue::from_str(&joined) {
+            h.insert(name, v);
+        }
+    };
+    append(h, "x-forwarded-for", ip.to_string());
+    append(h, "forwarded", route::forwarded_value(ip));
+}
+
+/// The client's proven identity toward the pod (Envoy's name for it).
+pub const XFCC: &str = "x-forwarded-client-cert";
 
 /// A bounded reason for a client connection's protocol error.
 fn http_error_reason(e: &hyper::Error) -> &'static str {
@@ -1151,7 +1189,7 @@ impl EndpointInner {
         Ok(s)
     }
 
-    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, BoxError> {
+    async fn send(&self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, BoxError> {
         let snap = self.inputs.state.snapshot();
         let decision = route::route(&snap, self.target);
         // Same node: this proxy is the destination's too, and enforces its policies per request.
@@ -1178,6 +1216,13 @@ impl EndpointInner {
                     retryable: false,
                 }));
             }
+            let dst_id = workload.identity(self.inputs.identity.trust_domain());
+            client_headers(
+                req.headers_mut(),
+                &dst_id,
+                &self.client.source_id,
+                Some(self.client.source.ip.into()),
+            );
         }
         let source_ip = snap.mesh_source();
         drop(snap);
@@ -1274,6 +1319,7 @@ impl EndpointInner {
                     destination: &dst_id,
                     // The destination serves the tunnel as HTTP and checks each request.
                     protocol: Some(self.client.protocol.label()),
+                    source_ip: Some(self.client.source.ip.into()),
                 };
                 match self.inputs.hbone.connect(*via, *target, ends).await {
                     Ok(t) => Ok(Upstream::Tunnel(t)),

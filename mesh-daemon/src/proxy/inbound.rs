@@ -277,6 +277,7 @@ async fn tunnel(
         dst,
         dst_id,
         source_workload: source_name,
+        source_ip: client_ip,
         verdict,
     } = match admitted {
         Ok(t) => t,
@@ -359,6 +360,8 @@ async fn tunnel(
             target,
             protocol,
             service: labels[7].clone(),
+            source_ip: client_ip,
+            dst_id: dst_id.clone(),
         };
         super::http::serve_inbound(inputs.clone(), tunnel, pod, t).await;
         inputs.metrics.finished(&labels, &Ok((0, 0)));

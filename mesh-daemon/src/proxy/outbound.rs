@@ -340,6 +340,7 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 source_workload: &src.display(),
                 destination: &dst_id,
                 protocol: None,
+                source_ip: Some(src.ip.into()),
             };
             inputs
                 .hbone

@@ -40,6 +40,47 @@ pub const SOURCE_HEADER: &str = "x-nodemesh-source-workload";
 /// Header on a CONNECT whose tunnel carries HTTP from the source proxy's L7 (`http1` or `h2`):
 /// the destination proxy serves it as HTTP too, and checks each request.
 pub const PROTOCOL_HEADER: &str = "x-nodemesh-protocol";
+/// Header on a CONNECT naming the client pod's address (`for=<ip>`, RFC 7239, as HBONE peers
+/// send it). Believed only when that address is a workload with exactly the proven identity; the
+/// destination hands it to the pod's HTTP requests (`x-forwarded-for`, `forwarded`).
+pub const FORWARDED_HEADER: &str = "forwarded";
+
+/// The client address a CONNECT's `forwarded` header claims, when it is a workload of `snap`
+/// whose identity is the `proven` one (else None: a node cannot speak for another node's pods).
+pub fn forwarded_client(
+    snap: &Snapshot,
+    headers: &HeaderMap,
+    proven: &Identity,
+    td: &str,
+) -> Option<std::net::IpAddr> {
+    let v = headers.get(FORWARDED_HEADER)?.to_str().ok()?;
+    // The first element's `for` parameter: `for=10.0.0.1`, `for="[fd00::1]"`.
+    let first = v.split(',').next()?;
+    let value = first.split(';').find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("for").then_some(v)
+    })?;
+    let value = value.trim_matches('"');
+    let ip: std::net::IpAddr = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(value)
+        .parse()
+        .ok()?;
+    let std::net::IpAddr::V4(v4) = ip else {
+        return None; // no IPv6 workloads yet
+    };
+    let w = snap.workloads_by_ip.get(&std::net::IpAddr::V4(v4))?;
+    (w.identity(td) == *proven).then_some(ip)
+}
+
+/// The `forwarded` header value for a client address (IPv6 quoted in brackets, RFC 7239).
+pub fn forwarded_value(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4}"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
 
 /// Why a connection was refused: a bounded reason label (metrics, tap), the HTTP status an
 /// inbound CONNECT is answered with, the policy verdict when a policy decided it, and a sentence
@@ -269,6 +310,8 @@ pub struct Tunnel {
     pub dst_id: Identity,
     /// The source workload's name when the header's claim checks out, else `unknown`.
     pub source_workload: String,
+    /// The client pod's address when the `forwarded` claim checks out.
+    pub source_ip: Option<std::net::IpAddr>,
     pub verdict: Verdict,
 }
 
@@ -339,11 +382,13 @@ pub fn admit(
         .and_then(|v| v.to_str().ok())
         .and_then(|s| known_workload(snap, s, &peer.source, trust_domain))
         .unwrap_or_else(|| "unknown".into());
+    let source_ip = forwarded_client(snap, headers, &peer.source, trust_domain);
     Ok(Tunnel {
         target,
         dst,
         dst_id,
         source_workload,
+        source_ip,
         verdict,
     })
 }

@@ -349,9 +349,21 @@ fn http_server(
                             }
                             // /upload: read the body to its end, answer `received=N`;
                             // /download?bytes=N: stream N bytes in 64 KiB chunks.
+                            // /headers: the request's headers as the server got them.
                             let path = req.uri().path().to_string();
                             let query = req.uri().query().unwrap_or_default().to_string();
-                            let body = if path == "/upload" {
+                            let body = if path == "/headers" {
+                                let text: String = req
+                                    .headers()
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()))
+                                    })
+                                    .collect();
+                                Full::new(bytes::Bytes::from(text))
+                                    .map_err(|never| match never {})
+                                    .boxed()
+                            } else if path == "/upload" {
                                 let mut body = req.into_body();
                                 let mut n = 0u64;
                                 while let Some(frame) = body.frame().await {

@@ -498,3 +498,39 @@ fn inbound_decisions() {
         );
     }
 }
+
+#[test]
+fn a_forwarded_client_is_believed_only_for_the_proven_identity() {
+    let s = snap();
+    let b = Identity::new(TD, "x", "b");
+    let with = |v: &str| {
+        let mut h = HeaderMap::new();
+        h.insert(FORWARDED_HEADER, v.parse().expect("header"));
+        forwarded_client(&s, &h, &b, TD).map(|ip| ip.to_string())
+    };
+    for (forwarded, want) in [
+        ("for=10.1.2.2", Some("10.1.2.2")),
+        ("for=\"10.1.2.2\";proto=https", Some("10.1.2.2")),
+        ("For=10.1.2.2, for=10.1.1.2", Some("10.1.2.2")),
+        // another workload's address: a node cannot speak for pods of other identities
+        ("for=10.1.1.2", None),
+        ("for=10.1.2.66", None),
+        // not a workload at all, or not an address
+        ("for=192.0.2.1", None),
+        ("for=unknown", None),
+        ("for=\"[fd00::1]\"", None),
+        ("by=10.1.2.2", None),
+        ("", None),
+    ] {
+        assert_eq!(with(forwarded).as_deref(), want, "{forwarded:?}");
+    }
+    assert_eq!(forwarded_client(&s, &HeaderMap::new(), &b, TD), None);
+    assert_eq!(
+        forwarded_value("10.1.2.2".parse().expect("ip")),
+        "for=10.1.2.2"
+    );
+    assert_eq!(
+        forwarded_value("fd00::1".parse().expect("ip")),
+        "for=\"[fd00::1]\""
+    );
+}
