@@ -231,7 +231,7 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
     for want in [
         "[ok]   CA nodemesh-ca: 1 of 1 replicas available",
         "[ok]   trust bundle: 1 root in ConfigMap nodemesh-trust-bundle",
-        "[ok]   RBAC: nodemesh-daemon may do all 16 things its code does, nodemesh-ca all 7",
+        "[ok]   RBAC: nodemesh-daemon may do all 16 things its code does, nodemesh-ca all 8",
         "[ok]   DaemonSet nodemesh-daemon: 2 of 2 nodes ready",
         "[FAIL] node daemons: no pod of DaemonSet nodemesh/nodemesh-daemon (app=nodemesh-daemon) exists",
         "[ok]   enrolled namespaces: demo (node)",

@@ -278,7 +278,7 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
     println!("meshctl check --kube, the mesh running:\n{text}");
     assert!(ok, "every check passes:\n{text}");
     for want in [
-        "[ok]   RBAC: nodemesh-daemon may do all 16 things its code does, nodemesh-ca all 7",
+        "[ok]   RBAC: nodemesh-daemon may do all 16 things its code does, nodemesh-ca all 8",
         "[ok]   node node-1: ready; clock within ",
         "[ok]   node node-2: ready; clock within ",
         "2 SVIDs and the node certificate, the first to expire in 23h",

@@ -347,17 +347,26 @@ fn client_headers(
     if let Ok(v) = HeaderValue::from_str(&format!("By={dst};URI={src}")) {
         h.insert(XFCC, v);
     }
-    let Some(ip) = client else {
-        return;
-    };
+    // Every value the client sent, joined (a header given twice is one list), then ours.
     let append = |h: &mut HeaderMap, name: &'static str, add: String| {
-        let joined = match h.get(name).and_then(|v| v.to_str().ok()) {
-            Some(old) if !old.trim().is_empty() => format!("{old}, {add}"),
-            _ => add,
-        };
-        if let Ok(v) = HeaderValue::from_str(&joined) {
+        let mut all: Vec<String> = h
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .collect();
+        all.push(add);
+        if let Ok(v) = HeaderValue::from_str(&all.join(", ")) {
             h.insert(name, v);
         }
+    };
+    // An address the destination could not verify is said to be unknown (RFC 7239), so the
+    // last `forwarded` element is always the mesh's, never one the client wrote.
+    let Some(ip) = client else {
+        append(h, "forwarded", "for=unknown".into());
+        return;
     };
     append(h, "x-forwarded-for", ip.to_string());
     append(h, "forwarded", route::forwarded_value(ip));

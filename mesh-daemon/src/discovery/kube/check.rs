@@ -407,7 +407,7 @@ const NEEDS: &[Need] = &[
         "tokenreviews",
         "whose token a node holds",
     ),
-    need(CA, "get", "", "pods", "the token's daemon pod"),
+    named(CA, "get", "pods", None, "the token's daemon pod"),
     need(
         CA,
         "list",
@@ -421,6 +421,14 @@ const NEEDS: &[Need] = &[
         "configmaps",
         Some("nodemesh-trust-bundle"),
         "publishing the trust bundle",
+    ),
+    // Server-side apply of a ConfigMap not there yet is authorized as create.
+    named(
+        CA,
+        "create",
+        "configmaps",
+        Some("nodemesh-trust-bundle"),
+        "publishing the trust bundle the first time",
     ),
     named(
         CA,
@@ -571,6 +579,14 @@ async fn daemons(client: &Client, i: &Install<'_>) -> Vec<Outcome> {
         )];
     }
     let mut out = Vec::new();
+    // Pods on their way out (deleted, evicted, ended) are not the node's daemon any more.
+    let pods = pods.into_iter().filter(|p| {
+        p.metadata.deletion_timestamp.is_none()
+            && !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+    });
     for pod in pods {
         let pod_name = pod.metadata.name.clone().unwrap_or_default();
         let node = pod
