@@ -277,6 +277,37 @@ impl KubeServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Sets an object's status in namespace `nodemesh` (the controllers' part, played).
+    pub fn patch_status(&self, kind: &str, name: &str, json: &str) {
+        self.kubectl(&[
+            "patch",
+            kind,
+            "-n",
+            "nodemesh",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json,
+        ]);
+    }
+
+    /// `meshctl check --kube` with the admin kubeconfig, from where the server listens:
+    /// (passed, output).
+    pub fn meshctl_check(&self) -> (bool, String) {
+        let out = self
+            .command(&crate::bin("meshctl"))
+            .args(["check", "--kube", "--kubeconfig"])
+            .arg(&self.kubeconfig)
+            .output()
+            .expect("meshctl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
     /// `kubectl` that may fail (`auth can-i` answers "no" with exit 1): (success, stdout).
     pub fn kubectl_try(&self, args: &[&str]) -> (bool, String) {
         let out = self

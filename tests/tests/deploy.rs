@@ -164,7 +164,7 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
         );
     }
     println!("RBAC: each account may do what its code needs and no more (13 answers checked)");
-    let (ok, text) = cluster_check(&kube);
+    let (ok, text) = kube.meshctl_check();
     println!("meshctl check --kube, nothing running:\n{text}");
     assert!(!ok, "fails while nothing runs:\n{text}");
     for want in [
@@ -181,19 +181,7 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
     }
     // The controllers' and the CA's part, played: the CA available and its bundle published,
     // the DaemonSet on two nodes of which one is ready, then both; a namespace enrolled.
-    let status = |kind: &str, name: &str, json: &str| {
-        kube.kubectl(&[
-            "patch",
-            kind,
-            "-n",
-            "nodemesh",
-            name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            json,
-        ]);
-    };
+    let status = |kind: &str, name: &str, json: &str| kube.patch_status(kind, name, json);
     status(
         "deployment",
         "nodemesh-ca",
@@ -216,7 +204,7 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
     status("daemonset", "nodemesh-daemon", &ds(1));
     kube.kubectl(&["create", "namespace", "demo"]);
     kube.kubectl(&["label", "namespace", "demo", "nodemesh.io/mode=node"]);
-    let (ok, text) = cluster_check(&kube);
+    let (ok, text) = kube.meshctl_check();
     assert!(!ok, "one node not ready fails:\n{text}");
     assert!(
         text.contains("[FAIL] DaemonSet nodemesh-daemon: 1 of 2 nodes ready"),
@@ -225,7 +213,7 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
     status("daemonset", "nodemesh-daemon", &ds(2));
     // Everything but the daemons themselves passes: no kubelet runs their pods here, and the
     // check reads each daemon (the kube suite runs real ones and sees the whole check pass).
-    let (ok, text) = cluster_check(&kube);
+    let (ok, text) = kube.meshctl_check();
     println!("meshctl check --kube, installed, controllers played:\n{text}");
     assert!(!ok, "no daemon pod, no pass:\n{text}");
     for want in [
@@ -252,7 +240,7 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
         "-p",
         r#"[{"op":"remove","path":"/rules/1"}]"#,
     ]);
-    let (_, text) = cluster_check(&kube);
+    let (_, text) = kube.meshctl_check();
     let want = "[FAIL] RBAC: nodemesh-daemon may not list endpointslices (discovery: endpoints); \
                 nodemesh-daemon may not watch endpointslices (discovery: endpoints); `kubectl \
                 apply -k deploy/` restores the rules";
@@ -262,22 +250,9 @@ fn deploy_renders_validates_and_a_real_api_server_accepts_it() {
         text.lines().find(|l| l.contains("RBAC")).unwrap_or("")
     );
     kube.kubectl_stdin(&["apply", "-f", "-"], &overlay);
-    let (_, text) = cluster_check(&kube);
+    let (_, text) = kube.meshctl_check();
     assert!(
         text.contains("[ok]   RBAC"),
         "restored by applying deploy/:\n{text}"
     );
-}
-
-/// `meshctl check --kube` against the test server: (exit success, output).
-fn cluster_check(kube: &KubeServer) -> (bool, String) {
-    let out = Command::new(nodemesh_tests::bin("meshctl"))
-        .args(["check", "--kube", "--kubeconfig"])
-        .arg(&kube.kubeconfig)
-        .output()
-        .expect("meshctl runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }

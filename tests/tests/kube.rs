@@ -274,7 +274,7 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
     // --- `meshctl check --kube`, as an operator runs it: every check passes, each node's daemon
     // read through the API server (pods/proxy), its accounts' RBAC through SubjectAccessReview ---
     play_controllers(&kube);
-    let (ok, text) = cluster_check(&t, &kube);
+    let (ok, text) = kube.meshctl_check();
     println!("meshctl check --kube, the mesh running:\n{text}");
     assert!(ok, "every check passes:\n{text}");
     for want in [
@@ -616,7 +616,7 @@ fn daemons_mesh_kubernetes_pods_without_restarts() {
     // --- a node whose daemon is gone: `meshctl check --kube` names it, the cause and the fix ---
     let mut gone = t.daemons[1].take().expect("node-2's daemon");
     gone.terminate(Duration::from_secs(40));
-    let (ok, text) = cluster_check(&t, &kube);
+    let (ok, text) = kube.meshctl_check();
     println!("meshctl check --kube, node-2's daemon stopped:\n{text}");
     assert!(!ok, "fails with a daemon gone:\n{text}");
     for want in [
@@ -645,34 +645,8 @@ fn play_controllers(kube: &KubeServer) {
             r#"{"status":{"desiredNumberScheduled":2,"currentNumberScheduled":2,"numberMisscheduled":0,"numberReady":2,"updatedNumberScheduled":2,"numberAvailable":2}}"#,
         ),
     ] {
-        kube.kubectl(&[
-            "patch",
-            kind,
-            "-n",
-            "nodemesh",
-            name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            json,
-        ]);
+        kube.patch_status(kind, name, json);
     }
-}
-
-/// `meshctl check --kube` with the admin kubeconfig, from the fabric (where the API server
-/// listens): (passed, output).
-fn cluster_check(t: &Topology, kube: &KubeServer) -> (bool, String) {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", t.fabric.path().display()))
-        .arg(nodemesh_tests::bin("meshctl"))
-        .args(["check", "--kube", "--kubeconfig"])
-        .arg(&kube.kubeconfig)
-        .output()
-        .expect("meshctl runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 /// Asks the CA, with node `i`'s token, for an SVID of `ns/sa`; returns "<status> <body>".
