@@ -180,7 +180,9 @@ pub struct ProxyConfig {
     /// The node proxy's dedicated source address toward local pods (IPv4, network byte order):
     /// the only source STRICT pods accept TCP from, besides their probe ports.
     pub mesh_source4: u32,
-    pub _reserved: u32,
+    /// The mesh source block's mask, network byte order; 0 (what an older daemon wrote in this
+    /// once-reserved field) means one address.
+    pub mesh_source4_mask: u32,
 }
 
 /// What `nm_splice` did with one socket's bytes; written only by the kernel program.

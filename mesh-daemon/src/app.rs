@@ -200,16 +200,23 @@ async fn serve(
     {
         mark(l.as_fd())?;
     }
-    // The mesh source must be an address here, or no local pod could be reached.
-    std::net::TcpListener::bind((cfg.mesh_source, 0)).with_context(|| {
-        format!(
-            "mesh source {} ({}) is not an address of this network namespace; add it (e.g. `ip \
-             addr add {}/32 dev lo`) or fix the mesh file",
-            cfg.mesh_source,
-            cfg.what(),
-            cfg.mesh_source
-        )
-    })?;
+    // The mesh source must be an address here, or no local pod could be reached; for a block,
+    // its first and last address (a local route holds the whole block, or it is a mistake).
+    for ip in [cfg.mesh_source.first(), cfg.mesh_source.last()] {
+        std::net::TcpListener::bind((ip, 0)).with_context(|| {
+            let fix = if cfg.mesh_source.size() == 1 {
+                format!("ip addr add {ip}/32 dev lo")
+            } else {
+                format!("ip route add local {} dev lo", cfg.mesh_source)
+            };
+            format!(
+                "mesh source {ip} ({}, {}) is not an address of this network namespace; add it \
+                 (`{fix}`) or fix the mesh file",
+                cfg.what(),
+                cfg.mesh_source
+            )
+        })?;
+    }
     let dp_cfg = DatapathConfig {
         cgroup_root: cfg.cgroup_root.clone(),
         proxy_addr: cfg.outbound,

@@ -16,7 +16,7 @@ use crate::{
     identity,
     state::{
         HBONE_PORT, SIDECAR_MESH_SOURCE, Scope,
-        desired::{Desired, NodeSpec},
+        desired::{Desired, MeshSource, NodeSpec},
     },
 };
 
@@ -291,7 +291,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub access_log: Option<PathBuf>,
     /// Derived: where local pods are reached from (the node's meshSource; a sidecar: 127.0.0.6).
-    pub mesh_source: Ipv4Addr,
+    pub mesh_source: MeshSource,
     /// Derived: which workloads this daemon serves.
     #[serde(skip)]
     pub scope: Scope,
@@ -453,7 +453,7 @@ impl RunArgs {
                     node_named(&w.node)?,
                     SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PORT),
                     SocketAddr::new(IpAddr::V4(w.ip), HBONE_PORT),
-                    SIDECAR_MESH_SOURCE,
+                    MeshSource::single(SIDECAR_MESH_SOURCE),
                     pin,
                     None,
                 )
@@ -643,7 +643,10 @@ mod tests {
         let c = resolve(&["--node", "n1"]).expect("valid");
         assert_eq!(c.outbound.to_string(), "10.0.0.1:15001");
         assert_eq!(c.hbone.to_string(), "10.0.0.1:15008");
-        assert_eq!(c.mesh_source, Ipv4Addr::new(10, 210, 1, 254));
+        assert_eq!(
+            c.mesh_source,
+            MeshSource::single(Ipv4Addr::new(10, 210, 1, 254))
+        );
         assert_eq!(c.pin_dir, Some(PathBuf::from("/sys/fs/bpf/nodemesh/n1")));
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         let open = resolve(&["--node", "n1", "--fail-open", "--pin-dir", "/p"]).expect("valid");
@@ -652,7 +655,7 @@ mod tests {
         assert_eq!(side.outbound.to_string(), "127.0.0.1:15001");
         assert_eq!(side.hbone.to_string(), "10.210.1.3:15008");
         assert_eq!(side.node, "n1");
-        assert_eq!(side.mesh_source, SIDECAR_MESH_SOURCE);
+        assert_eq!(side.mesh_source, MeshSource::single(SIDECAR_MESH_SOURCE));
         // The operator port: on the node's address by default, off in a sidecar, `off` or an
         // address when given.
         assert_eq!(

@@ -9,7 +9,7 @@
 //! nodes:
 //!   - name: node-1
 //!     address: 10.203.0.1       # node-to-node (HBONE :15008) and the outbound listener (:15001)
-//!     meshSource: 10.210.1.254  # the proxy's source address toward local pods
+//!     meshSource: 10.210.1.254  # the proxy's source address toward local pods (or a block: 10.210.1.240/28)
 //! workloads:
 //!   - name: client
 //!     namespace: demo
@@ -291,17 +291,41 @@ fn validate(f: &mut MeshFile) -> Result<(), (&'static str, String, String)> {
                 ),
             ));
         }
-        for (what, ip) in [("address", n.address), ("meshSource", n.mesh_source)] {
-            if !addrs.insert(IpAddr::V4(ip)) {
-                return Err((
-                    "nodes",
-                    ip.to_string(),
-                    format!(
-                        "node {:?}: {what} {ip} is already used by another node",
-                        n.name
-                    ),
-                ));
+        if !addrs.insert(IpAddr::V4(n.address)) {
+            return Err((
+                "nodes",
+                n.address.to_string(),
+                format!(
+                    "node {:?}: address {} is already used by another node",
+                    n.name, n.address
+                ),
+            ));
+        }
+    }
+    // Mesh sources are blocks: none may overlap another, nor hold a node's address.
+    for (i, n) in f.nodes.iter().enumerate() {
+        let src = n.mesh_source;
+        let clash = f.nodes.iter().enumerate().find_map(|(j, o)| {
+            if src.contains(o.address) {
+                Some(format!("holds node {:?}'s address {}", o.name, o.address))
+            } else if j != i && src.overlaps(&o.mesh_source) {
+                Some(format!(
+                    "overlaps node {:?}'s meshSource {}",
+                    o.name, o.mesh_source
+                ))
+            } else {
+                None
             }
+        });
+        if let Some(clash) = clash {
+            return Err((
+                "nodes",
+                src.to_string(),
+                format!(
+                    "node {:?}: meshSource {src} {clash}; each node needs source addresses of its own",
+                    n.name
+                ),
+            ));
         }
     }
     let mut pods = HashSet::new();
@@ -324,6 +348,17 @@ fn validate(f: &mut MeshFile) -> Result<(), (&'static str, String, String)> {
                 "workloads",
                 w.name.clone(),
                 format!("workload {id} is declared twice"),
+            ));
+        }
+        if let Some(n) = f.nodes.iter().find(|n| n.mesh_source.contains(w.ip)) {
+            return Err((
+                "workloads",
+                w.ip.to_string(),
+                format!(
+                    "workload {id}: ip {} is in node {:?}'s meshSource {}; pods need addresses \
+                     of their own",
+                    w.ip, n.name, n.mesh_source
+                ),
             ));
         }
         if !addrs.insert(IpAddr::V4(w.ip)) {
@@ -860,6 +895,37 @@ services:
             e.message.contains("node-9") && e.message.contains("nodes"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn mesh_source_blocks_parse_and_may_not_clash() {
+        let f = p(&GOOD.replace("meshSource: 10.210.1.254", "meshSource: 10.210.1.240/28"))
+            .expect("a block");
+        let src = f.nodes[0].mesh_source;
+        assert_eq!(src.to_string(), "10.210.1.240/28");
+        assert_eq!((src.size(), src.mask()), (16, 0xffff_fff0));
+        assert_eq!(src.nth(17).to_string(), "10.210.1.241");
+        assert_eq!(f.nodes[1].mesh_source.to_string(), "10.210.2.254");
+        for (from, to, says) in [
+            ("10.210.1.254", "10.210.1.245/28", "write 10.210.1.240/28"),
+            ("10.210.1.254", "10.210.0.0/16", "65536 addresses"),
+            (
+                "10.210.1.254",
+                "10.210.1.0/24",
+                "10.210.1.2 is in node \"node-1\"'s meshSource",
+            ),
+            (
+                "10.210.1.254",
+                "10.203.0.0/24",
+                "holds node \"node-1\"'s address",
+            ),
+            ("10.210.1.254", "10.210.2.0/24", "overlaps node \"node-2\""),
+            ("10.210.1.254", "not-an-ip", "neither an IPv4 address"),
+        ] {
+            let e = p(&GOOD.replace(&format!("meshSource: {from}"), &format!("meshSource: {to}")))
+                .expect_err(to);
+            assert!(e.to_string().contains(says), "{to}: {e}");
+        }
     }
 
     #[test]

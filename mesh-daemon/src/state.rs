@@ -181,13 +181,13 @@ impl Snapshot {
         }
     }
 
-    /// Where this daemon connects to the pods it serves from: the node's mesh source, or a
-    /// sidecar's loopback one.
+    /// Where this daemon's next connection to a pod it serves leaves from: the node's mesh
+    /// source (the next address of its block, in turn), or a sidecar's loopback one.
     pub fn mesh_source(&self) -> Option<IpAddr> {
         if self.scope.is_sidecar() {
             return Some(IpAddr::V4(SIDECAR_MESH_SOURCE));
         }
-        self.node.as_ref().map(|n| IpAddr::V4(n.mesh_source))
+        self.node.as_ref().map(|n| IpAddr::V4(n.mesh_source.pick()))
     }
 }
 

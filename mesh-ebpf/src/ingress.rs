@@ -58,7 +58,12 @@ fn try_ingress(ctx: &SkBuffContext) -> Option<i32> {
         return None;
     }
     let saddr: u32 = ctx.load(12).ok()?;
-    if cfg.mesh_source4 != 0 && saddr == cfg.mesh_source4 {
+    let mask = if cfg.mesh_source4_mask == 0 {
+        u32::MAX
+    } else {
+        cfg.mesh_source4_mask
+    };
+    if cfg.mesh_source4 != 0 && saddr & mask == cfg.mesh_source4 {
         return None;
     }
     // The pod's own loopback (127.0.0.0/8, also what a v4-mapped ::ffff:127.x connect sends):

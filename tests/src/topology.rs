@@ -4,7 +4,8 @@
 //!
 //! Addresses: node `i` (1-based) is `10.203.0.i` on the node network and routes `10.210.i.0/24`
 //! to its pods; its pods reach it through the gateway `10.210.i.1`, and its proxy talks to them
-//! from its mesh source `10.210.i.254`. Service VIPs are `10.96.0.x`.
+//! from its mesh source block `10.210.i.240/28` (a local route, so every address of it is the
+//! node's). Service VIPs are `10.96.0.x`.
 //!
 //! Everything is a guard: dropping the [`Topology`] (also while a test panics) stops the
 //! processes, removes the pinned links, the cgroups and every namespace.
@@ -196,7 +197,21 @@ impl Drop for TempDir {
 }
 
 pub const GATEWAY_HOST: u8 = 1;
-pub const MESH_SOURCE_HOST: u8 = 254;
+/// The first address of each node's mesh source block (`10.210.i.240/28`).
+pub const MESH_SOURCE_HOST: u8 = 240;
+/// The block's prefix length: 16 source addresses.
+pub const MESH_SOURCE_PREFIX: u8 = 28;
+
+/// Whether `ip` is in node `i`'s (1-based) mesh source block.
+pub fn in_mesh_source(i: usize, ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            o[..3] == [10, 210, i as u8] && o[3] >= MESH_SOURCE_HOST
+        }
+        std::net::IpAddr::V6(_) => false,
+    }
+}
 
 impl Topology {
     /// Builds `nodes` nodes, the pods and the mesh file; daemons are started by [`Self::start`].
@@ -222,8 +237,8 @@ impl Topology {
             fabric.ip(&["link", "set", &f_if, "master", "br0", "up"]);
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
             ns.ip(&["link", "set", "eth0", "up"]);
-            let mesh_source = format!("10.210.{i}.{MESH_SOURCE_HOST}");
-            ns.ip(&["addr", "add", &format!("{mesh_source}/32"), "dev", "lo"]);
+            let mesh_source = format!("10.210.{i}.{MESH_SOURCE_HOST}/{MESH_SOURCE_PREFIX}");
+            ns.ip(&["route", "add", "local", &mesh_source, "dev", "lo"]);
             sh(
                 "ip",
                 &[
@@ -744,13 +759,20 @@ impl Topology {
     /// Starts `mesh-app connect <addr> <args>` in a pod without waiting for it (a connection that
     /// must be in flight while something else happens); its result line is in its output.
     pub fn connect_in_background(&self, pod: &str, addr: &str, args: &[&str]) -> Proc {
+        let mut a = vec!["connect", addr];
+        a.extend_from_slice(args);
+        self.app_in_background(pod, &a)
+    }
+
+    /// Runs `mesh-app <args>` in a pod without waiting for it.
+    pub fn app_in_background(&self, pod: &str, args: &[&str]) -> Proc {
         let p = self.pod(pod);
         let mut cmd = Command::new(bin("mesh-app"));
         cmd.arg("--cgroup")
             .arg(&p.cgroup)
-            .args(["--netns", p.ns.name(), "connect", addr])
+            .args(["--netns", p.ns.name()])
             .args(args);
-        Proc::spawn(&format!("mesh-app connect {addr} in {pod}"), cmd)
+        Proc::spawn(&format!("mesh-app {} in {pod}", args.join(" ")), cmd)
     }
 
     /// Sends SIGTERM to node `i`'s daemon and returns at once (it drains; see

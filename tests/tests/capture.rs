@@ -52,7 +52,9 @@ fn kernel_capture_records_destination_and_cgroup(sockmap: bool) {
         capture_all: true,
         sockmap,
         splice_window: 4 << 20,
-        mesh_source: std::net::Ipv4Addr::UNSPECIFIED,
+        mesh_source: mesh_daemon::state::desired::MeshSource::single(
+            std::net::Ipv4Addr::UNSPECIFIED,
+        ),
         pin_dir: None,
     })
     .expect("load and attach the eBPF programs");

@@ -12,13 +12,24 @@ use std::time::{Duration, Instant};
 
 use nodemesh_tests::{
     require_root,
-    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology},
+    topology::{DaemonOpts, PodSpec, ServiceSpec, Topology, in_mesh_source},
 };
 
 const VIP: &str = "10.96.0.10:80";
 const MIB: usize = 1 << 20;
 
 /// Runs a suite with `--sockmap off` and with `--sockmap on`.
+/// The address in an echo server's `accepted peer=IP:PORT` line.
+fn accepted_peer(line: &str) -> std::net::IpAddr {
+    let p = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("peer="))
+        .unwrap_or_else(|| panic!("no peer= in {line:?}"));
+    p.parse::<std::net::SocketAddr>()
+        .unwrap_or_else(|e| panic!("{p:?} in {line:?}: {e}"))
+        .ip()
+}
+
 macro_rules! both_ways {
     ($($suite:ident),* $(,)?) => {$(
         mod $suite {
@@ -148,8 +159,9 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
         t.daemon(0).output()
     );
     println!("client → server by pod IP: {out}");
-    // The server sees the connection from the mesh: node 2's mesh source, not the client.
-    let seen = t.servers[srv].wait_for("accepted peer=10.210.2.254:", Duration::from_secs(5));
+    // The server sees the connection from the mesh: node 2's mesh source block, not the client.
+    let seen = t.servers[srv].wait_for("accepted peer=", Duration::from_secs(5));
+    assert!(in_mesh_source(2, accepted_peer(&seen)), "{seen}");
     println!("  server: {seen}");
     let line = t
         .daemon(0)
@@ -200,7 +212,8 @@ fn pod_to_pod_across_nodes_by_ip_and_vip_same_node_and_untouched(sockmap: bool) 
     let local = format!("{}:7000", t.pod("local").ip);
     let (ok, out) = t.connect("client", &local, &["--send", &MIB.to_string()]);
     assert!(ok && out.contains("echo=ok"), "{out}");
-    t.servers[local_srv].wait_for("accepted peer=10.210.1.254:", Duration::from_secs(5));
+    let seen = t.servers[local_srv].wait_for("accepted peer=", Duration::from_secs(5));
+    assert!(in_mesh_source(1, accepted_peer(&seen)), "{seen}");
     let line = t.daemon(0).wait_for("route=local", Duration::from_secs(5));
     println!("same node: {out}\n  node-1: {line}");
     let local_edge = [
@@ -677,7 +690,11 @@ fn mesh_file_reloads_and_a_bad_file_keeps_the_last_good_state(sockmap: bool) {
     t.serve("server", "echo-server", 7000);
     let good = std::fs::read_to_string(&t.mesh_file).expect("mesh file");
 
-    let bad = good.replacen("meshSource: 10.210.2.254", "meshSource: [10.210.2.254", 1);
+    let bad = good.replacen(
+        "meshSource: 10.210.2.240/28",
+        "meshSource: [10.210.2.240/28",
+        1,
+    );
     t.rewrite_mesh_file(&bad);
     let line = t
         .daemon(0)

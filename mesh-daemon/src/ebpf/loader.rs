@@ -9,12 +9,13 @@
 
 use std::{
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     os::fd::BorrowedFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
+use crate::state::desired::MeshSource;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
@@ -104,8 +105,8 @@ pub struct DatapathConfig {
     pub sockmap: bool,
     /// Bytes the kernel may hold for a spliced direction's slow receiver before it pauses.
     pub splice_window: u64,
-    /// The proxy's source address toward local pods (what STRICT pods accept).
-    pub mesh_source: Ipv4Addr,
+    /// The proxy's source addresses toward local pods (what STRICT pods accept).
+    pub mesh_source: MeshSource,
     /// Fail closed: pin the capture links here so they outlive the daemon (connections from
     /// enrolled pods are then refused while it is down). `None`: fail open, links die with it.
     pub pin_dir: Option<PathBuf>,
@@ -330,8 +331,8 @@ impl Datapath {
             proxy_ip6: [0; 4],
             proxy_mark: cfg.proxy_mark,
             flags,
-            mesh_source4: u32::from(cfg.mesh_source).to_be(),
-            _reserved: 0,
+            mesh_source4: u32::from(cfg.mesh_source.first()).to_be(),
+            mesh_source4_mask: cfg.mesh_source.mask().to_be(),
         };
         config.set(0, pc, 0).map_err(|source| LoaderError::Map {
             name: map_names::CONFIG,

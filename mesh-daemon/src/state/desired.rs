@@ -57,8 +57,126 @@ pub struct NodeSpec {
     /// Where other nodes reach this node's HBONE listener, and where local pods reach its outbound
     /// listener.
     pub address: Ipv4Addr,
-    /// The proxy's dedicated source address toward local pods: STRICT pods accept TCP only from it.
-    pub mesh_source: Ipv4Addr,
+    /// The proxy's dedicated source address toward local pods, or a small block of them
+    /// (`10.210.1.240/28`): STRICT pods accept TCP only from it.
+    pub mesh_source: MeshSource,
+}
+
+/// Where a node proxy connects to its local pods from: one address, or a block of at most 256
+/// (`a.b.c.d/n`, n from 24 to 32) that the node holds as local (`ip route add local <block> dev
+/// lo`). A block lifts the TIME_WAIT limit on new connections to one pod port: each closed
+/// connection holds its (source, port, pod, port) tuple for 60 s, so one source address allows
+/// about 28 000 / 60 ≈ 470 new connections a second to one pod port, and a /28 sixteen times that.
+/// Connections take the block's addresses in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MeshSource(ipnet::Ipv4Net);
+
+/// The widest block a meshSource may be (256 addresses).
+pub const MESH_SOURCE_MIN_PREFIX: u8 = 24;
+
+impl MeshSource {
+    pub fn single(ip: Ipv4Addr) -> Self {
+        Self(ipnet::Ipv4Net::from(ip))
+    }
+
+    pub fn first(&self) -> Ipv4Addr {
+        self.0.network()
+    }
+
+    pub fn last(&self) -> Ipv4Addr {
+        self.0.broadcast()
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.0.prefix_len()
+    }
+
+    /// The block's mask, host byte order (`u32::MAX` for one address).
+    pub fn mask(&self) -> u32 {
+        u32::from(self.0.netmask())
+    }
+
+    /// How many addresses it holds.
+    pub fn size(&self) -> u32 {
+        1 << (32 - u32::from(self.prefix_len()))
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.0.contains(&ip)
+    }
+
+    pub fn overlaps(&self, other: &MeshSource) -> bool {
+        self.0.contains(&other.0) || other.0.contains(&self.0)
+    }
+
+    /// The `i`-th address, wrapping around the block.
+    pub fn nth(&self, i: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.first()) + i % self.size())
+    }
+
+    /// The next address in turn, shared by every connection of the process (a relaxed counter:
+    /// an even spread is all that matters, not a strict order).
+    pub fn pick(&self) -> Ipv4Addr {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        if self.size() == 1 {
+            return self.first();
+        }
+        self.nth(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for MeshSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.prefix_len() == 32 {
+            write!(f, "{}", self.first())
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+impl std::str::FromStr for MeshSource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(ip) = s.parse::<Ipv4Addr>() {
+            return Ok(Self::single(ip));
+        }
+        let net: ipnet::Ipv4Net = s.parse().map_err(|_| {
+            format!(
+                "meshSource {s:?} is neither an IPv4 address (10.210.1.254) nor a block of them \
+                 (10.210.1.240/28)"
+            )
+        })?;
+        if net.prefix_len() < MESH_SOURCE_MIN_PREFIX {
+            return Err(format!(
+                "meshSource {s} holds {} addresses; a block of at most 256 (/{MESH_SOURCE_MIN_PREFIX}) \
+                 is plenty: each address allows about 470 new connections a second to one pod port",
+                1u64 << (32 - net.prefix_len())
+            ));
+        }
+        if net.addr() != net.network() {
+            return Err(format!(
+                "meshSource {s} does not start its block; write {}",
+                net.trunc()
+            ));
+        }
+        Ok(Self(net))
+    }
+}
+
+impl Serialize for MeshSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MeshSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Who proxies a workload.

@@ -33,6 +33,10 @@ enum Cmd {
     Connect(ConnectOpts),
     /// Echo every connection back until EOF; prints each peer.
     EchoServer { addr: SocketAddr },
+    /// Echo every connection back until EOF on one async worker, without a line per connection
+    /// (for connection-rate tests, where a thread and two lines per connection would cost more
+    /// than the mesh does).
+    QuietEchoServer { addr: SocketAddr },
     /// Read each connection to EOF (the client's half-close), then answer `received=N` and close.
     CountServer { addr: SocketAddr },
     /// Read a little from each connection, then reset it.
@@ -156,6 +160,145 @@ enum Cmd {
     /// Hold `--conns` connections open to an echo server and send a small request on one of them
     /// every `--every-ms` (round robin) for `--secs`: an idle pod with a trickle of traffic.
     Hold(HoldOpts),
+    /// New connections at a fixed pace: `--rate` a second for `--secs`, each sending `--send`
+    /// bytes, half-closing and checking the echo (a client that churns connections). Prints
+    /// `ok=N errors=E started_per_s=R worst_second=N p50_us= p99_us= max_us= first_error=…`.
+    ConnRate(ConnRateOpts),
+}
+
+#[derive(clap::Args)]
+struct ConnRateOpts {
+    addr: SocketAddr,
+    #[arg(long)]
+    rate: u32,
+    #[arg(long)]
+    secs: u32,
+    #[arg(long, default_value_t = 100)]
+    send: usize,
+    /// Connections open at once at most; the pace waits for one to end beyond it.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+}
+
+/// One paced connection: connect, send, half-close, read the echo to EOF and compare.
+async fn paced_connection(addr: SocketAddr, msg: &[u8]) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Duration::from_secs(10);
+    let mut s = tokio::time::timeout(t, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut back = Vec::with_capacity(msg.len());
+    tokio::time::timeout(t, s.read_to_end(&mut back))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "echo timed out"))??;
+    if back != msg {
+        return Err(std::io::Error::other(format!(
+            "echo mismatch: {} of {} bytes",
+            back.len(),
+            msg.len()
+        )));
+    }
+    Ok(())
+}
+
+fn quiet_echo(addr: SocketAddr) -> std::io::Result<String> {
+    runtime()?.block_on(async {
+        let l = tokio::net::TcpListener::bind(addr).await?;
+        println!("listening {}", l.local_addr()?);
+        loop {
+            let (mut s, _) = l.accept().await?;
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            });
+        }
+    })
+}
+
+fn conn_rate(o: &ConnRateOpts) -> std::io::Result<String> {
+    use std::{sync::Arc, time::Instant};
+    type Done = (Instant, Duration, std::io::Result<()>);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let msg: Arc<[u8]> = pattern(o.send).into();
+        let gate = Arc::new(tokio::sync::Semaphore::new(o.max_in_flight.max(1)));
+        let mut tasks = tokio::task::JoinSet::<Done>::new();
+        let mut finished: Vec<Done> = Vec::new();
+        // Starts in slices of 10 ms (the timer's grain is 1 ms; a slice keeps the pace even).
+        let per_slice = (o.rate / 100).max(1);
+        let slices = o.secs * 100;
+        let start = Instant::now();
+        for k in 0..slices {
+            tokio::time::sleep_until((start + Duration::from_millis(u64::from(k) * 10)).into())
+                .await;
+            for _ in 0..per_slice {
+                let permit = Arc::clone(&gate)
+                    .acquire_owned()
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let (addr, msg) = (o.addr, Arc::clone(&msg));
+                tasks.spawn(async move {
+                    let began = Instant::now();
+                    let r = paced_connection(addr, &msg).await;
+                    drop(permit);
+                    (began, began.elapsed(), r)
+                });
+            }
+            // Reap as we go, so the set does not grow with the run.
+            while let Some(done) = tasks.try_join_next() {
+                finished.push(done.map_err(std::io::Error::other)?);
+            }
+        }
+        let launched = start.elapsed().as_secs_f64();
+        while let Some(done) = tasks.join_next().await {
+            finished.push(done.map_err(std::io::Error::other)?);
+        }
+        let started = finished.len();
+        let mut took: Vec<u64> = Vec::with_capacity(started);
+        let mut per_second = vec![0u64; o.secs as usize + 1];
+        let (mut errors, mut first_error) = (0u64, String::from("none"));
+        for (began, d, r) in &finished {
+            match r {
+                Ok(()) => {
+                    took.push(d.as_micros() as u64);
+                    let sec = (*began + *d).duration_since(start).as_secs() as usize;
+                    if let Some(c) = per_second.get_mut(sec) {
+                        *c += 1;
+                    }
+                }
+                Err(e) => {
+                    if errors == 0 {
+                        first_error = format!("{:?}:{e}", e.kind()).replace(' ', "_");
+                    }
+                    errors += 1;
+                }
+            }
+        }
+        took.sort_unstable();
+        let pct = |p: f64| {
+            took.get(((took.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        // The fewest connections completed in any whole second but the first and the last.
+        let inner = per_second.len().saturating_sub(1);
+        let worst = per_second
+            .get(1..inner)
+            .and_then(|s| s.iter().min().copied())
+            .unwrap_or(0);
+        Ok(format!(
+            "ok={} errors={errors} started_per_s={:.0} worst_second={worst} p50_us={} p99_us={} \
+             max_us={} first_error={first_error}",
+            took.len(),
+            started as f64 / launched,
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+        ))
+    })
 }
 
 #[derive(clap::Args)]
@@ -269,6 +412,8 @@ fn main() -> ExitCode {
         }
         Cmd::Connect(o) => report(repeat_connect(&o)),
         Cmd::Hold(o) => report(hold(&o)),
+        Cmd::ConnRate(o) => report(conn_rate(&o)),
+        Cmd::QuietEchoServer { addr } => report(quiet_echo(addr)),
         Cmd::EchoServer { addr }
         | Cmd::CountServer { addr }
         | Cmd::RstServer { addr }

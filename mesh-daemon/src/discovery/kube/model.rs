@@ -39,7 +39,7 @@ use crate::{
     state::{
         compile_routes,
         desired::{
-            AppProtocol, Desired, Endpoints, NodeSpec, PolicySpec, PortDesc, ProxyMode,
+            AppProtocol, Desired, Endpoints, MeshSource, NodeSpec, PolicySpec, PortDesc, ProxyMode,
             ServiceDesc, WorkloadDesc,
         },
         routes::{RouteDesc, RouteKind},
@@ -245,7 +245,7 @@ fn node_spec(n: &Node) -> Option<NodeSpec> {
         .annotations()
         .get(MESH_SOURCE_ANNOTATION)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(DEFAULT_MESH_SOURCE);
+        .unwrap_or(MeshSource::single(DEFAULT_MESH_SOURCE));
     Some(NodeSpec {
         name,
         address,
