@@ -241,11 +241,18 @@ fn node_spec(n: &Node) -> Option<NodeSpec> {
         .iter()
         .filter(|a| a.type_ == "InternalIP")
         .find_map(|a| a.address.parse::<Ipv4Addr>().ok())?;
-    let mesh_source = n
-        .annotations()
-        .get(MESH_SOURCE_ANNOTATION)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(MeshSource::single(DEFAULT_MESH_SOURCE));
+    let mesh_source = match n.annotations().get(MESH_SOURCE_ANNOTATION) {
+        None => MeshSource::single(DEFAULT_MESH_SOURCE),
+        Some(a) => a.parse().unwrap_or_else(|e: String| {
+            tracing::warn!(
+                node = %name,
+                "annotation {MESH_SOURCE_ANNOTATION}={a:?} is not used: {e}; fix it (`kubectl \
+                 annotate node {name} --overwrite {MESH_SOURCE_ANNOTATION}=...`); until then the \
+                 default {DEFAULT_MESH_SOURCE} applies"
+            );
+            MeshSource::single(DEFAULT_MESH_SOURCE)
+        }),
+    };
     Some(NodeSpec {
         name,
         address,
