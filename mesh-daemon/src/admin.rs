@@ -571,6 +571,7 @@ fn config_dump(a: &AdminInputs) -> serde_json::Value {
                 "labels": w.labels,
                 "cgroup": w.cgroup.display().to_string(),
                 "probePorts": w.probe_ports,
+                "proxyProtocolPorts": w.proxy_protocol_ports,
             })
         })
         .collect();

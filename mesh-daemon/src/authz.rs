@@ -170,6 +170,7 @@ mod tests {
             ip: "10.0.0.2".parse().expect("ip"),
             cgroup: "/x".into(),
             probe_ports: vec![],
+            proxy_protocol_ports: vec![],
             mode: Default::default(),
             labels: BTreeMap::from([("app".into(), "server".into())]),
         }

@@ -143,6 +143,11 @@ pub struct WorkloadSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub probe_ports: Vec<u16>,
+    /// Ports whose server expects a PROXY protocol v2 header naming the real client (HAProxy's
+    /// `send-proxy-v2`): the proxy writes one on each connection to such a port before the
+    /// client's bytes (Kubernetes: the `nodemesh.io/proxy-protocol-ports` annotation).
+    #[serde(default)]
+    pub proxy_protocol_ports: Vec<u16>,
     /// Who proxies this pod: its node's daemon (`node`, the default) or its own sidecar
     /// (`sidecar`; Kubernetes: the `nodemesh.io/mode` label).
     #[serde(default)]
@@ -385,6 +390,16 @@ fn validate(f: &mut MeshFile) -> Result<(), (&'static str, String, String)> {
                 format!(
                     "workload {id}: probePorts takes 1 to {MAX_PROBE_PORTS} non-zero ports, got {:?}",
                     w.probe_ports
+                ),
+            ));
+        }
+        if w.proxy_protocol_ports.contains(&0) {
+            return Err((
+                "workloads",
+                "proxyProtocolPorts".into(),
+                format!(
+                    "workload {id}: proxyProtocolPorts lists port 0; list the ports whose server \
+                     reads a PROXY protocol header"
                 ),
             ));
         }

@@ -12,6 +12,7 @@ pub mod kernel_events;
 pub mod l7cache;
 pub mod observe;
 pub mod outbound;
+pub mod proxyproto;
 pub mod relay;
 pub mod route;
 pub mod splice;

@@ -89,6 +89,8 @@ pub struct Workload {
     /// The pod-level cgroup whose sockets are this workload's (resolved against the cgroup root).
     pub cgroup: PathBuf,
     pub probe_ports: Vec<u16>,
+    /// Ports whose server reads a PROXY protocol v2 header before the client's bytes.
+    pub proxy_protocol_ports: Vec<u16>,
     /// Selected by services and authorization policies.
     pub labels: std::collections::BTreeMap<String, String>,
     /// Who proxies it: its node's daemon or its own sidecar.
@@ -320,6 +322,7 @@ impl State {
                 ip: w.ip,
                 cgroup,
                 probe_ports: w.probe_ports.clone(),
+                proxy_protocol_ports: w.proxy_protocol_ports.clone(),
                 labels: w.labels.clone(),
                 mode: w.mode,
             });

@@ -32,6 +32,8 @@ pub struct PodSpec {
     pub meshed: bool,
     pub labels: Vec<(String, String)>,
     pub probe_ports: Vec<u16>,
+    /// Ports whose server reads a PROXY protocol v2 header (`proxyProtocolPorts`).
+    pub proxy_protocol_ports: Vec<u16>,
 }
 
 impl PodSpec {
@@ -42,6 +44,7 @@ impl PodSpec {
             meshed: true,
             labels: vec![("app".into(), app.into())],
             probe_ports: vec![],
+            proxy_protocol_ports: vec![],
         }
     }
 
@@ -52,11 +55,17 @@ impl PodSpec {
             meshed: false,
             labels: vec![],
             probe_ports: vec![],
+            proxy_protocol_ports: vec![],
         }
     }
 
     pub fn probes(mut self, ports: &[u16]) -> Self {
         self.probe_ports = ports.to_vec();
+        self
+    }
+
+    pub fn proxy_protocol(mut self, ports: &[u16]) -> Self {
+        self.proxy_protocol_ports = ports.to_vec();
         self
     }
 }
@@ -371,7 +380,8 @@ impl Topology {
             let _ = writeln!(
                 y,
                 "  - name: {}\n    namespace: demo\n    serviceAccount: {}-sa\n    node: {}\n    \
-                 ip: {}\n    cgroup: {}\n    labels: {{ {} }}\n    probePorts: {:?}\n    mode: {}",
+                 ip: {}\n    cgroup: {}\n    labels: {{ {} }}\n    probePorts: {:?}\n    \
+                 proxyProtocolPorts: {:?}\n    mode: {}",
                 p.name,
                 p.name,
                 self.nodes[p.node].name,
@@ -379,6 +389,7 @@ impl Topology {
                 p.cgroup.display(),
                 labels.join(", "),
                 spec.probe_ports,
+                spec.proxy_protocol_ports,
                 if self.opts.sidecar { "sidecar" } else { "node" }
             );
         }

@@ -288,7 +288,7 @@ fn hbone_refuses_bad_certificates_and_connects_while_legitimate_traffic_flows() 
                                 source_workload: "demo/client",
                                 destination: &id("server-sa"),
                                 protocol: None,
-                                source_ip: None,
+                                client: None,
                             },
                         )
                         .await;

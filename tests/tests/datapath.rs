@@ -56,6 +56,7 @@ both_ways!(
     same_node_connections_of_every_shape,
     a_server_that_does_not_read_pushes_back_on_the_client,
     a_client_that_sends_ahead_of_its_responses,
+    proxy_protocol_names_the_client_to_servers_that_ask,
 );
 
 /// The default daemon options, with `--sockmap` on or off.
@@ -987,4 +988,41 @@ fn ss_recv_q(ns: &str, filter: &str) -> u64 {
         .next()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no receive queue in:\n{out}"))
+}
+
+/// Issue 16 item 5's L4 answer: a pod port listed in `proxyProtocolPorts` gets a PROXY protocol
+/// v2 header naming the client pod's address and port before the client's bytes, cross-node
+/// (through HBONE's `forwarded`) and same-node; the TCP peer is still the mesh source, and other
+/// ports get no header (their echo would not match).
+fn proxy_protocol_names_the_client_to_servers_that_ask(sockmap: bool) {
+    require_root("proxy_protocol");
+    let pods = [
+        PodSpec::meshed("client", 0, "client"),
+        PodSpec::meshed("local", 0, "local").proxy_protocol(&[7100]),
+        PodSpec::meshed("server", 1, "echo").proxy_protocol(&[7100]),
+    ];
+    let mut t = Topology::build("pp", 2, &pods, &[]);
+    t.start(with_sockmap(sockmap));
+    let far = t.serve("server", "proxy-echo-server", 7100);
+    let near = t.serve("local", "proxy-echo-server", 7100);
+    t.serve("server", "echo-server", 7000);
+    for (pod, srv, node) in [("server", far, 2), ("local", near, 1)] {
+        let target = format!("{}:7100", t.pod(pod).ip);
+        let (ok, out) = t.connect("client", &target, &["--send", "5000"]);
+        assert!(ok && out.contains("echo=ok"), "client → {target}: {out}");
+        let client = local_of(&out);
+        let line = t.servers[srv].wait_for("proxied peer=", Duration::from_secs(5));
+        println!("{pod}: {line}");
+        assert!(
+            line.contains(&format!("command=Proxy from={client} to={target}")),
+            "the header names the client {client} and {target}: {line}"
+        );
+        assert!(in_mesh_source(node, accepted_peer(&line)), "{line}");
+    }
+    let plain = format!("{}:7000", t.pod("server").ip);
+    let (ok, out) = t.connect("client", &plain, &["--send", "5000"]);
+    assert!(
+        ok && out.contains("echo=ok"),
+        "no header on other ports: {out}"
+    );
 }

@@ -36,6 +36,7 @@ pub fn to_desired(f: &MeshFile) -> Desired {
                 cgroup: w.cgroup.clone(),
                 labels: w.labels.clone(),
                 probe_ports: w.probe_ports.clone(),
+                proxy_protocol_ports: w.proxy_protocol_ports.clone(),
                 mode: w.mode,
             })
             .collect(),

@@ -995,6 +995,16 @@ mod tests {
     }
 
     #[test]
+    fn proxy_protocol_ports_annotation_parses_or_is_refused() {
+        assert_eq!(model::parse_ports("7000, 8443,"), Ok(vec![7000, 8443]));
+        assert_eq!(model::parse_ports(""), Ok(vec![]));
+        for bad in ["0", "http", "70000", "7000;8443"] {
+            let e = model::parse_ports(bad).expect_err(bad);
+            assert!(e.contains("is not a port"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn applied_objects_become_the_neutral_model() {
         let f = populated("applied");
         let b = build(&f);

@@ -179,6 +179,7 @@ mod tests {
                     ip: std::net::Ipv4Addr::new(10, 0, 0, i as u8 + 1),
                     cgroup: "/".into(),
                     probe_ports: vec![],
+                    proxy_protocol_ports: vec![],
                     labels: Default::default(),
                     mode: Default::default(),
                 }),

@@ -196,8 +196,9 @@ pub struct Ends<'a> {
     pub destination: &'a Identity,
     /// `http1` or `h2` when the tunnel carries L7 requests (`x-nodemesh-protocol`); None: bytes.
     pub protocol: Option<&'static str>,
-    /// The client pod's address (`forwarded: for=`), for the destination's HTTP requests.
-    pub source_ip: Option<std::net::IpAddr>,
+    /// The client pod's address (`forwarded: for=`; port 0 when there is no one client
+    /// connection), for the destination's HTTP requests and PROXY protocol headers.
+    pub client: Option<std::net::SocketAddr>,
 }
 
 impl Client {
@@ -235,10 +236,10 @@ impl Client {
             if let Some(p) = ends.protocol {
                 req = req.header(super::route::PROTOCOL_HEADER, p);
             }
-            if let Some(ip) = ends.source_ip {
+            if let Some(addr) = ends.client {
                 req = req.header(
                     super::route::FORWARDED_HEADER,
-                    super::route::forwarded_value(ip),
+                    super::route::forwarded_value(addr),
                 );
             }
             let req = req

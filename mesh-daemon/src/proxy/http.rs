@@ -369,7 +369,11 @@ fn client_headers(
         return;
     };
     append(h, "x-forwarded-for", ip.to_string());
-    append(h, "forwarded", route::forwarded_value(ip));
+    append(
+        h,
+        "forwarded",
+        route::forwarded_value(SocketAddr::new(ip, 0)),
+    );
 }
 
 /// The client's proven identity toward the pod (Envoy's name for it).
@@ -1291,8 +1295,14 @@ impl EndpointInner {
         source_ip: Option<std::net::IpAddr>,
     ) -> Result<Upstream, BoxError> {
         match decision {
-            Route::Local { target, .. } => {
-                let s = crate::socket::connect_marked(*target, self.inputs.proxy_mark, source_ip)
+            Route::Local { target, workload } => {
+                let mut s =
+                    crate::socket::connect_marked(*target, self.inputs.proxy_mark, source_ip)
+                        .await
+                        .map_err(Refused::connect)?;
+                // Pooled per source workload: the client is that pod, with no one port.
+                let client = SocketAddr::new(self.client.source.ip.into(), 0);
+                super::proxyproto::announce(&mut s, workload, *target, Some(client))
                     .await
                     .map_err(Refused::connect)?;
                 let _ = s.set_nodelay(true);
@@ -1328,7 +1338,8 @@ impl EndpointInner {
                     destination: &dst_id,
                     // The destination serves the tunnel as HTTP and checks each request.
                     protocol: Some(self.client.protocol.label()),
-                    source_ip: Some(self.client.source.ip.into()),
+                    // Pooled: no one client connection, so no port.
+                    client: Some(SocketAddr::new(self.client.source.ip.into(), 0)),
                 };
                 match self.inputs.hbone.connect(*via, *target, ends).await {
                     Ok(t) => Ok(Upstream::Tunnel(t)),

@@ -277,7 +277,7 @@ async fn tunnel(
         dst,
         dst_id,
         source_workload: source_name,
-        source_ip: client_ip,
+        client,
         verdict,
     } = match admitted {
         Ok(t) => t,
@@ -292,7 +292,14 @@ async fn tunnel(
         .map_or_else(|| "unknown".to_string(), str::to_string);
     // A tunnel may live for hours; it must not pin this snapshot in memory.
     drop(snap);
-    let pod = match crate::socket::connect_marked(target, inputs.proxy_mark, source_ip).await {
+    let connected = match crate::socket::connect_marked(target, inputs.proxy_mark, source_ip).await
+    {
+        Ok(mut s) => super::proxyproto::announce(&mut s, &dst, target, client)
+            .await
+            .map(|_| s),
+        Err(e) => Err(e),
+    };
+    let pod = match connected {
         Ok(s) => s,
         Err(e) => {
             let reason = format!("connect to {target}: {e}");
@@ -360,7 +367,7 @@ async fn tunnel(
             target,
             protocol,
             service: labels[7].clone(),
-            source_ip: client_ip,
+            source_ip: client.map(|c| c.ip()),
             dst_id: dst_id.clone(),
         };
         super::http::serve_inbound(inputs.clone(), tunnel, pod, t).await;

@@ -295,9 +295,22 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         }
         // Local pods are reached from the mesh source (what STRICT pods accept); other
         // destinations from the node's own address.
-        Route::Local { target, .. } | Route::Passthrough(target) => {
-            let source = if local { source_ip } else { None };
-            crate::socket::connect_marked(target, inputs.proxy_mark, source)
+        Route::Local { target, workload } => {
+            // The workload's address (never one the pod bound on its own), its real port.
+            let client = SocketAddr::new(src.ip.into(), peer.port());
+            match crate::socket::connect_marked(target, inputs.proxy_mark, source_ip).await {
+                Ok(mut s) => super::proxyproto::announce(&mut s, &workload, target, Some(client))
+                    .await
+                    .map(|_| Upstream::Tcp(s)),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| {
+                warn!(%target, error = %e, "upstream refused the connection");
+                ("upstream_refused", format!("connect to {target}: {e}"))
+            })
+        }
+        Route::Passthrough(target) => {
+            crate::socket::connect_marked(target, inputs.proxy_mark, None)
                 .await
                 .map(Upstream::Tcp)
                 .map_err(|e| {
@@ -340,7 +353,8 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
                 source_workload: &src.display(),
                 destination: &dst_id,
                 protocol: None,
-                source_ip: Some(src.ip.into()),
+                // The workload's address (never one the pod bound on its own), its real port.
+                client: Some(SocketAddr::new(src.ip.into(), peer.port())),
             };
             inputs
                 .hbone

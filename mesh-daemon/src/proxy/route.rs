@@ -40,8 +40,8 @@ pub const SOURCE_HEADER: &str = "x-nodemesh-source-workload";
 /// Header on a CONNECT whose tunnel carries HTTP from the source proxy's L7 (`http1` or `h2`):
 /// the destination proxy serves it as HTTP too, and checks each request.
 pub const PROTOCOL_HEADER: &str = "x-nodemesh-protocol";
-/// Header on a CONNECT naming the client pod's address (`for=<ip>`, RFC 7239, as HBONE peers
-/// send it). Believed only when that address is a workload with exactly the proven identity; the
+/// Header on a CONNECT naming the client pod's address (`for=<ip>` or `for="<ip>:<port>"`,
+/// RFC 7239, as HBONE peers send it). Believed only when that address is a workload with exactly the proven identity; the
 /// destination hands it to the pod's HTTP requests (`x-forwarded-for`, `forwarded`).
 pub const FORWARDED_HEADER: &str = "forwarded";
 
@@ -52,7 +52,7 @@ pub fn forwarded_client(
     headers: &HeaderMap,
     proven: &Identity,
     td: &str,
-) -> Option<std::net::IpAddr> {
+) -> Option<SocketAddr> {
     let v = headers.get(FORWARDED_HEADER)?.to_str().ok()?;
     // The first element's `for` parameter: `for=10.0.0.1`, `for="[fd00::1]"`.
     let first = v.split(',').next()?;
@@ -61,24 +61,30 @@ pub fn forwarded_client(
         k.eq_ignore_ascii_case("for").then_some(v)
     })?;
     let value = value.trim_matches('"');
-    let ip: std::net::IpAddr = value
-        .strip_prefix('[')
-        .and_then(|v| v.strip_suffix(']'))
-        .unwrap_or(value)
-        .parse()
-        .ok()?;
-    let std::net::IpAddr::V4(v4) = ip else {
+    // RFC 7239 nodes: `10.0.0.1`, `"10.0.0.1:4711"`, `"[fd00::1]"`, `"[fd00::1]:4711"`.
+    let addr = value.parse::<SocketAddr>().ok().or_else(|| {
+        let ip: std::net::IpAddr = value
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .unwrap_or(value)
+            .parse()
+            .ok()?;
+        Some(SocketAddr::new(ip, 0))
+    })?;
+    let std::net::IpAddr::V4(v4) = addr.ip() else {
         return None; // no IPv6 workloads yet
     };
     let w = snap.workloads_by_ip.get(&std::net::IpAddr::V4(v4))?;
-    (w.identity(td) == *proven).then_some(ip)
+    (w.identity(td) == *proven).then_some(addr)
 }
 
 /// The `forwarded` header value for a client address (IPv6 quoted in brackets, RFC 7239).
-pub fn forwarded_value(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(v4) => format!("for={v4}"),
-        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+pub fn forwarded_value(addr: SocketAddr) -> String {
+    match (addr.ip(), addr.port()) {
+        (std::net::IpAddr::V4(v4), 0) => format!("for={v4}"),
+        (std::net::IpAddr::V6(v6), 0) => format!("for=\"[{v6}]\""),
+        // With a port the node is a quoted string (RFC 7239 section 6).
+        (_, _) => format!("for=\"{addr}\""),
     }
 }
 
@@ -310,8 +316,9 @@ pub struct Tunnel {
     pub dst_id: Identity,
     /// The source workload's name when the header's claim checks out, else `unknown`.
     pub source_workload: String,
-    /// The client pod's address when the `forwarded` claim checks out.
-    pub source_ip: Option<std::net::IpAddr>,
+    /// The client pod's address (port 0 when the claim has none) when the `forwarded` claim
+    /// checks out.
+    pub client: Option<SocketAddr>,
     pub verdict: Verdict,
 }
 
@@ -382,13 +389,13 @@ pub fn admit(
         .and_then(|v| v.to_str().ok())
         .and_then(|s| known_workload(snap, s, &peer.source, trust_domain))
         .unwrap_or_else(|| "unknown".into());
-    let source_ip = forwarded_client(snap, headers, &peer.source, trust_domain);
+    let client = forwarded_client(snap, headers, &peer.source, trust_domain);
     Ok(Tunnel {
         target,
         dst,
         dst_id,
         source_workload,
-        source_ip,
+        client,
         verdict,
     })
 }

@@ -212,6 +212,8 @@ pub struct WorkloadDesc {
     pub cgroup: PathBuf,
     pub labels: BTreeMap<String, String>,
     pub probe_ports: Vec<u16>,
+    /// Ports whose server reads a PROXY protocol v2 header first.
+    pub proxy_protocol_ports: Vec<u16>,
     pub mode: ProxyMode,
 }
 

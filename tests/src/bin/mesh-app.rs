@@ -37,6 +37,9 @@ enum Cmd {
     /// (for connection-rate tests, where a thread and two lines per connection would cost more
     /// than the mesh does).
     QuietEchoServer { addr: SocketAddr },
+    /// Reads a PROXY protocol v2 header from each connection, prints `proxied peer=TCP_PEER
+    /// command=Proxy|Local from=SRC to=DST` (or `header=missing`), then echoes the rest.
+    ProxyEchoServer { addr: SocketAddr },
     /// Read each connection to EOF (the client's half-close), then answer `received=N` and close.
     CountServer { addr: SocketAddr },
     /// Read a little from each connection, then reset it.
@@ -201,6 +204,53 @@ async fn paced_connection(addr: SocketAddr, msg: &[u8]) -> std::io::Result<()> {
         )));
     }
     Ok(())
+}
+
+fn proxy_echo(addr: SocketAddr) -> std::io::Result<String> {
+    let l = TcpListener::bind(addr)?;
+    println!("listening {}", l.local_addr()?);
+    for s in l.incoming() {
+        let mut s = s?;
+        let peer = s.peer_addr()?;
+        std::thread::spawn(move || {
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            // The fixed part (signature, version and command, family, length), then the rest.
+            let mut head = vec![0u8; 16];
+            s.read_exact(&mut head).ok()?;
+            let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+            if !head.starts_with(ppp::v2::PROTOCOL_PREFIX) {
+                println!("proxied peer={peer} header=missing");
+                return None;
+            }
+            head.resize(16 + len, 0);
+            s.read_exact(&mut head[16..]).ok()?;
+            match ppp::v2::Header::try_from(head.as_slice()) {
+                Ok(h) => {
+                    let (from, to) = match h.addresses {
+                        ppp::v2::Addresses::IPv4(a) => (
+                            SocketAddr::from((a.source_address, a.source_port)).to_string(),
+                            SocketAddr::from((a.destination_address, a.destination_port))
+                                .to_string(),
+                        ),
+                        _ => ("none".into(), "none".into()),
+                    };
+                    println!(
+                        "proxied peer={peer} command={:?} from={from} to={to}",
+                        h.command
+                    );
+                }
+                Err(e) => {
+                    println!("proxied peer={peer} header=invalid {e}");
+                    return None;
+                }
+            }
+            let mut r = s.try_clone().ok()?;
+            let _ = std::io::copy(&mut r, &mut s);
+            let _ = s.shutdown(Shutdown::Write);
+            Some(())
+        });
+    }
+    Ok(String::new())
 }
 
 fn quiet_echo(addr: SocketAddr) -> std::io::Result<String> {
@@ -414,6 +464,7 @@ fn main() -> ExitCode {
         Cmd::Hold(o) => report(hold(&o)),
         Cmd::ConnRate(o) => report(conn_rate(&o)),
         Cmd::QuietEchoServer { addr } => report(quiet_echo(addr)),
+        Cmd::ProxyEchoServer { addr } => report(proxy_echo(addr)),
         Cmd::EchoServer { addr }
         | Cmd::CountServer { addr }
         | Cmd::RstServer { addr }

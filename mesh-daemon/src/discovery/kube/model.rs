@@ -52,6 +52,8 @@ pub const MODE_LABEL: &str = "nodemesh.io/mode";
 pub const MODE_DISABLED: &str = "disabled";
 /// The node annotation giving the proxy's source address toward its local pods.
 pub const MESH_SOURCE_ANNOTATION: &str = "nodemesh.io/mesh-source";
+/// A pod's ports whose server reads a PROXY protocol v2 header first (`"7000,8443"`).
+pub const PROXY_PROTOCOL_ANNOTATION: &str = "nodemesh.io/proxy-protocol-ports";
 /// A route annotation with the mesh file's `rateLimit` (`{requestsPerSecond: 100, burst: 20}`).
 pub const RATE_LIMIT_ANNOTATION: &str = "nodemesh.io/rate-limit";
 /// The mesh source when a node has no annotation: a link-local address no pod or node uses
@@ -325,6 +327,17 @@ fn workload(
     probe_ports.sort_unstable();
     probe_ports.dedup();
     probe_ports.truncate(MAX_PROBE_PORTS);
+    let proxy_protocol_ports = match pod.annotations().get(PROXY_PROTOCOL_ANNOTATION) {
+        None => Vec::new(),
+        Some(a) => parse_ports(a).unwrap_or_else(|e| {
+            tracing::warn!(
+                pod = %format!("{ns}/{name}"),
+                "annotation {PROXY_PROTOCOL_ANNOTATION}={a:?} is not used: {e}; write ports \
+                 separated by commas (\"7000,8443\")"
+            );
+            Vec::new()
+        }),
+    };
     Ok(Some(WorkloadDesc {
         namespace: ns.into(),
         name: name.into(),
@@ -337,8 +350,21 @@ fn workload(
         cgroup,
         labels: pod.labels().clone(),
         probe_ports,
+        proxy_protocol_ports,
         mode,
     }))
+}
+
+/// `"7000, 8443"` → `[7000, 8443]`; every entry a non-zero port.
+pub(super) fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+            Ok(n) => Ok(n),
+        })
+        .collect()
 }
 
 /// The ports the kubelet probes (liveness, readiness, startup): reachable from the node in

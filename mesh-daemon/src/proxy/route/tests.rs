@@ -509,9 +509,11 @@ fn a_forwarded_client_is_believed_only_for_the_proven_identity() {
         forwarded_client(&s, &h, &b, TD).map(|ip| ip.to_string())
     };
     for (forwarded, want) in [
-        ("for=10.1.2.2", Some("10.1.2.2")),
-        ("for=\"10.1.2.2\";proto=https", Some("10.1.2.2")),
-        ("For=10.1.2.2, for=10.1.1.2", Some("10.1.2.2")),
+        ("for=10.1.2.2", Some("10.1.2.2:0")),
+        ("for=\"10.1.2.2:4711\"", Some("10.1.2.2:4711")),
+        ("for=\"10.1.1.2:4711\"", None),
+        ("for=\"10.1.2.2\";proto=https", Some("10.1.2.2:0")),
+        ("For=10.1.2.2, for=10.1.1.2", Some("10.1.2.2:0")),
         // another workload's address: a node cannot speak for pods of other identities
         ("for=10.1.1.2", None),
         ("for=10.1.2.66", None),
@@ -525,12 +527,12 @@ fn a_forwarded_client_is_believed_only_for_the_proven_identity() {
         assert_eq!(with(forwarded).as_deref(), want, "{forwarded:?}");
     }
     assert_eq!(forwarded_client(&s, &HeaderMap::new(), &b, TD), None);
-    assert_eq!(
-        forwarded_value("10.1.2.2".parse().expect("ip")),
-        "for=10.1.2.2"
-    );
-    assert_eq!(
-        forwarded_value("fd00::1".parse().expect("ip")),
-        "for=\"[fd00::1]\""
-    );
+    for (addr, want) in [
+        ("10.1.2.2:0", "for=10.1.2.2"),
+        ("10.1.2.2:4711", "for=\"10.1.2.2:4711\""),
+        ("[fd00::1]:0", "for=\"[fd00::1]\""),
+        ("[fd00::1]:4711", "for=\"[fd00::1]:4711\""),
+    ] {
+        assert_eq!(forwarded_value(addr.parse().expect("addr")), want);
+    }
 }
