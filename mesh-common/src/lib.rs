@@ -157,9 +157,17 @@ pub struct ConnKey {
     pub netns_cookie: u64,
     /// Network byte order; IPv4 uses `ip[0]`.
     pub ip: [u32; 4],
-    /// Host byte order.
+    /// Host byte order: the client's port, and in the upper 16 bits the proxy port it reached
+    /// ([`conn_port`]): with the outbound listener's further ports, two live connections of one
+    /// pod may share a client port toward two proxy ports.
     pub port: u32,
     pub family: u32,
+}
+
+/// [`ConnKey::port`] for a client port and the proxy port it connected to.
+#[inline(always)]
+pub const fn conn_port(client_port: u16, proxy_port: u16) -> u32 {
+    client_port as u32 | (proxy_port as u32) << 16
 }
 
 /// Where and how to redirect; element 0 of the `CONFIG` array. All zero means "not configured":
@@ -183,6 +191,34 @@ pub struct ProxyConfig {
     /// The mesh source block's mask, network byte order; 0 (what an older daemon wrote in this
     /// once-reserved field) means one address.
     pub mesh_source4_mask: u32,
+    /// More outbound listener ports on `proxy_ip4`, `[spread_port, spread_port + spread)` (host
+    /// byte order; `spread` 0: only `proxy_port`). A captured IPv4 connection is sent to the one
+    /// its original destination hashes to, so one pod's connections to different destinations
+    /// do not all share one (pod, proxy port) tuple and its TIME_WAIT limit.
+    pub spread_port: u32,
+    pub spread: u32,
+}
+
+impl ProxyConfig {
+    /// The outbound port (host byte order) a captured IPv4 connection to `ip_be:port` goes to.
+    #[inline(always)]
+    pub fn outbound_port(&self, ip_be: u32, port: u32) -> u32 {
+        if self.spread == 0 {
+            return self.proxy_port;
+        }
+        // Fibonacci hashing of the destination: even over the ports for any address plan.
+        let h = (u32::from_be(ip_be) ^ port.rotate_left(16)).wrapping_mul(0x9e37_79b1);
+        self.spread_port + (h >> 16) % self.spread
+    }
+
+    /// Whether `port` (host byte order) is one of the outbound listener's ports.
+    #[inline(always)]
+    pub fn is_outbound_port(&self, port: u32) -> bool {
+        port == self.proxy_port
+            || (self.spread != 0
+                && port >= self.spread_port
+                && port < self.spread_port + self.spread)
+    }
 }
 
 /// What `nm_splice` did with one socket's bytes; written only by the kernel program.
@@ -356,7 +392,7 @@ mod tests {
         assert_eq!(size_of::<Enrollment>(), 4 + 4 + 2 * MAX_PROBE_PORTS);
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 4 + 4 + 4 + 4 + 8);
         assert_eq!(size_of::<ConnKey>(), 8 + 16 + 4 + 4);
-        assert_eq!(size_of::<ProxyConfig>(), 4 + 4 + 16 + 4 + 4 + 4 + 4);
+        assert_eq!(size_of::<ProxyConfig>(), 4 + 4 + 16 + 4 + 4 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<SpliceCount>(), 8 + 8 + 8);
         assert_eq!(size_of::<SpliceControl>(), 8 + 8 + 4 + 4);
         assert_eq!(align_of::<OrigDst>(), 8);
@@ -369,6 +405,41 @@ mod tests {
             assert_eq!(*c as usize, i, "Counter::ALL must be in discriminant order");
             assert!(!c.name().is_empty());
         }
+    }
+
+    #[test]
+    fn outbound_ports_spread_destinations_and_stay_in_range() {
+        let mut cfg = ProxyConfig {
+            proxy_port: 15001,
+            ..Default::default()
+        };
+        let ip = |d: u8| u32::from_be_bytes([10, 210, 2, d]).to_be();
+        assert_eq!(
+            cfg.outbound_port(ip(2), 7000),
+            15001,
+            "no spread: the one port"
+        );
+        assert!(cfg.is_outbound_port(15001) && !cfg.is_outbound_port(15100));
+        cfg.spread_port = 15100;
+        cfg.spread = 16;
+        let mut used = [0u32; 16];
+        for d in 1..=64u8 {
+            for port in [80, 7000, 7001, 8443] {
+                let p = cfg.outbound_port(ip(d), port);
+                assert!(cfg.is_outbound_port(p), "{p}");
+                assert_eq!(p, cfg.outbound_port(ip(d), port), "the same each time");
+                used[(p - 15100) as usize] += 1;
+            }
+        }
+        // 256 destinations over 16 ports: every port used, none with more than twice its share.
+        assert!(used.iter().all(|&n| n > 0 && n <= 32), "{used:?}");
+        // Ports of one address spread too.
+        let mut one = [false; 16];
+        for p in 7000..7008 {
+            one[(cfg.outbound_port(ip(2), p) - 15100) as usize] = true;
+        }
+        assert!(one.iter().filter(|&&b| b).count() >= 5, "{one:?}");
+        assert!(!cfg.is_outbound_port(15116) && cfg.is_outbound_port(15115));
     }
 
     #[test]

@@ -161,7 +161,7 @@ async fn serve(
     let metrics = obs.metrics.clone();
     // Bind everything before attaching: a port conflict must fail start-up before anything is
     // captured.
-    let out_listener = Outbound::bind(SocketAddr::V4(cfg.outbound)).await?;
+    let out_listeners = Outbound::bind(SocketAddr::V4(cfg.outbound), cfg.outbound_spread.clone())?;
     let in_listener = Inbound::bind(cfg.hbone).await?;
     // Already served (kube discovery) from the flags' addresses, which are the configuration's.
     let (metrics_l, health_l) = match early {
@@ -187,7 +187,9 @@ async fn serve(
         mesh_daemon::socket::set_mark(&fd, cfg.proxy_mark)
             .context("cannot mark the proxy's listeners (SO_MARK needs CAP_NET_ADMIN)")
     };
-    mark(out_listener.as_fd())?;
+    for l in &out_listeners {
+        mark(l.as_fd())?;
+    }
     mark(in_listener.as_fd())?;
     for l in [
         &listeners.metrics,
@@ -226,6 +228,7 @@ async fn serve(
         sockmap: cfg.sockmap == OnOff::On,
         splice_window: cfg.splice_window,
         mesh_source: cfg.mesh_source,
+        spread_ports: cfg.outbound_spread.clone(),
         pin_dir: cfg.pin_dir.clone(),
     };
     // Health and metrics answer from here on (or since the wait for the API server): /ready
@@ -380,7 +383,7 @@ async fn serve(
         config: cfg.dump(),
         unenrolled,
     });
-    let outbound = Outbound::new(out_listener, inputs.clone());
+    let outbound = Outbound::new(out_listeners, inputs.clone());
     let inbound = Inbound::new(in_listener, inputs.clone());
     info!(outbound = %outbound.local_addr()?, hbone = %cfg.hbone, metrics = %cfg.metrics, health = %cfg.health, admin = %cfg.admin, operator = ?cfg.operator, inbound = ?cfg.inbound, "ready");
     let servers = [tokio::spawn(outbound.run()), tokio::spawn(inbound.run())];

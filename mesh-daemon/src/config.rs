@@ -24,6 +24,10 @@ use crate::{
 pub const PIN_ROOT: &str = "/sys/fs/bpf/nodemesh";
 /// The outbound capture listener's port.
 pub const OUTBOUND_PORT: u16 = 15001;
+/// The first of the outbound listener's further ports (`--outbound-spread`).
+pub const OUTBOUND_SPREAD_PORT: u16 = 15100;
+/// The most further outbound ports.
+pub const MAX_OUTBOUND_SPREAD: u16 = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -67,6 +71,12 @@ pub struct RunArgs {
     /// 127.0.0.1), port 15001.
     #[arg(long, env = "NODEMESH_OUTBOUND")]
     pub outbound: Option<SocketAddrV4>,
+    /// More outbound ports on that address, from 15100 (0: only the one): a captured connection
+    /// goes to the one its destination hashes to, so one pod's new connections to different
+    /// destinations do not all share one (pod, proxy port) pair and its TIME_WAIT limit (about
+    /// 470 a second). A sidecar uses none (its loopback reuses TIME_WAIT ports).
+    #[arg(long, env = "NODEMESH_OUTBOUND_SPREAD", default_value_t = 16)]
+    pub outbound_spread: u16,
     /// HBONE listener for other proxies. Default: the node's address (a sidecar: its pod's),
     /// port 15008.
     #[arg(long, env = "NODEMESH_HBONE")]
@@ -262,6 +272,8 @@ pub struct Config {
     pub kubeconfig: Option<PathBuf>,
     pub cgroup_root: PathBuf,
     pub outbound: SocketAddrV4,
+    /// The outbound listener's further ports (empty: none).
+    pub outbound_spread: std::ops::Range<u16>,
     pub hbone: SocketAddr,
     pub metrics: SocketAddr,
     pub health: SocketAddr,
@@ -466,14 +478,33 @@ impl RunArgs {
         };
         let outbound = self.outbound.unwrap_or(outbound);
         let hbone = self.hbone.unwrap_or(hbone);
-        listeners_apart(&[
+        if self.outbound_spread > MAX_OUTBOUND_SPREAD {
+            return Err(ConfigError::Conflict(format!(
+                "--outbound-spread {} is more than {MAX_OUTBOUND_SPREAD} ports; 16 already lets \
+                 one pod open ~7 500 new connections a second to different destinations",
+                self.outbound_spread
+            )));
+        }
+        let outbound_spread = if self.mode == RunMode::Sidecar {
+            0..0
+        } else {
+            OUTBOUND_SPREAD_PORT..OUTBOUND_SPREAD_PORT + self.outbound_spread
+        };
+        let mut apart = vec![
             ("--outbound", Some(SocketAddr::V4(outbound))),
             ("--hbone", Some(hbone)),
             ("--metrics", Some(self.metrics)),
             ("--health", Some(self.health)),
             ("--admin", Some(self.admin)),
             ("--operator", operator),
-        ])?;
+        ];
+        apart.extend(outbound_spread.clone().map(|p| {
+            (
+                "--outbound-spread",
+                Some(SocketAddr::new(IpAddr::V4(*outbound.ip()), p)),
+            )
+        }));
+        listeners_apart(&apart)?;
         Ok(Config {
             mode: self.mode,
             node: node_spec.name.clone(),
@@ -483,6 +514,7 @@ impl RunArgs {
             kubeconfig: self.kubeconfig,
             cgroup_root,
             outbound,
+            outbound_spread,
             hbone,
             metrics: self.metrics,
             health: self.health,
@@ -553,9 +585,16 @@ fn listeners_apart(addrs: &[(&str, Option<SocketAddr>)]) -> Result<(), ConfigErr
         for (fb, b) in &given[i + 1..] {
             let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
             if a.port() == b.port() && overlap {
+                let fix = if *fb == "--outbound-spread" {
+                    format!(
+                        "move {fa} off the outbound listener's further ports (from \
+                         {OUTBOUND_SPREAD_PORT}), or pass a smaller --outbound-spread"
+                    )
+                } else {
+                    "give one of them another port".to_string()
+                };
                 return Err(ConfigError::Conflict(format!(
-                    "{fa} {a} and {fb} {b} would listen on the same address; give one of them \
-                     another port"
+                    "{fa} {a} and {fb} {b} would listen on the same address; {fix}"
                 )));
             }
         }

@@ -310,18 +310,8 @@ fn validate(f: &mut MeshFile) -> Result<(), (&'static str, String, String)> {
     // Mesh sources are blocks: none may overlap another, nor hold a node's address.
     for (i, n) in f.nodes.iter().enumerate() {
         let src = n.mesh_source;
-        let clash = f.nodes.iter().enumerate().find_map(|(j, o)| {
-            if src.contains(o.address) {
-                Some(format!("holds node {:?}'s address {}", o.name, o.address))
-            } else if j != i && src.overlaps(&o.mesh_source) {
-                Some(format!(
-                    "overlaps node {:?}'s meshSource {}",
-                    o.name, o.mesh_source
-                ))
-            } else {
-                None
-            }
-        });
+        // Pod addresses are checked with each workload below (naming its line).
+        let clash = crate::state::desired::mesh_source_clash(&f.nodes, i, []);
         if let Some(clash) = clash {
             return Err((
                 "nodes",

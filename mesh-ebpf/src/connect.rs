@@ -47,8 +47,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), Skip> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let cfg = capture(ctx, sa.type_, [sa.user_ip4, 0, 0, 0], AF_INET, sa.user_port)?;
     if cfg.flags & FLAG_REDIRECT != 0 {
+        let port = cfg.outbound_port(sa.user_ip4, u32::from(u16::from_be(sa.user_port as u16)));
         sa.user_ip4 = cfg.proxy_ip4;
-        sa.user_port = u32::from((cfg.proxy_port as u16).to_be());
+        sa.user_port = u32::from((port as u16).to_be());
         count(Counter::Redirected);
     }
     Ok(())
@@ -62,8 +63,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Skip> {
     if is_v4_mapped(ip6) {
         let cfg = capture(ctx, sa.type_, [ip6[3], 0, 0, 0], AF_INET, sa.user_port)?;
         if cfg.flags & FLAG_REDIRECT != 0 {
+            let port = cfg.outbound_port(ip6[3], u32::from(u16::from_be(sa.user_port as u16)));
             write_ip6(sa, [0, 0, 0xffffu32.to_be(), cfg.proxy_ip4]);
-            sa.user_port = u32::from((cfg.proxy_port as u16).to_be());
+            sa.user_port = u32::from((port as u16).to_be());
             count(Counter::Redirected);
         }
         return Ok(ALLOW);
@@ -121,7 +123,7 @@ fn capture(
         }
         return Err(Skip);
     }
-    if family == AF_INET && ip[0] == cfg.proxy_ip4 && port == cfg.proxy_port {
+    if family == AF_INET && ip[0] == cfg.proxy_ip4 && cfg.is_outbound_port(port) {
         if log {
             debug!(ctx, target: "nodemesh::ebpf", "connect of workload {} to {:i}:{} left alone: it is the proxy's own listener (cgroup {})", enrollment.workload_id, v4, port, cgroup_id);
         }

@@ -27,8 +27,7 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<(), Skip> {
     let cfg = config().ok_or(Skip)?;
     // SAFETY: valid context for the duration of the run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let proxy_port_be = u32::from((cfg.proxy_port as u16).to_be());
-    if sa.user_port != proxy_port_be {
+    if !cfg.is_outbound_port(u32::from(u16::from_be(sa.user_port as u16))) {
         return Err(Skip);
     }
     // Only sockets that were captured have a record under their cookie.

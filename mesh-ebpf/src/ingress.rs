@@ -1,6 +1,6 @@
 //! `cgroup_skb/ingress`: inbound enforcement for enrolled pods.
 //!
-//! A TCP SYN to an enrolled pod from any source other than the node proxy's mesh source address is
+//! A TCP SYN to an enrolled pod from any source other than the node proxy's mesh source block is
 //! plaintext from outside the mesh. PERMISSIVE pods accept it (counted); STRICT pods drop it unless
 //! it targets one of their declared probe ports (kubelet probes come from the node, not the mesh).
 //! In sidecar mode the proxy's own listeners (marked with the proxy mark) are exempt.

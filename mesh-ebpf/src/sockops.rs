@@ -21,7 +21,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{AF_INET, AF_INET6, ConnKey, Counter, is_loopback4};
+use mesh_common::{AF_INET, AF_INET6, ConnKey, Counter, conn_port, is_loopback4};
 
 use crate::{
     connect::Skip,
@@ -44,14 +44,16 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
     let cfg = config().ok_or(Skip)?;
     let (family, local_ip, remote_ip) = addresses(ctx).ok_or(Skip)?;
     let local_port = ctx.local_port();
-    let remote_port = u32::from(u16::from_be(ctx.remote_port() as u16));
+    // sock_ops keeps the remote port in network order in the upper half of the word (on this
+    // little-endian machine): swapping the word's bytes gives it in host order.
+    let remote_port = u32::from_be(ctx.remote_port());
     // SAFETY: helper calls on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: copied out at once.
     let Some(mut rec) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         // Established to the proxy without a record: it was evicted (or never stored); the proxy
         // will refuse the connection, and this says why.
-        if family == AF_INET && remote_ip[0] == cfg.proxy_ip4 && remote_port == cfg.proxy_port {
+        if family == AF_INET && remote_ip[0] == cfg.proxy_ip4 && cfg.is_outbound_port(remote_port) {
             count(Counter::SockopsNoRecord);
         }
         return Ok(());
@@ -65,7 +67,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
     let key = ConnKey {
         netns_cookie,
         ip: local_ip,
-        port: local_port,
+        port: conn_port(local_port as u16, remote_port as u16),
         family,
     };
     // SAFETY: a helper without arguments.

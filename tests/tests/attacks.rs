@@ -968,6 +968,13 @@ fn a_process_moved_between_pod_cgroups_takes_the_new_identity_and_pods_cannot_us
             &[("reason", "no_record")][..],
         ),
         (
+            "pod straight to one of the outbound listener's further ports",
+            "10.203.0.1:15100",
+            0,
+            "nodemesh_tcp_connections_failed_total",
+            &[("reason", "no_record")][..],
+        ),
+        (
             "pod straight to its node's HBONE port",
             "10.203.0.1:15008",
             0,

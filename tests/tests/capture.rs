@@ -55,6 +55,7 @@ fn kernel_capture_records_destination_and_cgroup(sockmap: bool) {
         mesh_source: mesh_daemon::state::desired::MeshSource::single(
             std::net::Ipv4Addr::UNSPECIFIED,
         ),
+        spread_ports: 0..0,
         pin_dir: None,
     })
     .expect("load and attach the eBPF programs");
@@ -108,7 +109,7 @@ fn kernel_capture_records_destination_and_cgroup(sockmap: bool) {
     assert_eq!(buf.len(), 5);
     let rec = dp
         .orig_dst_table()
-        .take(&conn_key(peer, || 0))
+        .take(&conn_key(peer, proxy.port(), || 0))
         .expect("sockops stored a record under the client's address");
     assert_eq!(orig_dst_addr(&rec), "10.203.0.1:9".parse().expect("addr"));
     assert_eq!(
@@ -117,7 +118,9 @@ fn kernel_capture_records_destination_and_cgroup(sockmap: bool) {
     );
     assert_eq!(rec.workload_id, 7);
     assert!(
-        dp.orig_dst_table().take(&conn_key(peer, || 0)).is_none(),
+        dp.orig_dst_table()
+            .take(&conn_key(peer, proxy.port(), || 0))
+            .is_none(),
         "records are taken once"
     );
     println!(
@@ -131,7 +134,7 @@ fn kernel_capture_records_destination_and_cgroup(sockmap: bool) {
     assert!(out.contains("peer=10.203.0.1:7000"), "{out}");
     assert!(
         dp.orig_dst_table()
-            .take(&conn_key(direct_peer, || 0))
+            .take(&conn_key(direct_peer, 7000, || 0))
             .is_none()
     );
 

@@ -822,8 +822,10 @@ mod tests {
     }
 
     fn node(name: &str, ip: &str) -> Node {
+        // n1 → 10.210.1.254: each node a mesh source of its own.
+        let src = format!("10.210.{}.254", name.trim_start_matches('n'));
         obj(
-            json!({"metadata": {"name": name, "annotations": {"nodemesh.io/mesh-source": "10.210.1.254", "other": "x"}},
+            json!({"metadata": {"name": name, "annotations": {"nodemesh.io/mesh-source": src, "other": "x"}},
                    "status": {"addresses": [{"type": "Hostname", "address": name}, {"type": "InternalIP", "address": ip}],
                               "images": [{"names": ["big"], "sizeBytes": 1}]}}),
         )
@@ -995,6 +997,28 @@ mod tests {
     }
 
     #[test]
+    fn a_mesh_source_block_holding_a_pod_is_refused_and_named() {
+        let mut f = populated("msclash");
+        let mut n2 = node("n2", "10.203.0.2");
+        n2.annotations_mut()
+            .insert(model::MESH_SOURCE_ANNOTATION.into(), "10.210.2.0/24".into());
+        apply(&mut f.nodes, n2, strip_node);
+        let b = build(&f);
+        assert_eq!(
+            b.desired.nodes[1].mesh_source.to_string(),
+            model::DEFAULT_MESH_SOURCE.to_string(),
+            "{b:?}"
+        );
+        assert!(
+            b.rejected
+                .iter()
+                .any(|r| r.contains("Node n2") && r.contains("holds pod address 10.210.2.2")),
+            "{:?}",
+            b.rejected
+        );
+    }
+
+    #[test]
     fn proxy_protocol_ports_annotation_parses_or_is_refused() {
         assert_eq!(model::parse_ports("7000, 8443,"), Ok(vec![7000, 8443]));
         assert_eq!(model::parse_ports(""), Ok(vec![]));
@@ -1013,6 +1037,7 @@ mod tests {
         assert_eq!(d.nodes.len(), 2);
         assert_eq!(d.nodes[0].address.to_string(), "10.203.0.1");
         assert_eq!(d.nodes[0].mesh_source.to_string(), "10.210.1.254");
+        assert_eq!(d.nodes[1].mesh_source.to_string(), "10.210.2.254");
         let names: Vec<&str> = d.workloads.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(
             names,

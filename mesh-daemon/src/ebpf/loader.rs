@@ -107,6 +107,9 @@ pub struct DatapathConfig {
     pub splice_window: u64,
     /// The proxy's source addresses toward local pods (what STRICT pods accept).
     pub mesh_source: MeshSource,
+    /// The outbound listener's further ports on `proxy_addr`'s address (empty: none): IPv4
+    /// captures go to the one their destination hashes to.
+    pub spread_ports: std::ops::Range<u16>,
     /// Fail closed: pin the capture links here so they outlive the daemon (connections from
     /// enrolled pods are then refused while it is down). `None`: fail open, links die with it.
     pub pin_dir: Option<PathBuf>,
@@ -333,6 +336,8 @@ impl Datapath {
             flags,
             mesh_source4: u32::from(cfg.mesh_source.first()).to_be(),
             mesh_source4_mask: cfg.mesh_source.mask().to_be(),
+            spread_port: u32::from(cfg.spread_ports.start),
+            spread: cfg.spread_ports.len() as u32,
         };
         config.set(0, pc, 0).map_err(|source| LoaderError::Map {
             name: map_names::CONFIG,

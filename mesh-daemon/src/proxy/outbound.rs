@@ -42,37 +42,77 @@ pub enum OutboundError {
     },
 }
 
+/// The outbound listener: its port, and its further ports (`--outbound-spread`) that the kernel
+/// sends captured connections to by their destination's hash. All are served the same way; the
+/// port a connection arrived on means nothing beyond that.
 pub struct Outbound {
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     inputs: Arc<Inputs>,
 }
 
 impl Outbound {
-    /// Binds the listener. The daemon does this before it attaches anything to the kernel, so a
-    /// port conflict fails start-up without ever capturing a connection.
-    pub async fn bind(addr: SocketAddr) -> Result<TcpListener, OutboundError> {
-        crate::socket::listen(addr).map_err(|source| OutboundError::Bind {
-            addr,
-            advice: crate::socket::bind_advice(addr, &source, "--outbound"),
-            source,
-        })
+    /// Binds the listeners, `addr` first. The daemon does this before it attaches anything to the
+    /// kernel, so a port conflict fails start-up without ever capturing a connection.
+    pub fn bind(
+        addr: SocketAddr,
+        spread: std::ops::Range<u16>,
+    ) -> Result<Vec<TcpListener>, OutboundError> {
+        std::iter::once(addr)
+            .chain(spread.map(|p| SocketAddr::new(addr.ip(), p)))
+            .map(|a| {
+                crate::socket::listen(a).map_err(|source| {
+                    let advice = if a != addr && source.kind() == std::io::ErrorKind::AddrInUse {
+                        format!(
+                            "another process holds {a}, one of the outbound listener's further \
+                             ports; stop it, or pass --outbound-spread 0 to listen on {addr} only"
+                        )
+                    } else {
+                        crate::socket::bind_advice(a, &source, "--outbound")
+                    };
+                    OutboundError::Bind {
+                        addr: a,
+                        advice,
+                        source,
+                    }
+                })
+            })
+            .collect()
     }
 
-    pub fn new(listener: TcpListener, inputs: Arc<Inputs>) -> Self {
-        Self { listener, inputs }
+    pub fn new(listeners: Vec<TcpListener>, inputs: Arc<Inputs>) -> Self {
+        Self { listeners, inputs }
     }
 
+    /// The first listener's address (the one port without a spread).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match self.listeners.first() {
+            Some(l) => l.local_addr(),
+            None => Err(std::io::Error::other("no outbound listener")),
+        }
     }
 
     pub async fn run(self) {
-        super::accept_loop(self.listener, "outbound", self.inputs, handle).await
+        let loops: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|l| {
+                tokio::spawn(super::accept_loop(
+                    l,
+                    "outbound",
+                    self.inputs.clone(),
+                    handle,
+                ))
+            })
+            .collect();
+        for l in loops {
+            let _ = l.await;
+        }
     }
 }
 
-/// The key sockops stored the record under, computed from the accepted socket's peer.
-pub fn conn_key(peer: SocketAddr, netns_cookie: impl FnOnce() -> u64) -> ConnKey {
+/// The key sockops stored the record under, computed from the accepted socket's peer and the
+/// proxy port it reached.
+pub fn conn_key(peer: SocketAddr, proxy_port: u16, netns_cookie: impl FnOnce() -> u64) -> ConnKey {
     let (ip, family, loopback) = match peer {
         SocketAddr::V4(a) => (
             [u32::from(*a.ip()).to_be(), 0, 0, 0],
@@ -91,7 +131,7 @@ pub fn conn_key(peer: SocketAddr, netns_cookie: impl FnOnce() -> u64) -> ConnKey
     ConnKey {
         netns_cookie: if loopback { netns_cookie() } else { 0 },
         ip,
-        port: u32::from(peer.port()),
+        port: mesh_common::conn_port(peer.port(), proxy_port),
         family,
     }
 }
@@ -116,7 +156,10 @@ fn monotonic_ns() -> u64 {
 }
 
 async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
-    let key = conn_key(peer, || crate::socket::netns_cookie(&client).unwrap_or(0));
+    let proxy_port = client.local_addr().map_or(0, |a| a.port());
+    let key = conn_key(peer, proxy_port, || {
+        crate::socket::netns_cookie(&client).unwrap_or(0)
+    });
     let Some(rec) = inputs.orig.take(&key) else {
         warn!(%peer, "no capture record for this connection: refusing it (the proxy never guesses a destination; a direct connection to the outbound port is not allowed)");
         let here = client.local_addr().unwrap_or(peer);
@@ -585,7 +628,7 @@ mod tests {
     async fn port_conflict_fails_bind_with_the_fix() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = taken.local_addr().expect("addr");
-        let err = Outbound::bind(addr).await.expect_err("port is taken");
+        let err = Outbound::bind(addr, 0..0).expect_err("port is taken");
         let msg = err.to_string();
         assert!(
             msg.contains(&addr.to_string()) && msg.contains("--outbound"),
@@ -595,25 +638,29 @@ mod tests {
 
     #[test]
     fn key_for_ipv4_peer_has_no_netns() {
-        let k = conn_key("10.1.2.3:40000".parse().expect("addr"), || {
+        let k = conn_key("10.1.2.3:40000".parse().expect("addr"), 15103, || {
             panic!("not loopback")
         });
         assert_eq!(k.ip[0], u32::from(Ipv4Addr::new(10, 1, 2, 3)).to_be());
-        assert_eq!(k.port, 40000);
+        assert_eq!(
+            k.port,
+            40000 | 15103 << 16,
+            "the client's port and the proxy's"
+        );
         assert_eq!(k.family, AF_INET);
         assert_eq!(k.netns_cookie, 0);
     }
 
     #[test]
     fn key_for_loopback_peer_carries_netns() {
-        let k = conn_key("127.0.0.1:5555".parse().expect("addr"), || 77);
+        let k = conn_key("127.0.0.1:5555".parse().expect("addr"), 15001, || 77);
         assert_eq!(k.netns_cookie, 77);
     }
 
     #[test]
     fn v4_mapped_peer_folds_to_ipv4() {
-        let a = conn_key("[::ffff:10.0.0.9]:1234".parse().expect("addr"), || 0);
-        let b = conn_key("10.0.0.9:1234".parse().expect("addr"), || 0);
+        let a = conn_key("[::ffff:10.0.0.9]:1234".parse().expect("addr"), 15001, || 0);
+        let b = conn_key("10.0.0.9:1234".parse().expect("addr"), 15001, || 0);
         assert_eq!(a, b);
     }
 
@@ -621,7 +668,7 @@ mod tests {
     fn orig_dst_round_trips() {
         for s in ["10.96.0.10:80", "[fd00::1]:8080", "192.168.1.254:65535"] {
             let addr: SocketAddr = s.parse().expect("addr");
-            let k = conn_key(addr, || 0);
+            let k = conn_key(addr, 0, || 0);
             let rec = OrigDst {
                 ip: k.ip,
                 port: k.port,

@@ -62,12 +62,46 @@ pub struct NodeSpec {
     pub mesh_source: MeshSource,
 }
 
+/// What is wrong with node `i`'s mesh source, if anything: it holds a node's address or one of
+/// `pod_ips`, or overlaps another node's block. STRICT pods admit every address of the block, so
+/// it must be the proxy's alone.
+pub fn mesh_source_clash(
+    nodes: &[NodeSpec],
+    i: usize,
+    pod_ips: impl IntoIterator<Item = Ipv4Addr>,
+) -> Option<String> {
+    let src = nodes.get(i)?.mesh_source;
+    nodes
+        .iter()
+        .enumerate()
+        .find_map(|(j, o)| {
+            if src.contains(o.address) {
+                Some(format!("holds node {:?}'s address {}", o.name, o.address))
+            } else if j != i && src.overlaps(&o.mesh_source) {
+                Some(format!(
+                    "overlaps node {:?}'s meshSource {}",
+                    o.name, o.mesh_source
+                ))
+            } else {
+                None
+            }
+        })
+        .or_else(|| {
+            pod_ips
+                .into_iter()
+                .find(|ip| src.contains(*ip))
+                .map(|ip| format!("holds pod address {ip}"))
+        })
+}
+
 /// Where a node proxy connects to its local pods from: one address, or a block of at most 256
 /// (`a.b.c.d/n`, n from 24 to 32) that the node holds as local (`ip route add local <block> dev
 /// lo`). A block lifts the TIME_WAIT limit on new connections to one pod port: each closed
 /// connection holds its (source, port, pod, port) tuple for 60 s, so one source address allows
 /// about 28 000 / 60 ≈ 470 new connections a second to one pod port, and a /28 sixteen times that.
-/// Connections take the block's addresses in turn.
+/// Connections take the block's addresses in turn, all of them: choose a block outside the pods'
+/// subnets (link-local does), or a pod on a /24 would see its subnet's .0 or .255 as a source
+/// and drop the connection as martian.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MeshSource(ipnet::Ipv4Net);
 

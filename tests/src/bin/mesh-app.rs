@@ -36,7 +36,13 @@ enum Cmd {
     /// Echo every connection back until EOF on one async worker, without a line per connection
     /// (for connection-rate tests, where a thread and two lines per connection would cost more
     /// than the mesh does).
-    QuietEchoServer { addr: SocketAddr },
+    QuietEchoServer {
+        addr: SocketAddr,
+        /// Send the port the connection arrived on (2 bytes, big-endian) before the echo, so a
+        /// client can tell a connection delivered to the wrong server.
+        #[arg(long)]
+        announce: bool,
+    },
     /// Reads a PROXY protocol v2 header from each connection, prints `proxied peer=TCP_PEER
     /// command=Proxy|Local from=SRC to=DST` (or `header=missing`), then echoes the rest.
     ProxyEchoServer { addr: SocketAddr },
@@ -163,15 +169,17 @@ enum Cmd {
     /// Hold `--conns` connections open to an echo server and send a small request on one of them
     /// every `--every-ms` (round robin) for `--secs`: an idle pod with a trickle of traffic.
     Hold(HoldOpts),
-    /// New connections at a fixed pace: `--rate` a second for `--secs`, each sending `--send`
-    /// bytes, half-closing and checking the echo (a client that churns connections). Prints
+    /// New connections at a fixed pace: `--rate` a second for `--secs` (to the addresses in
+    /// turn), each sending `--send` bytes, half-closing and checking the echo (a client that churns connections). Prints
     /// `ok=N errors=E started_per_s=R worst_second=N p50_us= p99_us= max_us= first_error=…`.
     ConnRate(ConnRateOpts),
 }
 
 #[derive(clap::Args)]
 struct ConnRateOpts {
-    addr: SocketAddr,
+    /// Where to connect, in turn.
+    #[arg(required = true, num_args = 1..)]
+    addrs: Vec<SocketAddr>,
     #[arg(long)]
     rate: u32,
     #[arg(long)]
@@ -181,10 +189,14 @@ struct ConnRateOpts {
     /// Connections open at once at most; the pace waits for one to end beyond it.
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
+    /// The servers announce their port first (`quiet-echo-server --announce`): check it is the
+    /// one this connection was made to.
+    #[arg(long)]
+    announced: bool,
 }
 
 /// One paced connection: connect, send, half-close, read the echo to EOF and compare.
-async fn paced_connection(addr: SocketAddr, msg: &[u8]) -> std::io::Result<()> {
+async fn paced_connection(addr: SocketAddr, msg: &[u8], announced: bool) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = Duration::from_secs(10);
     let mut s = tokio::time::timeout(t, tokio::net::TcpStream::connect(addr))
@@ -196,10 +208,21 @@ async fn paced_connection(addr: SocketAddr, msg: &[u8]) -> std::io::Result<()> {
     tokio::time::timeout(t, s.read_to_end(&mut back))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "echo timed out"))??;
-    if back != msg {
+    let echo = if announced {
+        let port = back.get(..2).map(|p| u16::from_be_bytes([p[0], p[1]]));
+        if port != Some(addr.port()) {
+            return Err(std::io::Error::other(format!(
+                "misdelivered: made to {addr}, answered by port {port:?}"
+            )));
+        }
+        &back[2..]
+    } else {
+        &back[..]
+    };
+    if echo != msg {
         return Err(std::io::Error::other(format!(
             "echo mismatch: {} of {} bytes",
-            back.len(),
+            echo.len(),
             msg.len()
         )));
     }
@@ -253,13 +276,21 @@ fn proxy_echo(addr: SocketAddr) -> std::io::Result<String> {
     Ok(String::new())
 }
 
-fn quiet_echo(addr: SocketAddr) -> std::io::Result<String> {
+fn quiet_echo(addr: SocketAddr, announce: bool) -> std::io::Result<String> {
     runtime()?.block_on(async {
         let l = tokio::net::TcpListener::bind(addr).await?;
         println!("listening {}", l.local_addr()?);
+        let port = l.local_addr()?.port().to_be_bytes();
         loop {
             let (mut s, _) = l.accept().await?;
             tokio::spawn(async move {
+                if announce
+                    && tokio::io::AsyncWriteExt::write_all(&mut s, &port)
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
@@ -281,6 +312,7 @@ fn conn_rate(o: &ConnRateOpts) -> std::io::Result<String> {
         let per_slice = (o.rate / 100).max(1);
         let slices = o.secs * 100;
         let start = Instant::now();
+        let mut next = o.addrs.iter().cycle();
         for k in 0..slices {
             tokio::time::sleep_until((start + Duration::from_millis(u64::from(k) * 10)).into())
                 .await;
@@ -289,10 +321,11 @@ fn conn_rate(o: &ConnRateOpts) -> std::io::Result<String> {
                     .acquire_owned()
                     .await
                     .map_err(std::io::Error::other)?;
-                let (addr, msg) = (o.addr, Arc::clone(&msg));
+                let addr = *next.next().expect("at least one address");
+                let (msg, announced) = (Arc::clone(&msg), o.announced);
                 tasks.spawn(async move {
                     let began = Instant::now();
-                    let r = paced_connection(addr, &msg).await;
+                    let r = paced_connection(addr, &msg, announced).await;
                     drop(permit);
                     (began, began.elapsed(), r)
                 });
@@ -463,7 +496,7 @@ fn main() -> ExitCode {
         Cmd::Connect(o) => report(repeat_connect(&o)),
         Cmd::Hold(o) => report(hold(&o)),
         Cmd::ConnRate(o) => report(conn_rate(&o)),
-        Cmd::QuietEchoServer { addr } => report(quiet_echo(addr)),
+        Cmd::QuietEchoServer { addr, announce } => report(quiet_echo(addr, announce)),
         Cmd::ProxyEchoServer { addr } => report(proxy_echo(addr)),
         Cmd::EchoServer { addr }
         | Cmd::CountServer { addr }

@@ -40,7 +40,7 @@ use crate::{
         compile_routes,
         desired::{
             AppProtocol, Desired, Endpoints, MeshSource, NodeSpec, PolicySpec, PortDesc, ProxyMode,
-            ServiceDesc, WorkloadDesc,
+            ServiceDesc, WorkloadDesc, mesh_source_clash,
         },
         routes::{RouteDesc, RouteKind},
     },
@@ -124,6 +124,20 @@ pub fn build(objects: &Objects, view: &View) -> Built {
     out.desired
         .workloads
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // A mesh source that holds another node's or a pod's address would let that address past
+    // STRICT: the annotation is refused (named) and the default used.
+    for i in 0..out.desired.nodes.len() {
+        let pod_ips = out.desired.workloads.iter().map(|w| w.ip);
+        if let Some(why) = mesh_source_clash(&out.desired.nodes, i, pod_ips) {
+            let n = &mut out.desired.nodes[i];
+            out.rejected.push(format!(
+                "Node {}: annotation {MESH_SOURCE_ANNOTATION}={} {why}; give the node a block of \
+                 its own (the default {DEFAULT_MESH_SOURCE} is used until then)",
+                n.name, n.mesh_source
+            ));
+            n.mesh_source = MeshSource::single(DEFAULT_MESH_SOURCE);
+        }
+    }
     // Two pods claiming one IP (a stale object, a bad CNI, a lying node): neither is meshed,
     // both are reported. Keeping one would let whoever sorts first take the other's traffic.
     let mut claims: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
