@@ -342,22 +342,7 @@ fn new_connections_to_one_pod_port_sustain_2000_a_second() {
     t.serve("server", "quiet-echo-server", 7000);
     let server = format!("{}:7000", t.pod("server").ip);
     let node_ns = t.nodes[0].ns.name().to_string();
-    let range = nodemesh_tests::sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &node_ns,
-            "sysctl",
-            "-n",
-            "net.ipv4.ip_local_port_range",
-        ],
-    );
-    let ports: Vec<u32> = range
-        .split_whitespace()
-        .map(|p| p.parse().expect("a port"))
-        .collect();
-    let one_address = ports[1] - ports[0] + 1;
+    let one_address = ephemeral_ports(&node_ns);
     let per_client = (RATE / CLIENTS as u32).to_string();
     let secs = SECS.to_string();
     let started = Instant::now();
@@ -372,19 +357,7 @@ fn new_connections_to_one_pod_port_sustain_2000_a_second() {
         .collect();
     let (mut ok, mut rate) = (0u64, 0f64);
     for mut r in runs {
-        let status = r
-            .wait_exit(Duration::from_secs(120))
-            .expect("a paced client ends within two minutes");
-        let out = r.output();
-        println!("{out}");
-        assert!(status.success(), "{out}");
-        let field = |k: &str| {
-            out.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("no {k}= in {out}"))
-                .to_string()
-        };
-        assert_eq!(field("errors"), "0", "every connection succeeds: {out}");
+        let (_, field) = paced_result(&mut r);
         ok += field("ok").parse::<u64>().expect("ok=N");
         rate += field("started_per_s")
             .parse::<f64>()
@@ -474,22 +447,7 @@ fn one_pod_keeps_its_pace_to_many_destinations_past_one_ports_worth() {
     let server_ip = t.pod("server").ip.clone();
     let targets: Vec<String> = ports.iter().map(|p| format!("{server_ip}:{p}")).collect();
     let client_ns = t.pod("client").ns.name().to_string();
-    let range = nodemesh_tests::sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &client_ns,
-            "sysctl",
-            "-n",
-            "net.ipv4.ip_local_port_range",
-        ],
-    );
-    let bounds: Vec<u32> = range
-        .split_whitespace()
-        .map(|p| p.parse().expect("a port"))
-        .collect();
-    let one_pair = bounds[1] - bounds[0] + 1;
+    let one_pair = ephemeral_ports(&client_ns);
     let (rate, secs) = (RATE.to_string(), SECS.to_string());
     let mut args = vec!["conn-rate"];
     args.extend(targets.iter().map(String::as_str));
@@ -497,19 +455,7 @@ fn one_pod_keeps_its_pace_to_many_destinations_past_one_ports_worth() {
     // capture records mixed up) fails.
     args.extend(["--rate", &rate, "--secs", &secs, "--announced"]);
     let mut run = t.app_in_background("client", &args);
-    let status = run
-        .wait_exit(Duration::from_secs(120))
-        .expect("the paced client ends within two minutes");
-    let out = run.output();
-    println!("{out}");
-    assert!(status.success(), "{out}");
-    let field = |k: &str| {
-        out.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("no {k}= in {out}"))
-            .to_string()
-    };
-    assert_eq!(field("errors"), "0", "every connection succeeds: {out}");
+    let (out, field) = paced_result(&mut run);
     assert_eq!(field("ok"), (RATE * SECS).to_string(), "{out}");
     // The client's closed connections wait in its own namespace, toward the proxy's ports.
     let waiting = nodemesh_tests::sh(
@@ -552,4 +498,46 @@ fn one_pod_keeps_its_pace_to_many_destinations_past_one_ports_worth() {
         started >= f64::from(RATE) * 0.85 && worst >= RATE / 2,
         "the client kept its pace: {started:.0}/s started, worst second {worst} (asked {RATE}/s)"
     );
+}
+
+/// How many ephemeral ports a network namespace's `connect()`s pick from.
+fn ephemeral_ports(ns: &str) -> u32 {
+    let range = nodemesh_tests::sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-n",
+            "net.ipv4.ip_local_port_range",
+        ],
+    );
+    let b: Vec<u32> = range
+        .split_whitespace()
+        .map(|p| p.parse().expect("a port"))
+        .collect();
+    b[1] - b[0] + 1
+}
+
+/// Waits for a `mesh-app conn-rate` run, which must succeed with no failed connection; returns
+/// its output and a reader of its `key=value` fields.
+fn paced_result(
+    run: &mut nodemesh_tests::process::Proc,
+) -> (String, impl Fn(&str) -> String + use<>) {
+    let status = run
+        .wait_exit(Duration::from_secs(120))
+        .expect("a paced client ends within two minutes");
+    let out = run.output();
+    println!("{out}");
+    assert!(status.success(), "{out}");
+    let text = out.clone();
+    let field = move |k: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k}= in {text}"))
+            .to_string()
+    };
+    assert_eq!(field("errors"), "0", "every connection succeeds: {out}");
+    (out, field)
 }
