@@ -102,7 +102,7 @@ fn main() {
         .wait_for("inbound tunnel", Duration::from_secs(5));
     println!("node-2: {}", inb.trim());
     let seen = t.servers[srv].wait_for("accepted peer=", Duration::from_secs(5));
-    println!("server: {seen}  (node-2's mesh source address)");
+    println!("server: {seen}  (an address of node-2's mesh source block)");
     assert!(
         ok && out.contains("echo=ok"),
         "the meshed connection failed: {out}"
