@@ -1296,15 +1296,17 @@ impl EndpointInner {
     ) -> Result<Upstream, BoxError> {
         match decision {
             Route::Local { target, workload } => {
-                let mut s =
-                    crate::socket::connect_marked(*target, self.inputs.proxy_mark, source_ip)
-                        .await
-                        .map_err(Refused::connect)?;
                 // Pooled per source workload: the client is that pod, with no one port.
                 let client = SocketAddr::new(self.client.source.ip.into(), 0);
-                super::proxyproto::announce(&mut s, workload, *target, Some(client))
-                    .await
-                    .map_err(Refused::connect)?;
+                let s = super::proxyproto::connect_pod(
+                    *target,
+                    self.inputs.proxy_mark,
+                    source_ip,
+                    workload,
+                    Some(client),
+                )
+                .await
+                .map_err(Refused::connect)?;
                 let _ = s.set_nodelay(true);
                 Ok(Upstream::Tcp(s))
             }

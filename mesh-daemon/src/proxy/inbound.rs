@@ -292,13 +292,8 @@ async fn tunnel(
         .map_or_else(|| "unknown".to_string(), str::to_string);
     // A tunnel may live for hours; it must not pin this snapshot in memory.
     drop(snap);
-    let connected = match crate::socket::connect_marked(target, inputs.proxy_mark, source_ip).await
-    {
-        Ok(mut s) => super::proxyproto::announce(&mut s, &dst, target, client)
-            .await
-            .map(|_| s),
-        Err(e) => Err(e),
-    };
+    let connected =
+        super::proxyproto::connect_pod(target, inputs.proxy_mark, source_ip, &dst, client).await;
     let pod = match connected {
         Ok(s) => s,
         Err(e) => {

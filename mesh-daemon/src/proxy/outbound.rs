@@ -156,13 +156,12 @@ fn monotonic_ns() -> u64 {
 }
 
 async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
-    let proxy_port = client.local_addr().map_or(0, |a| a.port());
-    let key = conn_key(peer, proxy_port, || {
+    let here = client.local_addr().unwrap_or(peer);
+    let key = conn_key(peer, here.port(), || {
         crate::socket::netns_cookie(&client).unwrap_or(0)
     });
     let Some(rec) = inputs.orig.take(&key) else {
         warn!(%peer, "no capture record for this connection: refusing it (the proxy never guesses a destination; a direct connection to the outbound port is not allowed)");
-        let here = client.local_addr().unwrap_or(peer);
         refuse(
             &inputs,
             client,
@@ -182,7 +181,6 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         Ok(a) => a,
         Err(r) => {
             warn!(%peer, reason = r.reason, "{}", r.detail);
-            let here = client.local_addr().unwrap_or(peer);
             let edge = unknown_edge("outbound");
             refuse(&inputs, client, &edge, here, "none", r.reason, &r.detail);
             return;
@@ -341,12 +339,15 @@ async fn handle(inputs: Arc<Inputs>, client: TcpStream, peer: SocketAddr) {
         Route::Local { target, workload } => {
             // The workload's address (never one the pod bound on its own), its real port.
             let client = SocketAddr::new(src.ip.into(), peer.port());
-            match crate::socket::connect_marked(target, inputs.proxy_mark, source_ip).await {
-                Ok(mut s) => super::proxyproto::announce(&mut s, &workload, target, Some(client))
-                    .await
-                    .map(|_| Upstream::Tcp(s)),
-                Err(e) => Err(e),
-            }
+            super::proxyproto::connect_pod(
+                target,
+                inputs.proxy_mark,
+                source_ip,
+                &workload,
+                Some(client),
+            )
+            .await
+            .map(Upstream::Tcp)
             .map_err(|e| {
                 warn!(%target, error = %e, "upstream refused the connection");
                 ("upstream_refused", format!("connect to {target}: {e}"))

@@ -45,19 +45,20 @@ pub fn header(client: Option<SocketAddr>, pod: SocketAddr) -> Vec<u8> {
     built.unwrap_or_default()
 }
 
-/// Writes the header on a new connection to `pod` when the workload asks for it on that port.
-/// Returns whether it did.
-pub async fn announce(
-    stream: &mut TcpStream,
-    workload: &Workload,
+/// Connects to a local pod the way every path does (the proxy mark, from the mesh source) and,
+/// when the workload asks for it on that port, writes the header before anything else.
+pub async fn connect_pod(
     pod: SocketAddr,
+    mark: u32,
+    source: Option<std::net::IpAddr>,
+    workload: &Workload,
     client: Option<SocketAddr>,
-) -> std::io::Result<bool> {
-    if !workload.proxy_protocol_ports.contains(&pod.port()) {
-        return Ok(false);
+) -> std::io::Result<TcpStream> {
+    let mut stream = crate::socket::connect_marked(pod, mark, source).await?;
+    if workload.proxy_protocol_ports.contains(&pod.port()) {
+        stream.write_all(&header(client, pod)).await?;
     }
-    stream.write_all(&header(client, pod)).await?;
-    Ok(true)
+    Ok(stream)
 }
 
 #[cfg(test)]
